@@ -1,0 +1,1 @@
+"""perfline.models."""
