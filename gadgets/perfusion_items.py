@@ -1,0 +1,144 @@
+"""Items exchanged by the perfusion gadgets (frozen dataclasses, numpy arrays inside).
+
+Axis order is given per field; units are in the field names or documented. Conventions:
+``docs/conventions.md``. Arrays are not copied by the dataclasses: producers must not modify an
+array after emitting the item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+SeriesUnits = Literal["signal", "sr_over_pd", "gd_mmol_l"]
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where an image series lies in the scanner (MRD ImageHeader conventions, mm).
+
+    ``pixel_spacing_mm`` is (row spacing, column spacing) of the array grid.
+    """
+
+    field_of_view_mm: tuple[float, float, float]
+    position: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    read_dir: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    phase_dir: tuple[float, float, float] = (0.0, 1.0, 0.0)
+    slice_dir: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    patient_table_position: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    pixel_spacing_mm: tuple[float, float] = (1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class SliceSeries:
+    """One short-axis slice of the myocardial series.
+
+    Attributes:
+        slice_index: MRD slice index (0-based).
+        data: float32 [time, rows, cols]; magnitude signal, SR/PD ratio, or Gd (see ``units``).
+        time_s: float64 [time], acquisition time of each frame in seconds (first frame of the
+            scan = reference chosen by the producer; resampled series use a uniform grid).
+        units: what ``data`` holds.
+        n_pd_frames: proton-density frames at the start of ``data`` (0 once removed).
+        pd_image: float32 [rows, cols] mean PD image (surface-coil reference), or None.
+        geometry: position of the slice.
+        slice_position_mm: signed position along the slice normal (for basal/mid/apical order).
+        stages: names of the processing steps applied so far (for the report and the meta).
+    """
+
+    slice_index: int
+    data: np.ndarray
+    time_s: np.ndarray
+    units: SeriesUnits
+    n_pd_frames: int
+    geometry: ImageGeometry
+    pd_image: np.ndarray | None = None
+    slice_position_mm: float = 0.0
+    stages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AifSeries:
+    """The dual-echo AIF image series (low resolution, one image per heartbeat).
+
+    Attributes:
+        data: float32 [echo, time, rows, cols] magnitude (echo 0 = TE1), or Gd
+            [1, time, rows, cols] once converted (``units == "gd_mmol_l"``, T2*-corrected).
+        time_s: float64 [time].
+        echo_times_ms: TE of each echo.
+        n_pd_frames: PD frames at the start of ``time``.
+    """
+
+    data: np.ndarray
+    time_s: np.ndarray
+    echo_times_ms: tuple[float, ...]
+    units: SeriesUnits
+    n_pd_frames: int
+    geometry: ImageGeometry
+    pd_image: np.ndarray | None = None
+    stages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AifCurve:
+    """The arterial input function found in the AIF series.
+
+    Attributes:
+        time_s: float64 [time] uniform grid (same grid as the resampled myocardial series).
+        blood_gd_mmol_l: float64 [time] LV blood Gd, baseline subtracted.
+        hematocrit: used for blood -> plasma (Cp = Cb / (1 - Hct)).
+        foot_index, peak_index: bolus foot and peak on ``time_s``.
+        mask: bool [rows, cols] LV blood-pool pixels on the AIF grid.
+    """
+
+    time_s: np.ndarray
+    blood_gd_mmol_l: np.ndarray
+    hematocrit: float
+    foot_index: int
+    peak_index: int
+    mask: np.ndarray
+    geometry: ImageGeometry
+
+    @property
+    def plasma_gd_mmol_l(self) -> np.ndarray:
+        return self.blood_gd_mmol_l / (1.0 - self.hematocrit)
+
+
+@dataclass(frozen=True)
+class FlowMaps:
+    """Pixel-wise perfusion maps of one slice, float32 [rows, cols], NaN where no fit.
+
+    ``mbf_ml_min_g`` is myocardial blood flow; ``ps_ml_min_g`` permeability-surface product;
+    ``vp`` and ``visf`` plasma and interstitial volume fractions (BTEX only, NaN for Fermi);
+    ``fit_rmse_mmol_l`` the root-mean-square residual of the fit.
+    """
+
+    slice_index: int
+    model: Literal["btex", "fermi"]
+    mbf_ml_min_g: np.ndarray
+    geometry: ImageGeometry
+    ps_ml_min_g: np.ndarray | None = None
+    vp: np.ndarray | None = None
+    visf: np.ndarray | None = None
+    delay_s: np.ndarray | None = None
+    fit_rmse_mmol_l: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SliceSegmentation:
+    """CNN segmentation of one slice on the slice's own grid.
+
+    Attributes:
+        labels: uint8 [rows, cols]: 0 background, 1 LV blood pool, 2 myocardium, 3 RV.
+        rv_insertion_deg: anterior RV insertion (docs/conventions.md), NaN if no RV found.
+        lv_center_rc: LV centre (row, col) in pixels.
+        flags: human-readable problems ("no RV found", "open myocardial ring", ...).
+    """
+
+    slice_index: int
+    labels: np.ndarray
+    rv_insertion_deg: float
+    lv_center_rc: tuple[float, float]
+    flags: tuple[str, ...] = field(default_factory=tuple)
