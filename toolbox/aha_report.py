@@ -146,6 +146,8 @@ class ReserveReport(BaseModel):
     stress_created_utc: str
     rest_created_utc: str
     segments: list[ReserveSegment]
+    stress_global_mbf_ml_min_g: float | None
+    rest_global_mbf_ml_min_g: float | None
     global_mpr: float | None
 
 
@@ -440,7 +442,8 @@ def perfusion_reserve(stress: PerfusionReport, rest: PerfusionReport) -> Reserve
                                        mpr=ratio(s.mbf_mean_ml_min_g, r.mbf_mean_ml_min_g)))
     return ReserveReport(stress_study_id=stress.study.study_id, rest_study_id=rest.study.study_id,
                          stress_created_utc=stress.study.created_utc, rest_created_utc=rest.study.created_utc,
-                         segments=segments,
+                         segments=segments, stress_global_mbf_ml_min_g=stress.global_values.mbf_mean_ml_min_g,
+                         rest_global_mbf_ml_min_g=rest.global_values.mbf_mean_ml_min_g,
                          global_mpr=ratio(stress.global_values.mbf_mean_ml_min_g, rest.global_values.mbf_mean_ml_min_g))
 
 

@@ -1,0 +1,81 @@
+"""Report image: shape, bull's-eye layout (anterior up, septum left) and values changing pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perfline.toolbox.aha_report import (
+    GlobalValues, PerfusionReport, SegmentValues, StudyInfo, TerritoryValues, with_reserve,
+)
+from perfline.toolbox.aha import SEGMENT_NAMES, territory_of
+from perfline.toolbox.report_figure import render_report, save_png, segment_wedge_angles
+
+
+def make_report(values: dict[int, float | None], scan: str = "stress", patient: str = "P") -> PerfusionReport:
+    segments = [SegmentValues(segment=s, name=SEGMENT_NAMES[s], territory=territory_of(s),
+                              level="basal" if s <= 6 else "mid" if s <= 12 else "apical",
+                              n_pixels=50, mbf_mean_ml_min_g=values.get(s), mbf_median_ml_min_g=values.get(s),
+                              flags=[] if values.get(s) is not None else ["missing: level not imaged"])
+                for s in range(1, 17)]
+    finite = [v for v in values.values() if v is not None]
+    mean = float(np.mean(finite)) if finite else None
+    return PerfusionReport(study=StudyInfo(patient_id=patient, scan=scan), slices=[], segments=segments,
+                           territories=[TerritoryValues(territory=t, segments=[]) for t in ("LAD", "RCA", "LCx")],
+                           global_values=GlobalValues(n_pixels=800, mbf_mean_ml_min_g=mean, mbf_median_ml_min_g=mean))
+
+
+
+
+@pytest.mark.parametrize("segment, centre_deg", [(1, 90), (2, 150), (4, 270), (6, 30), (7, 90), (14, 180),
+                                                 (15, 270), (16, 0)],
+                         ids=lambda v: str(v))
+def test_wedge_layout(segment, centre_deg):
+    _, _, start, end = segment_wedge_angles(segment)
+    assert ((start + end) / 2) % 360 == pytest.approx(centre_deg)
+
+
+def test_wedge_rejects_bad_segment():
+    with pytest.raises(ValueError, match="1-16"):
+        segment_wedge_angles(17)
+
+
+def test_render_shape_and_content(tmp_path):
+    image = render_report(make_report({s: 2.5 for s in range(1, 17)}))
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[:2] == (700, 1200)
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20  # not blank
+    save_png(image, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_defect_changes_bullseye_pixels_only_left():
+    normal = render_report(make_report({s: 2.5 for s in range(1, 17)}))
+    values = {s: 2.5 for s in range(1, 17)}
+    values[4] = 0.8
+    defect = render_report(make_report(values))
+    changed = np.any(normal != defect, axis=2)
+    rows, cols = np.nonzero(changed)
+    assert rows.size > 500  # a whole wedge recoloured
+    # the inferior wedge (segment 4) lies below the bull's-eye centre: the changed region's centroid
+    # must be in the lower half of the bull's-eye, in the left part of the figure
+    assert np.median(cols) < image_width_fraction(normal, 0.45)
+    assert np.median(rows) > normal.shape[0] * 0.5
+
+
+def image_width_fraction(image: np.ndarray, fraction: float) -> float:
+    return image.shape[1] * fraction
+
+
+def test_missing_segments_and_reserve_render():
+    rest = make_report({s: 0.7 for s in range(1, 17)}, scan="rest")
+    stress = make_report({s: (2.8 if s < 13 else None) for s in range(1, 17)}, scan="stress")
+    combined = render_report(with_reserve(stress, rest))
+    alone = render_report(stress)
+    assert combined.shape == alone.shape and np.any(combined != alone)
+    assert render_report(make_report({})).shape == (700, 1200, 3)
+
+
+def test_save_png_rejects_float():
+    with pytest.raises(ValueError, match="uint8"):
+        save_png(np.zeros((4, 4, 3)), "/tmp/never.png")

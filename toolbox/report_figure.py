@@ -1,0 +1,177 @@
+"""The perfusion report as an RGB image: AHA bull's-eye with values plus the segment table.
+
+Layout after Xue et al., Radiology: AI 2020, Figure 3: a bull's-eye of the 16 AHA segments
+(basal outer ring, mid, apical inner ring; anterior up, septum on the left as in Cerqueira et al.
+2002) coloured by MBF with the value written in each segment, and a table of segment, territory,
+mean / median MBF and flags, with global MBF. When the report carries a perfusion reserve, a
+second bull's-eye shows MPR per segment and the table gains stress, rest and MPR columns.
+
+Rendering uses matplotlib's Agg canvas only (no display needed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import matplotlib
+
+matplotlib.use("Agg")  # noqa: E402  (no screen on the server)
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Wedge
+
+from perfline.toolbox.aha_report import PerfusionReport
+
+logger = logging.getLogger(__name__)
+
+# (inner radius, outer radius, first segment, number of sectors, centre angle of the first
+# sector in degrees counter-clockwise from 3 o'clock) - anterior segments point up
+_RINGS: tuple[tuple[float, float, int, int, float], ...] = (
+    (0.70, 1.00, 1, 6, 90.0),
+    (0.40, 0.70, 7, 6, 90.0),
+    (0.10, 0.40, 13, 4, 90.0),
+)
+TERRITORY_COLOURS: dict[str, str] = {"LAD": "#e6c700", "RCA": "#2ca02c", "LCx": "#d62728"}
+
+
+def segment_wedge_angles(segment: int) -> tuple[float, float, float, float]:
+    """(inner radius, outer radius, start angle, end angle) of a segment in the bull's-eye.
+
+    Angles in degrees, counter-clockwise from 3 o'clock; segments advance counter-clockwise from
+    the anterior segment (up) through the septum (left), as in the conventions' angle order.
+    """
+    for inner, outer, first, count, centre in _RINGS:
+        if first <= segment < first + count:
+            width = 360.0 / count
+            start = centre - width / 2 + (segment - first) * width
+            return inner, outer, start, start + width
+    raise ValueError(f"AHA segment must be 1-16, got {segment}")
+
+
+def draw_bullseye(ax: Axes, values: dict[int, float | None], *, title: str, cmap: str = "jet",
+                  vmin: float = 0.0, vmax: float = 4.0, unit: str = "ml/min/g", decimals: int = 2) -> None:
+    """Draw a 16-segment bull's-eye on ``ax``; segments with None values are hatched grey."""
+    colour_map = matplotlib.colormaps[cmap]
+    norm = Normalize(vmin=vmin, vmax=vmax)
+    for segment in range(1, 17):
+        inner, outer, start, end = segment_wedge_angles(segment)
+        value = values.get(segment)
+        if value is None or not np.isfinite(value):
+            face, hatch, text = "#bbbbbb", "///", "n/a"
+        else:
+            face, hatch, text = colour_map(norm(value)), None, f"{value:.{decimals}f}"
+        ax.add_patch(Wedge((0, 0), outer, start, end, width=outer - inner, facecolor=face,
+                           edgecolor="white", linewidth=1.5, hatch=hatch))
+        mid_angle = np.radians((start + end) / 2)
+        radius = (inner + outer) / 2
+        ax.text(radius * np.cos(mid_angle), radius * np.sin(mid_angle) + 0.045, str(segment), ha="center",
+                va="center", fontsize=6, color="black")
+        ax.text(radius * np.cos(mid_angle), radius * np.sin(mid_angle) - 0.04, text, ha="center",
+                va="center", fontsize=7.5, fontweight="bold", color="black")
+    ax.set_xlim(-1.08, 1.08)
+    ax.set_ylim(-1.08, 1.08)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
+    scalar = matplotlib.cm.ScalarMappable(norm=norm, cmap=colour_map)
+    bar = ax.figure.colorbar(scalar, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label(unit, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+
+def _fmt(value: float | None, decimals: int = 2) -> str:
+    return "-" if value is None else f"{value:.{decimals}f}"
+
+
+def _table_rows(report: PerfusionReport) -> tuple[list[str], list[list[str]], list[str]]:
+    reserve = {s.segment: s for s in report.reserve.segments} if report.reserve else {}
+    if reserve:
+        header = ["seg", "name", "terr.", "stress", "rest", "MPR", "flags"]
+    else:
+        header = ["seg", "name", "terr.", "mean", "median", "flags"]
+    rows, colours = [], []
+    for seg in report.segments:
+        flags = "; ".join(seg.flags)
+        flags = flags if len(flags) <= 28 else flags[:27] + "..."
+        if reserve:
+            r = reserve[seg.segment]
+            rows.append([str(seg.segment), seg.name, seg.territory, _fmt(r.stress_mbf_ml_min_g),
+                         _fmt(r.rest_mbf_ml_min_g), _fmt(r.mpr), flags])
+        else:
+            rows.append([str(seg.segment), seg.name, seg.territory, _fmt(seg.mbf_mean_ml_min_g),
+                         _fmt(seg.mbf_median_ml_min_g), flags])
+        colours.append(TERRITORY_COLOURS[seg.territory])
+    g = report.global_values
+    if reserve:
+        r = report.reserve
+        rows.append(["all", "global", "", _fmt(r.stress_global_mbf_ml_min_g), _fmt(r.rest_global_mbf_ml_min_g),
+                     _fmt(r.global_mpr), ""])
+    else:
+        rows.append(["all", "global", "", _fmt(g.mbf_mean_ml_min_g), _fmt(g.mbf_median_ml_min_g), ""])
+    colours.append("white")
+    return header, rows, colours
+
+
+def render_report(report: PerfusionReport, *, dpi: int = 100, vmax_mbf: float | None = None) -> np.ndarray:
+    """Render the report to an RGB image.
+
+    Args:
+        report: the AHA report (with ``reserve`` filled when stress and rest exist).
+        dpi: resolution; the figure is 12 x 7 inches (1200 x 700 pixels at 100 dpi).
+        vmax_mbf: top of the MBF colour scale; default 4 ml/min/g for stress/unknown, 2 for rest.
+
+    Returns:
+        uint8 [rows, cols, 3].
+    """
+    figure = Figure(figsize=(12, 7), dpi=dpi, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    has_reserve = report.reserve is not None
+    grid = figure.add_gridspec(2 if has_reserve else 1, 2, width_ratios=[1.0, 1.45], left=0.02, right=0.98,
+                               top=0.86, bottom=0.05, wspace=0.08, hspace=0.3)
+    vmax = vmax_mbf if vmax_mbf is not None else (2.0 if report.study.scan == "rest" else 4.0)
+    mbf = {s.segment: s.mbf_mean_ml_min_g for s in report.segments}
+    draw_bullseye(figure.add_subplot(grid[0, 0]), mbf, title=f"{report.study.scan} MBF (mean, ml/min/g)", vmax=vmax)
+    if has_reserve:
+        mpr = {s.segment: s.mpr for s in report.reserve.segments}
+        draw_bullseye(figure.add_subplot(grid[1, 0]), mpr, title="perfusion reserve (stress / rest)",
+                      cmap="viridis", vmin=0.0, vmax=5.0, unit="MPR")
+    table_ax = figure.add_subplot(grid[:, 1])
+    table_ax.axis("off")
+    header, rows, colours = _table_rows(report)
+    table = table_ax.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1.0, 1.55)
+    for row_index, colour in enumerate(colours, start=1):
+        table[row_index, 2].set_facecolor(colour)
+        if rows[row_index - 1][-1]:
+            table[row_index, len(header) - 1].set_text_props(color="#b00000")
+    table.auto_set_column_width(list(range(len(header))))
+    g = report.global_values
+    summary = (f"global MBF: mean {_fmt(g.mbf_mean_ml_min_g)}, median {_fmt(g.mbf_median_ml_min_g)} ml/min/g"
+               f"   ({g.n_pixels} pixels)")
+    if report.reserve is not None:
+        summary += f"   global MPR {_fmt(report.reserve.global_mpr)}"
+    territory_text = "   ".join(f"{t.territory} {_fmt(t.mbf_mean_ml_min_g)}" for t in report.territories)
+    figure.text(0.02, 0.955, f"Perfusion report - patient {report.study.patient_id or '-'}, "
+                f"study {report.study.study_id or '-'}, {report.study.scan}, model {report.flow_model or '-'}",
+                fontsize=11, fontweight="bold")
+    figure.text(0.02, 0.925, f"{summary}   territories: {territory_text}", fontsize=9)
+    if report.flags:
+        figure.text(0.42, 0.015, "flags: " + "; ".join(report.flags)[:160], fontsize=8, color="#b00000")
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    logger.debug("rendered report image %s", image.shape)
+    return image
+
+
+def save_png(image: np.ndarray, path) -> None:
+    """Write an RGB uint8 [rows, cols, 3] image as PNG."""
+    import matplotlib.image
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected uint8 [rows, cols, 3], got {image.dtype} {image.shape}")
+    matplotlib.image.imsave(str(path), image)
