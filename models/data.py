@@ -1,0 +1,248 @@
+"""Input pipeline of the segmentation CNN and its on-the-fly training data.
+
+Geometry (Xue et al. 2020 App. E2, REFERENCES.md §5): the series is resampled to 1 mm pixels
+and a 176 x 176 mm crop centred on the LV is taken; the first 48 frames from the first
+saturation-recovery frame are the channels; each crop is divided by its maximum. Resampling
+and cropping are one bilinear sampling (scipy.ndimage.map_coordinates) through an affine map
+from crop to input pixels, so augmentation (scale, rotation, shift, residual motion) costs
+nothing extra and the inverse map brings the CNN output back onto the input grid.
+
+Arrays: series float32 [time, rows, cols]; crops float32 [frames, 176, 176]; labels uint8
+[rows, cols] (docs/conventions.md). Training samples come from
+``perfline.simulator.simulate_image_study`` (image domain), split by study seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import ndimage
+
+logger = logging.getLogger(__name__)
+
+CROP_SIZE = 176
+CROP_SPACING_MM = 1.0
+N_FRAMES = 48
+MIN_FRAMES = 16
+
+
+class SeriesError(ValueError):
+    """The input series cannot be segmented (shape, frame count, non-finite values)."""
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Affine map from crop pixel (i, j) to input pixel (r, c): [r, c] = matrix @ [i, j] + offset.
+
+    ``matrix`` float64 [2, 2], ``offset`` float64 [2]; ``input_shape`` (rows, cols).
+    """
+
+    matrix: np.ndarray
+    offset: np.ndarray
+    input_shape: tuple[int, int]
+
+    @classmethod
+    def centred(cls, input_shape: tuple[int, int], pixel_spacing_mm: float,
+                center_rc: tuple[float, float], *, rotation_deg: float = 0.0,
+                scale: float = 1.0, crop_size: int = CROP_SIZE) -> "CropGeometry":
+        """Crop of ``crop_size`` pixels of ``CROP_SPACING_MM / scale`` mm centred on
+        ``center_rc``, rotated counter-clockwise as displayed by ``rotation_deg``."""
+        if pixel_spacing_mm <= 0:
+            raise SeriesError(f"pixel spacing must be > 0 mm, got {pixel_spacing_mm}")
+        step = CROP_SPACING_MM / (scale * pixel_spacing_mm)
+        angle = np.radians(rotation_deg)
+        rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+        matrix = step * rotation
+        half = (crop_size - 1) / 2.0
+        offset = np.asarray(center_rc, dtype=np.float64) - matrix @ np.array([half, half])
+        return cls(matrix=matrix, offset=offset, input_shape=tuple(input_shape))
+
+    def input_coordinates(self, crop_size: int = CROP_SIZE,
+                          shift_rc: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+        """Input-pixel coordinates float64 [2, crop, crop] of every crop pixel."""
+        grid = np.indices((crop_size, crop_size), dtype=np.float64).reshape(2, -1)
+        points = self.matrix @ grid + (self.offset + np.asarray(shift_rc))[:, None]
+        return points.reshape(2, crop_size, crop_size)
+
+    def crop_coordinates(self) -> np.ndarray:
+        """Crop-pixel coordinates float64 [2, rows, cols] of every input pixel."""
+        grid = np.indices(self.input_shape, dtype=np.float64).reshape(2, -1)
+        points = np.linalg.solve(self.matrix, grid - self.offset[:, None])
+        return points.reshape(2, *self.input_shape)
+
+
+def check_series(series: np.ndarray, *, min_frames: int = MIN_FRAMES) -> np.ndarray:
+    """Validate a series float [time, rows, cols]; returns it as float32."""
+    series = np.asarray(series)
+    if series.ndim != 3:
+        raise SeriesError(f"expected a series [time, rows, cols], got {series.ndim} dimensions "
+                          f"(shape {series.shape})")
+    if series.shape[0] < min_frames:
+        raise SeriesError(f"expected at least {min_frames} frames from the first SR frame, got "
+                          f"{series.shape[0]}")
+    if min(series.shape[1:]) < 16:
+        raise SeriesError(f"expected images of at least 16 x 16 pixels, got {series.shape[1:]}")
+    if not np.isfinite(series).all():
+        raise SeriesError(f"series has {int((~np.isfinite(series)).sum())} NaN or infinite "
+                          f"values")
+    return series.astype(np.float32, copy=False)
+
+
+def sample_crop(series: np.ndarray, geometry: CropGeometry, *, n_frames: int = N_FRAMES,
+                shifts_rc: np.ndarray | None = None) -> np.ndarray:
+    """Bilinear crop float32 [n_frames, 176, 176] of the first ``n_frames`` frames, normalised
+    by its maximum. Series shorter than ``n_frames`` are padded with their last frame.
+
+    ``shifts_rc`` float [frames, 2], input pixels: per-frame translation (residual motion).
+    """
+    count = min(n_frames, series.shape[0])
+    crop = np.empty((n_frames, CROP_SIZE, CROP_SIZE), dtype=np.float32)
+    base = geometry.input_coordinates()
+    for frame in range(count):
+        coordinates = base if shifts_rc is None else base + shifts_rc[frame][:, None, None]
+        crop[frame] = ndimage.map_coordinates(series[frame], coordinates, order=1,
+                                              mode="constant", cval=0.0, prefilter=False)
+    crop[count:] = crop[count - 1]
+    peak = float(crop.max())
+    if peak > 0:
+        crop /= peak
+    return crop
+
+
+def crop_labels(labels: np.ndarray, geometry: CropGeometry) -> np.ndarray:
+    """Nearest-neighbour crop uint8 [176, 176] of a label map [rows, cols]."""
+    return ndimage.map_coordinates(labels, geometry.input_coordinates(), order=0,
+                                   mode="constant", cval=0).astype(np.uint8)
+
+
+def uncrop_probabilities(probabilities: np.ndarray, geometry: CropGeometry) -> np.ndarray:
+    """Class probabilities [classes, 176, 176] on the crop -> [classes, rows, cols] on the
+    input grid (bilinear); outside the crop, background has probability 1."""
+    coordinates = geometry.crop_coordinates()
+    out = np.stack([ndimage.map_coordinates(p, coordinates, order=1, mode="constant",
+                                            cval=1.0 if index == 0 else 0.0, prefilter=False)
+                    for index, p in enumerate(probabilities)])
+    return out / np.maximum(out.sum(axis=0, keepdims=True), 1e-6)
+
+
+def detect_lv_center(series: np.ndarray, pixel_spacing_mm: float) -> tuple[float, float]:
+    """LV blood-pool centre (row, col) in pixels, found on the series itself.
+
+    The blood pools are the brightest-enhancing structures; the RV enhances first and the LV
+    later (REFERENCES.md §3). Bright components of the peak enhancement image are ranked by
+    enhancement times their peak time; the brightness-weighted centroid of the best is taken.
+    """
+    series = check_series(series, min_frames=2)
+    smooth = ndimage.gaussian_filter(series, sigma=(0.0, 2.5 / pixel_spacing_mm,
+                                                    2.5 / pixel_spacing_mm))
+    baseline = smooth[: max(1, min(3, series.shape[0] // 8))].mean(axis=0)
+    enhancement = smooth - baseline
+    peak = enhancement.max(axis=0)
+    peak_time = enhancement.argmax(axis=0).astype(np.float64)
+    # ignore the image border (fold-over, coil hot spots) when picking candidates
+    margin = max(1, int(round(15.0 / pixel_spacing_mm)))
+    interior = np.zeros(peak.shape, dtype=bool)
+    interior[margin:-margin, margin:-margin] = True
+    if not interior.any():
+        interior[:] = True
+    threshold = 0.5 * float(peak[interior].max())
+    components, count = ndimage.label((peak > threshold) & interior)
+    if count == 0:
+        rows, cols = series.shape[1:]
+        return (rows - 1) / 2.0, (cols - 1) / 2.0
+    index = np.arange(1, count + 1)
+    area_mm2 = ndimage.sum(np.ones_like(peak), components, index) * pixel_spacing_mm ** 2
+    brightness = np.asarray(ndimage.mean(peak, components, index))
+    timing = np.asarray(ndimage.mean(peak_time, components, index))
+    score = brightness * (1.0 + timing) * np.minimum(area_mm2 / 200.0, 1.0)
+    best = int(index[np.argmax(score)])
+    weights = np.where(components == best, peak, 0.0)
+    center = ndimage.center_of_mass(weights)
+    return float(center[0]), float(center[1])
+
+
+class Augmentation(BaseModel):
+    """Ranges of the random augmentation of one training sample (uniform unless noted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: tuple[float, float] = (0.85, 1.15)
+    rotation_deg: float = Field(35.0, ge=0, description="+/- rotation")
+    center_shift_mm: float = Field(18.0, ge=0, description="+/- LV centre offset in the crop")
+    motion_mm: float = Field(1.5, ge=0, description="SD of residual per-frame translation")
+    start_frame_shift: tuple[int, int] = (-2, 6)
+    frame_interval: tuple[float, float] = (0.6, 1.6)
+    min_frames: int = Field(24, ge=MIN_FRAMES, description="shortest series kept (then padded)")
+    gamma: tuple[float, float] = (0.7, 1.4)
+    shading: float = Field(0.4, ge=0, description="max relative smooth coil-shading amplitude")
+    noise_sd: tuple[float, float] = (0.0, 0.05)
+    signal_units_probability: float = Field(0.5, ge=0, le=1)
+
+
+def _resample_frames(frames: np.ndarray, start: float, interval: float,
+                     count: int) -> np.ndarray:
+    """Linear resampling of [time, rows, cols] at frame positions start + k * interval."""
+    positions = np.clip(start + interval * np.arange(count), 0, frames.shape[0] - 1)
+    low = np.floor(positions).astype(int)
+    high = np.minimum(low + 1, frames.shape[0] - 1)
+    weight = (positions - low)[:, None, None].astype(np.float32)
+    return frames[low] * (1 - weight) + frames[high] * weight
+
+
+def augmented_sample(slice_, rng: np.random.Generator,
+                     augmentation: Augmentation | None) -> tuple[np.ndarray, np.ndarray]:
+    """One (crop [48, 176, 176] float32, labels [176, 176] uint8) pair from an ImageSlice.
+
+    ``augmentation=None`` gives the plain paper pipeline on Gd units centred on the true LV.
+    """
+    spacing = float(slice_.pixel_spacing_mm)
+    center = np.asarray(slice_.lv_center_rc, dtype=np.float64)
+    if augmentation is None:
+        geometry = CropGeometry.centred(slice_.labels.shape, spacing, tuple(center))
+        return sample_crop(np.asarray(slice_.gd), geometry), crop_labels(slice_.labels, geometry)
+    a = augmentation
+    use_signal = rng.random() < a.signal_units_probability
+    frames = np.asarray(slice_.signal[slice_.n_pd_frames:] if use_signal else slice_.gd,
+                        dtype=np.float32)
+    interval = rng.uniform(*a.frame_interval)
+    start = max(0.0, float(rng.integers(a.start_frame_shift[0], a.start_frame_shift[1] + 1)))
+    available = int((frames.shape[0] - 1 - start) / interval) + 1
+    count = int(min(N_FRAMES, available, rng.integers(a.min_frames, N_FRAMES + 1)
+                    if rng.random() < 0.3 else N_FRAMES))
+    frames = _resample_frames(frames, start, interval, max(count, 2))
+    scale = rng.uniform(*a.scale)
+    shift = rng.uniform(-a.center_shift_mm, a.center_shift_mm, size=2) / spacing
+    geometry = CropGeometry.centred(slice_.labels.shape, spacing, tuple(center + shift),
+                                    rotation_deg=rng.uniform(-a.rotation_deg, a.rotation_deg),
+                                    scale=scale)
+    motion = rng.normal(0.0, a.motion_mm / spacing, size=(frames.shape[0], 2))
+    if use_signal:  # gamma on the (few, small) input frames, not on the crop
+        frames = np.maximum(frames, 0.0) ** np.float32(rng.uniform(*a.gamma))
+    if a.shading > 0:
+        rows, cols = np.indices(frames.shape[1:], dtype=np.float32)
+        direction = rng.normal(size=2)
+        ramp = (direction[0] * (rows - center[0]) + direction[1] * (cols - center[1]))
+        ramp /= max(float(np.abs(ramp).max()), 1e-6)
+        frames = frames * (1.0 + np.float32(rng.uniform(0, a.shading)) * ramp)[None]
+    crop = sample_crop(frames, geometry, shifts_rc=motion)
+    noise_sd = rng.uniform(*a.noise_sd)
+    if noise_sd > 0:
+        crop += np.float32(noise_sd) * rng.standard_normal(size=crop.shape, dtype=np.float32)
+    return crop, crop_labels(slice_.labels, geometry)
+
+
+def is_validation_study(seed: int, validation_fraction: float = 0.125) -> bool:
+    """Study-level split: a fixed fraction of seeds (by a hash of the seed) is validation."""
+    return (seed * 2654435761 % 2 ** 32) / 2 ** 32 < validation_fraction
+
+
+def study_samples(seed: int, rng: np.random.Generator, augmentation: Augmentation | None,
+                  **simulator_options) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Augmented samples of every slice of the simulated study ``seed``."""
+    from perfline.simulator import simulate_image_study  # the simulator is a training dependency
+
+    study = simulate_image_study(seed, **simulator_options)
+    return [augmented_sample(slice_, rng, augmentation) for slice_ in study]

@@ -1,0 +1,189 @@
+"""Training of the ResUNet on simulated studies generated on the fly (Xue et al. 2020 App. E3).
+
+Loss cross-entropy + soft IoU; Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8), lr halved every 10
+epochs; the best model on the validation studies (split by study seed, never mixed with the
+training studies) is kept. An "epoch" is a fixed number of steps, since the data are infinite.
+
+Outputs in ``out_dir``: ``best.safetensors`` + ``best.json`` (architecture, metrics, SHA-256),
+``checkpoint.pt`` (resume; loaded with ``torch.load(weights_only=True)``, no arbitrary
+unpickling) and ``train_log.jsonl`` (one line of metrics per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from perfline.models.data import Augmentation, is_validation_study, study_samples
+from perfline.models.resunet import ResUNet, ResUNetConfig, segmentation_loss
+from perfline.models.weights import save_weights
+
+logger = logging.getLogger(__name__)
+
+
+class TrainSettings(BaseModel):
+    """Everything that defines a training run (stored in best.json and the checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    network: ResUNetConfig = Field(default_factory=ResUNetConfig)
+    augmentation: Augmentation = Field(default_factory=Augmentation)
+    epochs: int = Field(60, ge=1)
+    steps_per_epoch: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=2)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_halving_epochs: int = Field(10, ge=1)
+    iou_weight: float = Field(1.0, ge=0)
+    validation_studies: int = Field(16, ge=1)
+    augmentations_per_slice: int = Field(2, ge=1, description="samples drawn per simulated slice")
+    workers: int = Field(2, ge=0)
+    seed: int = 0
+    time_limit_s: float | None = Field(None, gt=0, description="stop after this wall time")
+    simulator_frames: int = Field(64, ge=48)
+
+
+class SimulatedSlices(IterableDataset):
+    """Endless (crop [48, 176, 176] float32, labels [176, 176] int64) training pairs from
+    training-split simulator seeds; every worker draws its own seeds."""
+
+    def __init__(self, settings: TrainSettings, seed: int) -> None:
+        self.settings = settings
+        self.seed = seed
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng([self.seed, worker])
+        while True:
+            study_seed = int(rng.integers(0, 2 ** 31))
+            if is_validation_study(study_seed):
+                continue
+            for _ in range(self.settings.augmentations_per_slice):
+                samples = study_samples(study_seed, rng, self.settings.augmentation,
+                                        n_frames=self.settings.simulator_frames)
+                for crop, labels in samples:
+                    yield torch.from_numpy(crop), torch.from_numpy(labels.astype(np.int64))
+
+
+def validation_set(settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops and labels of the validation studies (validation seeds, no augmentation)."""
+    crops, labels = [], []
+    seed, found = 0, 0
+    rng = np.random.default_rng(0)
+    while found < settings.validation_studies:
+        if is_validation_study(seed):
+            for crop, label in study_samples(seed, rng, None, n_frames=settings.simulator_frames):
+                crops.append(crop)
+                labels.append(label)
+            found += 1
+        seed += 1
+    return torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(labels).astype(np.int64))
+
+
+@torch.no_grad()
+def evaluate(model: ResUNet, crops: torch.Tensor, labels: torch.Tensor, device: torch.device,
+             iou_weight: float, batch_size: int = 16) -> dict[str, float]:
+    """Validation loss and per-class Dice (argmax, on the crop) averaged over slices."""
+    model.eval()
+    losses, dices = [], {1: [], 2: [], 3: []}
+    for start in range(0, len(crops), batch_size):
+        x = crops[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device)
+        logits = model(x)
+        losses.append(float(segmentation_loss(logits, y, iou_weight=iou_weight)) * len(x))
+        predicted = logits.argmax(dim=1)
+        for label in dices:
+            a, m = predicted == label, y == label
+            total = (a.sum(dim=(1, 2)) + m.sum(dim=(1, 2))).float()
+            overlap = (a & m).sum(dim=(1, 2)).float()
+            dices[label].extend(torch.where(total > 0, 2 * overlap / total.clamp(min=1),
+                                            torch.ones_like(total)).tolist())
+    model.train()
+    return {"val_loss": sum(losses) / len(crops), "val_dice_lv": float(np.mean(dices[1])),
+            "val_dice_myo": float(np.mean(dices[2])), "val_dice_rv": float(np.mean(dices[3]))}
+
+
+# settings that may change between a run and its resumption
+_RESUMABLE = {"epochs": None, "time_limit_s": None, "workers": None}
+
+
+def _out_of_time(started: float, settings: TrainSettings) -> bool:
+    return (settings.time_limit_s is not None
+            and time.monotonic() - started > settings.time_limit_s)
+
+
+def train(settings: TrainSettings, out_dir: Path, *, resume: bool = False,
+          device: str | None = None, progress=None) -> dict[str, float]:
+    """Train; returns the best validation metrics. ``progress(epoch, step, loss)`` is called
+    after every step when given (the CLI shows a bar)."""
+    started = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(settings.seed)
+    model = ResUNet(settings.network).to(torch_device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate,
+                                 betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.lr_halving_epochs, 0.5)
+    first_epoch, best = 0, {"val_dice_myo": -1.0}
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=torch_device, weights_only=True)
+        if json.loads(state["settings"]) | _RESUMABLE != settings.model_dump(mode="json") | _RESUMABLE:
+            raise ValueError(f"cannot resume {checkpoint_path}: it was written with other "
+                             f"settings ({state['settings']})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first_epoch = int(state["epoch"]) + 1
+        best = json.loads(state["best"])
+        logger.info("resumed from %s at epoch %d", checkpoint_path, first_epoch)
+    logger.info("building %d validation studies", settings.validation_studies)
+    val_crops, val_labels = validation_set(settings)
+    loader = DataLoader(SimulatedSlices(settings, settings.seed * 1000 + first_epoch),
+                        batch_size=settings.batch_size, num_workers=settings.workers,
+                        persistent_workers=settings.workers > 0,
+                        prefetch_factor=4 if settings.workers > 0 else None)
+    batches = iter(loader)
+    log_path = out_dir / "train_log.jsonl"
+    for epoch in range(first_epoch, settings.epochs):
+        model.train()
+        losses = []
+        for step in range(settings.steps_per_epoch):
+            x, y = next(batches)
+            x, y = x.to(torch_device, non_blocking=True), y.to(torch_device, non_blocking=True)
+            loss = segmentation_loss(model(x), y, iou_weight=settings.iou_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(epoch, step, losses[-1])
+            if _out_of_time(started, settings):
+                break
+        scheduler.step()
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "steps": len(losses),
+                   "lr": optimizer.param_groups[0]["lr"],
+                   "elapsed_s": round(time.monotonic() - started, 1),
+                   **evaluate(model, val_crops, val_labels, torch_device, settings.iou_weight)}
+        logger.info("epoch %d: %s", epoch, metrics)
+        with log_path.open("a") as log:
+            log.write(json.dumps(metrics) + "\n")
+        if metrics["val_dice_myo"] > best["val_dice_myo"]:
+            best = metrics
+            save_weights(model, out_dir / "best", metadata={
+                "settings": json.loads(settings.model_dump_json()), "metrics": metrics})
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch,
+                    "best": json.dumps(best), "settings": settings.model_dump_json()},
+                   checkpoint_path)
+        if _out_of_time(started, settings):
+            logger.info("time limit %.0f s reached after epoch %d", settings.time_limit_s, epoch)
+            break
+    return best
