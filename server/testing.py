@@ -1,0 +1,32 @@
+"""Helpers for tests: a real MRD server on a free loopback port, in this process.
+
+Example::
+
+    from perfline.server.testing import running_server
+    from perfline.server.client import send_dataset
+
+    with running_server() as (host, port):
+        results = send_dataset(path, host, port, "cartesian-recon")
+    assert results.ok, results.errors
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from perfline.server.server import MRDServer, ServerSettings
+
+
+@contextmanager
+def running_server(**settings: Any) -> Iterator[tuple[str, int]]:
+    """Start an :class:`MRDServer` (``ServerSettings`` keywords; port 0 = free port), yield
+    ``(host, port)``, stop it (waiting for sessions in flight) on exit."""
+    settings.setdefault("port", 0)
+    server = MRDServer(ServerSettings(**settings))
+    address = server.start()
+    try:
+        yield address
+    finally:
+        server.stop(timeout=30.0)
