@@ -27,6 +27,13 @@ CROP_SIZE = 176
 CROP_SPACING_MM = 1.0
 N_FRAMES = 48
 MIN_FRAMES = 16
+# simulator seeds >= this are never used for training or validation (held-out test studies)
+TEST_SEED_START = 2 ** 30
+
+
+# frame interval of the training series (simulator: one frame per heartbeat); series sampled
+# much faster or slower are resampled to it before cropping
+NOMINAL_FRAME_INTERVAL_S = 1.0
 
 
 class SeriesError(ValueError):
@@ -89,6 +96,19 @@ def check_series(series: np.ndarray, *, min_frames: int = MIN_FRAMES) -> np.ndar
         raise SeriesError(f"series has {int((~np.isfinite(series)).sum())} NaN or infinite "
                           f"values")
     return series.astype(np.float32, copy=False)
+
+
+def resample_frames_to_interval(series: np.ndarray, dt_s: float,
+                                target_s: float = NOMINAL_FRAME_INTERVAL_S,
+                                tolerance: float = 0.25) -> np.ndarray:
+    """Linear temporal resampling of [time, rows, cols] sampled every ``dt_s`` seconds to one
+    frame every ``target_s`` seconds; returned unchanged when within ``tolerance`` (relative)."""
+    if not dt_s > 0:
+        raise SeriesError(f"frame interval must be > 0 s, got {dt_s}")
+    if abs(dt_s / target_s - 1.0) <= tolerance:
+        return series
+    count = int(np.floor((series.shape[0] - 1) * dt_s / target_s)) + 1
+    return _resample_frames(series, 0.0, target_s / dt_s, count)
 
 
 def sample_crop(series: np.ndarray, geometry: CropGeometry, *, n_frames: int = N_FRAMES,

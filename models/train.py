@@ -21,7 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from perfline.models.data import Augmentation, is_validation_study, study_samples
+from perfline.models.data import (TEST_SEED_START, Augmentation, is_validation_study,
+                                  study_samples)
 from perfline.models.resunet import ResUNet, ResUNetConfig, segmentation_loss
 from perfline.models.weights import save_weights
 
@@ -62,7 +63,7 @@ class SimulatedSlices(IterableDataset):
         worker = info.id if info is not None else 0
         rng = np.random.default_rng([self.seed, worker])
         while True:
-            study_seed = int(rng.integers(0, 2 ** 31))
+            study_seed = int(rng.integers(0, TEST_SEED_START))
             if is_validation_study(study_seed):
                 continue
             for _ in range(self.settings.augmentations_per_slice):
