@@ -225,15 +225,15 @@ class RunningChain:
                 self._put(outbox, output)
             # a gadget may stop reading early: drop its unread items, pass the others through
             for item in accepted_items():
-                logger.debug("[%s] %s ended early, dropping %s", self.connection_id,
-                             gadget.name, type(item).__name__)
+                logger.debug("%s ended early, dropping %s", gadget.name, type(item).__name__,
+                             extra={"connection": self.connection_id})
             self._put(outbox, END_OF_STREAM)
         except ChainStopped:
-            logger.debug("[%s] gadget %s stopped", self.connection_id, gadget.name)
+            logger.debug("gadget %s stopped", gadget.name, extra={"connection": self.connection_id})
         except Exception as error:
             failure = GadgetFailed(gadget.name, error)
             failure.__cause__ = error
-            logger.error("[%s] %s", self.connection_id, failure, exc_info=error)
+            logger.error("%s", failure, exc_info=error, extra={"connection": self.connection_id})
             self._fail(failure)
 
 

@@ -91,20 +91,20 @@ class MRDServer:
                 break
             connection_id = f"{self._tag}-{next(self._counter):04d}"
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            extra = {"connection": connection_id}
             with self._sessions_lock:
                 self._sessions = {k: t for k, t in self._sessions.items() if t.is_alive()}
                 busy = len(self._sessions) >= self.settings.max_connections
                 if not busy:
+                    logger.info("connection from %s:%s", peer[0], peer[1], extra=extra)
                     thread = threading.Thread(target=self._serve, args=(connection, connection_id),
                                               name=f"session-{connection_id}", daemon=True)
                     self._sessions[connection_id] = thread
                     thread.start()
             if busy:
-                logger.warning("[%s] refused %s: %d connections already", connection_id, peer,
-                               self.settings.max_connections)
+                logger.warning("refused %s:%s: %d connections already", peer[0], peer[1],
+                               self.settings.max_connections, extra=extra)
                 self._refuse(connection)
-            else:
-                logger.info("[%s] connection from %s:%s", connection_id, peer[0], peer[1])
 
     def _refuse(self, connection: socket.socket) -> None:
         try:

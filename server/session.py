@@ -49,11 +49,11 @@ class SessionError(Exception):
 
 
 class ConnectionLog(logging.LoggerAdapter):
-    """Prefixes every line with the connection id and sets ``record.connection``."""
+    """Sets ``record.connection`` (shown by ``perfline serve``'s log format) on every line."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         kwargs.setdefault("extra", {})["connection"] = self.extra["connection"]
-        return f"[{self.extra['connection']}] {msg}", kwargs
+        return msg, kwargs
 
 
 class Session:

@@ -45,7 +45,7 @@ class StreamRecorder:
         group = recorder._dataset._file.require_group("dataset")
         group.attrs["perfline_config"] = config
         group.attrs["perfline_parameters"] = json.dumps(parameters)
-        logger.info("[%s] saving the incoming stream to %s", connection_id, path)
+        logger.info("saving the incoming stream to %s", path, extra={"connection": connection_id})
         return recorder
 
     def write(self, item: Any) -> None:
