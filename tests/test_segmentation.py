@@ -1,0 +1,106 @@
+"""Input pipeline geometry, LV detection, bad-input errors and the Segmenter end to end (tiny
+untrained network: checks plumbing, runtimes and flags, not accuracy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perfline.models.data import (CropGeometry, SeriesError, check_series, crop_labels,
+                                  detect_lv_center, resample_frames_to_interval, sample_crop,
+                                  uncrop_probabilities)
+
+
+def disc_series(shape=(40, 100, 120), center=(45.0, 70.0), rv_offset=(0.0, -22.0)):
+    """Gd-like series: LV pool peaking at frame 14, RV pool at frame 9, myocardial ring."""
+    frames, rows, cols = shape
+    r, c = np.indices((rows, cols), dtype=np.float64)
+    lv = np.hypot(r - center[0], c - center[1]) < 9
+    myo = (np.hypot(r - center[0], c - center[1]) < 15) & ~lv
+    rv = np.hypot(r - center[0] - rv_offset[0], c - center[1] - rv_offset[1]) < 8
+    t = np.arange(frames, dtype=np.float64)[:, None, None]
+    series = (lv * 5 * np.exp(-(t - 14) ** 2 / 10) + rv * 5.5 * np.exp(-(t - 9) ** 2 / 10)
+              + myo * 0.6 * (t > 14))
+    labels = (lv * 1 + myo * 2 + rv * 3).astype(np.uint8)
+    return series.astype(np.float32), labels
+
+
+def test_crop_then_uncrop_is_identity_on_the_input_grid():
+    _, labels = disc_series()
+    geometry = CropGeometry.centred(labels.shape, 1.6, (45.0, 70.0))
+    crop = crop_labels(labels, geometry)
+    assert crop.shape == (176, 176)
+    # the LV disc of radius 9 px at 1.6 mm is ~ pi (14.4 mm)^2 at 1 mm pixels
+    assert abs((crop == 1).sum() - np.pi * 14.4 ** 2) < 0.08 * np.pi * 14.4 ** 2
+    one_hot = np.stack([(crop == k).astype(np.float32) for k in range(4)])
+    back = uncrop_probabilities(one_hot, geometry).argmax(axis=0)
+    inside = np.hypot(*(np.indices(labels.shape) - np.array([45, 70])[:, None, None])) < 40
+    assert (back[inside] == labels[inside]).mean() > 0.98
+
+
+def test_crop_normalised_and_padded():
+    series, _ = disc_series(shape=(20, 100, 120))
+    geometry = CropGeometry.centred(series.shape[1:], 1.6, (45.0, 70.0))
+    crop = sample_crop(series, geometry)
+    assert crop.shape == (48, 176, 176) and crop.max() == pytest.approx(1.0)
+    assert np.array_equal(crop[19], crop[47])
+
+
+def test_detector_prefers_later_peaking_lv_over_rv():
+    series, _ = disc_series()
+    row, col = detect_lv_center(series, 1.6)
+    assert np.hypot(row - 45.0, col - 70.0) < 2.0
+
+
+@pytest.mark.parametrize("series,match", [
+    (np.zeros((10, 10)), "dimensions"),
+    (np.zeros((5, 64, 64)), "at least 16 frames"),
+    (np.full((30, 64, 64), np.nan), "NaN"),
+], ids=["2d", "too-few-frames", "nan"])
+def test_bad_series_raise_clear_errors(series, match):
+    with pytest.raises(SeriesError, match=match):
+        check_series(series)
+
+
+def test_resampling_to_nominal_interval():
+    series = np.arange(21, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
+    out = resample_frames_to_interval(series, 0.5)
+    assert out.shape[0] == 11 and out[3, 0, 0] == pytest.approx(6.0)
+    assert resample_frames_to_interval(series, 0.9) is series
+    with pytest.raises(SeriesError, match="> 0 s"):
+        resample_frames_to_interval(series, 0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from perfline.models.resunet import ResUNet, ResUNetConfig
+    from perfline.models.weights import export_onnx, save_weights
+
+    torch.manual_seed(0)
+    model = ResUNet(ResUNetConfig(filters=(4, 8), blocks=(1, 1))).eval()
+    stem = tmp_path_factory.mktemp("model") / "tiny"
+    save_weights(model, stem)
+    export_onnx(model, stem)
+    return stem
+
+
+def test_segmenter_runtimes_agree_and_report_flags(tiny_model):
+    from perfline.models.inference import Segmenter
+
+    series, _ = disc_series()
+    results = {}
+    for runtime in ("onnxruntime", "torch"):
+        segmenter = Segmenter(tiny_model, runtime=runtime)
+        assert segmenter.runtime == runtime and segmenter.load_ms > 0
+        results[runtime] = segmenter.segment(series, 1.6, center_rc=(45.0, 70.0))
+    a, b = results["onnxruntime"], results["torch"]
+    assert a.labels.shape == series.shape[1:] and a.probabilities.shape == (4, 100, 120)
+    assert np.allclose(a.probabilities, b.probabilities, atol=1e-4)
+    assert np.allclose(a.probabilities.sum(axis=0), 1.0, atol=1e-4)
+    # an untrained network finds no closed ring: that must be flagged, not crash
+    assert a.flags and (a.empty or not a.closed_ring or np.isnan(a.rv_insertion_deg))
+    with pytest.raises(SeriesError, match="NaN"):
+        segmenter.segment(np.full_like(series, np.nan), 1.6)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        Segmenter(tiny_model, runtime="tensorrt")
