@@ -1,0 +1,99 @@
+"""MBF comparison statistics against hand-computed values and scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from perfline.toolbox.mbf_evaluation import (
+    EvaluationError, StudyMbf, agreement, angle_difference_deg, bland_altman_plot, compare_mbf,
+    report_from_results, study_mbf_from_report, write_evaluation,
+)
+
+
+def test_agreement_hand_values():
+    auto = np.array([1.0, 2.0, 3.0, 4.5])
+    truth = np.array([1.1, 1.9, 3.0, 4.0])
+    result = agreement(auto, truth)
+    diff = auto - truth
+    assert result.bias == pytest.approx(diff.mean())
+    assert result.sd_difference == pytest.approx(diff.std(ddof=1))
+    assert result.limits_of_agreement[1] - result.limits_of_agreement[0] == pytest.approx(2 * 1.96 * diff.std(ddof=1))
+    assert result.p_value == pytest.approx(stats.ttest_rel(auto, truth).pvalue)
+    assert result.max_abs_relative_error_pct == pytest.approx(12.5)
+
+
+def test_agreement_detects_bias():
+    rng = np.random.default_rng(3)
+    truth = rng.uniform(0.5, 3.5, 200)
+    unbiased = agreement(truth + rng.normal(0, 0.05, 200), truth)
+    biased = agreement(truth * 1.1, truth)
+    assert unbiased.p_value > 0.01
+    assert biased.p_value < 1e-6 and biased.bias > 0.1
+    assert agreement(truth, truth).p_value is None  # identical: the t-test is undefined
+
+
+def test_agreement_errors():
+    with pytest.raises(EvaluationError, match="pair up"):
+        agreement(np.ones(3), np.ones(4))
+    with pytest.raises(EvaluationError, match="finite"):
+        agreement(np.array([1.0, np.nan]), np.ones(2))
+
+
+def test_angle_difference_wraps():
+    np.testing.assert_allclose(angle_difference_deg([359.0, 10.0, 90.0], [1.0, 350.0, 270.0]), [2.0, 20.0, 180.0])
+
+
+def make_study(rng, scale: float = 1.0, drop: int | None = None) -> tuple[StudyMbf, StudyMbf]:
+    truth_segments = rng.uniform(0.6, 3.2, 16)
+    auto_segments = truth_segments * scale + rng.normal(0, 0.02, 16)
+    if drop is not None:
+        auto_segments[drop] = np.nan
+    truth = StudyMbf(float(truth_segments.mean()), truth_segments, rv_insertion_deg=(120.0, 118.0, 121.0))
+    auto = StudyMbf(float(np.nanmean(auto_segments)), auto_segments, rv_insertion_deg=(122.0, 117.0, 121.5))
+    return auto, truth
+
+
+def test_compare_mbf_pairs_and_missing():
+    rng = np.random.default_rng(7)
+    pairs = [make_study(rng, drop=15 if i == 0 else None) for i in range(12)]
+    result = compare_mbf([a for a, _ in pairs], [t for _, t in pairs])
+    assert result.n_studies == 12 and result.n_missing_sectors == 1
+    assert result.sector_mbf.n == 12 * 16 - 1
+    assert result.global_mbf.n == 12
+    assert result.sector_mbf.mean_abs_relative_error_pct < 3.0
+    assert result.rv_insertion_abs_error_deg_max == pytest.approx(2.0)
+    with pytest.raises(EvaluationError, match="12 automated and 11"):
+        compare_mbf([a for a, _ in pairs], [t for _, t in pairs][:11])
+
+
+def test_outputs_written(tmp_path):
+    rng = np.random.default_rng(8)
+    pairs = [make_study(rng, scale=1.02) for _ in range(6)]
+    auto, truth = [a for a, _ in pairs], [t for _, t in pairs]
+    paths = write_evaluation(compare_mbf(auto, truth), auto, truth, tmp_path)
+    assert [p.name for p in paths] == ["mbf_comparison.json", "bland_altman_global.png", "bland_altman_sectors.png"]
+    for png in paths[1:]:
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    assert bland_altman_plot(np.ones(3), np.ones(3) * 1.1, tmp_path / "x.png", title="t").exists()
+
+
+def test_report_json_to_study():
+    from perfline.toolbox.aha_report import SliceAnalysis, StudyInfo, build_report
+
+    shape = (64, 64)
+    rows, cols = np.indices(shape)
+    radius = np.hypot(rows - 32, cols - 32)
+    labels = np.where((radius >= 8) & (radius < 14), 2, np.where(radius < 8, 1, 0)).astype(np.uint8)
+    slices = [SliceAnalysis(slice_index=i, mbf_ml_min_g=np.full(shape, 2.0 + i, np.float32), labels=labels,
+                            lv_center_rc=(32.0, 32.0), rv_insertion_deg=120.0, slice_position_mm=float(i))
+              for i in range(2)]  # basal and apical: mid missing
+    report = build_report(slices, study=StudyInfo(patient_id="p", scan="stress"))
+    texts = ["hello", report.model_dump_json()]
+    study = study_mbf_from_report(report_from_results(texts))
+    assert study.segment_mbf[0] == pytest.approx(2.0) and study.segment_mbf[13] == pytest.approx(3.0)
+    assert np.all(np.isnan(study.segment_mbf[6:12]))
+    assert study.rv_insertion_deg == (120.0, 120.0)
+    with pytest.raises(EvaluationError, match="no report JSON"):
+        report_from_results(["ERROR something", "{}"])

@@ -1,0 +1,294 @@
+"""``perfline evaluate --mbf``: automated vs true MBF, global and per AHA sector.
+
+Statistics follow Xue et al., Radiology: AI 2020 (Statistical Analysis): Bland-Altman analysis
+(bias = mean of auto - truth, 95 % limits of agreement = bias +/- 1.96 SD of the differences;
+Bland & Altman, Lancet 1986) and a two-sided paired t-test (``scipy.stats.ttest_rel``) of auto
+against truth, for global MBF (one value per study) and per sector (16 values per study, pooled).
+Relative errors |auto - truth| / truth are reported too (acceptance: global <= 3 %, sector <= 8 %).
+
+The end-to-end loop (:func:`evaluate_studies`) simulates N studies, streams each through the
+``perfusion`` chain of a server started in this process (``perfline.server.testing``) with the
+MRD client (``perfline.server.client``), reads the JSON report the chain sends back, and compares
+it with the simulator's truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+from scipy import stats
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation inputs do not match, or a study could not be evaluated."""
+
+
+@dataclass(frozen=True)
+class StudyMbf:
+    """MBF of one study, ml/min/g.
+
+    Attributes:
+        global_mbf: global (all myocardium) MBF.
+        segment_mbf: float [16], segments 1..16, NaN where not measured.
+        rv_insertion_deg: per slice anterior RV insertion (optional, for the sector placement).
+    """
+
+    global_mbf: float
+    segment_mbf: np.ndarray
+    rv_insertion_deg: tuple[float, ...] = ()
+
+
+class AgreementStats(BaseModel):
+    """Bland-Altman and paired t-test of paired measurements (auto vs truth)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int
+    mean_auto: float
+    mean_truth: float
+    bias: float
+    sd_difference: float
+    limits_of_agreement: tuple[float, float]
+    t_statistic: float | None
+    p_value: float | None
+    mean_abs_relative_error_pct: float
+    max_abs_relative_error_pct: float
+
+
+class MbfComparison(BaseModel):
+    """Global and per-sector agreement, and the RV insertion (sector placement) error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    global_mbf: AgreementStats
+    sector_mbf: AgreementStats
+    rv_insertion_abs_error_deg_mean: float | None = None
+    rv_insertion_abs_error_deg_max: float | None = None
+    n_studies: int
+    n_missing_sectors: int
+
+
+def agreement(auto: np.ndarray, truth: np.ndarray) -> AgreementStats:
+    """Bland-Altman statistics and paired t-test of ``auto`` vs ``truth`` (1-D, same length, finite).
+
+    The t-test is undefined (None) with fewer than 2 pairs or identical differences.
+    """
+    auto = np.asarray(auto, dtype=np.float64).ravel()
+    truth = np.asarray(truth, dtype=np.float64).ravel()
+    if auto.shape != truth.shape:
+        raise EvaluationError(f"auto and truth must pair up, got {auto.size} and {truth.size} values")
+    if auto.size == 0:
+        raise EvaluationError("no paired values to compare")
+    if not (np.all(np.isfinite(auto)) and np.all(np.isfinite(truth))):
+        raise EvaluationError("auto and truth must be finite (drop missing pairs first)")
+    difference = auto - truth
+    bias = float(difference.mean())
+    sd = float(difference.std(ddof=1)) if auto.size > 1 else 0.0
+    t_statistic = p_value = None
+    if auto.size > 1 and sd > 0:
+        test = stats.ttest_rel(auto, truth)
+        t_statistic, p_value = float(test.statistic), float(test.pvalue)
+    relative = np.abs(difference) / np.abs(truth) * 100.0
+    return AgreementStats(n=int(auto.size), mean_auto=float(auto.mean()), mean_truth=float(truth.mean()),
+                          bias=bias, sd_difference=sd, limits_of_agreement=(bias - 1.96 * sd, bias + 1.96 * sd),
+                          t_statistic=t_statistic, p_value=p_value,
+                          mean_abs_relative_error_pct=float(relative.mean()),
+                          max_abs_relative_error_pct=float(relative.max()))
+
+
+def angle_difference_deg(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
+    """Absolute smallest difference between angles in degrees, in [0, 180]."""
+    d = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) % 360.0
+    return np.minimum(d, 360.0 - d)
+
+
+def compare_mbf(auto: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> MbfComparison:
+    """Compare automated with true MBF over studies, globally and per sector.
+
+    Sectors missing (NaN) in the automated result are left out of the sector statistics and
+    counted in ``n_missing_sectors``.
+    """
+    if len(auto) != len(truth):
+        raise EvaluationError(f"got {len(auto)} automated and {len(truth)} true studies")
+    if not auto:
+        raise EvaluationError("no studies to compare")
+    auto_segments = np.stack([np.asarray(s.segment_mbf, dtype=np.float64) for s in auto])
+    truth_segments = np.stack([np.asarray(s.segment_mbf, dtype=np.float64) for s in truth])
+    if auto_segments.shape != truth_segments.shape or auto_segments.shape[1] != 16:
+        raise EvaluationError(f"segment MBF must be [16] per study, got {auto_segments.shape[1:]} "
+                              f"and {truth_segments.shape[1:]}")
+    paired = np.isfinite(auto_segments) & np.isfinite(truth_segments)
+    global_auto = np.array([s.global_mbf for s in auto], dtype=np.float64)
+    global_truth = np.array([s.global_mbf for s in truth], dtype=np.float64)
+    ok = np.isfinite(global_auto) & np.isfinite(global_truth)
+    errors = [angle_difference_deg(a, t) for sa, st in zip(auto, truth)
+              for a, t in zip(sa.rv_insertion_deg, st.rv_insertion_deg) if math.isfinite(a) and math.isfinite(t)]
+    return MbfComparison(
+        global_mbf=agreement(global_auto[ok], global_truth[ok]),
+        sector_mbf=agreement(auto_segments[paired], truth_segments[paired]),
+        rv_insertion_abs_error_deg_mean=float(np.mean(errors)) if errors else None,
+        rv_insertion_abs_error_deg_max=float(np.max(errors)) if errors else None,
+        n_studies=len(auto),
+        n_missing_sectors=int((~np.isfinite(auto_segments) & np.isfinite(truth_segments)).sum()),
+    )
+
+
+def bland_altman_plot(auto: np.ndarray, truth: np.ndarray, path: str | Path, *, title: str) -> Path:
+    """Bland-Altman plot (difference auto - truth against their mean, ml/min/g) written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    auto = np.asarray(auto, dtype=np.float64).ravel()
+    truth = np.asarray(truth, dtype=np.float64).ravel()
+    result = agreement(auto, truth)
+    figure = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot(1, 1, 1)
+    ax.scatter((auto + truth) / 2, auto - truth, s=10, alpha=0.7)
+    low, high = result.limits_of_agreement
+    ax.axhline(result.bias, color="k", label=f"bias {result.bias:+.3f}")
+    ax.axhline(low, color="r", linestyle="--", label=f"95% limits {low:+.3f} / {high:+.3f}")
+    ax.axhline(high, color="r", linestyle="--")
+    ax.set_xlabel("mean of automated and true MBF (ml/min/g)")
+    ax.set_ylabel("automated - true MBF (ml/min/g)")
+    p_text = "n/a" if result.p_value is None else f"{result.p_value:.3f}"
+    ax.set_title(f"{title} (n={result.n}, paired t-test P={p_text})", fontsize=10)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def study_mbf_from_report(report_json: str | dict) -> StudyMbf:
+    """StudyMbf of a report JSON produced by ``perfline.toolbox.aha_report`` (missing -> NaN)."""
+    from perfline.toolbox.aha_report import PerfusionReport
+
+    report = PerfusionReport.model_validate_json(report_json) if isinstance(report_json, str) \
+        else PerfusionReport.model_validate(report_json)
+    segments = np.array([np.nan if s.mbf_mean_ml_min_g is None else s.mbf_mean_ml_min_g for s in report.segments])
+    global_mbf = report.global_values.mbf_mean_ml_min_g
+    insertions = tuple(np.nan if s.rv_insertion_deg is None else s.rv_insertion_deg for s in report.slices)
+    return StudyMbf(global_mbf=np.nan if global_mbf is None else global_mbf, segment_mbf=segments,
+                    rv_insertion_deg=insertions)
+
+
+# ------------------------------------------------------------------------------ end to end
+@dataclass(frozen=True)
+class SimulatedStudy:
+    """A simulated scan on disk and its truth (from the simulator)."""
+
+    mrd_path: Path
+    truth: StudyMbf
+    scan: str
+
+
+StudySimulator = Callable[[int, str, Path], SimulatedStudy]
+
+
+def report_from_results(texts: Sequence[str]) -> str:
+    """The report JSON among the text messages a client received (the last one with a ``segments`` key)."""
+    for text in reversed(texts):
+        try:
+            data = json.loads(text.rstrip("\x00"))
+        except ValueError:
+            continue
+        if isinstance(data, dict) and "segments" in data and "global_values" in data:
+            return text.rstrip("\x00")
+    raise EvaluationError(f"no report JSON among {len(texts)} text messages: {[t[:80] for t in texts]}")
+
+
+def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *, chain: str = "perfusion",
+                     scans: Sequence[str] = ("stress", "rest"), timeout_s: float = 600.0,
+                     progress: Callable[[int], None] | None = None) -> tuple[list[StudyMbf], list[StudyMbf]]:
+    """Simulate, stream and collect: (automated, truth) per scan of ``n_studies`` studies.
+
+    Each study index uses its own simulator seed; every scan is streamed through ``chain`` on a
+    server started here, with the study's patient id in the parameters so stress and rest pair.
+    """
+    from perfline.server.client import send_dataset
+    from perfline.server.testing import running_server
+
+    automated: list[StudyMbf] = []
+    truths: list[StudyMbf] = []
+    with running_server() as (host, port):
+        for index in range(n_studies):
+            for scan in scans:
+                study = simulate(index, scan, work_dir / f"study_{index:03d}")
+                results = send_dataset(study.mrd_path, host, port, chain, timeout_s=timeout_s,
+                                       parameters={"scan": scan})
+                if results.errors:
+                    raise EvaluationError(f"study {index} ({scan}): the server reported {results.errors}")
+                automated.append(study_mbf_from_report(report_from_results(results.texts)))
+                truths.append(study.truth)
+            if progress is not None:
+                progress(index + 1)
+    return automated, truths
+
+
+def add_mbf_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``perfline evaluate --mbf`` (for the evaluate command to add)."""
+    parser.add_argument("--studies", type=int, default=50, help="number of simulated studies (stress + rest each)")
+    parser.add_argument("--out", type=Path, default=Path("evaluation_mbf"), help="output directory")
+
+
+def default_simulator() -> StudySimulator:
+    """The simulator's study generator (``perfline.simulator.study.simulate_study``)."""
+    try:
+        from perfline.simulator.study import simulate_study  # type: ignore[import-not-found]
+    except ImportError as error:
+        raise EvaluationError("the end-to-end MBF evaluation needs perfline.simulator.study.simulate_study "
+                              f"(index, scan, directory) -> SimulatedStudy, not available: {error}") from error
+    return simulate_study
+
+
+def write_evaluation(comparison: MbfComparison, automated: Sequence[StudyMbf], truth: Sequence[StudyMbf],
+                     out_dir: Path) -> list[Path]:
+    """Write comparison JSON and the global / sector Bland-Altman PNGs to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "mbf_comparison.json"]
+    paths[0].write_text(comparison.model_dump_json(indent=2))
+    g_auto = np.array([s.global_mbf for s in automated])
+    g_truth = np.array([s.global_mbf for s in truth])
+    ok = np.isfinite(g_auto) & np.isfinite(g_truth)
+    paths.append(bland_altman_plot(g_auto[ok], g_truth[ok], out_dir / "bland_altman_global.png", title="global MBF"))
+    s_auto = np.stack([s.segment_mbf for s in automated])
+    s_truth = np.stack([s.segment_mbf for s in truth])
+    paired = np.isfinite(s_auto) & np.isfinite(s_truth)
+    paths.append(bland_altman_plot(s_auto[paired], s_truth[paired], out_dir / "bland_altman_sectors.png",
+                                   title="per-sector MBF"))
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry of ``perfline evaluate --mbf``: reads ``args.studies`` and ``args.out``."""
+    n_studies = int(getattr(args, "studies", 50))
+    out_dir = Path(getattr(args, "out", "evaluation_mbf"))
+    if n_studies < 2:
+        raise EvaluationError(f"--studies must be at least 2 for a paired t-test, got {n_studies}")
+    automated, truth = evaluate_studies(n_studies, default_simulator(), out_dir / "studies",
+                                        progress=lambda done: logger.info("MBF evaluation: %d/%d studies",
+                                                                          done, n_studies))
+    comparison = compare_mbf(automated, truth)
+    paths = write_evaluation(comparison, automated, truth, out_dir)
+    g, s = comparison.global_mbf, comparison.sector_mbf
+    logger.info("global MBF: bias %+.3f ml/min/g, 95%% limits %+.3f/%+.3f, P=%s, mean |error| %.2f %%",
+                g.bias, *g.limits_of_agreement, g.p_value, g.mean_abs_relative_error_pct)
+    logger.info("sector MBF: bias %+.3f ml/min/g, 95%% limits %+.3f/%+.3f, P=%s, mean |error| %.2f %%",
+                s.bias, *s.limits_of_agreement, s.p_value, s.mean_abs_relative_error_pct)
+    logger.info("wrote %s", ", ".join(str(p) for p in paths))
+    return 0
