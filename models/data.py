@@ -200,6 +200,10 @@ class Augmentation(BaseModel):
     shading: float = Field(0.4, ge=0, description="max relative smooth coil-shading amplitude")
     noise_sd: tuple[float, float] = (0.0, 0.05)
     signal_units_probability: float = Field(0.5, ge=0, le=1)
+    small_fov_probability: float = Field(0.2, ge=0, le=1,
+                                         description="zero the crop outside a random box "
+                                                     "(series cropped tightly around the LV)")
+    small_fov_mm: tuple[float, float] = (90.0, 150.0)
 
 
 def _resample_frames(frames: np.ndarray, start: float, interval: float,
@@ -251,7 +255,18 @@ def augmented_sample(slice_, rng: np.random.Generator,
     noise_sd = rng.uniform(*a.noise_sd)
     if noise_sd > 0:
         crop += np.float32(noise_sd) * rng.standard_normal(size=crop.shape, dtype=np.float32)
-    return crop, crop_labels(slice_.labels, geometry)
+    labels = crop_labels(slice_.labels, geometry)
+    if rng.random() < a.small_fov_probability:
+        half = rng.uniform(*a.small_fov_mm, size=2) / (2.0 * CROP_SPACING_MM)
+        middle = (CROP_SIZE - 1) / 2.0 - shift * spacing / CROP_SPACING_MM
+        low = np.clip(np.round(middle - half).astype(int), 0, CROP_SIZE)
+        high = np.clip(np.round(middle + half).astype(int), 0, CROP_SIZE)
+        outside = np.ones((CROP_SIZE, CROP_SIZE), dtype=bool)
+        outside[low[0]:high[0], low[1]:high[1]] = False
+        crop[:, outside] = 0.0
+        labels[outside] = 0
+        crop /= max(float(crop.max()), 1e-6)
+    return crop, labels
 
 
 def is_validation_study(seed: int, validation_fraction: float = 0.125) -> bool:
