@@ -274,10 +274,11 @@ def is_validation_study(seed: int, validation_fraction: float = 0.125) -> bool:
     return (seed * 2654435761 % 2 ** 32) / 2 ** 32 < validation_fraction
 
 
-def study_samples(seed: int, rng: np.random.Generator, augmentation: Augmentation | None,
-                  **simulator_options) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Augmented samples of every slice of the simulated study ``seed``."""
+def study_samples(seed: int, rng: np.random.Generator, augmentation: Augmentation | None, *,
+                  repeats: int = 1, **simulator_options) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``repeats`` augmented samples of every slice of the simulated study ``seed``."""
     from perfline.simulator import simulate_image_study  # the simulator is a training dependency
 
     study = simulate_image_study(seed, **simulator_options)
-    return [augmented_sample(slice_, rng, augmentation) for slice_ in study]
+    return [augmented_sample(slice_, rng, augmentation) for _ in range(repeats)
+            for slice_ in study]

@@ -66,11 +66,11 @@ class SimulatedSlices(IterableDataset):
             study_seed = int(rng.integers(0, TEST_SEED_START))
             if is_validation_study(study_seed):
                 continue
-            for _ in range(self.settings.augmentations_per_slice):
-                samples = study_samples(study_seed, rng, self.settings.augmentation,
-                                        n_frames=self.settings.simulator_frames)
-                for crop, labels in samples:
-                    yield torch.from_numpy(crop), torch.from_numpy(labels.astype(np.int64))
+            samples = study_samples(study_seed, rng, self.settings.augmentation,
+                                    repeats=self.settings.augmentations_per_slice,
+                                    n_frames=self.settings.simulator_frames)
+            for crop, labels in samples:
+                yield torch.from_numpy(crop), torch.from_numpy(labels.astype(np.int64))
 
 
 def validation_set(settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
