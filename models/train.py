@@ -57,11 +57,13 @@ class SimulatedSlices(IterableDataset):
     def __init__(self, settings: TrainSettings, seed: int) -> None:
         self.settings = settings
         self.seed = seed
+        self.buffer_size = 24
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         rng = np.random.default_rng([self.seed, worker])
+        buffer: list[tuple[np.ndarray, np.ndarray]] = []
         while True:
             study_seed = int(rng.integers(0, TEST_SEED_START))
             if is_validation_study(study_seed):
@@ -69,7 +71,10 @@ class SimulatedSlices(IterableDataset):
             samples = study_samples(study_seed, rng, self.settings.augmentation,
                                     repeats=self.settings.augmentations_per_slice,
                                     n_frames=self.settings.simulator_frames)
-            for crop, labels in samples:
+            buffer.extend(samples)
+            # a small shuffle buffer keeps one study's slices out of the same batch
+            while len(buffer) > self.buffer_size:
+                crop, labels = buffer.pop(int(rng.integers(len(buffer))))
                 yield torch.from_numpy(crop), torch.from_numpy(labels.astype(np.int64))
 
 
