@@ -151,6 +151,17 @@ class ReserveReport(BaseModel):
     global_mpr: float | None
 
 
+class AifSummary(BaseModel):
+    """The arterial input function the maps were fitted with (blood Gd, baseline subtracted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    peak_gd_mmol_l: float
+    foot_time_s: float
+    peak_time_s: float
+    hematocrit: float
+
+
 class PerfusionReport(BaseModel):
     """The AHA 16-segment perfusion report of one scan (stress or rest)."""
 
@@ -159,6 +170,7 @@ class PerfusionReport(BaseModel):
     schema_version: str = REPORT_SCHEMA_VERSION
     study: StudyInfo
     flow_model: str = ""
+    aif: AifSummary | None = None
     slices: list[SliceSummary]
     segments: list[SegmentValues] = Field(description="always 16 entries, segment 1..16")
     territories: list[TerritoryValues]

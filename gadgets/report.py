@@ -1,0 +1,298 @@
+"""``aha-report``: collect flow maps and segmentations per slice, send the AHA report at the end.
+
+At the end of the stream the gadget pairs each slice's :class:`FlowMaps` with its
+:class:`SliceSegmentation`, builds the AHA 16-segment report (``perfline.toolbox.aha_report``)
+and yields, in this order:
+
+1. MBF maps (DataRole ``Flow_Map``), and PS (``PS_Map``) and Vp (``Vascular_Volume_Map``) when
+   fitted, one image per slice, with the AHA sector outlines (territory colours) and the endo /
+   epi borders as ``GT_ROI_*`` / ``ROI_*`` meta;
+2. the report image: RGB, ``image_type`` 6, 3 channels, DataRole ``AHA``;
+3. the report JSON as a text message.
+
+With ``ChainContext.output_dir`` set it also writes ``report.png``, ``report.json`` and DICOM
+(report secondary capture, MBF/PS/Vp maps with geometry) to a folder per scan.
+
+**Perfusion reserve.** The server keeps the last report of each patient in memory
+(:data:`REPORT_STORE`, keyed by the MRD header's ``patientID``, at most ``max_patients``). When a
+rest scan's report arrives and a stress report of the same patient is stored (or the other way
+round), the new report carries the reserve (MPR = stress / rest MBF per segment). Stress or
+rest comes from the client parameter ``"scan"``, else from the protocol / series description
+containing "stress" or "rest". Reports are lost when the server stops.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import ismrmrd
+import numpy as np
+from pydantic import Field
+
+from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
+from perfline.core.items import TextItem
+from perfline.gadgets.mrd_images import Contour as MrdContour
+from perfline.gadgets.mrd_images import make_image
+from perfline.gadgets.perfusion_items import AifCurve, FlowMaps, ImageGeometry, SliceSegmentation
+from perfline.toolbox.aha_report import (
+    AifSummary, PerfusionReport, ReportSettings, SliceAnalysis, StudyInfo, build_report, with_reserve,
+)
+from perfline.toolbox.sector_contours import ContourError, border_contours, sector_contours
+
+
+class AhaReportSettings(GadgetSettings):
+    """Settings of the ``aha-report`` gadget."""
+
+    min_sector_pixels: int = Field(10, ge=1, description="flag sectors with fewer myocardial pixels")
+    min_wall_thickness_mm: float = Field(3.0, gt=0, description="flag sectors with a thinner mean wall")
+    max_missing_fit_fraction: float = Field(0.5, ge=0, le=1, description="flag sectors with more NaN MBF pixels")
+    basal_at: Literal["lowest", "highest"] = Field("lowest", description="end of the slice-normal order that is basal")
+    mbf_series_index: int = Field(20, ge=0, description="image_series_index of the MBF maps (PS +1, Vp +2)")
+    report_series_index: int = Field(30, ge=0, description="image_series_index of the report image")
+    send_ps_vp: bool = Field(True, description="also send PS and Vp maps when the model fitted them")
+    write_dicom: bool = Field(True, description="write DICOM files when the server has an output directory")
+    keep_reports: bool = Field(True, description="remember reports per patient for the perfusion reserve")
+    max_patients: int = Field(256, ge=1, description="reports kept in memory (oldest dropped first)")
+
+
+class ReportStore:
+    """Thread-safe last report per (patient, scan kind), bounded, oldest patients dropped first."""
+
+    def __init__(self, max_patients: int = 256) -> None:
+        self.max_patients = max_patients
+        self._reports: OrderedDict[str, dict[str, PerfusionReport]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def counterpart(self, report: PerfusionReport) -> PerfusionReport | None:
+        """The stored report of the same patient with the other scan kind (stress <-> rest)."""
+        other = {"stress": "rest", "rest": "stress"}.get(report.study.scan)
+        if not report.study.patient_id or other is None:
+            return None
+        with self._lock:
+            return self._reports.get(report.study.patient_id, {}).get(other)
+
+    def put(self, report: PerfusionReport) -> None:
+        if not report.study.patient_id or report.study.scan == "unknown":
+            return
+        with self._lock:
+            entry = self._reports.pop(report.study.patient_id, {})
+            entry[report.study.scan] = report
+            self._reports[report.study.patient_id] = entry
+            while len(self._reports) > self.max_patients:
+                self._reports.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._reports.clear()
+
+
+REPORT_STORE = ReportStore()
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def study_info_from_context(header: Any, parameters: dict[str, Any]) -> StudyInfo:
+    """Patient id, study id, scan kind and field strength from the MRD header and client parameters."""
+    patient = getattr(getattr(header, "subjectInformation", None), "patientID", None)
+    study_info = getattr(header, "studyInformation", None)
+    study = getattr(study_info, "studyInstanceUID", None) or getattr(study_info, "studyID", None)
+    measurement = getattr(header, "measurementInformation", None)
+    field = getattr(getattr(header, "acquisitionSystemInformation", None), "systemFieldStrength_T", None)
+    scan = str(parameters.get("scan", "")).lower()
+    if scan not in ("stress", "rest"):
+        described = " ".join(_text(getattr(measurement, name, None)) for name in
+                             ("protocolName", "seriesDescription", "sequenceName")).lower()
+        scan = next((kind for kind in ("stress", "rest") if re.search(rf"(?<![a-z]){kind}(?![a-z])", described)), "unknown")
+    patient = _text(parameters.get("patient_id", patient))
+    return StudyInfo(patient_id=patient, study_id=_text(study), scan=scan,
+                     field_strength_t=float(field) if field is not None else None)
+
+
+def slice_position_mm(geometry: ImageGeometry) -> float:
+    """Position of the slice centre along its own normal (mm)."""
+    return float(np.dot(np.asarray(geometry.position, dtype=np.float64), np.asarray(geometry.slice_dir, dtype=np.float64)))
+
+
+@register_gadget
+class AhaReportGadget(Gadget):
+    """Collect FlowMaps + SliceSegmentation per slice (and the AifCurve); report at end of stream."""
+
+    name = "aha-report"
+    Settings = AhaReportSettings
+    accepts = (FlowMaps, SliceSegmentation, AifCurve)
+    produces = (ismrmrd.Image, TextItem)
+
+    def process(self, items: Iterator[Any]) -> Iterator[Any]:
+        maps: dict[int, FlowMaps] = {}
+        segmentations: dict[int, SliceSegmentation] = {}
+        aif: AifCurve | None = None
+        for item in items:
+            if isinstance(item, FlowMaps):
+                maps[item.slice_index] = item
+            elif isinstance(item, SliceSegmentation):
+                segmentations[item.slice_index] = item
+            else:
+                aif = item
+        if not maps:
+            raise GadgetError(f"aha-report: expected flow maps of at least one slice at the end of the stream, "
+                              f"got none ({len(segmentations)} segmentations, AIF {'present' if aif else 'absent'})")
+        yield from self._finish(maps, segmentations, aif)
+
+    # ------------------------------------------------------------------------------ build
+    def _report(self, maps: dict[int, FlowMaps], segmentations: dict[int, SliceSegmentation],
+                aif: AifCurve | None) -> PerfusionReport:
+        settings: AhaReportSettings = self.settings  # type: ignore[assignment]
+        slices = []
+        extra_flags = []
+        for index, flow in sorted(maps.items()):
+            segmentation = segmentations.get(index)
+            if segmentation is None or segmentation.labels.shape != flow.mbf_ml_min_g.shape:
+                found = "none" if segmentation is None else f"labels of shape {segmentation.labels.shape}"
+                extra_flags.append(f"slice {index}: expected a segmentation of shape {flow.mbf_ml_min_g.shape}, "
+                                   f"got {found}")
+                labels = np.zeros(flow.mbf_ml_min_g.shape, np.uint8)
+                slices.append(SliceAnalysis(slice_index=index, mbf_ml_min_g=flow.mbf_ml_min_g, labels=labels,
+                                            lv_center_rc=(math.nan, math.nan), rv_insertion_deg=math.nan,
+                                            slice_position_mm=slice_position_mm(flow.geometry),
+                                            flags=("no segmentation",)))
+                continue
+            slices.append(SliceAnalysis(
+                slice_index=index, mbf_ml_min_g=flow.mbf_ml_min_g, labels=segmentation.labels,
+                lv_center_rc=segmentation.lv_center_rc, rv_insertion_deg=segmentation.rv_insertion_deg,
+                slice_position_mm=slice_position_mm(flow.geometry), pixel_spacing_mm=flow.geometry.pixel_spacing_mm,
+                ps_ml_min_g=flow.ps_ml_min_g, vp=flow.vp, flags=tuple(segmentation.flags)))
+        for index in sorted(set(segmentations) - set(maps)):
+            extra_flags.append(f"slice {index}: segmented but no flow maps")
+        report = build_report(
+            slices, study=study_info_from_context(self.context.header, self.context.parameters),
+            settings=ReportSettings(min_sector_pixels=settings.min_sector_pixels,
+                                    min_wall_thickness_mm=settings.min_wall_thickness_mm,
+                                    max_missing_fit_fraction=settings.max_missing_fit_fraction,
+                                    basal_at=settings.basal_at),
+            flow_model=next(iter(maps.values())).model)
+        aif_summary = None
+        if aif is None:
+            extra_flags.append("no AIF curve received")
+        else:
+            aif_summary = AifSummary(peak_gd_mmol_l=float(np.max(aif.blood_gd_mmol_l)),
+                                     foot_time_s=float(aif.time_s[aif.foot_index]),
+                                     peak_time_s=float(aif.time_s[aif.peak_index]), hematocrit=aif.hematocrit)
+        return report.model_copy(update={"aif": aif_summary, "flags": report.flags + extra_flags,
+                                         "partial": report.partial or bool(extra_flags)})
+
+    def _with_reserve(self, report: PerfusionReport) -> PerfusionReport:
+        settings: AhaReportSettings = self.settings  # type: ignore[assignment]
+        if not settings.keep_reports:
+            return report
+        REPORT_STORE.max_patients = settings.max_patients
+        other = REPORT_STORE.counterpart(report)
+        REPORT_STORE.put(report)
+        if other is None:
+            return report
+        self.log.info("perfusion reserve with the stored %s report of patient %s", other.study.scan,
+                      report.study.patient_id)
+        return with_reserve(report, other)
+
+    # ------------------------------------------------------------------------------ outputs
+    def _finish(self, maps: dict[int, FlowMaps], segmentations: dict[int, SliceSegmentation],
+                aif: AifCurve | None) -> Iterator[Any]:
+        from perfline.toolbox.report_figure import render_report
+
+        report = self._with_reserve(self._report(maps, segmentations, aif))
+        levels = {s.slice_index: s.level for s in report.slices}
+        map_images = []
+        for image_index, (index, flow) in enumerate(sorted(maps.items())):
+            contours = self._contours(segmentations.get(index), levels.get(index), flow.mbf_ml_min_g.shape)
+            map_images.extend(self._map_images(flow, contours, image_index))
+        figure = render_report(report)
+        yield from map_images
+        yield self._report_image(figure, next(iter(maps.values())).geometry)
+        report_json = report.model_dump_json(indent=2)
+        yield TextItem(report_json)
+        if self.context.output_dir is not None:
+            self._write_files(report, report_json, figure, maps)
+
+    def _contours(self, segmentation: SliceSegmentation | None, level: str | None,
+                  shape: tuple[int, ...]) -> list[MrdContour]:
+        if segmentation is None or level is None or segmentation.labels.shape != shape \
+                or not math.isfinite(segmentation.rv_insertion_deg):
+            return []
+        myocardium = segmentation.labels == 2
+        try:
+            found = border_contours(myocardium, segmentation.lv_center_rc) + \
+                sector_contours(myocardium, segmentation.lv_center_rc, segmentation.rv_insertion_deg, level)
+        except ContourError as error:
+            self.log.warning("slice %d: no contours: %s", segmentation.slice_index, error)
+            return []
+        return [MrdContour(c.label, c.points_xy, c.rgb, c.thickness) for c in found]
+
+    def _map_images(self, flow: FlowMaps, contours: list[MrdContour], image_index: int) -> list[ismrmrd.Image]:
+        settings: AhaReportSettings = self.settings  # type: ignore[assignment]
+        specs = [("Flow_Map", flow.mbf_ml_min_g, "ml/min/g", (2.0, 4.0), 0)]
+        if settings.send_ps_vp and flow.ps_ml_min_g is not None and np.isfinite(flow.ps_ml_min_g).any():
+            specs.append(("PS_Map", flow.ps_ml_min_g, "ml/min/g", (1.5, 3.0), 1))
+        if settings.send_ps_vp and flow.vp is not None and np.isfinite(flow.vp).any():
+            specs.append(("Vascular_Volume_Map", flow.vp, "fraction", (0.1, 0.2), 2))
+        images = []
+        for role, values, units, window, offset in specs:
+            images.append(make_image(
+                np.asarray(values, dtype=np.float32), flow.geometry,
+                series_index=settings.mbf_series_index + offset, image_index=image_index, slice=flow.slice_index,
+                data_role=role, units=units, window=window, color_map="Perfusion.pal", contours=contours,
+                comment=f"{role} {flow.model}", seq_description=role))
+        return images
+
+    def _report_image(self, figure: np.ndarray, geometry: ImageGeometry) -> ismrmrd.Image:
+        settings: AhaReportSettings = self.settings  # type: ignore[assignment]
+        rows, cols = figure.shape[:2]
+        report_geometry = ImageGeometry(field_of_view_mm=(float(cols), float(rows), 1.0), position=geometry.position,
+                                        read_dir=geometry.read_dir, phase_dir=geometry.phase_dir,
+                                        slice_dir=geometry.slice_dir, pixel_spacing_mm=(1.0, 1.0))
+        return make_image(np.moveaxis(figure, 2, 0), report_geometry, series_index=settings.report_series_index,
+                          image_index=0, slice=0, data_role="AHA", image_type=ismrmrd.IMTYPE_RGB,
+                          window=(127.5, 255.0), comment="AHA report", seq_description="AHA")
+
+    def _write_files(self, report: PerfusionReport, report_json: str, figure: np.ndarray,
+                     maps: dict[int, FlowMaps]) -> None:
+        from perfline.toolbox.dicom_export import (
+            DicomStudy, parametric_map_dataset, report_secondary_capture, write_dataset,
+        )
+        from perfline.toolbox.report_figure import save_png
+        from pydicom.uid import generate_uid
+
+        settings: AhaReportSettings = self.settings  # type: ignore[assignment]
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        safe_patient = re.sub(r"[^A-Za-z0-9_.-]", "_", report.study.patient_id or "anonymous")[:64]
+        folder = Path(self.context.output_dir) / f"{safe_patient}_{report.study.scan}_{stamp}_{self.context.connection_id}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(report_json)
+        save_png(figure, folder / "report.png")
+        if settings.write_dicom:
+            study = DicomStudy(patient_id=report.study.patient_id or "anonymous",
+                               patient_name=report.study.patient_id or "anonymous",
+                               study_id=(report.study.study_id or "1")[:16])
+            write_dataset(report_secondary_capture(figure, study), folder / "dicom" / "report.dcm")
+            for offset, (role, attribute, units) in enumerate((("MBF", "mbf_ml_min_g", "ml/min/g"),
+                                                               ("PS", "ps_ml_min_g", "ml/min/g"),
+                                                               ("Vp", "vp", "fraction"))):
+                series_uid = generate_uid()
+                for instance, (index, flow) in enumerate(sorted(maps.items()), start=1):
+                    values = getattr(flow, attribute)
+                    if values is None or not np.isfinite(values).any():
+                        continue
+                    ds = parametric_map_dataset(values, flow.geometry, study, series_uid=series_uid,
+                                                series_number=settings.mbf_series_index + offset,
+                                                instance_number=instance, description=f"perfline {role}",
+                                                units=units, slice_position_mm=slice_position_mm(flow.geometry))
+                    write_dataset(ds, folder / "dicom" / f"{role.lower()}_slice{index}.dcm")
+        self.log.info("wrote the report of patient %s (%s) to %s", report.study.patient_id or "-",
+                      report.study.scan, folder)

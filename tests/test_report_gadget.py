@@ -1,0 +1,150 @@
+"""aha-report gadget: outputs, files, partial input, perfusion reserve across two scans."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import ismrmrd
+import numpy as np
+import pydicom
+import pytest
+
+from perfline.core.gadget import ChainContext, GadgetError
+from perfline.core.items import TextItem
+from perfline.core.runtime import GadgetFailed, run_gadgets
+from perfline.gadgets.perfusion_items import AifCurve, FlowMaps, ImageGeometry, SliceSegmentation
+from perfline.gadgets.report import REPORT_STORE, AhaReportGadget, study_info_from_context
+from perfline.toolbox.aha_report import PerfusionReport
+from perfline.toolbox.sector_contours import parse_roi_meta
+
+SHAPE = (72, 80)
+CENTER = (36.0, 40.0)
+
+
+def labels() -> np.ndarray:
+    rows, cols = np.indices(SHAPE)
+    radius = np.hypot(rows - CENTER[0], cols - CENTER[1])
+    out = np.zeros(SHAPE, np.uint8)
+    out[radius < 9] = 1
+    out[(radius >= 9) & (radius < 14)] = 2
+    return out
+
+
+def geometry(index: int) -> ImageGeometry:
+    return ImageGeometry(field_of_view_mm=(150.0, 135.0, 8.0), position=(0.0, 0.0, -10.0 + 10.0 * index),
+                         pixel_spacing_mm=(1.875, 1.875))
+
+
+def items(mbf: float, *, slices=(0, 1, 2), segmented=(0, 1, 2), aif: bool = True) -> list:
+    out = []
+    for index in slices:
+        value = np.full(SHAPE, mbf, np.float32)
+        out.append(FlowMaps(slice_index=index, model="btex", mbf_ml_min_g=value, geometry=geometry(index),
+                            ps_ml_min_g=np.full(SHAPE, 1.3, np.float32), vp=np.full(SHAPE, 0.08, np.float32)))
+    for index in segmented:
+        out.append(SliceSegmentation(slice_index=index, labels=labels(), rv_insertion_deg=120.0, lv_center_rc=CENTER))
+    if aif:
+        t = np.arange(60) * 0.5
+        out.append(AifCurve(time_s=t, blood_gd_mmol_l=np.exp(-0.5 * ((t - 12) / 2) ** 2) * 4.0, hematocrit=0.42,
+                            foot_index=18, peak_index=24, mask=np.ones((4, 4), bool), geometry=geometry(0)))
+    return out
+
+
+def header(patient: str, protocol: str = "perfline_perfusion"):
+    return types.SimpleNamespace(subjectInformation=types.SimpleNamespace(patientID=patient),
+                                 studyInformation=types.SimpleNamespace(studyInstanceUID="1.2.3", studyID="7"),
+                                 measurementInformation=types.SimpleNamespace(protocolName=protocol,
+                                                                              seriesDescription="", sequenceName=""),
+                                 acquisitionSystemInformation=types.SimpleNamespace(systemFieldStrength_T=1.5))
+
+
+def run(item_list, *, patient="P1", scan="stress", output_dir=None, **settings):
+    context = ChainContext(header=header(patient), parameters={"scan": scan}, output_dir=output_dir)
+    gadget = AhaReportGadget(AhaReportGadget.Settings(**settings), context)
+    return list(gadget.process(iter(item_list)))
+
+
+@pytest.fixture(autouse=True)
+def empty_store():
+    REPORT_STORE.clear()
+    yield
+    REPORT_STORE.clear()
+
+
+def split(outputs):
+    images = [o for o in outputs if isinstance(o, ismrmrd.Image)]
+    texts = [o for o in outputs if isinstance(o, TextItem)]
+    return images, texts
+
+
+def test_outputs_and_meta():
+    images, texts = split(run(items(2.5)))
+    roles = [ismrmrd.Meta.deserialize(i.attribute_string)["GADGETRON_DataRole"] for i in images]
+    assert roles.count("Flow_Map") == 3 and roles.count("PS_Map") == 3 and roles.count("Vascular_Volume_Map") == 3
+    assert roles[-1] == "AHA"
+    report_image = images[-1]
+    assert report_image.image_type == ismrmrd.IMTYPE_RGB and report_image.data.shape[0] == 3
+    meta = ismrmrd.Meta.deserialize(images[0].attribute_string)
+    sector_keys = sorted(k for k in meta.keys() if k.startswith("ROI_segment"))
+    assert sector_keys == [f"ROI_segment_{n:02d}" for n in range(1, 7)]  # slice 0 is basal
+    rgb, _, points = parse_roi_meta(list(meta["GT_ROI_segment_04"]), fire=False)
+    assert rgb == (0.0, 1.0, 0.0) and points.shape[1] == 2  # RCA green
+    assert "GT_ROI_endo" in meta.keys() and "ROI_epi" in meta.keys()
+    assert len(texts) == 1
+    report = PerfusionReport.model_validate_json(texts[0].text)
+    assert report.global_values.mbf_mean_ml_min_g == pytest.approx(2.5)
+    assert report.study.patient_id == "P1" and report.study.scan == "stress"
+    assert report.aif is not None and report.aif.peak_gd_mmol_l == pytest.approx(4.0, abs=0.01)
+    assert [s.level for s in report.slices] == ["basal", "mid", "apical"]
+    assert not report.partial
+
+
+def test_partial_input_is_flagged():
+    outputs = run(items(2.0, slices=(0, 1), segmented=(0,), aif=False))
+    report = PerfusionReport.model_validate_json(split(outputs)[1][0].text)
+    assert report.partial
+    assert any("no AIF" in f for f in report.flags)
+    assert any("slice 1" in f and "segmentation" in f for f in report.flags)
+    assert report.slices[1].failed
+
+
+def test_no_maps_is_a_clear_error():
+    with pytest.raises(GadgetError, match="expected flow maps"):
+        run(items(2.0, slices=(), segmented=(0,)))
+
+
+def test_runs_in_the_runtime():
+    context = ChainContext(header=header("P9"), parameters={"scan": "rest"})
+    outputs = run_gadgets([AhaReportGadget(context=context)], items(0.8) + ["unrelated item"])
+    assert "unrelated item" in outputs
+    assert sum(isinstance(o, TextItem) for o in outputs) == 1
+    with pytest.raises(GadgetFailed, match="aha-report"):
+        run_gadgets([AhaReportGadget(context=context)], ["only other items"])
+
+
+def test_reserve_from_stress_then_rest(tmp_path):
+    run(items(3.0), patient="P1", scan="stress")
+    run(items(1.0), patient="OTHER", scan="rest")
+    texts = split(run(items(0.75), patient="P1", scan="rest", output_dir=tmp_path))[1]
+    report = PerfusionReport.model_validate_json(texts[0].text)
+    assert report.reserve is not None
+    assert report.reserve.global_mpr == pytest.approx(4.0)
+    assert all(s.mpr == pytest.approx(4.0) for s in report.reserve.segments)
+    folder = next(tmp_path.iterdir())
+    assert json.loads((folder / "report.json").read_text())["reserve"]["global_mpr"] == pytest.approx(4.0)
+    assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
+    mbf = pydicom.dcmread(folder / "dicom" / "mbf_slice1.dcm")
+    assert mbf.PatientID == "P1"
+    values = mbf.pixel_array * float(mbf.RescaleSlope)
+    assert values[int(CENTER[0]), int(CENTER[1])] == pytest.approx(0.75, abs=0.001)
+    assert pydicom.dcmread(folder / "dicom" / "report.dcm").PhotometricInterpretation == "RGB"
+    assert sorted(p.name for p in (folder / "dicom").iterdir()) == sorted(
+        ["report.dcm"] + [f"{m}_slice{i}.dcm" for m in ("mbf", "ps", "vp") for i in range(3)])
+
+
+def test_scan_kind_from_protocol():
+    info = study_info_from_context(header("X", protocol="perf_stress_dual"), {})
+    assert info.scan == "stress" and info.field_strength_t == 1.5 and info.study_id == "1.2.3"
+    assert study_info_from_context(header("X", protocol="perfusion"), {}).scan == "unknown"
+    assert study_info_from_context(None, {"scan": "REST"}).scan == "rest"
