@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,11 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# h5py serialises calls with its own lock, but concurrent use of files from several threads
+# (8 clients reading while sessions record) still crashed it; every access here takes this lock
+# and no file stays open across a ``yield``.
+HDF5_LOCK = threading.RLock()
+
 
 class DatasetError(ValueError):
     """An MRD HDF5 file lacks what was expected."""
@@ -31,9 +37,10 @@ class StreamRecorder:
 
     def __init__(self, path: Path, header_xml: str) -> None:
         self.path = path
-        self._dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
-        if header_xml:
-            self._dataset.write_xml_header(header_xml.encode("utf-8"))
+        with HDF5_LOCK:
+            self._dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+            if header_xml:
+                self._dataset.write_xml_header(header_xml.encode("utf-8"))
 
     @classmethod
     def create(cls, directory: Path, connection_id: str, header_xml: str, *, config: str,
@@ -42,27 +49,30 @@ class StreamRecorder:
         safe_id = re.sub(r"[^A-Za-z0-9_-]", "_", connection_id)
         path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}_{safe_id}.h5"
         recorder = cls(path, header_xml)
-        group = recorder._dataset._file.require_group("dataset")
-        group.attrs["perfline_config"] = config
-        group.attrs["perfline_parameters"] = json.dumps(parameters)
+        with HDF5_LOCK:
+            group = recorder._dataset._file.require_group("dataset")
+            group.attrs["perfline_config"] = config
+            group.attrs["perfline_parameters"] = json.dumps(parameters)
         logger.info("saving the incoming stream to %s", path, extra={"connection": connection_id})
         return recorder
 
     def write(self, item: Any) -> None:
-        if isinstance(item, ismrmrd.Acquisition):
-            self._dataset.append_acquisition(item)
-        elif isinstance(item, ismrmrd.Image):
-            self._dataset.append_image(f"image_{item.image_series_index}", item)
-        elif isinstance(item, ismrmrd.Waveform):
-            self._dataset.append_waveform(item)
+        with HDF5_LOCK:
+            if isinstance(item, ismrmrd.Acquisition):
+                self._dataset.append_acquisition(item)
+            elif isinstance(item, ismrmrd.Image):
+                self._dataset.append_image(f"image_{item.image_series_index}", item)
+            elif isinstance(item, ismrmrd.Waveform):
+                self._dataset.append_waveform(item)
 
     def close(self) -> None:
-        self._dataset.close()
+        with HDF5_LOCK:
+            self._dataset.close()
 
 
 def read_header_xml(path: str | Path, group: str = "dataset") -> str:
     """The XML header of an MRD HDF5 dataset ("" if it has none)."""
-    with h5py.File(path, "r") as handle:
+    with HDF5_LOCK, h5py.File(path, "r") as handle:
         if group not in handle:
             raise DatasetError(f"{path}: no group {group!r}; groups: {sorted(handle)}")
         if "xml" not in handle[group]:
@@ -73,25 +83,26 @@ def read_header_xml(path: str | Path, group: str = "dataset") -> str:
 
 def iter_acquisitions(path: str | Path, group: str = "dataset", chunk: int = 512) -> Iterator[ismrmrd.Acquisition]:
     """Acquisitions of an MRD HDF5 dataset in file order, read in chunks of ``chunk`` rows."""
-    with h5py.File(path, "r") as handle:
+    with HDF5_LOCK, h5py.File(path, "r") as handle:
         if group not in handle or "data" not in handle[group]:
             return
-        table = handle[group]["data"]
-        for start in range(0, table.shape[0], chunk):
-            rows = table[start:start + chunk]
-            for row in rows:
-                acquisition = ismrmrd.Acquisition(row["head"].tobytes())
-                data = np.asarray(row["data"], dtype=np.float32).view(np.complex64)
-                acquisition.data[:] = data.reshape(acquisition.active_channels, acquisition.number_of_samples)
-                if acquisition.trajectory_dimensions:
-                    acquisition.traj[:] = np.asarray(row["traj"], dtype=np.float32).reshape(
-                        acquisition.number_of_samples, acquisition.trajectory_dimensions)
-                yield acquisition
+        total = handle[group]["data"].shape[0]
+    for start in range(0, total, chunk):
+        with HDF5_LOCK, h5py.File(path, "r") as handle:
+            rows = handle[group]["data"][start:start + chunk]
+        for row in rows:
+            acquisition = ismrmrd.Acquisition(row["head"].tobytes())
+            data = np.asarray(row["data"], dtype=np.float32).view(np.complex64)
+            acquisition.data[:] = data.reshape(acquisition.active_channels, acquisition.number_of_samples)
+            if acquisition.trajectory_dimensions:
+                acquisition.traj[:] = np.asarray(row["traj"], dtype=np.float32).reshape(
+                    acquisition.number_of_samples, acquisition.trajectory_dimensions)
+            yield acquisition
 
 
 def image_series_names(path: str | Path, group: str = "dataset") -> list[str]:
     """Names of the image series groups (``image_*`` / ``images*``) in ``group``."""
-    with h5py.File(path, "r") as handle:
+    with HDF5_LOCK, h5py.File(path, "r") as handle:
         if group not in handle:
             return []
         return sorted(name for name in handle[group]
@@ -100,22 +111,26 @@ def image_series_names(path: str | Path, group: str = "dataset") -> list[str]:
 
 def iter_images(path: str | Path, group: str = "dataset") -> Iterator[ismrmrd.Image]:
     """Every image of every image series in ``group``."""
-    names = image_series_names(path, group)
-    if not names:
-        return
-    dataset = ismrmrd.Dataset(str(path), group, mode="r")
-    try:
-        for name in names:
-            for index in range(dataset.number_of_images(name)):
-                yield dataset.read_image(name, index)
-    finally:
-        dataset.close()
+    for name in image_series_names(path, group):
+        with HDF5_LOCK:
+            dataset = ismrmrd.Dataset(str(path), group, mode="r")
+            try:
+                images = [dataset.read_image(name, i) for i in range(dataset.number_of_images(name))]
+            finally:
+                dataset.close()
+        yield from images
 
 
 def write_images(path: str | Path, group: str, images: list[ismrmrd.Image],
                  header_xml: str = "") -> dict[str, int]:
     """Append images to ``path`` under ``group/image_<series>``; returns images per series."""
     counts: dict[str, int] = {}
+    with HDF5_LOCK:
+        return _write_images_locked(path, group, images, header_xml, counts)
+
+
+def _write_images_locked(path: str | Path, group: str, images: list[ismrmrd.Image], header_xml: str,
+                         counts: dict[str, int]) -> dict[str, int]:
     dataset = ismrmrd.Dataset(str(path), group, create_if_needed=True)
     try:
         if header_xml:
