@@ -7,7 +7,8 @@ and yields, in this order:
 1. MBF maps (DataRole ``Flow_Map``), and PS (``PS_Map``) and Vp (``Vascular_Volume_Map``) when
    fitted, one image per slice, with the AHA sector outlines (territory colours) and the endo /
    epi borders as ``GT_ROI_*`` / ``ROI_*`` meta;
-2. the report image: RGB, ``image_type`` 6, 3 channels, DataRole ``AHA``;
+2. the report image: RGB, ``image_type`` 6, 3 channels, DataRole ``AHA``, with the compact
+   report JSON in its meta ``PERFLINE_Report`` (for receivers that drop text messages);
 3. the report JSON as a text message.
 
 With ``ChainContext.output_dir`` set it also writes ``report.png``, ``report.json`` and DICOM
@@ -214,9 +215,9 @@ class AhaReportGadget(Gadget):
             contours = self._contours(segmentations.get(index), levels.get(index), flow.mbf_ml_min_g.shape)
             map_images.extend(self._map_images(flow, contours, image_index))
         figure = render_report(report)
-        yield from map_images
-        yield self._report_image(figure, next(iter(maps.values())).geometry)
         report_json = report.model_dump_json(indent=2)
+        yield from map_images
+        yield self._report_image(figure, next(iter(maps.values())).geometry, report.model_dump_json())
         yield TextItem(report_json)
         if self.context.output_dir is not None:
             self._write_files(report, report_json, figure, maps)
@@ -251,7 +252,7 @@ class AhaReportGadget(Gadget):
                 comment=f"{role} {flow.model}", seq_description=role))
         return images
 
-    def _report_image(self, figure: np.ndarray, geometry: ImageGeometry) -> ismrmrd.Image:
+    def _report_image(self, figure: np.ndarray, geometry: ImageGeometry, report_json: str) -> ismrmrd.Image:
         settings: AhaReportSettings = self.settings  # type: ignore[assignment]
         rows, cols = figure.shape[:2]
         report_geometry = ImageGeometry(field_of_view_mm=(float(cols), float(rows), 1.0), position=geometry.position,
@@ -259,7 +260,8 @@ class AhaReportGadget(Gadget):
                                         slice_dir=geometry.slice_dir, pixel_spacing_mm=(1.0, 1.0))
         return make_image(np.moveaxis(figure, 2, 0), report_geometry, series_index=settings.report_series_index,
                           image_index=0, slice=0, data_role="AHA", image_type=ismrmrd.IMTYPE_RGB,
-                          window=(127.5, 255.0), comment="AHA report", seq_description="AHA")
+                          window=(127.5, 255.0), comment="AHA report", seq_description="AHA",
+                          meta={"PERFLINE_Report": report_json})
 
     def _write_files(self, report: PerfusionReport, report_json: str, figure: np.ndarray,
                      maps: dict[int, FlowMaps]) -> None:
