@@ -58,6 +58,8 @@ class SequenceParameters(BaseModel):
 
     ``n_phase_encodes`` is the full matrix E1; with interleaved acceleration R only
     ``floor(E1 / R)`` lines are played, the centre one after ``ceil(floor(E1 / R) / 2)`` TRs.
+    The PD images use ``pd_readout`` (5 degree FLASH by default, as QPerf: the PD signal is
+    then nearly independent of T2) with the same TR, lines and timing, and no saturation.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,6 +73,7 @@ class SequenceParameters(BaseModel):
     acceleration: int = Field(default=3, ge=1)
     readout: Literal["ssfp", "flash"] = "ssfp"
     pd_flip_angle_deg: float = Field(default=5.0, gt=0.0, lt=180.0)
+    pd_readout: Literal["ssfp", "flash"] = "flash"
 
     @classmethod
     def myocardial(cls, field_strength_t: float, acceleration: int = 3) -> SequenceParameters:
@@ -112,7 +115,7 @@ def _field_key(field_strength_t: float) -> float:
 
 
 def _readout_signal(mz0: np.ndarray, r1_per_ms: np.ndarray, r2_per_ms: np.ndarray, flip_deg: float,
-                    seq: SequenceParameters) -> np.ndarray:
+                    seq: SequenceParameters, readout: str) -> np.ndarray:
     """|Mxy| at TE of the centre-line pulse for longitudinal magnetisation ``mz0`` at readout start.
 
     Spoiled FLASH: ideal spoiling (transverse magnetisation zero before every pulse); the
@@ -125,7 +128,7 @@ def _readout_signal(mz0: np.ndarray, r1_per_ms: np.ndarray, r2_per_ms: np.ndarra
     n_before = centre_line_pulse_index(seq)
     alpha = math.radians(flip_deg)
     e1 = np.exp(-seq.tr_ms * r1_per_ms)
-    if seq.readout == "flash":
+    if readout == "flash":
         mz = mz0.astype(np.float64)
         for _ in range(n_before):
             mz = 1.0 - (1.0 - mz * math.cos(alpha)) * e1
@@ -162,8 +165,9 @@ def sr_and_pd_signal(gd_mmol_l: np.ndarray | float, seq: SequenceParameters,
     r1_per_ms = (1.0 / relax.t1_s + relax.r1_l_mmol_s * gd.ravel()) / 1000.0
     r2_per_ms = (1.0 / relax.t2_s + relax.r2_l_mmol_s * gd.ravel()) / 1000.0
     mz_at_readout = 1.0 - np.exp(-seq.saturation_delay_ms * r1_per_ms)
-    sr = _readout_signal(mz_at_readout, r1_per_ms, r2_per_ms, seq.flip_angle_deg, seq)
-    pd = _readout_signal(np.ones_like(gd.ravel()), r1_per_ms, r2_per_ms, seq.pd_flip_angle_deg, seq)
+    sr = _readout_signal(mz_at_readout, r1_per_ms, r2_per_ms, seq.flip_angle_deg, seq, seq.readout)
+    pd = _readout_signal(np.ones_like(gd.ravel()), r1_per_ms, r2_per_ms, seq.pd_flip_angle_deg, seq,
+                         seq.pd_readout)
     shape = np.shape(gd_mmol_l)
     return sr.reshape(shape), pd.reshape(shape)
 
@@ -209,6 +213,7 @@ class GdLookupTable:
         self._inverse_ratio = np.linspace(self.ratio_grid[0], self.ratio_grid[-1], 8 * n_points)
         self._inverse_gd = np.interp(self._inverse_ratio, self.ratio_grid, self.gd_grid_mmol_l)
         self._inverse_step = self._inverse_ratio[1] - self._inverse_ratio[0]
+        self._inverse_slope = np.append(np.diff(self._inverse_gd), 0.0)
 
     @property
     def gd_max_mmol_l(self) -> float:
@@ -221,13 +226,21 @@ class GdLookupTable:
     def to_gd(self, ratio: np.ndarray | float) -> np.ndarray:
         """Gd (mmol/L) for SR/PD ratios; ratios outside the table clip to 0 / ``gd_max_mmol_l``.
 
-        Works on arrays of any shape; float32 in gives float32 out.
+        Works on arrays of any shape; float32 in gives float32 out (computed in float32),
+        NaN stays NaN.
         """
         ratio = np.asarray(ratio)
-        out_dtype = ratio.dtype if ratio.dtype in (np.float32, np.float64) else np.float64
-        position = (ratio.astype(np.float64, copy=False) - self._inverse_ratio[0]) / self._inverse_step
-        position = np.clip(np.nan_to_num(position, nan=0.0), 0.0, len(self._inverse_gd) - 1.000001)
-        index = position.astype(np.int64)
-        weight = position - index
-        gd = self._inverse_gd[index] * (1.0 - weight) + self._inverse_gd[index + 1] * weight
-        return np.where(np.isnan(ratio), np.nan, gd).astype(out_dtype, copy=False)
+        dtype = np.float32 if ratio.dtype == np.float32 else np.float64
+        position = (ratio.astype(dtype) - dtype(self._inverse_ratio[0])) * dtype(1.0 / self._inverse_step)
+        has_nan = bool(np.isnan(position).any())
+        if has_nan:
+            nan_mask = np.isnan(position)
+            position[nan_mask] = 0.0
+        np.clip(position, 0.0, len(self._inverse_gd) - 1, out=position)
+        index = position.astype(np.intp)
+        position -= index
+        gd = self._inverse_gd.astype(dtype)[index]
+        gd += self._inverse_slope.astype(dtype)[index] * position
+        if has_nan:
+            gd[nan_mask] = np.nan
+        return gd

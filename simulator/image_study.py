@@ -1,0 +1,145 @@
+"""Image-domain simulation for training and tests: all physics except k-space.
+
+A slice's series is the noise-free magnitude series of :func:`perfline.simulator.study.slice_phantom`
+times the receive-coil shading (root sum of squares of the coil sensitivities), warped by the
+respiratory motion, plus complex Gaussian noise (magnitude: Rician), as a coil-combined image of
+an optimal (B1-weighted, noise-normalised) reconstruction would be.
+
+For speed the noise of this path is read at random offsets from a fixed bank of 2**23 standard
+normal samples (drawn once per process from a fixed seed) instead of being drawn afresh; the
+k-space path draws fresh noise.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from perfline.simulator import study as st
+from perfline.simulator.motion import warp
+from perfline.toolbox.bloch import GdLookupTable, SequenceParameters
+
+NOISE_BANK_SIZE = 2**23
+
+
+@dataclass(frozen=True)
+class ImageSlice:
+    """One simulated myocardial slice.
+
+    signal: float32 [time, rows, cols] magnitude images, PD frames first, with coil shading,
+        noise and respiratory motion.
+    gd: float32 [time - n_pd_frames, rows, cols] Gd (mmol/L) of the SR frames only, as the
+        preprocessing chain gives it after ideal motion correction: noisy SR / mean of the noisy
+        PD frames (same noise realisation as ``signal``, no motion) through the myocardial
+        SR/PD LUT (0-10 mmol/L, clipped). Times: ``time_s[n_pd_frames:]``.
+    time_s: float64 [time] k-space-centre times (s from the first R wave), irregular.
+    labels: uint8 [rows, cols] truth at the reference (end-expiration) position: 0 background,
+        1 LV blood pool, 2 myocardium, 3 RV blood pool.
+    mbf: float32 [rows, cols] ml/min/g, NaN outside the myocardium.
+    pixel_spacing_mm: square pixels of the reconstructed myocardial grid (1.875 mm).
+    level: "basal" | "mid" | "apical".
+    rv_insertion_deg: anterior RV insertion, docs/conventions.md.
+    lv_center_rc: LV blood-pool centroid (row, col), pixels.
+    """
+
+    signal: np.ndarray
+    gd: np.ndarray
+    time_s: np.ndarray
+    n_pd_frames: int
+    labels: np.ndarray
+    mbf: np.ndarray
+    pixel_spacing_mm: float
+    level: str
+    rv_insertion_deg: float
+    lv_center_rc: tuple[float, float]
+
+
+@functools.lru_cache(maxsize=1)
+def _noise_bank() -> np.ndarray:
+    return np.random.default_rng(20201).standard_normal(NOISE_BANK_SIZE, dtype=np.float32)
+
+
+def _bank_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    bank = _noise_bank()
+    if size > bank.size:
+        return rng.standard_normal(size, dtype=np.float32)
+    start = int(rng.integers(0, bank.size - size + 1))
+    sign = np.float32(1.0 if rng.random() < 0.5 else -1.0)
+    return bank[start:start + size] * sign
+
+
+def _rician(image: np.ndarray, noise_re: np.ndarray, noise_im_squared: np.ndarray) -> np.ndarray:
+    out = image + noise_re
+    out *= out
+    out += noise_im_squared
+    return np.sqrt(out, out=out)
+
+
+@functools.lru_cache(maxsize=4)
+def myocardial_lut(seq: SequenceParameters) -> GdLookupTable:
+    return GdLookupTable(seq, "myocardium", gd_max_mmol_l=10.0)
+
+
+def coil_shading(study: st.StudyParameters) -> np.ndarray:
+    """Root sum of squares of the coil sensitivities on the myocardial grid, float32 [rows, cols]."""
+    sens = st.coil_maps(study, "myocardium", 0, st.MYO_SHAPE, st.MYO_PIXEL_MM)
+    return np.sqrt(np.sum(sens.real**2 + sens.imag**2, axis=0)).astype(np.float32)
+
+
+def image_slice(study: st.StudyParameters, index: int, *, noise: bool = True, motion: bool = True,
+                shading: np.ndarray | None = None) -> ImageSlice:
+    """Simulate slice ``index`` of ``study`` in the image domain."""
+    phantom = st.slice_phantom(study, index)
+    shading = coil_shading(study) if shading is None else shading
+    static = phantom.clean * shading[None]
+    moving = static
+    if motion:
+        fields = st.motion_fields(study, "myocardium", index, st.MYO_SHAPE, st.MYO_PIXEL_MM, phantom.anatomy.lv_center_rc)
+        moving = warp(static, fields)
+    if noise:
+        rng = np.random.default_rng([study.noise_seed, index])
+        sigma = np.float32(st.noise_sigma(study))
+        n = static.size
+        noise_re = _bank_noise(rng, n).reshape(static.shape) * sigma
+        noise_im_squared = _bank_noise(rng, n).reshape(static.shape) * sigma
+        noise_im_squared *= noise_im_squared
+        signal_out = _rician(moving, noise_re, noise_im_squared)
+        measured = _rician(static, noise_re, noise_im_squared) if motion else signal_out
+    else:
+        signal_out = moving
+        measured = static
+    n_pd = study.n_pd_frames
+    pd_mean = measured[:n_pd].mean(axis=0)
+    ratio = measured[n_pd:] / np.maximum(pd_mean, np.float32(1e-6))[None]
+    gd = myocardial_lut(study.myocardial_sequence).to_gd(ratio.astype(np.float32))
+    sl = phantom.anatomy
+    return ImageSlice(signal=signal_out.astype(np.float32, copy=False), gd=gd.astype(np.float32, copy=False),
+                      time_s=phantom.time_s, n_pd_frames=n_pd, labels=sl.labels, mbf=phantom.mbf,
+                      pixel_spacing_mm=st.MYO_PIXEL_MM, level=phantom.level,
+                      rv_insertion_deg=float(sl.rv_insertion_deg), lv_center_rc=sl.lv_center_rc)
+
+
+def simulate_image_study(seed: int, *, kind: str | None = None, field_strength_t: float | None = None,
+                         n_slices: int = 3, n_frames: int = 60, noise: bool = True, motion: bool = True,
+                         flow_model: str = "fermi") -> list[ImageSlice]:
+    """Simulate a study in the image domain (no k-space); deterministic per seed and options.
+
+    Args:
+        seed: study seed (same seed and options give identical arrays).
+        kind: "stress" | "rest" | None (random).
+        field_strength_t: 1.5 | 3.0 | None (random).
+        n_slices: slices spread base to apex (3: basal, mid, apical).
+        n_frames: saturation-recovery frames; the 3 PD frames come in addition.
+        noise, motion: switch the noise and the respiratory motion off for ideal tests.
+        flow_model: "fermi" (default here: exact per pixel and fast) or "btex" (slower: the
+            BTEX curves cost about 5 ms per MBF node; the k-space CLI defaults to BTEX).
+
+    Returns:
+        One :class:`ImageSlice` per slice, base to apex.
+    """
+    study = st.sample_study(seed, kind=kind, field_strength_t=field_strength_t, n_slices=n_slices,
+                            n_frames=n_frames, flow_model=flow_model)
+    shading = coil_shading(study)
+    return [image_slice(study, k, noise=noise, motion=motion, shading=shading) for k in range(n_slices)]
