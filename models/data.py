@@ -126,9 +126,20 @@ def sample_crop(series: np.ndarray, geometry: CropGeometry, *, n_frames: int = N
         crop[frame] = ndimage.map_coordinates(series[frame], coordinates, order=1,
                                               mode="constant", cval=0.0, prefilter=False)
     crop[count:] = crop[count - 1]
-    peak = float(crop.max())
+    return normalise_crop(crop)
+
+
+def normalise_crop(crop: np.ndarray, clip: float = 2.0) -> np.ndarray:
+    """Divide a crop [frames, rows, cols] by its maximum (paper), in place.
+
+    The maximum is taken after a 5 x 5 mm box filter of the temporal-maximum image, so that
+    isolated noise spikes (e.g. Gd through the LUT in air and lung, up to its 10 mmol/L
+    ceiling) do not set the scale; values are then clipped to [-clip, clip].
+    """
+    peak = float(ndimage.uniform_filter(crop.max(axis=0), size=5, mode="constant").max())
     if peak > 0:
-        crop /= peak
+        crop /= np.float32(peak)
+    np.clip(crop, -clip, clip, out=crop)
     return crop
 
 
@@ -148,40 +159,43 @@ def uncrop_probabilities(probabilities: np.ndarray, geometry: CropGeometry) -> n
     return out / np.maximum(out.sum(axis=0, keepdims=True), 1e-6)
 
 
-def detect_lv_center(series: np.ndarray, pixel_spacing_mm: float) -> tuple[float, float]:
-    """LV blood-pool centre (row, col) in pixels, found on the series itself.
+def lv_center_candidates(series: np.ndarray, pixel_spacing_mm: float, *,
+                         count: int = 3) -> list[tuple[float, float]]:
+    """Candidate LV blood-pool centres (row, col), pixels, best first, found on the series.
 
-    The blood pools are the brightest-enhancing structures; the RV enhances first and the LV
-    later (REFERENCES.md §3). Bright components of the peak enhancement image are ranked by
-    enhancement times their peak time; the brightness-weighted centroid of the best is taken.
+    Blood pools are the brightest-enhancing structures (REFERENCES.md §3): the bright
+    components of the peak-enhancement image (after a 2.5 mm Gaussian), ranked by mean
+    enhancement times area (capped at 1500 mm2, an LV blood pool's size); the image centre is
+    appended last. The RV and the aorta are candidates too: the CNN picks among them
+    (:meth:`perfline.models.inference.Segmenter.segment`).
     """
     series = check_series(series, min_frames=2)
+    rows, cols = series.shape[1:]
     smooth = ndimage.gaussian_filter(series, sigma=(0.0, 2.5 / pixel_spacing_mm,
                                                     2.5 / pixel_spacing_mm))
     baseline = smooth[: max(1, min(3, series.shape[0] // 8))].mean(axis=0)
-    enhancement = smooth - baseline
-    peak = enhancement.max(axis=0)
-    peak_time = enhancement.argmax(axis=0).astype(np.float64)
-    # ignore the image border (fold-over, coil hot spots) when picking candidates
-    margin = max(1, int(round(15.0 / pixel_spacing_mm)))
+    peak = (smooth - baseline).max(axis=0)
+    margin = max(1, int(round(10.0 / pixel_spacing_mm)))
     interior = np.zeros(peak.shape, dtype=bool)
     interior[margin:-margin, margin:-margin] = True
-    if not interior.any():
-        interior[:] = True
-    threshold = 0.5 * float(peak[interior].max())
-    components, count = ndimage.label((peak > threshold) & interior)
-    if count == 0:
-        rows, cols = series.shape[1:]
-        return (rows - 1) / 2.0, (cols - 1) / 2.0
-    index = np.arange(1, count + 1)
-    area_mm2 = ndimage.sum(np.ones_like(peak), components, index) * pixel_spacing_mm ** 2
-    brightness = np.asarray(ndimage.mean(peak, components, index))
-    timing = np.asarray(ndimage.mean(peak_time, components, index))
-    score = brightness * (1.0 + timing) * np.minimum(area_mm2 / 200.0, 1.0)
-    best = int(index[np.argmax(score)])
-    weights = np.where(components == best, peak, 0.0)
-    center = ndimage.center_of_mass(weights)
-    return float(center[0]), float(center[1])
+    candidates: list[tuple[float, float]] = []
+    if interior.any() and peak[interior].max() > 0:
+        components, found = ndimage.label((peak > 0.5 * float(peak[interior].max())) & interior)
+        if found:
+            index = np.arange(1, found + 1)
+            area_mm2 = ndimage.sum(np.ones_like(peak), components, index) * pixel_spacing_mm ** 2
+            brightness = np.asarray(ndimage.mean(peak, components, index))
+            score = brightness * np.minimum(area_mm2, 1500.0)
+            for best in index[np.argsort(score)[::-1][:count]]:
+                center = ndimage.center_of_mass(np.where(components == best, peak, 0.0))
+                candidates.append((float(center[0]), float(center[1])))
+    candidates.append(((rows - 1) / 2.0, (cols - 1) / 2.0))
+    return candidates
+
+
+def detect_lv_center(series: np.ndarray, pixel_spacing_mm: float) -> tuple[float, float]:
+    """Best candidate of :func:`lv_center_candidates` (no CNN)."""
+    return lv_center_candidates(series, pixel_spacing_mm, count=1)[0]
 
 
 class Augmentation(BaseModel):
@@ -191,7 +205,7 @@ class Augmentation(BaseModel):
 
     scale: tuple[float, float] = (0.85, 1.15)
     rotation_deg: float = Field(35.0, ge=0, description="+/- rotation")
-    center_shift_mm: float = Field(18.0, ge=0, description="+/- LV centre offset in the crop")
+    center_shift_mm: float = Field(24.0, ge=0, description="+/- LV centre offset in the crop")
     motion_mm: float = Field(1.5, ge=0, description="SD of residual per-frame translation")
     start_frame_shift: tuple[int, int] = (-2, 6)
     frame_interval: tuple[float, float] = (0.6, 1.6)
@@ -265,7 +279,7 @@ def augmented_sample(slice_, rng: np.random.Generator,
         outside[low[0]:high[0], low[1]:high[1]] = False
         crop[:, outside] = 0.0
         labels[outside] = 0
-        crop /= max(float(crop.max()), 1e-6)
+        normalise_crop(crop)
     return crop, labels
 
 

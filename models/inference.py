@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from perfline.models.data import (CropGeometry, check_series, detect_lv_center, sample_crop,
-                                  uncrop_probabilities)
+from perfline.models.data import (CROP_SIZE, CROP_SPACING_MM, CropGeometry, check_series,
+                                  lv_center_candidates, sample_crop, uncrop_probabilities)
 from perfline.models.weights import DEFAULT_MODEL, read_sidecar, verified_path
 from perfline.toolbox.rv_insertion import InsertionNotFoundError, lv_center_rc, rv_insertion_deg
 from perfline.toolbox.segmentation_post import PostProcessed, postprocess
@@ -117,10 +117,20 @@ class Segmenter:
         return _softmax(logits.astype(np.float32))
 
     def _probabilities(self, series: np.ndarray, pixel_spacing_mm: float,
-                       center: tuple[float, float]) -> np.ndarray:
-        geometry = CropGeometry.centred(series.shape[1:], pixel_spacing_mm, center)
-        crop = sample_crop(series, geometry, n_frames=self.n_frames)
-        return uncrop_probabilities(self.predict(crop[None])[0], geometry).astype(np.float32)
+                       centers: list[tuple[float, float]]) -> list[np.ndarray]:
+        """Crop probabilities [4, 176, 176] for each centre (one batched network call)."""
+        crops = np.stack([sample_crop(series, CropGeometry.centred(
+            series.shape[1:], pixel_spacing_mm, center), n_frames=self.n_frames)
+            for center in centers])
+        return list(self.predict(crops))
+
+    @staticmethod
+    def _heart_score(probabilities: np.ndarray, radius_mm: float = 40.0) -> float:
+        """Expected LV blood + myocardium area (mm2) within ``radius_mm`` of the crop centre."""
+        half = (CROP_SIZE - 1) / 2.0
+        rows, cols = np.indices((CROP_SIZE, CROP_SIZE))
+        near = np.hypot(rows - half, cols - half) * CROP_SPACING_MM < radius_mm
+        return float((probabilities[1] + probabilities[2])[near].sum()) * CROP_SPACING_MM ** 2
 
     def segment(self, series: np.ndarray, pixel_spacing_mm: float, *,
                 center_rc: tuple[float, float] | None = None) -> SliceSegmentation:
@@ -132,22 +142,38 @@ class Segmenter:
                 with the last frame).
             pixel_spacing_mm: square pixel size of the series.
             center_rc: LV centre (row, col) in pixels if known (e.g. from the AIF series).
+                Otherwise the candidates of :func:`lv_center_candidates` are all segmented,
+                the one whose crop centre holds the most LV and myocardium is kept, and the
+                crop is re-centred on the CNN's LV centroid for the final pass.
         """
         series = check_series(series)
         if not pixel_spacing_mm > 0:
             raise ValueError(f"pixel spacing must be > 0 mm, got {pixel_spacing_mm}")
-        center = center_rc or detect_lv_center(series, pixel_spacing_mm)
-        probabilities = self._probabilities(series, pixel_spacing_mm, center)
-        if center_rc is None:  # re-centre on the CNN's own LV and segment again
-            first = postprocess(probabilities)
+        if center_rc is not None:
+            center = (float(center_rc[0]), float(center_rc[1]))
+            crop = self._probabilities(series, pixel_spacing_mm, [center])[0]
+        else:
+            candidates = lv_center_candidates(series, pixel_spacing_mm)
+            crops = self._probabilities(series, pixel_spacing_mm, candidates)
+            best = int(np.argmax([self._heart_score(p) for p in crops]))
+            center, crop = candidates[best], crops[best]
+            first = postprocess(uncrop_probabilities(crop, self._geometry(series, pixel_spacing_mm,
+                                                                          center)))
             try:
                 refined = lv_center_rc(first.labels)
             except InsertionNotFoundError:
                 refined = None
             if refined is not None and np.hypot(*np.subtract(refined, center)) > 1.0:
                 center = refined
-                probabilities = self._probabilities(series, pixel_spacing_mm, center)
+                crop = self._probabilities(series, pixel_spacing_mm, [center])[0]
+        probabilities = uncrop_probabilities(crop, self._geometry(series, pixel_spacing_mm,
+                                                                  center)).astype(np.float32)
         return self._finish(probabilities, center)
+
+    @staticmethod
+    def _geometry(series: np.ndarray, pixel_spacing_mm: float,
+                  center: tuple[float, float]) -> CropGeometry:
+        return CropGeometry.centred(series.shape[1:], pixel_spacing_mm, center)
 
     @staticmethod
     def _finish(probabilities: np.ndarray, center: tuple[float, float]) -> SliceSegmentation:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,7 @@ class TrainSettings(BaseModel):
     lr_halving_epochs: int = Field(10, ge=1)
     iou_weight: float = Field(1.0, ge=0)
     validation_studies: int = Field(16, ge=1)
-    augmentations_per_slice: int = Field(2, ge=1, description="samples drawn per simulated slice")
+    augmentations_per_slice: int = Field(3, ge=1, description="samples drawn per simulated slice")
     workers: int = Field(2, ge=0)
     seed: int = 0
     time_limit_s: float | None = Field(None, gt=0, description="stop after this wall time")
@@ -78,18 +80,33 @@ class SimulatedSlices(IterableDataset):
                 yield torch.from_numpy(crop), torch.from_numpy(labels.astype(np.int64))
 
 
-def validation_set(settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops and labels of the validation studies (validation seeds, no augmentation)."""
-    crops, labels = [], []
-    seed, found = 0, 0
-    rng = np.random.default_rng(0)
-    while found < settings.validation_studies:
+def validation_seeds(count: int) -> list[int]:
+    """The first ``count`` validation-split study seeds."""
+    seeds, seed = [], 0
+    while len(seeds) < count:
         if is_validation_study(seed):
-            for crop, label in study_samples(seed, rng, None, n_frames=settings.simulator_frames):
-                crops.append(crop)
-                labels.append(label)
-            found += 1
+            seeds.append(seed)
         seed += 1
+    return seeds
+
+
+def _plain_samples(seed: int, n_frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return study_samples(seed, np.random.default_rng(seed), None, n_frames=n_frames)
+
+
+def validation_set(settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops and labels of the validation studies (validation seeds, no augmentation),
+    simulated in ``settings.workers`` processes."""
+    seeds = validation_seeds(settings.validation_studies)
+    frames = [settings.simulator_frames] * len(seeds)
+    if settings.workers > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
+            studies = list(pool.map(_plain_samples, seeds, frames))
+    else:
+        studies = [_plain_samples(seed, n) for seed, n in zip(seeds, frames)]
+    crops = [crop for study in studies for crop, _ in study]
+    labels = [label for study in studies for _, label in study]
     return torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(labels).astype(np.int64))
 
 

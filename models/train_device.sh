@@ -7,7 +7,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/perfline_train_out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ! python3 -c "import pydantic" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -19,7 +19,7 @@ for folder in core gadgets server toolbox simulator models chains; do
     ln -s "$PWD/$folder" "$PKG/perfline/$folder"
 done
 export PYTHONPATH="$PKG:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-RUN="$OUT/run"
+RUN=/tmp/perfline_run  # outside $OUT: only 8 files come back
 mkdir -p "$RUN"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/device.txt"
 WORKERS=${WORKERS:-$(( $(nproc) - 1 ))}

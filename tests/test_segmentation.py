@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from perfline.models.data import (CropGeometry, SeriesError, check_series, crop_labels,
-                                  detect_lv_center, resample_frames_to_interval, sample_crop,
+                                  detect_lv_center, lv_center_candidates,
+                                  resample_frames_to_interval, sample_crop,
                                   uncrop_probabilities)
 
 
@@ -46,9 +47,11 @@ def test_crop_normalised_and_padded():
     assert np.array_equal(crop[19], crop[47])
 
 
-def test_detector_prefers_later_peaking_lv_over_rv():
+def test_detector_ranks_lv_first_and_adds_image_centre():
     series, _ = disc_series()
     row, col = detect_lv_center(series, 1.6)
+    candidates = lv_center_candidates(series, 1.6)
+    assert candidates[-1] == (49.5, 59.5) and len(candidates) == 3  # LV, RV, image centre
     assert np.hypot(row - 45.0, col - 70.0) < 2.0
 
 
