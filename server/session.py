@@ -185,8 +185,10 @@ class Session:
         try:
             self.chain.put(message)
         except ChainStopped:
-            if not self._chain_failed.is_set():
+            if not isinstance(self.chain.error, GadgetFailed):
                 raise
+            # the sender thread reports the gadget's error; keep reading to the client's CLOSE
+            self._chain_failed.set()
 
     def _send_outputs(self) -> None:
         assert self.chain is not None
