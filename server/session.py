@@ -81,6 +81,7 @@ class Session:
         self._chain_failed = threading.Event()
         self.items_in = 0
         self.items_out = 0
+        self.waveforms_skipped = 0
 
     # -- entry point ---------------------------------------------------------------------
     def run(self) -> None:
@@ -174,6 +175,13 @@ class Session:
             return
         if not isinstance(message, (ismrmrd.Acquisition, ismrmrd.Image, ismrmrd.Waveform)):
             raise SessionError(f"unexpected {type(message).__name__} message after the data started")
+        if isinstance(message, ismrmrd.Waveform) and not self.spec.accepts_message(message):
+            # scanners interleave physiological waveforms with everything; a chain that does not
+            # take them simply does not see them
+            if self.waveforms_skipped == 0:
+                self.log.info("chain %r does not take waveforms; skipping them", self.spec.name)
+            self.waveforms_skipped += 1
+            return
         if not self.spec.accepts_message(message):
             raise SessionError(f"chain {self.spec.name!r} takes {', '.join(self.spec.input)} messages, "
                                f"got {_MESSAGE_NAMES[type(message)]}")

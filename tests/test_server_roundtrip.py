@@ -180,3 +180,28 @@ def test_save_dir_records_the_stream_for_replay(shepp_logan, tmp_path: Path) -> 
     with running_server() as address:
         replay = send_dataset(saved[0], *address, "cartesian-recon")
     np.testing.assert_array_equal(replay.images[0].data, first.images[0].data)
+
+
+def _waveform(index: int) -> ismrmrd.Waveform:
+    data = np.arange(index, index + 2 * 50, dtype=np.uint32).reshape(2, 50)
+    return ismrmrd.Waveform.from_array(data, waveform_id=0, time_stamp=1000 + index, sample_time_us=2.5)
+
+
+def test_waveforms_pass_through_a_chain_that_takes_them(server) -> None:
+    chain = 'name = "w"\ninput = ["image", "waveform"]\n[[gadgets]]\ngadget = "passthrough"\n'
+    items = [_waveform(0), *_test_images(2), _waveform(7)]
+    results = send_dataset(items, *server, config_text=chain)
+    assert results.ok, results.errors
+    assert len(results.images) == 2 and len(results.other) == 2
+    for sent, received in zip([items[0], items[3]], results.other):
+        assert received.time_stamp == sent.time_stamp
+        np.testing.assert_array_equal(received.data, sent.data)
+
+
+def test_waveforms_are_skipped_by_a_chain_that_does_not_take_them(shepp_logan, server) -> None:
+    path = shepp_logan()
+    acquisitions = list(iter_acquisitions(path))
+    items = [_waveform(0)] + acquisitions[:10] + [_waveform(1)] + acquisitions[10:]
+    results = send_dataset(items, *server, "cartesian-recon", header_xml=read_header_xml(path))
+    assert results.ok, results.errors
+    assert relative_error(results.images[0].data[0, 0], reference_rss(path)[0]) < 1e-4
