@@ -97,3 +97,15 @@ def test_report_json_to_study():
     assert study.rv_insertion_deg == (120.0, 120.0)
     with pytest.raises(EvaluationError, match="no report JSON"):
         report_from_results(["ERROR something", "{}"])
+
+
+def test_truth_from_simulator():
+    study_module = pytest.importorskip("perfline.simulator.study")
+    from perfline.toolbox.mbf_evaluation import truth_from_simulator
+
+    study = study_module.sample_study(123, kind="rest", n_frames=10, n_coils=2)
+    truth = truth_from_simulator(study)
+    assert truth.segment_mbf.shape == (16,) and np.all(np.isfinite(truth.segment_mbf))
+    assert truth.segment_mbf.min() <= truth.global_mbf <= truth.segment_mbf.max()
+    assert 0.2 < truth.global_mbf < 2.5  # rest MBF
+    assert len(truth.rv_insertion_deg) == 3

@@ -195,6 +195,7 @@ class SimulatedStudy:
     mrd_path: Path
     truth: StudyMbf
     scan: str
+    patient_id: str
 
 
 StudySimulator = Callable[[int, str, Path], SimulatedStudy]
@@ -230,7 +231,7 @@ def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *
             for scan in scans:
                 study = simulate(index, scan, work_dir / f"study_{index:03d}")
                 results = send_dataset(study.mrd_path, host, port, chain, timeout_s=timeout_s,
-                                       parameters={"scan": scan})
+                                       parameters={"scan": scan, "patient_id": study.patient_id})
                 if results.errors:
                     raise EvaluationError(f"study {index} ({scan}): the server reported {results.errors}")
                 automated.append(study_mbf_from_report(report_from_results(results.texts)))
@@ -246,14 +247,55 @@ def add_mbf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("evaluation_mbf"), help="output directory")
 
 
-def default_simulator() -> StudySimulator:
-    """The simulator's study generator (``perfline.simulator.study.simulate_study``)."""
+def truth_from_simulator(study: object) -> StudyMbf:
+    """True MBF of a simulated study (``perfline.simulator.study``): per AHA segment and global.
+
+    Segment truth is the mean of the phantom's MBF over the myocardial pixels the simulator
+    assigns to that segment (its own labels, RV insertion and levels), pooled over slices;
+    global truth is the mean over all myocardial pixels.
+    """
+    from perfline.simulator import study as simulated
+
+    values: dict[int, list[np.ndarray]] = {segment: [] for segment in range(1, 17)}
+    pooled, insertions = [], []
+    for index in range(study.n_slices):  # type: ignore[attr-defined]
+        phantom = simulated.slice_phantom(study, index)
+        myocardium = np.isfinite(phantom.mbf)
+        pooled.append(phantom.mbf[myocardium])
+        insertions.append(float(phantom.anatomy.rv_insertion_deg))
+        for segment in np.unique(phantom.aha_segments[myocardium]):
+            values[int(segment)].append(phantom.mbf[myocardium & (phantom.aha_segments == segment)])
+    segment_mbf = np.array([float(np.mean(np.concatenate(v))) if v else np.nan for _, v in sorted(values.items())])
+    return StudyMbf(global_mbf=float(np.mean(np.concatenate(pooled))), segment_mbf=segment_mbf,
+                    rv_insertion_deg=tuple(insertions))
+
+
+def default_simulator(first_seed: int | None = None) -> StudySimulator:
+    """Simulate study ``index`` as k-space MRD (3 slices, 60 frames, 16 coils, R = 3).
+
+    Seeds start at the held-out range of the segmentation engineer (``TEST_SEED_START``, never
+    used for training); stress and rest of one index share the seed, hence the anatomy (same
+    "patient"), and get the patient id ``sim-<seed>``.
+    """
     try:
-        from perfline.simulator.study import simulate_study  # type: ignore[import-not-found]
+        from perfline.simulator.mrd import write_kspace
+        from perfline.simulator.study import sample_study
     except ImportError as error:
-        raise EvaluationError("the end-to-end MBF evaluation needs perfline.simulator.study.simulate_study "
-                              f"(index, scan, directory) -> SimulatedStudy, not available: {error}") from error
-    return simulate_study
+        raise EvaluationError(f"the end-to-end MBF evaluation needs perfline.simulator: {error}") from error
+    if first_seed is None:
+        from perfline.models.data import TEST_SEED_START
+
+        first_seed = TEST_SEED_START
+
+    def simulate(index: int, scan: str, directory: Path) -> SimulatedStudy:
+        seed = first_seed + index
+        study = sample_study(seed, kind=scan)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{scan}.h5"
+        write_kspace(study, str(path))
+        return SimulatedStudy(mrd_path=path, truth=truth_from_simulator(study), scan=scan, patient_id=f"sim-{seed}")
+
+    return simulate
 
 
 def write_evaluation(comparison: MbfComparison, automated: Sequence[StudyMbf], truth: Sequence[StudyMbf],
@@ -275,12 +317,16 @@ def write_evaluation(comparison: MbfComparison, automated: Sequence[StudyMbf], t
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry of ``perfline evaluate --mbf``: reads ``args.studies`` and ``args.out``."""
+    """Entry of ``perfline evaluate --mbf``: reads ``args.studies``, ``args.first_seed`` and ``args.out``
+    (or the folder of ``args.json``; default ``evaluation_mbf``)."""
     n_studies = int(getattr(args, "studies", 50))
-    out_dir = Path(getattr(args, "out", "evaluation_mbf"))
+    out = getattr(args, "out", None)
+    json_path = getattr(args, "json", None)
+    out_dir = Path(out) if out else (Path(json_path).parent / "evaluation_mbf" if json_path else Path("evaluation_mbf"))
     if n_studies < 2:
         raise EvaluationError(f"--studies must be at least 2 for a paired t-test, got {n_studies}")
-    automated, truth = evaluate_studies(n_studies, default_simulator(), out_dir / "studies",
+    simulate = default_simulator(getattr(args, "first_seed", None))
+    automated, truth = evaluate_studies(n_studies, simulate, out_dir / "studies",
                                         progress=lambda done: logger.info("MBF evaluation: %d/%d studies",
                                                                           done, n_studies))
     comparison = compare_mbf(automated, truth)
