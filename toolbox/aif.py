@@ -1,0 +1,194 @@
+"""Arterial input function: LV blood-pool detection, foot/peak, baseline, blood to plasma.
+
+REFERENCES.md section 3. The LV blood pool is found in the low-resolution AIF image series
+[time, rows, cols] by its dynamics and shape, without a network: blood pools are the pixels
+with a strong, transient first-pass enhancement; they split into connected pools; the RV
+pool peaks first and the LV is the large pool that peaks after it next to it (QPerf uses a
+CNN for this step; this classical method is its open replacement).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage as ndi
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+
+class AifError(ValueError):
+    """The AIF series or curve does not show a usable first-pass bolus."""
+
+
+class AifSettings(BaseModel):
+    """Settings of the LV blood-pool detection and of the foot/peak search."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    smoothing_frames: int = Field(3, ge=1, description="moving-average width in time, frames")
+    enhancement_fraction: float = Field(
+        0.3, gt=0, lt=1, description="blood pixels enhance by at least this fraction of the 99th percentile"
+    )
+    min_relative_enhancement: float = Field(
+        1.0, gt=0, description="and by at least this multiple of their own baseline signal"
+    )
+    min_washout_fraction: float = Field(
+        0.25, ge=0, lt=1, description="first pass: the last quarter lies this fraction of the enhancement below the peak"
+    )
+    min_pool_pixels: int = Field(4, ge=1, description="smallest blood pool kept, pixels")
+    min_peak_separation_frames: int = Field(1, ge=0, description="LV peaks at least this many frames after the RV")
+    foot_fraction: float = Field(0.05, gt=0, lt=1, description="foot: last frame below this fraction of the upslope")
+    skip_frames: int = Field(1, ge=0, description="first frames left out of the baseline (steady state)")
+
+
+@dataclass(frozen=True)
+class AifResult:
+    """Detected AIF. ``mask`` is bool [rows, cols]; ``curve`` the mean LV signal [time]."""
+
+    mask: np.ndarray
+    rv_mask: np.ndarray  # the pool taken as RV (may be empty)
+    curve: np.ndarray
+    foot: int  # 0-based frame index of the bolus arrival
+    peak: int  # 0-based frame index of the first-pass peak
+
+
+def _smooth(curves: np.ndarray, width: int, axis: int = -1) -> np.ndarray:
+    if width <= 1:
+        return np.asarray(curves, dtype=np.float64)
+    return ndi.uniform_filter1d(np.asarray(curves, dtype=np.float64), width, axis=axis, mode="nearest")
+
+
+def aif_foot_peak(curve: np.ndarray, *, settings: AifSettings | None = None) -> tuple[int, int]:
+    """Foot (bolus arrival) and first-pass peak of a blood curve, 0-based frame indices.
+
+    The curve is smoothed; the peak is its maximum; the baseline is the median of the frames
+    before the upslope; the foot is the last frame before the peak that is still within
+    ``foot_fraction`` of the peak-to-baseline rise. Raises ``AifError`` when the curve has no
+    bolus: non-finite values, a peak on the first frames, or a rise within the noise.
+    """
+    settings = settings or AifSettings()
+    values = np.asarray(curve, dtype=np.float64).ravel()
+    if values.size < 8:
+        raise AifError(f"AIF curve needs at least 8 frames, got {values.size}")
+    if not np.all(np.isfinite(values)):
+        raise AifError("AIF curve contains NaN or infinite values")
+    smooth = _smooth(values, settings.smoothing_frames)
+    peak = int(np.argmax(smooth))
+    start = min(settings.skip_frames, values.size - 1)
+    if peak <= start + 1:
+        raise AifError(f"AIF peaks at frame {peak}, before any baseline: no bolus in the curve")
+    # baseline from the frames before the steepest upslope
+    slope = np.gradient(smooth)
+    upslope = start + int(np.argmax(slope[start : peak + 1]))
+    baseline_frames = values[start : max(upslope - 1, start + 1)]
+    baseline = float(np.median(baseline_frames))
+    rise = smooth[peak] - baseline
+    noise = float(np.median(np.abs(np.diff(values))) / 0.954 + 1e-12)  # sd of white noise
+    if rise <= 5.0 * noise or rise <= 0:
+        raise AifError(
+            f"AIF rise {rise:.3g} is not above the noise ({noise:.3g}): no bolus in the curve"
+        )
+    below = np.flatnonzero(smooth[: peak + 1] <= baseline + settings.foot_fraction * rise)
+    foot = int(below[-1]) if below.size else start
+    return foot, peak
+
+
+def baseline_subtract(curve: np.ndarray, foot: int, *, skip_frames: int = 1) -> np.ndarray:
+    """Subtract the mean of frames ``skip_frames .. foot`` (inclusive) from the curve."""
+    values = np.asarray(curve, dtype=np.float64)
+    first = min(skip_frames, foot)
+    return values - values[first : foot + 1].mean()
+
+
+def blood_to_plasma(curve: np.ndarray, hematocrit: float) -> np.ndarray:
+    """Plasma concentration ``Cp = Cb / (1 - Hct)`` (REFERENCES.md section 3)."""
+    if not 0.0 <= hematocrit < 1.0:
+        raise AifError(f"hematocrit must be in [0, 1), got {hematocrit}")
+    return np.asarray(curve, dtype=np.float64) / (1.0 - hematocrit)
+
+
+def _candidate_pixels(series: np.ndarray, settings: AifSettings) -> np.ndarray:
+    """Pixels with a strong, transient enhancement, bool [rows, cols]."""
+    smooth = _smooth(series, settings.smoothing_frames, axis=0)
+    n = smooth.shape[0]
+    baseline = np.percentile(smooth, 10, axis=0)
+    peak = smooth.max(axis=0)
+    enhancement = peak - baseline
+    late = smooth[-max(n // 4, 1) :].mean(axis=0)
+    reference = np.percentile(enhancement, 99)
+    if not reference > 0:
+        raise AifError("the AIF series shows no enhancement")
+    return (
+        (enhancement >= settings.enhancement_fraction * reference)
+        & (enhancement >= settings.min_relative_enhancement * np.maximum(baseline, 0))
+        & (peak - late >= settings.min_washout_fraction * enhancement)
+    )
+
+
+def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None) -> AifResult:
+    """Find the LV blood pool in an AIF series ``[time, rows, cols]`` (signal or Gd).
+
+    Returns the LV mask, the mean LV curve, its foot and peak. Raises ``AifError`` if no
+    enhancing pool is found or the LV curve has no bolus.
+    """
+    settings = settings or AifSettings()
+    series = np.asarray(aif_series, dtype=np.float64)
+    if series.ndim != 3 or series.shape[0] < 8:
+        raise AifError(f"AIF series must be [time >= 8, rows, cols], got shape {series.shape}")
+    if not np.all(np.isfinite(series)):
+        raise AifError("AIF series contains NaN or infinite values")
+    candidates = _candidate_pixels(series, settings)
+    labels, count = ndi.label(candidates)
+    smooth = _smooth(series, settings.smoothing_frames, axis=0)
+    pools = []
+    for label in range(1, count + 1):
+        region = labels == label
+        area = int(region.sum())
+        if area < settings.min_pool_pixels:
+            continue
+        mean_curve = smooth[:, region].mean(axis=1)
+        pools.append((label, area, int(np.argmax(mean_curve)), np.argwhere(region).mean(axis=0)))
+    if not pools:
+        raise AifError("no enhancing blood pool found in the AIF series")
+    largest = max(area for _, area, _, _ in pools)
+    major = [pool for pool in pools if pool[1] >= 0.25 * largest]
+    rv = min(major, key=lambda pool: (pool[2], -pool[1]))
+    later = [pool for pool in major if pool[2] >= rv[2] + settings.min_peak_separation_frames]
+    if later:
+        # the LV: large and close to the RV (the aorta also peaks late but is smaller/farther)
+        def score(pool):
+            distance = np.linalg.norm(pool[3] - rv[3])
+            return pool[1] / (1.0 + distance / np.sqrt(largest))
+        lv = max(later, key=score)
+        lv_mask = labels == lv[0]
+        rv_mask = labels == rv[0]
+    else:
+        lv_mask, rv_mask = _split_by_peak_time(smooth, labels == rv[0])
+    curve = series[:, lv_mask].mean(axis=1)
+    foot, peak = aif_foot_peak(curve, settings=settings)
+    logger.info("AIF: LV pool of %d pixels, foot %d, peak %d", int(lv_mask.sum()), foot, peak)
+    return AifResult(mask=lv_mask, rv_mask=rv_mask, curve=curve, foot=foot, peak=peak)
+
+
+def _split_by_peak_time(smooth: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One pool holding both ventricles: the later-peaking pixels are the LV."""
+    peak_times = np.argmax(smooth[:, region], axis=0).astype(np.float64)
+    early, late = peak_times.min(), peak_times.max()
+    if late == early:
+        return region, np.zeros_like(region)
+    for _ in range(10):  # two-means on the peak time
+        split = peak_times >= 0.5 * (early + late)
+        early = peak_times[~split].mean() if np.any(~split) else early
+        late = peak_times[split].mean() if np.any(split) else late
+    lv = np.zeros_like(region)
+    rv = np.zeros_like(region)
+    lv[region] = split
+    rv[region] = ~split
+    labels, count = ndi.label(lv)
+    if count > 1:
+        sizes = ndi.sum(lv, labels, index=range(1, count + 1))
+        lv = labels == (1 + int(np.argmax(sizes)))
+    return lv, rv
