@@ -1,0 +1,131 @@
+"""MRD framing: every message type round trips; NUL handling; limits checked before reading."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+import ismrmrd
+import numpy as np
+import pytest
+
+from perfline.server.protocol import (
+    Close,
+    Header,
+    IdleTimeoutError,
+    MessageReader,
+    MessageTooLargeError,
+    PeerClosedError,
+    ProtocolError,
+    ProtocolLimits,
+    Text,
+    TruncatedMessageError,
+    UnknownMessageError,
+    encode_message,
+)
+
+
+def read_all(payload: bytes, limits: ProtocolLimits | None = None) -> list[object]:
+    """Messages decoded from ``payload`` sent through a real socket pair (small chunks)."""
+    left, right = socket.socketpair()
+
+    def feed() -> None:
+        for start in range(0, len(payload), 777):  # odd chunking exercises partial reads
+            left.sendall(payload[start:start + 777])
+        left.close()
+
+    thread = threading.Thread(target=feed)
+    thread.start()
+    reader = MessageReader(right, limits or ProtocolLimits(idle_timeout_s=5))
+    messages: list[object] = []
+    try:
+        while True:
+            message = reader.read_message()
+            messages.append(message)
+            if isinstance(message, Close):
+                return messages
+    finally:
+        thread.join()
+        right.close()
+
+
+def test_all_message_types_round_trip() -> None:
+    acquisition = ismrmrd.Acquisition.from_array(
+        (np.arange(24) + 1j * np.arange(24)).astype(np.complex64).reshape(2, 12),
+        np.arange(24, dtype=np.float32).reshape(12, 2), scan_counter=7)
+    image = ismrmrd.Image.from_array(np.arange(60, dtype=np.float32).reshape(1, 1, 6, 10), image_index=3)
+    image.meta = ismrmrd.Meta({"GADGETRON_DataRole": "Image", "list": ["1", "2"]})
+    waveform = ismrmrd.Waveform.from_array(np.arange(10, dtype=np.uint32).reshape(2, 5), waveform_id=1)
+    sent = [ismrmrd.ConfigFile("cartesian-recon"), ismrmrd.ConfigText("name = 'x'"),
+            Header("<ismrmrdHeader/>"), Text('{"a": 1}'), acquisition, image, waveform, Close()]
+    received = read_all(b"".join(encode_message(m) for m in sent))
+    assert [type(m) for m in received] == [type(m) for m in sent]
+    assert received[0] == "cartesian-recon" and received[1] == "name = 'x'"
+    assert received[2] == Header("<ismrmrdHeader/>") and received[3] == Text('{"a": 1}')
+    assert received[4].getHead() == acquisition.getHead()
+    np.testing.assert_array_equal(received[4].data, acquisition.data)
+    np.testing.assert_array_equal(received[4].traj, acquisition.traj)
+    assert received[5] == image
+    assert received[6].getHead() == waveform.getHead()
+    np.testing.assert_array_equal(received[6].data, waveform.data)
+
+
+@pytest.mark.parametrize("nul", [False, True], ids=["cpp", "fire"])
+def test_strings_with_and_without_trailing_nul(nul: bool) -> None:
+    sent = [Header("<x/>"), Text("hello"), ismrmrd.ConfigText("chain"), Close()]
+    payload = b"".join(encode_message(m, nul_terminate=nul) for m in sent)
+    assert (b"hello\x00" in payload) is nul
+    received = read_all(payload)
+    assert received[:3] == [Header("<x/>"), Text("hello"), "chain"]
+
+
+def test_unknown_id_and_truncation_are_specific_errors() -> None:
+    with pytest.raises(UnknownMessageError, match="unknown message id 7"):
+        read_all(struct.pack("<H", 7))
+    with pytest.raises(TruncatedMessageError, match="stream ended inside text message: expected 10 bytes, got 3"):
+        read_all(struct.pack("<HI", 5, 10) + b"abc")
+    with pytest.raises(TruncatedMessageError, match="message id"):
+        read_all(b"\x05")
+    with pytest.raises(PeerClosedError, match="without a CLOSE message"):
+        read_all(encode_message(Text("x")))
+
+
+def test_sizes_are_checked_before_reading() -> None:
+    limits = ProtocolLimits(max_message_bytes=4096, max_text_bytes=1024, idle_timeout_s=5)
+    image = ismrmrd.Image.from_array(np.zeros((1, 1, 64, 64), np.float32))
+    head = encode_message(image)[:2 + 198 + 8]  # id, header, attribute length: no data needed
+    with pytest.raises(MessageTooLargeError, match="image data of 16384 bytes exceeds the limit of 4096"):
+        read_all(head, limits)
+    with pytest.raises(MessageTooLargeError, match="text message of 4294967295 bytes"):
+        read_all(struct.pack("<HI", 5, 0xFFFFFFFF), limits)
+
+
+def test_invalid_utf8_and_meta_are_protocol_errors() -> None:
+    with pytest.raises(ProtocolError, match="not valid UTF-8"):
+        read_all(struct.pack("<HI", 5, 2) + b"\xff\xfe")
+    image = ismrmrd.Image.from_array(np.zeros((1, 1, 2, 2), np.float32))
+    raw = bytearray(encode_message(image))
+    bad_meta = b"<notmeta/>"
+    raw[2 + 198:2 + 198 + 8] = struct.pack("<Q", len(bad_meta))
+    raw[2 + 198 + 8:2 + 198 + 8] = bad_meta
+    with pytest.raises(ProtocolError, match="not valid ismrmrdMeta XML"):
+        read_all(bytes(raw))
+
+
+def test_idle_peer_times_out() -> None:
+    left, right = socket.socketpair()
+    try:
+        reader = MessageReader(right, ProtocolLimits(idle_timeout_s=0.2))
+        with pytest.raises(IdleTimeoutError, match="no data from the peer for 0.2 s"):
+            reader.read_message()
+    finally:
+        left.close()
+        right.close()
+
+
+def test_config_file_name_length_is_checked() -> None:
+    with pytest.raises(ValueError, match="at most 1023"):
+        encode_message(ismrmrd.ConfigFile("x" * 1024))
+    with pytest.raises(TypeError, match="cannot send int"):
+        encode_message(3)
