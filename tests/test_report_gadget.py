@@ -148,3 +148,70 @@ def test_scan_kind_from_protocol():
     assert info.scan == "stress" and info.field_strength_t == 1.5 and info.study_id == "1.2.3"
     assert study_info_from_context(header("X", protocol="perfusion"), {}).scan == "unknown"
     assert study_info_from_context(None, {"scan": "REST"}).scan == "rest"
+
+
+# ---------------------------------------------------------------- through a real server session
+from perfline.core.gadget import Gadget, GadgetSettings, register_gadget  # noqa: E402
+
+
+class _ImagesToMapsSettings(GadgetSettings):
+    pass
+
+
+@register_gadget
+class _ImagesToMaps(Gadget):
+    """Test-only stand-in for recon..segmentation: image k -> FlowMaps + SliceSegmentation of slice k."""
+
+    name = "test-images-to-report-inputs"
+    Settings = _ImagesToMapsSettings
+    accepts = (ismrmrd.Image,)
+    produces = (FlowMaps, SliceSegmentation, AifCurve)
+
+    def process(self, stream):
+        for image in stream:
+            index = int(image.slice)
+            mbf = np.asarray(image.data[0, 0], dtype=np.float32)
+            yield FlowMaps(slice_index=index, model="fermi", mbf_ml_min_g=mbf, geometry=geometry(index))
+            yield SliceSegmentation(slice_index=index, labels=labels(), rv_insertion_deg=120.0, lv_center_rc=CENTER)
+        t = np.arange(40) * 0.5
+        yield AifCurve(time_s=t, blood_gd_mmol_l=np.exp(-0.5 * ((t - 10) / 2) ** 2) * 3.5, hematocrit=0.42,
+                       foot_index=14, peak_index=20, mask=np.ones((4, 4), bool), geometry=geometry(0))
+
+
+CHAIN = """
+name = "report-test"
+input = ["image"]
+[[gadgets]]
+gadget = "test-images-to-report-inputs"
+[[gadgets]]
+gadget = "aha-report"
+"""
+
+
+@pytest.mark.parametrize("nul_terminate", [False, True], ids=["mrd-client", "fire-client"])
+def test_through_server(tmp_path, nul_terminate):
+    from perfline.server.client import send_dataset
+    from perfline.server.testing import running_server
+
+    sent = []
+    for index in range(3):
+        image = ismrmrd.Image.from_array(np.full((1, 1, *SHAPE), 2.0 + index, np.float32))
+        image.slice = index
+        sent.append(image)
+    with running_server(output_dir=tmp_path) as (host, port):
+        results = send_dataset(sent, host, port, config_text=CHAIN, nul_terminate=nul_terminate,
+                               parameters={"scan": "stress", "patient_id": "SRV"}, timeout_s=60)
+    assert results.ok, results.errors
+    roles = [ismrmrd.Meta.deserialize(i.attribute_string)["GADGETRON_DataRole"] for i in results.images]
+    assert roles == ["Flow_Map"] * 3 + ["AHA"]
+    report_image = results.images[-1]
+    assert report_image.image_type == ismrmrd.IMTYPE_RGB and report_image.data.shape[:2] == (3, 1)
+    meta_report = ismrmrd.Meta.deserialize(report_image.attribute_string)["PERFLINE_Report"]
+    report = PerfusionReport.model_validate_json(results.texts[-1].rstrip("\x00"))
+    assert PerfusionReport.model_validate_json(meta_report).global_values == report.global_values
+    assert report.study.patient_id == "SRV" and report.flow_model == "fermi"
+    assert [s.mbf_mean_ml_min_g for s in report.slices] == pytest.approx([2.0, 3.0, 4.0])
+    assert report.segment(1).mbf_mean_ml_min_g == pytest.approx(2.0)
+    assert report.segment(16).mbf_mean_ml_min_g == pytest.approx(4.0)
+    folders = list(tmp_path.iterdir())
+    assert len(folders) == 1 and (folders[0] / "dicom" / "mbf_slice2.dcm").exists()
