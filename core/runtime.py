@@ -118,7 +118,7 @@ class RunningChain:
         """
         last = self._queues[-1]
         while True:
-            item = self._get(last)
+            item = self._get(last, raise_failure=True)
             if item is END_OF_STREAM:
                 self.join()
                 return
@@ -186,14 +186,15 @@ class RunningChain:
                 if timeout is not None and waited >= timeout:
                     raise TimeoutError(f"chain input queue full for {timeout} s") from None
 
-    def _get(self, source: queue.Queue[Any]) -> Any:
+    def _get(self, source: queue.Queue[Any], *, raise_failure: bool = False) -> Any:
+        """Next item; once stopped, raise ChainStopped (GadgetFailed itself if ``raise_failure``)."""
         while True:
             try:
                 return source.get(timeout=_POLL_S)
             except queue.Empty:
                 if self._stop.is_set():
                     error = self._error
-                    if isinstance(error, GadgetFailed):
+                    if raise_failure and isinstance(error, GadgetFailed):
                         raise error
                     self._raise_stopped()
 

@@ -89,6 +89,13 @@ def test_failing_gadget_stops_the_chain_and_names_itself() -> None:
     assert isinstance(info.value.__cause__, ValueError)
 
 
+def test_only_the_failing_gadget_is_logged(caplog) -> None:
+    with pytest.raises(GadgetFailed):
+        run_gadgets([SumAtEnd(), FailOn(), SumAtEnd()], [1, 2])  # sum 3 fails downstream
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert failures == ["gadget 'test-fail-on' failed: ValueError: three is not allowed"]
+
+
 def test_failure_wakes_a_blocked_producer_and_ends_every_thread() -> None:
     gadgets = [FailOn(), SumAtEnd()]
     chain = start_chain(gadgets, queue_size=1)
