@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from perfline.toolbox.rv_insertion import rv_insertion_deg as _rv_insertion_from_labels
 
@@ -186,14 +187,18 @@ def level_of_slice(index: int, n_slices: int) -> str:
 
 
 def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
-                 pixel_spacing_mm: float) -> SliceAnatomy:
-    """Rasterise one short-axis slice at ``level`` on a grid of ``shape`` square pixels."""
+                 pixel_spacing_mm: float, window_center_xy_mm: tuple[float, float] = (0.0, 0.0)) -> SliceAnatomy:
+    """Rasterise one short-axis slice at ``level`` on a grid of ``shape`` square pixels.
+
+    The grid is centred on ``window_center_xy_mm`` (the image centre by default; a small
+    window around the heart renders the labels cheaply for statistics over many seeds).
+    """
     if level not in LEVEL_POSITION:
         raise ValueError(f"level must be one of {tuple(LEVEL_POSITION)}, got {level!r}")
     heart, body = anatomy.heart, anatomy.body
     rows, cols = shape
-    y = -(np.arange(rows, dtype=np.float64)[:, None] - (rows - 1) / 2) * pixel_spacing_mm
-    x = (np.arange(cols, dtype=np.float64)[None, :] - (cols - 1) / 2) * pixel_spacing_mm
+    y = window_center_xy_mm[1] - (np.arange(rows, dtype=np.float64)[:, None] - (rows - 1) / 2) * pixel_spacing_mm
+    x = window_center_xy_mm[0] + (np.arange(cols, dtype=np.float64)[None, :] - (cols - 1) / 2) * pixel_spacing_mm
     x, y = np.broadcast_to(x, shape).copy(), np.broadcast_to(y, shape).copy()
     for ax, ay, kx, ky, phase in body.deformation:  # smooth random deformation of the scene
         wave = np.sin(kx * x + ky * y + phase)
@@ -304,9 +309,15 @@ def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
     labels[f_rv_blood >= 0.5] = 3
     labels[(f_epi >= 0.5) & (f_endo < 0.5)] = 2
     labels[f_endo >= 0.5] = 1
+    # the thin RV wedges at the insertion points can break into pixel-sized islands: keep the
+    # main cavity (islands become background, as a manual contour would leave them)
+    rv_parts, n_parts = ndimage.label(labels == 3)
+    if n_parts > 1:
+        largest = 1 + int(np.argmax(np.bincount(rv_parts.ravel())[1:]))
+        labels[(rv_parts > 0) & (rv_parts != largest)] = 0
     rows_idx, cols_idx = np.nonzero(labels == 1)
     center_rc = (float(rows_idx.mean()), float(cols_idx.mean())) if rows_idx.size else (
-        (rows - 1) / 2 - cy / px, (cols - 1) / 2 + cx / px)
+        (rows - 1) / 2 - (cy - window_center_xy_mm[1]) / px, (cols - 1) / 2 + (cx - window_center_xy_mm[0]) / px)
     insertion = _rv_insertion_from_labels(labels, center_rc) if np.any(labels == 3) else float("nan")
     depth = np.clip((rho - endo_r) / thickness, 0.0, 1.0).astype(np.float32)
     texture = smooth_texture(shape, body.texture_seed + 7 + int(10 * position), 2.0)
