@@ -7,7 +7,8 @@ and yields, in this order:
 1. MBF maps (DataRole ``Flow_Map``), and PS (``PS_Map``) and Vp (``Vascular_Volume_Map``) when
    fitted, one image per slice, with the AHA sector outlines (territory colours) and the endo /
    epi borders as ``GT_ROI_*`` / ``ROI_*`` meta;
-2. the report image: RGB, ``image_type`` 6, 3 channels, DataRole ``AHA``, with the compact
+2. the report image (MBF maps with contours, bull's-eye, table): RGB, ``image_type`` 6,
+   3 channels, DataRole ``AHA``, with the compact
    report JSON in its meta ``PERFLINE_Report`` (for receivers that drop text messages);
 3. the report JSON as a text message.
 
@@ -45,7 +46,7 @@ from perfline.gadgets.perfusion_items import AifCurve, FlowMaps, ImageGeometry, 
 from perfline.toolbox.aha_report import (
     AifSummary, PerfusionReport, ReportSettings, SliceAnalysis, StudyInfo, build_report, with_reserve,
 )
-from perfline.toolbox.sector_contours import ContourError, border_contours, sector_contours
+from perfline.toolbox.sector_contours import Contour, ContourError, border_contours, sector_contours
 
 
 class AhaReportSettings(GadgetSettings):
@@ -206,15 +207,16 @@ class AhaReportGadget(Gadget):
     # ------------------------------------------------------------------------------ outputs
     def _finish(self, maps: dict[int, FlowMaps], segmentations: dict[int, SliceSegmentation],
                 aif: AifCurve | None) -> Iterator[Any]:
-        from perfline.toolbox.report_figure import render_report
+        from perfline.toolbox.report_figure import SliceMapView, render_report
 
         report = self._with_reserve(self._report(maps, segmentations, aif))
         levels = {s.slice_index: s.level for s in report.slices}
-        map_images = []
+        map_images, views = [], []
         for image_index, (index, flow) in enumerate(sorted(maps.items())):
             contours = self._contours(segmentations.get(index), levels.get(index), flow.mbf_ml_min_g.shape)
             map_images.extend(self._map_images(flow, contours, image_index))
-        figure = render_report(report)
+            views.append(SliceMapView(f"slice {index} ({levels.get(index, '?')})", flow.mbf_ml_min_g, contours))
+        figure = render_report(report, slice_maps=views)
         report_json = report.model_dump_json(indent=2)
         yield from map_images
         yield self._report_image(figure, next(iter(maps.values())).geometry, report.model_dump_json())
@@ -223,7 +225,7 @@ class AhaReportGadget(Gadget):
             self._write_files(report, report_json, figure, maps)
 
     def _contours(self, segmentation: SliceSegmentation | None, level: str | None,
-                  shape: tuple[int, ...]) -> list[MrdContour]:
+                  shape: tuple[int, ...]) -> list[Contour]:
         if segmentation is None or level is None or segmentation.labels.shape != shape \
                 or not math.isfinite(segmentation.rv_insertion_deg):
             return []
@@ -234,10 +236,11 @@ class AhaReportGadget(Gadget):
         except ContourError as error:
             self.log.warning("slice %d: no contours: %s", segmentation.slice_index, error)
             return []
-        return [MrdContour(c.label, c.points_xy, c.rgb, c.thickness) for c in found]
+        return found
 
-    def _map_images(self, flow: FlowMaps, contours: list[MrdContour], image_index: int) -> list[ismrmrd.Image]:
+    def _map_images(self, flow: FlowMaps, contours: list[Contour], image_index: int) -> list[ismrmrd.Image]:
         settings: AhaReportSettings = self.settings  # type: ignore[assignment]
+        mrd_contours = [MrdContour(c.label, c.points_xy, c.rgb, c.thickness) for c in contours]
         specs = [("Flow_Map", flow.mbf_ml_min_g, "ml/min/g", (2.0, 4.0), 0)]
         if settings.send_ps_vp and flow.ps_ml_min_g is not None and np.isfinite(flow.ps_ml_min_g).any():
             specs.append(("PS_Map", flow.ps_ml_min_g, "ml/min/g", (1.5, 3.0), 1))
@@ -248,7 +251,7 @@ class AhaReportGadget(Gadget):
             images.append(make_image(
                 np.asarray(values, dtype=np.float32), flow.geometry,
                 series_index=settings.mbf_series_index + offset, image_index=image_index, slice=flow.slice_index,
-                data_role=role, units=units, window=window, color_map="Perfusion.pal", contours=contours,
+                data_role=role, units=units, window=window, color_map="Perfusion.pal", contours=mrd_contours,
                 comment=f"{role} {flow.model}", seq_description=role))
         return images
 

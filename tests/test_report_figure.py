@@ -79,3 +79,22 @@ def test_missing_segments_and_reserve_render():
 def test_save_png_rejects_float():
     with pytest.raises(ValueError, match="uint8"):
         save_png(np.zeros((4, 4, 3)), "/tmp/never.png")
+
+
+def test_map_panels_drawn_with_contours():
+    from perfline.toolbox.report_figure import SliceMapView
+    from perfline.toolbox.sector_contours import sector_contours
+
+    rows, cols = np.indices((64, 64))
+    myocardium = (np.hypot(rows - 32, cols - 32) >= 10) & (np.hypot(rows - 32, cols - 32) < 16)
+    mbf = np.where(myocardium, 2.5, np.nan)
+    report = make_report({s: 2.5 for s in range(1, 17)})
+    plain = SliceMapView("slice 0 (mid)", mbf)
+    outlined = SliceMapView("slice 0 (mid)", mbf, sector_contours(myocardium, (32.0, 32.0), 120.0, "mid"))
+    without, with_plain, with_contours = (render_report(report), render_report(report, slice_maps=[plain]),
+                                          render_report(report, slice_maps=[outlined]))
+    assert without.shape == (700, 1200, 3) and with_plain.shape == (1020, 1200, 3)
+    top_plain, top_contours = with_plain[:330], with_contours[:330]
+    # territory colours appear only where contours are drawn: pure red (LCx) pixels
+    red = lambda image: np.sum((image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60))  # noqa: E731
+    assert red(top_contours) > red(top_plain) + 20

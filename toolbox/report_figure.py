@@ -5,6 +5,8 @@ Layout after Xue et al., Radiology: AI 2020, Figure 3: a bull's-eye of the 16 AH
 2002) coloured by MBF with the value written in each segment, and a table of segment, territory,
 mean / median MBF and flags, with global MBF. When the report carries a perfusion reserve, a
 second bull's-eye shows MPR per segment and the table gains stress, rest and MPR columns.
+Optionally a row of MBF maps with the AHA sector contours in territory colours sits on top
+(as in the paper's Figure 3 screenshot).
 
 Rendering uses matplotlib's Agg canvas only (no display needed).
 """
@@ -12,6 +14,8 @@ Rendering uses matplotlib's Agg canvas only (no display needed).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -24,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Wedge
 
 from perfline.toolbox.aha_report import PerfusionReport
+from perfline.toolbox.sector_contours import Contour
 
 logger = logging.getLogger(__name__)
 
@@ -115,23 +120,71 @@ def _table_rows(report: PerfusionReport) -> tuple[list[str], list[list[str]], li
     return header, rows, colours
 
 
-def render_report(report: PerfusionReport, *, dpi: int = 100, vmax_mbf: float | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class SliceMapView:
+    """One MBF map panel of the report image (paper Figure 3: maps with sector contours).
+
+    Attributes:
+        title: panel title, e.g. "slice 0 (basal)".
+        mbf_ml_min_g: float [rows, cols] map (NaN = no fit).
+        contours: polylines in pixel coordinates (x = column, y = row), drawn in their colours.
+    """
+
+    title: str
+    mbf_ml_min_g: np.ndarray
+    contours: Sequence[Contour] = ()
+
+
+def _draw_map(ax: Axes, view: SliceMapView, vmax: float, margin_px: int = 12) -> None:
+    image = np.asarray(view.mbf_ml_min_g, dtype=np.float64)
+    row0, col0, row1, col1 = 0, 0, image.shape[0], image.shape[1]
+    if view.contours:
+        points = np.concatenate([np.asarray(c.points_xy, dtype=np.float64) for c in view.contours])
+        col0 = int(max(0, np.floor(points[:, 0].min()) - margin_px))
+        col1 = int(min(image.shape[1], np.ceil(points[:, 0].max()) + margin_px + 1))
+        row0 = int(max(0, np.floor(points[:, 1].min()) - margin_px))
+        row1 = int(min(image.shape[0], np.ceil(points[:, 1].max()) + margin_px + 1))
+    colour_map = matplotlib.colormaps["jet"].with_extremes(bad="black")
+    ax.imshow(np.ma.masked_invalid(image[row0:row1, col0:col1]), cmap=colour_map, vmin=0.0, vmax=vmax,
+              interpolation="nearest")
+    for contour in view.contours:
+        points = np.asarray(contour.points_xy, dtype=np.float64)
+        closed = np.concatenate([points, points[:1]]) if contour.closed else points
+        ax.plot(closed[:, 0] - col0, closed[:, 1] - row0, color=contour.rgb, linewidth=contour.thickness)
+    ax.set_xlim(-0.5, col1 - col0 - 0.5)
+    ax.set_ylim(row1 - row0 - 0.5, -0.5)
+    ax.set_title(view.title, fontsize=9)
+    ax.axis("off")
+
+
+def render_report(report: PerfusionReport, *, slice_maps: Sequence[SliceMapView] = (), dpi: int = 100,
+                  vmax_mbf: float | None = None) -> np.ndarray:
     """Render the report to an RGB image.
 
     Args:
         report: the AHA report (with ``reserve`` filled when stress and rest exist).
-        dpi: resolution; the figure is 12 x 7 inches (1200 x 700 pixels at 100 dpi).
+        slice_maps: MBF map panels with sector contours, shown in a row above the bull's-eye.
+        dpi: resolution; the figure is 12 inches wide and 7 inches high, plus 3.2 inches with
+            map panels (1200 x 700 or 1200 x 1020 pixels at 100 dpi).
         vmax_mbf: top of the MBF colour scale; default 4 ml/min/g for stress/unknown, 2 for rest.
 
     Returns:
         uint8 [rows, cols, 3].
     """
-    figure = Figure(figsize=(12, 7), dpi=dpi, facecolor="white")
+    maps_height = 3.2 if slice_maps else 0.0
+    height = 7.0 + maps_height
+    figure = Figure(figsize=(12, height), dpi=dpi, facecolor="white")
     canvas = FigureCanvasAgg(figure)
     has_reserve = report.reserve is not None
-    grid = figure.add_gridspec(2 if has_reserve else 1, 2, width_ratios=[1.0, 1.45], left=0.02, right=0.98,
-                               top=0.86, bottom=0.05, wspace=0.08, hspace=0.3)
     vmax = vmax_mbf if vmax_mbf is not None else (2.0 if report.study.scan == "rest" else 4.0)
+    if slice_maps:
+        maps_grid = figure.add_gridspec(1, len(slice_maps), left=0.02, right=0.98, top=1 - 1.0 / height,
+                                        bottom=1 - (0.9 + maps_height) / height, wspace=0.05)
+        for index, view in enumerate(slice_maps):
+            _draw_map(figure.add_subplot(maps_grid[0, index]), view, vmax)
+    grid = figure.add_gridspec(2 if has_reserve else 1, 2, width_ratios=[1.0, 1.45], left=0.02, right=0.98,
+                               top=1 - (1.0 + maps_height + (0.45 if slice_maps else 0.0)) / height,
+                               bottom=0.35 / height, wspace=0.08, hspace=0.3)
     mbf = {s.segment: s.mbf_mean_ml_min_g for s in report.segments}
     draw_bullseye(figure.add_subplot(grid[0, 0]), mbf, title=f"{report.study.scan} MBF (mean, ml/min/g)", vmax=vmax)
     if has_reserve:
@@ -156,12 +209,12 @@ def render_report(report: PerfusionReport, *, dpi: int = 100, vmax_mbf: float | 
     if report.reserve is not None:
         summary += f"   global MPR {_fmt(report.reserve.global_mpr)}"
     territory_text = "   ".join(f"{t.territory} {_fmt(t.mbf_mean_ml_min_g)}" for t in report.territories)
-    figure.text(0.02, 0.955, f"Perfusion report - patient {report.study.patient_id or '-'}, "
+    figure.text(0.02, 1 - 0.32 / height, f"Perfusion report - patient {report.study.patient_id or '-'}, "
                 f"study {report.study.study_id or '-'}, {report.study.scan}, model {report.flow_model or '-'}",
                 fontsize=11, fontweight="bold")
-    figure.text(0.02, 0.925, f"{summary}   territories: {territory_text}", fontsize=9)
+    figure.text(0.02, 1 - 0.55 / height, f"{summary}   territories: {territory_text}", fontsize=9)
     if report.flags:
-        figure.text(0.42, 0.015, "flags: " + "; ".join(report.flags)[:160], fontsize=8, color="#b00000")
+        figure.text(0.42, 0.1 / height, "flags: " + "; ".join(report.flags)[:160], fontsize=8, color="#b00000")
     canvas.draw()
     image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     logger.debug("rendered report image %s", image.shape)
