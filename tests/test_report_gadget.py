@@ -215,3 +215,23 @@ def test_through_server(tmp_path, nul_terminate):
     assert report.segment(16).mbf_mean_ml_min_g == pytest.approx(4.0)
     folders = list(tmp_path.iterdir())
     assert len(folders) == 1 and (folders[0] / "dicom" / "mbf_slice2.dcm").exists()
+
+
+def test_unwritable_output_dir_still_reports(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the output folder should be")
+    texts = split(run(items(2.0), output_dir=blocker))[1]
+    assert PerfusionReport.model_validate_json(texts[0].text).global_values.mbf_mean_ml_min_g == pytest.approx(2.0)
+    assert texts[1].text.startswith("WARNING aha-report: could not write")
+
+
+def test_nan_centre_gives_no_contours_but_a_report():
+    broken = [SliceSegmentation(slice_index=0, labels=labels(), rv_insertion_deg=120.0,
+                                lv_center_rc=(float("nan"), float("nan")))]
+    outputs = run([i for i in items(2.0, segmented=()) if not isinstance(i, SliceSegmentation)] + broken)
+    images, texts = split(outputs)
+    meta = ismrmrd.Meta.deserialize(images[0].attribute_string)
+    assert not any(k.startswith("ROI_") for k in meta.keys())
+    report = PerfusionReport.model_validate_json(texts[0].text)
+    assert report.slices[0].failed and report.partial
+    assert "no LV centre found" in report.slices[0].flags

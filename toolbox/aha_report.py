@@ -344,6 +344,8 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
             slice_flags.append("no myocardium segmented")
         elif not math.isfinite(item.rv_insertion_deg):
             slice_flags.append("no RV insertion found")
+        elif not all(math.isfinite(v) for v in item.lv_center_rc):
+            slice_flags.append("no LV centre found")
         mbf_values = np.asarray(item.mbf_ml_min_g, dtype=np.float64)[myocardium]
         if not failed and not np.isfinite(mbf_values).any():
             slice_flags.append("no MBF fit in the myocardium")
