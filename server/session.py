@@ -91,7 +91,7 @@ class Session:
         except (ProtocolError, ChainError, SessionError) as error:
             self._stop_with_error(self._describe(error))
         except ChainStopped:
-            pass  # a gadget failed: the sender already reported it
+            pass  # stopped by the sender thread (client socket failed), already logged there
         except Exception as error:  # noqa: BLE001 - last resort: the client must not hang
             self.log.exception("internal error")
             self._stop_with_error(f"internal server error: {type(error).__name__}: {error}")

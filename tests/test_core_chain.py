@@ -128,3 +128,21 @@ def test_registry_has_the_runtime_gadgets(tmp_path: Path) -> None:
     assert load_chain_file(file).name == "t"
     with pytest.raises(ChainError, match="cannot read chain file"):
         load_chain_file(tmp_path / "missing.toml")
+
+
+def test_chains_command_lists_and_validates(tmp_path: Path, capsys) -> None:
+    from perfline.cli import main
+
+    main(["chains"])
+    listing = capsys.readouterr().out
+    assert "cartesian-recon  [acquisition]  cartesian-recon" in listing
+    assert "passthrough  (Image -> Image)" in listing
+    good = tmp_path / "good.toml"
+    good.write_text(chain_text('gadget = "test-image-to-series"'))
+    assert main(["chains", "validate", str(good)]) == 0
+    output = capsys.readouterr().out
+    assert "valid: chain 't'" in output and "warning:" in output
+    bad = tmp_path / "bad.toml"
+    bad.write_text(chain_text('gadget = "passthrough"\nsettings = { a = 1 }'))
+    assert main(["chains", "validate", str(bad)]) == 1
+    assert "valid settings: none" in capsys.readouterr().err
