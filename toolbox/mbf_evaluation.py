@@ -325,10 +325,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(out) if out else (Path(json_path).parent / "evaluation_mbf" if json_path else Path("evaluation_mbf"))
     if n_studies < 2:
         raise EvaluationError(f"--studies must be at least 2 for a paired t-test, got {n_studies}")
+    from tqdm import tqdm
+
     simulate = default_simulator(getattr(args, "first_seed", None))
-    automated, truth = evaluate_studies(n_studies, simulate, out_dir / "studies",
-                                        progress=lambda done: logger.info("MBF evaluation: %d/%d studies",
-                                                                          done, n_studies))
+    with tqdm(total=n_studies, desc="MBF evaluation", unit="study") as bar:
+        automated, truth = evaluate_studies(n_studies, simulate, out_dir / "studies",
+                                            progress=lambda done: bar.update(done - bar.n))
     comparison = compare_mbf(automated, truth)
     paths = write_evaluation(comparison, automated, truth, out_dir)
     g, s = comparison.global_mbf, comparison.sector_mbf
