@@ -109,3 +109,82 @@ def test_truth_from_simulator():
     assert truth.segment_mbf.min() <= truth.global_mbf <= truth.segment_mbf.max()
     assert 0.2 < truth.global_mbf < 2.5  # rest MBF
     assert len(truth.rv_insertion_deg) == 3
+
+
+# ------------------------------------------------- the end-to-end loop with a stand-in chain
+import ismrmrd  # noqa: E402
+
+from perfline.core.gadget import Gadget, GadgetSettings, register_gadget  # noqa: E402
+from perfline.gadgets.perfusion_items import FlowMaps, ImageGeometry, SliceSegmentation  # noqa: E402
+from perfline.toolbox.mbf_evaluation import SimulatedStudy, evaluate_studies  # noqa: E402
+
+SHAPE = (64, 64)
+
+
+def ring_labels() -> np.ndarray:
+    rows, cols = np.indices(SHAPE)
+    radius = np.hypot(rows - 32, cols - 32)
+    return np.where((radius >= 9) & (radius < 15), 2, np.where(radius < 9, 1, 0)).astype(np.uint8)
+
+
+class _StandInSettings(GadgetSettings):
+    pass
+
+
+@register_gadget
+class _StandInMapping(Gadget):
+    """Test-only: each image (slice k) is already an MBF map; adds the true segmentation."""
+
+    name = "test-mbf-evaluation-stand-in"
+    Settings = _StandInSettings
+    accepts = (ismrmrd.Image,)
+    produces = (FlowMaps, SliceSegmentation)
+
+    def process(self, stream):
+        for image in stream:
+            index = int(image.slice)
+            geometry = ImageGeometry(field_of_view_mm=(64.0, 64.0, 8.0), position=(0.0, 0.0, 10.0 * index))
+            yield FlowMaps(slice_index=index, model="fermi", geometry=geometry,
+                           mbf_ml_min_g=np.asarray(image.data[0, 0], dtype=np.float32))
+            yield SliceSegmentation(slice_index=index, labels=ring_labels(), rv_insertion_deg=120.0,
+                                    lv_center_rc=(32.0, 32.0))
+
+
+def test_evaluate_studies_end_to_end(tmp_path):
+    chain_dir = tmp_path / "chains"
+    chain_dir.mkdir()
+    (chain_dir / "perfusion.toml").write_text(
+        'name = "perfusion"\ninput = ["image"]\n[[gadgets]]\ngadget = "test-mbf-evaluation-stand-in"\n'
+        '[[gadgets]]\ngadget = "aha-report"\n')
+
+    def simulate(index: int, scan: str, directory):
+        level_mbf = (3.0 + 0.1 * index, 2.5, 2.0) if scan == "stress" else (0.8, 0.7, 0.6)
+        images = []
+        for slice_index, value in enumerate(level_mbf):
+            noise = np.random.default_rng([index, slice_index]).normal(0, 0.02, SHAPE)
+            image = ismrmrd.Image.from_array((value + noise).astype(np.float32)[None, None])
+            image.slice = slice_index
+            images.append(image)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{scan}.h5"
+        dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+        for image in images:
+            dataset.append_image("images_0", image)
+        dataset.close()
+        segments = np.array([level_mbf[0]] * 6 + [level_mbf[1]] * 6 + [level_mbf[2]] * 4)
+        labels = ring_labels() == 2
+        truth_global = float(np.mean([v for v in level_mbf for _ in range(int(labels.sum()))]))
+        truth = StudyMbf(truth_global, segments, rv_insertion_deg=(121.0, 121.0, 121.0))
+        return SimulatedStudy(mrd_path=path, truth=truth, scan=scan, patient_id=f"sim-{index}")
+
+    from perfline.gadgets.report import REPORT_STORE
+
+    REPORT_STORE.clear()
+    automated, truth = evaluate_studies(3, simulate, tmp_path / "studies", chain_dir=chain_dir, timeout_s=60)
+    REPORT_STORE.clear()
+    assert len(automated) == len(truth) == 6
+    result = compare_mbf(automated, truth)
+    assert result.global_mbf.mean_abs_relative_error_pct < 1.0
+    assert result.sector_mbf.max_abs_relative_error_pct < 2.0
+    assert result.n_missing_sectors == 0
+    assert result.rv_insertion_abs_error_deg_max == pytest.approx(1.0)

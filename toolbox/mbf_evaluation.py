@@ -215,18 +215,20 @@ def report_from_results(texts: Sequence[str]) -> str:
 
 def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *, chain: str = "perfusion",
                      scans: Sequence[str] = ("stress", "rest"), timeout_s: float = 600.0,
+                     chain_dir: Path | None = None,
                      progress: Callable[[int], None] | None = None) -> tuple[list[StudyMbf], list[StudyMbf]]:
     """Simulate, stream and collect: (automated, truth) per scan of ``n_studies`` studies.
 
-    Each study index uses its own simulator seed; every scan is streamed through ``chain`` on a
-    server started here, with the study's patient id in the parameters so stress and rest pair.
+    Each study index uses its own simulator seed; every scan is streamed through ``chain`` (from
+    ``chain_dir``, default the shipped chains) on a server started here, with the study's patient
+    id in the parameters so stress and rest pair.
     """
     from perfline.server.client import send_dataset
     from perfline.server.testing import running_server
 
     automated: list[StudyMbf] = []
     truths: list[StudyMbf] = []
-    with running_server() as (host, port):
+    with running_server(chain_dir=chain_dir) as (host, port):
         for index in range(n_studies):
             for scan in scans:
                 study = simulate(index, scan, work_dir / f"study_{index:03d}")
