@@ -131,3 +131,100 @@ def test_gadget_without_header_fails_clearly(shepp_logan) -> None:
     with pytest.raises(GadgetFailed, match="needs the MRD XML header") as info:
         run_gadgets([gadget], iter_acquisitions(shepp_logan()))
     assert isinstance(info.value.__cause__, GadgetError)
+
+
+HEADER_TEMPLATE = """<?xml version="1.0"?>
+<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
+  <experimentalConditions><H1resonanceFrequency_Hz>63500000</H1resonanceFrequency_Hz></experimentalConditions>
+  <encoding>
+    <encodedSpace><matrixSize><x>{ex}</x><y>{ey}</y><z>1</z></matrixSize>
+      <fieldOfView_mm><x>{fx2}</x><y>{fy}</y><z>8</z></fieldOfView_mm></encodedSpace>
+    <reconSpace><matrixSize><x>{rx}</x><y>{ey}</y><z>1</z></matrixSize>
+      <fieldOfView_mm><x>{fx}</x><y>{fy}</y><z>8</z></fieldOfView_mm></reconSpace>
+    <encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>{maxy}</maximum><center>{cy}</center>
+      </kspace_encoding_step_1></encodingLimits>
+    <trajectory>{trajectory}</trajectory>
+  </encoding>
+</ismrmrdHeader>"""
+
+
+def _context(ex: int = 32, ey: int = 16, rx: int = 16, cy: int = 8, maxy: int = 15,
+             trajectory: str = "cartesian") -> ChainContext:
+    xml = HEADER_TEMPLATE.format(ex=ex, ey=ey, rx=rx, cy=cy, maxy=maxy, fx=rx * 2.0, fx2=ex * 2.0, fy=ey * 2.5,
+                                 trajectory=trajectory)
+    return ChainContext(header=ismrmrd.xsd.CreateFromDocument(xml), header_xml=xml)
+
+
+def _readout(data: np.ndarray, line: int, *, slice: int = 0, center_sample: int | None = None,
+             last: bool = False, position=(0.0, 0.0, 0.0)) -> ismrmrd.Acquisition:
+    acquisition = ismrmrd.Acquisition.from_array(data.astype(np.complex64))
+    acquisition.idx.kspace_encode_step_1 = line
+    acquisition.idx.slice = slice
+    acquisition.center_sample = data.shape[1] // 2 if center_sample is None else center_sample
+    acquisition.position = position
+    acquisition.read_dir = (0.0, 1.0, 0.0)
+    acquisition.phase_dir = (1.0, 0.0, 0.0)
+    acquisition.slice_dir = (0.0, 0.0, 1.0)
+    acquisition.sample_time_us = 2.0
+    if last:
+        acquisition.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+    return acquisition
+
+
+def _zero_filled_reference(kspace: np.ndarray, recon_x: int) -> np.ndarray:
+    coil_images = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    start = (kspace.shape[-1] - recon_x) // 2
+    return np.sqrt(np.sum(np.abs(coil_images[..., start:start + recon_x]) ** 2, axis=0))
+
+
+def test_partial_fourier_and_asymmetric_echo_are_placed_by_centre() -> None:
+    """Lines 0..11 with centre line 4 (partial Fourier) and 24-sample readouts with centre sample 8
+    (asymmetric echo) land at ky - 4 + 8 and kx offset 16 - 8 of a 16 x 32 matrix."""
+    full = complex_noise(2, 16, 32)
+    expected = np.zeros_like(full)
+    acquisitions = []
+    for line in range(12):
+        row = line - 4 + 8
+        expected[:, row, 8:32] = full[:, row, 8:32]
+        acquisitions.append(_readout(full[:, row, 8:32], line, center_sample=8, last=line == 11))
+    (image,) = run_gadgets([CartesianRecon(context=_context(cy=4, maxy=11))], acquisitions)
+    assert relative_error(image.data[0, 0], _zero_filled_reference(expected, 16)) < 1e-5
+
+
+def test_slices_are_grouped_with_their_own_geometry_and_repeated_lines_averaged() -> None:
+    kspaces = [complex_noise(2, 16, 32), complex_noise(2, 16, 32)]
+    acquisitions = []
+    for line in range(16):
+        for slice_index, kspace in enumerate(kspaces):
+            position = (0.0, 0.0, 10.0 * slice_index)
+            if line == 5:  # an extra noisy average of line 5: the mean must be used
+                offset = complex_noise(2, 32)
+                acquisitions.append(_readout(kspace[:, line] + offset, line, slice=slice_index, position=position))
+                acquisitions.append(_readout(kspace[:, line] - offset, line, slice=slice_index, position=position))
+            else:
+                acquisitions.append(_readout(kspace[:, line], line, slice=slice_index, position=position,
+                                             last=line == 15))
+    images = run_gadgets([CartesianRecon(context=_context())], acquisitions)
+    assert [image.slice for image in images] == [0, 1]
+    for image, kspace in zip(images, kspaces):
+        assert tuple(image.position) == (0.0, 0.0, 10.0 * image.slice)
+        assert tuple(image.read_dir) == (0.0, 1.0, 0.0) and tuple(image.phase_dir) == (1.0, 0.0, 0.0)
+        assert tuple(image.field_of_view) == (32.0, 40.0, 8.0)
+        assert relative_error(image.data[0, 0], _zero_filled_reference(kspace, 16)) < 1e-5
+
+
+def test_stream_end_flushes_a_slice_without_last_flag() -> None:
+    kspace = complex_noise(2, 16, 32)
+    acquisitions = [_readout(kspace[:, line], line) for line in range(16)]
+    (image,) = run_gadgets([CartesianRecon(context=_context())], acquisitions)
+    assert relative_error(image.data[0, 0], _zero_filled_reference(kspace, 16)) < 1e-5
+
+
+@pytest.mark.parametrize("context, acquisition, message", [
+    (_context(trajectory="radial"), _readout(np.ones((2, 32)), 0), "takes Cartesian data"),
+    (_context(), _readout(np.ones((2, 32)), 20), "outside the encoded matrix of 16 lines"),
+    (_context(), _readout(np.ones((2, 40)), 0), "does not fit the encoded matrix x = 32"),
+], ids=["radial", "line-outside", "readout-too-long"])
+def test_inconsistent_data_is_a_clear_gadget_error(context, acquisition, message) -> None:
+    with pytest.raises(GadgetFailed, match=message):
+        run_gadgets([CartesianRecon(context=context)], [acquisition])
