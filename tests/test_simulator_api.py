@@ -1,0 +1,107 @@
+"""Image-domain API, ground-truth file and the ``perfline simulate`` command."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from perfline.cli import main
+from perfline.simulator import ImageSlice, simulate_image_study
+from perfline.simulator import study as st
+from perfline.simulator.truth import TruthFormatError, read_truth, write_truth
+from perfline.toolbox.aha import aha_segment_map
+
+
+@pytest.fixture(scope="module")
+def slices() -> list[ImageSlice]:
+    return simulate_image_study(13, kind="stress", field_strength_t=3.0, n_frames=30)
+
+
+def test_image_slices_have_the_documented_shapes_and_types(slices):
+    assert [s.level for s in slices] == ["basal", "mid", "apical"]
+    for s in slices:
+        assert s.signal.dtype == np.float32 and s.signal.shape == (33, 144, 192)
+        assert s.gd.dtype == np.float32 and s.gd.shape == (30, 144, 192)
+        assert s.time_s.shape == (33,) and np.all(np.diff(s.time_s) > 0.3)
+        assert s.n_pd_frames == 3 and s.pixel_spacing_mm == pytest.approx(1.875)
+        assert s.labels.dtype == np.uint8 and set(np.unique(s.labels)) == {0, 1, 2, 3}
+        assert np.all(np.isnan(s.mbf[s.labels != 2])) and np.all(np.isfinite(s.mbf[s.labels == 2]))
+        assert 0 <= s.rv_insertion_deg < 360
+        rows, cols = np.nonzero(s.labels == 1)
+        assert s.lv_center_rc == pytest.approx((rows.mean(), cols.mean()))
+
+
+def test_contrast_is_visible_in_signal_and_gd(slices):
+    s = slices[1]
+    lv, rv, myo = (s.signal[:, s.labels == k].mean(axis=1) for k in (1, 3, 2))
+    n_pd = s.n_pd_frames
+    assert np.argmax(rv[n_pd:]) < np.argmax(lv[n_pd:]), "RV must peak before the LV"
+    assert lv[n_pd:].max() > 3 * lv[n_pd], "blood enhances strongly"
+    gd_myo = s.gd[:, s.labels == 2].mean(axis=1)
+    assert gd_myo[:3].max() < 0.15 and gd_myo.max() > 0.3, "myocardial Gd rises from ~0"
+    # stress MBF in the documented range (defects may lower part of the wall)
+    assert 1.0 < np.nanmedian(s.mbf) < 4.5
+
+
+def test_same_seed_same_arrays_other_seed_other_arrays():
+    a = simulate_image_study(3, n_slices=1, n_frames=12)
+    b = simulate_image_study(3, n_slices=1, n_frames=12)
+    c = simulate_image_study(4, n_slices=1, n_frames=12)
+    assert np.array_equal(a[0].signal, b[0].signal) and np.array_equal(a[0].gd, b[0].gd, equal_nan=True)
+    assert not np.array_equal(a[0].labels, c[0].labels)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="kind must be"):
+        simulate_image_study(0, kind="exercise")
+    with pytest.raises(ValueError, match="field_strength_t"):
+        simulate_image_study(0, field_strength_t=7.0)
+
+
+def test_truth_file_layout(tmp_path):
+    study = st.sample_study(6, n_slices=3, n_frames=12)
+    path = tmp_path / "truth.h5"
+    write_truth(study, str(path))
+    with h5py.File(path, "r") as f:
+        for key in ("seed", "kind", "field_strength_t", "hematocrit", "pixel_spacing_mm"):
+            assert key in f.attrs
+        assert f["aif/time_s"].shape == f["aif/gd"].shape == (15,)
+        g = f["slices/1"]
+        assert g["labels"].dtype == np.uint8 and g["aha_segments"].dtype == np.uint8
+        assert g["gd"].shape == (15, 144, 192) and g["motion"].shape == (15, 2, 144, 192)
+        assert g.attrs["level"] == "mid"
+        assert f["segment_mbf"].shape == (16,) and f["segment_mbf"].dtype == np.float32
+    truth = read_truth(str(path))
+    assert truth.attrs["seed"] == 6
+    for sl in truth.slices:
+        expected = aha_segment_map(sl.labels == 2, sl.lv_center_rc, sl.rv_insertion_deg, sl.level)
+        assert np.array_equal(expected, sl.aha_segments)
+    assert np.all(np.isfinite(truth.segment_mbf))
+    mid = truth.slices[1]
+    segment_7 = np.nanmean(mid.mbf[mid.aha_segments == 7])
+    assert truth.segment_mbf[6] == pytest.approx(segment_7, rel=1e-5)
+    (tmp_path / "other.h5").write_bytes(b"")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(TruthFormatError, match="expected"):
+        read_truth(str(tmp_path / "other.h5"))
+
+
+def test_cli_writes_kspace_and_truth(tmp_path):
+    out, truth_path = tmp_path / "scan.h5", tmp_path / "truth.h5"
+    code = main(["simulate", str(out), "--truth", str(truth_path), "--seed", "5", "--rest", "--field", "1.5",
+                 "--slices", "1", "--frames", "10", "--coils", "4", "--acceleration", "3", "--flow-model", "fermi"])
+    assert code == 0
+    with h5py.File(out, "r") as f:
+        assert f["dataset/data"].shape[0] > 1000
+    truth = read_truth(str(truth_path), load_series=False)
+    assert truth.attrs["kind"] == "rest" and truth.attrs["field_strength_t"] == 1.5
+    assert len(truth.slices) == 1 and truth.slices[0].level == "mid"
+
+
+def test_cli_refuses_bad_options(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", str(tmp_path / "a.h5"), "--truth", str(tmp_path / "b.h5"), "--acceleration", "2"])
+    code = main(["simulate", str(tmp_path / "a.h5"), "--truth", str(tmp_path / "b.h5"), "--frames", "3"])
+    assert code == 2 and "n_frames" in capsys.readouterr().err
