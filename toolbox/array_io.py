@@ -130,8 +130,7 @@ def save_map(
             high = float(np.percentile(finite, 99)) if finite.size else 1.0
             value_range = (0.0, high if high > 0 else 1.0)
         figure, axes = plt.subplots(figsize=(5, 4.2))
-        cmap = plt.get_cmap(colormap).copy()
-        cmap.set_bad("black")
+        cmap = plt.get_cmap(colormap).with_extremes(bad="black")
         image = axes.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=value_range[0], vmax=value_range[1])
         axes.set_title(title)
         axes.axis("off")
