@@ -181,14 +181,16 @@ class AhaReportGadget(Gadget):
                                     max_missing_fit_fraction=settings.max_missing_fit_fraction,
                                     basal_at=settings.basal_at),
             flow_model=next(iter(maps.values())).model)
-        aif_summary = None
+        aif_summary, aif_flag = None, []
         if aif is None:
-            extra_flags.append("no AIF curve received")
+            # informational only: the maps exist, so an AIF was used upstream; it just did not
+            # reach this gadget (the mapping gadget consumed it without passing it on)
+            aif_flag = ["no AIF curve reached the report (aif summary empty)"]
         else:
             aif_summary = AifSummary(peak_gd_mmol_l=float(np.max(aif.blood_gd_mmol_l)),
                                      foot_time_s=float(aif.time_s[aif.foot_index]),
                                      peak_time_s=float(aif.time_s[aif.peak_index]), hematocrit=aif.hematocrit)
-        return report.model_copy(update={"aif": aif_summary, "flags": report.flags + extra_flags,
+        return report.model_copy(update={"aif": aif_summary, "flags": report.flags + extra_flags + aif_flag,
                                          "partial": report.partial or bool(extra_flags)})
 
     def _with_reserve(self, report: PerfusionReport) -> PerfusionReport:

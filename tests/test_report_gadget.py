@@ -104,7 +104,7 @@ def test_partial_input_is_flagged():
     outputs = run(items(2.0, slices=(0, 1), segmented=(0,), aif=False))
     report = PerfusionReport.model_validate_json(split(outputs)[1][0].text)
     assert report.partial
-    assert any("no AIF" in f for f in report.flags)
+    assert any("no AIF curve reached the report" in f for f in report.flags)
     assert any("slice 1" in f and "segmentation" in f for f in report.flags)
     assert report.slices[1].failed
 
