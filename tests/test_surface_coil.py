@@ -53,3 +53,15 @@ def test_bad_pd(image: np.ndarray, match: str) -> None:
 def test_size_mismatch() -> None:
     with pytest.raises(ProtonDensityError, match="differ in size"):
         normalize_by_pd(np.ones((2, 4, 4)), np.ones((4, 5)))
+
+
+def test_guided_map_keeps_tissue_proton_density_apart() -> None:
+    rows, cols = np.mgrid[:48, :48]
+    pool = (rows - 24) ** 2 + (cols - 24) ** 2 < 8**2
+    wall = ~pool & ((rows - 24) ** 2 + (cols - 24) ** 2 < 11**2)
+    proton_density = np.where(pool, 0.95, 0.80)
+    guide = np.where(pool, 1.0, np.where(wall, 0.3, 0.5))  # e.g. the mean SR image
+    plain = coil_map_from_pd(proton_density, box_size_px=7)
+    guided = coil_map_from_pd(proton_density, box_size_px=7, guide=guide, guide_tolerance=0.05)
+    assert np.abs(guided[wall] / 0.80 - 1).max() < 0.01
+    assert np.abs(plain[wall] / 0.80 - 1).max() > 0.05  # the blood pool leaks in without a guide
