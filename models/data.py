@@ -230,17 +230,20 @@ def _resample_frames(frames: np.ndarray, start: float, interval: float,
     return frames[low] * (1 - weight) + frames[high] * weight
 
 
-def augmented_sample(slice_, rng: np.random.Generator,
-                     augmentation: Augmentation | None) -> tuple[np.ndarray, np.ndarray]:
+def augmented_sample(slice_, rng: np.random.Generator | None,
+                     augmentation: Augmentation | None, *,
+                     signal_units: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One (crop [48, 176, 176] float32, labels [176, 176] uint8) pair from an ImageSlice.
 
-    ``augmentation=None`` gives the plain paper pipeline on Gd units centred on the true LV.
+    ``augmentation=None`` gives the plain paper pipeline centred on the true LV, on Gd units
+    (or the SR signal frames when ``signal_units``).
     """
     spacing = float(slice_.pixel_spacing_mm)
     center = np.asarray(slice_.lv_center_rc, dtype=np.float64)
     if augmentation is None:
         geometry = CropGeometry.centred(slice_.labels.shape, spacing, tuple(center))
-        return sample_crop(np.asarray(slice_.gd), geometry), crop_labels(slice_.labels, geometry)
+        frames = slice_.signal[slice_.n_pd_frames:] if signal_units else slice_.gd
+        return sample_crop(np.asarray(frames), geometry), crop_labels(slice_.labels, geometry)
     a = augmentation
     use_signal = rng.random() < a.signal_units_probability
     frames = np.asarray(slice_.signal[slice_.n_pd_frames:] if use_signal else slice_.gd,

@@ -23,8 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from perfline.models.data import (TEST_SEED_START, Augmentation, is_validation_study,
-                                  study_samples)
+from perfline.models.data import (TEST_SEED_START, Augmentation, augmented_sample,
+                                  is_validation_study, study_samples)
 from perfline.models.resunet import ResUNet, ResUNetConfig, segmentation_loss
 from perfline.models.weights import save_weights
 
@@ -50,6 +50,7 @@ class TrainSettings(BaseModel):
     seed: int = 0
     time_limit_s: float | None = Field(None, gt=0, description="stop after this wall time")
     simulator_frames: int = Field(64, ge=48)
+    init_weights: str | None = Field(None, description="model stem to start from (fine-tuning)")
 
 
 class SimulatedSlices(IterableDataset):
@@ -91,7 +92,14 @@ def validation_seeds(count: int) -> list[int]:
 
 
 def _plain_samples(seed: int, n_frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    return study_samples(seed, np.random.default_rng(seed), None, n_frames=n_frames)
+    """Validation crops of one study: Gd and signal units alternate from slice to slice."""
+    from perfline.simulator import simulate_image_study
+
+    samples = []
+    for index, slice_ in enumerate(simulate_image_study(seed, n_frames=n_frames)):
+        samples.append(augmented_sample(slice_, None, None,
+                                        signal_units=(seed + index) % 2 == 1))
+    return samples
 
 
 def validation_set(settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +159,15 @@ def train(settings: TrainSettings, out_dir: Path, *, resume: bool = False,
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(settings.seed)
     model = ResUNet(settings.network).to(torch_device)
+    if settings.init_weights and not resume:
+        from perfline.models.weights import load_torch_model
+
+        initial = load_torch_model(Path(settings.init_weights))
+        if initial.config != settings.network:
+            raise ValueError(f"--init-weights {settings.init_weights} has network "
+                             f"{initial.config}, expected {settings.network}")
+        model.load_state_dict(initial.state_dict())
+        logger.info("starting from %s", settings.init_weights)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate,
                                  betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.lr_halving_epochs, 0.5)

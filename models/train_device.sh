@@ -19,16 +19,15 @@ for folder in core gadgets server toolbox simulator models chains; do
     ln -s "$PWD/$folder" "$PKG/perfline/$folder"
 done
 export PYTHONPATH="$PKG:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-RUN=/tmp/perfline_run  # outside $OUT: only 8 files come back
+RUN="$OUT/run"  # written as training goes: survives a time-out (7 files in all come back)
 mkdir -p "$RUN"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/device.txt"
 WORKERS=${WORKERS:-$(( $(nproc) - 1 ))}
-python3 -m perfline.cli train --out "$RUN" --time-limit "${TRAIN_SECONDS:-480}" \
-    --workers "$WORKERS" --export-onnx ${TRAIN_ARGS:-} 2>&1 | tr '\r' '\n' \
+# run from the link tree: `python -m` puts the working directory first on sys.path, where the
+# folder perfline/ alone would shadow the mapped package
+(cd "$PKG" && python3 -m perfline.cli train --out "$RUN" --time-limit "${TRAIN_SECONDS:-480}" \
+    --workers "$WORKERS" --export-onnx ${TRAIN_ARGS:-}) 2>&1 | tr '\r' '\n' \
     | grep -v '^ *[0-9]*%|' > "$OUT/train.log"
 status=${PIPESTATUS[0]}
 tail -n 30 "$OUT/train.log"
-for file in best.safetensors best.json best.onnx train_log.jsonl; do
-    [ -f "$RUN/$file" ] && cp "$RUN/$file" "$OUT/$file"
-done
 exit "$status"

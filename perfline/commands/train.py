@@ -29,6 +29,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--paper", action="store_true",
                         help="the paper's best network: 2 levels, 2+3 blocks, 64/128 filters")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--lr-halving-epochs", type=int, default=10)
+    parser.add_argument("--init-weights", default=None, metavar="STEM",
+                        help="start from these weights (fine-tuning), e.g. models/resunet_perfusion")
+    parser.add_argument("--augmentation", default="{}", metavar="JSON",
+                        help='overrides of the augmentation ranges, e.g. \'{"scale": [0.8, 1.6]}\'')
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--export-onnx", action="store_true",
@@ -57,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
     settings = TrainSettings(network=network, epochs=args.epochs,
                              steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                              workers=args.workers, validation_studies=args.validation_studies,
-                             time_limit_s=args.time_limit, seed=args.seed)
+                             time_limit_s=args.time_limit, seed=args.seed,
+                             learning_rate=args.learning_rate,
+                             lr_halving_epochs=args.lr_halving_epochs,
+                             init_weights=args.init_weights,
+                             augmentation=json.loads(args.augmentation))
     bar = tqdm(total=settings.epochs * settings.steps_per_epoch, unit="step",
                dynamic_ncols=True)
 
