@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import scipy.special
 
 from perfline.toolbox import flow_models
 
@@ -51,7 +52,8 @@ class BolusParameters:
 
     lv_foot_s: float
     lv_peak_mmol_l: float
-    time_to_peak_s: float
+    injection_duration_s: float  # box-shaped input (contrast + flush) before dispersion
+    time_to_peak_s: float        # of the dispersing gamma-variate transport
     gamma_shape: float
     rv_lead_s: float             # RV foot this much earlier than the LV foot
     rv_peak_ratio: float
@@ -96,10 +98,11 @@ def sample_bolus(rng: np.random.Generator, kind: str, first_sr_time_s: float) ->
     return BolusParameters(
         lv_foot_s=first_sr_time_s + rng.uniform(6.0, 12.0),
         lv_peak_mmol_l=peak,
-        time_to_peak_s=rng.uniform(2.5, 4.0) if stress else rng.uniform(3.0, 5.0),
+        injection_duration_s=rng.uniform(2.0, 4.0) if stress else rng.uniform(2.5, 4.5),
+        time_to_peak_s=rng.uniform(0.8, 2.0) if stress else rng.uniform(1.0, 2.5),
         gamma_shape=rng.uniform(2.0, 4.0),
-        rv_lead_s=rng.uniform(2.5, 4.5) if stress else rng.uniform(3.5, 6.0),
-        rv_peak_ratio=rng.uniform(1.3, 2.0), rv_width_ratio=rng.uniform(0.6, 0.8),
+        rv_lead_s=rng.uniform(2.5, 6.0) if stress else rng.uniform(3.5, 8.0),
+        rv_peak_ratio=rng.uniform(1.2, 1.7), rv_width_ratio=rng.uniform(0.6, 0.8),
         recirculation_delay_s=rng.uniform(7.0, 12.0), recirculation_ratio=rng.uniform(0.12, 0.3),
         plateau_ratio=rng.uniform(0.12, 0.22), aorta_delay_s=rng.uniform(0.2, 0.6),
         hematocrit=float(np.clip(rng.normal(0.42, 0.03), 0.33, 0.50)),
@@ -108,7 +111,7 @@ def sample_bolus(rng: np.random.Generator, kind: str, first_sr_time_s: float) ->
 
 def sample_tissue(rng: np.random.Generator, model: FlowModel) -> TissueParameters:
     return TissueParameters(model=model, delay_s=rng.uniform(0.3, 1.2),
-                            fermi_k_per_s=rng.uniform(0.15, 0.45), fermi_tau_s=rng.uniform(1.0, 3.0),
+                            fermi_k_per_s=rng.uniform(0.3, 0.6), fermi_tau_s=rng.uniform(0.5, 1.5),
                             ps_ml_min_g=rng.uniform(1.0, 1.6), vp=rng.uniform(0.07, 0.10),
                             visf=rng.uniform(0.15, 0.30))
 
@@ -119,10 +122,30 @@ def gamma_variate(time_s: np.ndarray, foot_s: float, time_to_peak_s: float, shap
     return np.where(tau > 0, tau ** shape * np.exp(shape * (1.0 - tau)), 0.0)
 
 
+def dispersed_box(time_s: np.ndarray, foot_s: float, duration_s: float, time_to_peak_s: float,
+                  shape: float) -> np.ndarray:
+    """A box input of ``duration_s`` convolved with a gamma variate (time to peak, shape), peak 1.
+
+    Closed form with the regularised lower incomplete gamma function P:
+    ``P(a + 1, a tau) - P(a + 1, a (tau - D / ttp))``, ``tau = (t - foot) / ttp``.
+    """
+    a = shape
+
+    def response(t: np.ndarray) -> np.ndarray:
+        tau = np.clip((np.asarray(t, dtype=np.float64) - foot_s) / time_to_peak_s, 0.0, None)
+        lag = np.clip(tau - duration_s / time_to_peak_s, 0.0, None)
+        return scipy.special.gammainc(a + 1, a * tau) - scipy.special.gammainc(a + 1, a * lag)
+
+    grid = foot_s + np.linspace(0.0, duration_s + 8.0 * time_to_peak_s, 4000)
+    return response(time_s) / response(grid).max()
+
+
 def _blood_curve(time_s: np.ndarray, foot_s: float, peak: float, ttp: float, bolus: BolusParameters) -> np.ndarray:
-    first = gamma_variate(time_s, foot_s, ttp, bolus.gamma_shape)
-    recirculation = gamma_variate(time_s, foot_s + bolus.recirculation_delay_s, 1.8 * ttp, bolus.gamma_shape)
-    plateau = 1.0 / (1.0 + np.exp(-(time_s - foot_s - 1.5 * ttp) / (0.8 * ttp)))
+    first = dispersed_box(time_s, foot_s, bolus.injection_duration_s, ttp, bolus.gamma_shape)
+    rise = bolus.injection_duration_s + ttp
+    recirculation = dispersed_box(time_s, foot_s + bolus.recirculation_delay_s, bolus.injection_duration_s,
+                                  2.5 * ttp, bolus.gamma_shape)
+    plateau = 1.0 / (1.0 + np.exp(-(time_s - foot_s - 1.5 * rise) / (0.8 * rise)))
     washout = np.exp(-np.clip(time_s - foot_s, 0, None) / 400.0)
     return peak * (first + bolus.recirculation_ratio * recirculation + bolus.plateau_ratio * plateau * washout)
 

@@ -60,13 +60,30 @@ def table_lookup(table: np.ndarray, gd_mmol_l: np.ndarray) -> np.ndarray:
     return out
 
 
-def class_signals(seq: SequenceParameters, gd_by_class: dict[str, np.ndarray], n_pd_frames: int) -> np.ndarray:
-    """Signal per unit M0 [T, C] of every class (order of TISSUE_CLASSES); PD frames first."""
+@functools.lru_cache(maxsize=16)
+def unsaturated_table(seq: SequenceParameters, tissue: str) -> np.ndarray:
+    """Readout signal per unit M0 of spins that missed the saturation pulse (fully relaxed)."""
+    relaxed = seq.model_copy(update={"saturation_delay_ms": 1e7})
+    return signal_table(relaxed, tissue)[0]
+
+
+def class_signals(seq: SequenceParameters, gd_by_class: dict[str, np.ndarray], n_pd_frames: int,
+                  blood_inflow_fraction: float = 0.0) -> np.ndarray:
+    """Signal per unit M0 [T, C] of every class (order of TISSUE_CLASSES); PD frames first.
+
+    ``blood_inflow_fraction`` of the blood in the blood classes flowed in from outside the
+    slice after the (slice-selective) saturation pulse: it is read out fully relaxed, which
+    raises the pre-contrast blood signal as on real scans.
+    """
     columns = []
     for name in TISSUE_CLASSES:
-        sr_table, pd_table = signal_table(seq, RELAXATION_TISSUE[name])
+        tissue = RELAXATION_TISSUE[name]
+        sr_table, pd_table = signal_table(seq, tissue)
         gd = gd_by_class[name]
         signal = table_lookup(sr_table, gd)
+        if blood_inflow_fraction > 0 and tissue == "blood":
+            signal = ((1.0 - blood_inflow_fraction) * signal
+                      + blood_inflow_fraction * table_lookup(unsaturated_table(seq, tissue), gd))
         signal[:n_pd_frames] = table_lookup(pd_table, gd[:n_pd_frames])
         columns.append(signal)
     return np.stack(columns, axis=1)
@@ -87,7 +104,7 @@ def class_weights(anatomy: SliceAnatomy, exclude: tuple[str, ...] = ()) -> np.nd
 
 def render_series(anatomy: SliceAnatomy, seq: SequenceParameters, gd_by_class: dict[str, np.ndarray],
                   n_pd_frames: int, myocardium_gd: np.ndarray | None = None,
-                  echo_time_ms: float | None = None) -> np.ndarray:
+                  echo_time_ms: float | None = None, blood_inflow_fraction: float = 0.0) -> np.ndarray:
     """Noise-free magnitude series float32 [T, rows, cols] at the reference position.
 
     Args:
@@ -95,11 +112,12 @@ def render_series(anatomy: SliceAnatomy, seq: SequenceParameters, gd_by_class: d
         myocardium_gd: Gd [T, N] of the N pixels where the myocardium fraction is > 0 (in
             ``np.flatnonzero`` order); if None, the "myocardium" class curve is used for all.
         echo_time_ms: if given (AIF echoes), weight each class by exp(-TE R2*).
+        blood_inflow_fraction: unsaturated inflowing fraction of the blood (see class_signals).
     """
     shape = anatomy.labels.shape
     per_pixel = myocardium_gd is not None
     weights = class_weights(anatomy, exclude=("myocardium",) if per_pixel else ())
-    signals = class_signals(seq, gd_by_class, n_pd_frames)
+    signals = class_signals(seq, gd_by_class, n_pd_frames, blood_inflow_fraction)
     if echo_time_ms is not None:
         signals = signals * _echo_decay(seq, gd_by_class, echo_time_ms)
     images = (signals.astype(np.float32) @ weights).reshape(-1, *shape)

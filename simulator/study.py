@@ -55,6 +55,7 @@ class StudyParameters:
     breathing: motion.BreathingParameters
     timing: dynamics.Timing
     snr_blood_peak: float        # LV blood peak SR signal / noise SD in the combined image
+    blood_inflow_fraction: float  # unsaturated inflowing blood in the myocardial slices (not the AIF)
     noise_seed: int
     motion_seed: int
     coil_seed: int
@@ -111,7 +112,8 @@ def sample_study(seed: int, *, kind: str | None = None, field_strength_t: float 
         bolus=dynamics.sample_bolus(streams[4], kind, first_sr_time),
         tissue=dynamics.sample_tissue(streams[4], flow_model),  # type: ignore[arg-type]
         breathing=motion.sample_breathing(streams[5], kind), timing=timing,
-        snr_blood_peak=float(streams[6].uniform(20.0, 60.0)),
+        snr_blood_peak=float(streams[6].uniform(25.0, 80.0)),
+        blood_inflow_fraction=float(streams[6].uniform(0.02, 0.10)),
         noise_seed=int(streams[7].integers(2**63)), motion_seed=int(streams[7].integers(2**63)),
         coil_seed=int(streams[7].integers(2**63)),
     )
@@ -190,7 +192,8 @@ def slice_phantom(study: StudyParameters, index: int) -> SlicePhantom:
     pixel_mbf = mbf_all.ravel()[pixel_index].astype(np.float64)
     myo_gd = dynamics.sample_curves(model.fine_time_s, model.myocardium.curves(pixel_mbf), time_s).T  # [T, N]
     gd_by_class["myocardium"] = np.zeros_like(time_s)
-    clean = signal.render_series(sl, study.myocardial_sequence, gd_by_class, study.n_pd_frames, myocardium_gd=myo_gd)
+    clean = signal.render_series(sl, study.myocardial_sequence, gd_by_class, study.n_pd_frames, myocardium_gd=myo_gd,
+                                 blood_inflow_fraction=study.blood_inflow_fraction)
     classes = [name for name in anat.TISSUE_CLASSES if name != "myocardium"]
     fractions = np.stack([sl.fractions[name].ravel() for name in classes])
     gd = (np.stack([gd_by_class[name] for name in classes], axis=1).astype(np.float32) @ fractions)

@@ -37,7 +37,7 @@ def test_contrast_is_visible_in_signal_and_gd(slices):
     lv, rv, myo = (s.signal[:, s.labels == k].mean(axis=1) for k in (1, 3, 2))
     n_pd = s.n_pd_frames
     assert np.argmax(rv[n_pd:]) < np.argmax(lv[n_pd:]), "RV must peak before the LV"
-    assert lv[n_pd:].max() > 3 * lv[n_pd], "blood enhances strongly"
+    assert lv[n_pd:].max() > 2 * lv[n_pd], "blood enhances strongly"
     gd_myo = s.gd[:, s.labels == 2].mean(axis=1)
     assert gd_myo[:3].max() < 0.15 and gd_myo.max() > 0.3, "myocardial Gd rises from ~0"
     # stress MBF in the documented range (defects may lower part of the wall)
