@@ -201,6 +201,13 @@ def shift_curves(curves: np.ndarray, delay_s: np.ndarray | float, dt_s: float) -
     if not np.any(delay):
         return curves.copy()
     n = curves.shape[-1]
+    if np.all(delay == delay.flat[0]):  # one delay for all: two slices and a blend
+        whole, frac = divmod(float(delay.flat[0]) / dt_s, 1.0)
+        whole = int(whole)
+        padded = np.concatenate([np.zeros((*curves.shape[:-1], whole + 1)), curves], axis=-1)
+        current = padded[..., 1 : n + 1]  # sample n - whole
+        previous = padded[..., :n]  # sample n - whole - 1
+        return (1.0 - frac) * current + frac * previous
     position = np.arange(n)[None, :] - (delay.reshape(-1, 1) / dt_s)  # fractional source index
     flat = curves.reshape(-1, n)
     lower = np.floor(position).astype(np.int64)
