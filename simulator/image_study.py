@@ -71,6 +71,7 @@ def _bank_noise(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _rician(image: np.ndarray, noise_re: np.ndarray, noise_im_squared: np.ndarray) -> np.ndarray:
+    """|image + noise_re + i noise_im| with noise_im given squared (float32)."""
     out = image + noise_re
     out *= out
     out += noise_im_squared
@@ -84,14 +85,14 @@ def myocardial_lut(seq: SequenceParameters) -> GdLookupTable:
 
 def coil_shading(study: st.StudyParameters) -> np.ndarray:
     """Root sum of squares of the coil sensitivities on the myocardial grid, float32 [rows, cols]."""
-    sens = st.coil_maps(study, "myocardium", 0, st.MYO_SHAPE, st.MYO_PIXEL_MM)
-    return np.sqrt(np.sum(sens.real**2 + sens.imag**2, axis=0)).astype(np.float32)
+    sens = st.coil_maps(study, "myocardium", 0, st.MYO_SHAPE, st.MYO_PIXEL_MM, magnitude_only=True)
+    return np.sqrt(np.sum(sens**2, axis=0)).astype(np.float32)
 
 
 def image_slice(study: st.StudyParameters, index: int, *, noise: bool = True, motion: bool = True,
                 shading: np.ndarray | None = None) -> ImageSlice:
     """Simulate slice ``index`` of ``study`` in the image domain."""
-    phantom = st.slice_phantom(study, index)
+    phantom = st.slice_phantom(study, index, with_gd=False)
     shading = coil_shading(study) if shading is None else shading
     static = phantom.clean * shading[None]
     moving = static
@@ -103,17 +104,18 @@ def image_slice(study: st.StudyParameters, index: int, *, noise: bool = True, mo
         sigma = np.float32(st.noise_sigma(study))
         n = static.size
         noise_re = _bank_noise(rng, n).reshape(static.shape) * sigma
-        noise_im_squared = _bank_noise(rng, n).reshape(static.shape) * sigma
+        noise_im_squared = _bank_noise(rng, n).reshape(static.shape)
         noise_im_squared *= noise_im_squared
-        signal_out = _rician(moving, noise_re, noise_im_squared)
-        measured = _rician(static, noise_re, noise_im_squared) if motion else signal_out
+        noise_im_squared *= sigma * sigma
+        measured = _rician(static, noise_re, noise_im_squared)
+        signal_out = _rician(moving, noise_re, noise_im_squared) if motion else measured
     else:
         signal_out = moving
         measured = static
     n_pd = study.n_pd_frames
     pd_mean = measured[:n_pd].mean(axis=0)
-    ratio = measured[n_pd:] / np.maximum(pd_mean, np.float32(1e-6))[None]
-    gd = myocardial_lut(study.myocardial_sequence).to_gd(ratio.astype(np.float32))
+    ratio = measured[n_pd:] * (np.float32(1.0) / np.maximum(pd_mean, np.float32(1e-6)))[None]
+    gd = myocardial_lut(study.myocardial_sequence).to_gd(ratio)
     sl = phantom.anatomy
     return ImageSlice(signal=signal_out.astype(np.float32, copy=False), gd=gd.astype(np.float32, copy=False),
                       time_s=phantom.time_s, n_pd_frames=n_pd, labels=sl.labels, mbf=phantom.mbf,

@@ -90,15 +90,16 @@ def warp(images: np.ndarray, field: MotionField) -> np.ndarray:
     frames, rows, cols = images.shape
     torch = _torch()
     if torch is not None:
+        # sampling grid in grid_sample's normalised (x, y) coordinates, built in numpy float32
+        sx, sy = np.float32(2.0 / (cols - 1)), np.float32(2.0 / (rows - 1))
+        trace = field.trace[:, None, None]
+        gx = trace * (field.base[1] * sx)[None]
+        gx += (np.arange(cols, dtype=np.float32) * sx - 1.0)[None, None, :] + (field.jitter[:, 1] * sx)[:, None, None]
+        gy = trace * (field.base[0] * sy)[None]
+        gy += (np.arange(rows, dtype=np.float32) * sy - 1.0)[None, :, None] + (field.jitter[:, 0] * sy)[:, None, None]
+        grid = np.stack([gx, gy], axis=-1)
         with torch.no_grad():
-            scale = torch.tensor([2.0 / (cols - 1), 2.0 / (rows - 1)])
-            rr, cc = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32),
-                                    indexing="ij")
-            identity = torch.stack([cc, rr], dim=-1) * scale - 1.0          # [rows, cols, 2] as (x, y)
-            base = torch.from_numpy(field.base[::-1].copy()).permute(1, 2, 0) * scale
-            jitter = torch.from_numpy(field.jitter[:, ::-1].copy()) * scale  # [frames, 2]
-            grid = identity[None] + torch.from_numpy(field.trace)[:, None, None, None] * base[None] + jitter[:, None, None, :]
-            out = torch.nn.functional.grid_sample(torch.from_numpy(images)[:, None], grid,
+            out = torch.nn.functional.grid_sample(torch.from_numpy(images)[:, None], torch.from_numpy(grid),
                                                   mode="bilinear", padding_mode="border", align_corners=True)
         return out[:, 0].numpy()
     displacement = field.displacement()

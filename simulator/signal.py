@@ -144,17 +144,18 @@ def _echo_decay(seq: SequenceParameters, gd_by_class: dict[str, np.ndarray], ech
 
 def coil_sensitivities(n_coils: int, shape: tuple[int, int], pixel_spacing_mm: float,
                        body_center_xy_mm: tuple[float, float], body_semi_axes_mm: tuple[float, float],
-                       rng: np.random.Generator) -> np.ndarray:
+                       rng: np.random.Generator, magnitude_only: bool = False) -> np.ndarray:
     """Smooth complex receive sensitivities complex64 [coils, rows, cols].
 
     Coils sit on an ellipse 20 mm outside the body, half anterior and half posterior, each at a
     random through-plane offset; magnitude ``1 / (1 + (distance / 90 mm)^2)``, phase linear in
-    space plus a constant. Normalised so that the root sum of squares peaks at 1.
+    space plus a constant. Normalised so that the root sum of squares peaks at 1. With
+    ``magnitude_only`` the float32 magnitudes are returned (same random draws, no phase).
     """
     rows, cols = shape
     y = -(np.arange(rows)[:, None] - (rows - 1) / 2) * pixel_spacing_mm
     x = (np.arange(cols)[None, :] - (cols - 1) / 2) * pixel_spacing_mm
-    sens = np.empty((n_coils, rows, cols), dtype=np.complex64)
+    sens = np.empty((n_coils, rows, cols), dtype=np.float32 if magnitude_only else np.complex64)
     n_anterior = (n_coils + 1) // 2
     for coil in range(n_coils):
         anterior = coil < n_anterior
@@ -168,7 +169,10 @@ def coil_sensitivities(n_coils: int, shape: tuple[int, int], pixel_spacing_mm: f
         z = rng.uniform(-60, 60)
         distance2 = (x - qx) ** 2 + (y - qy) ** 2 + z**2
         magnitude = 1.0 / (1.0 + distance2 / 90.0**2)
-        phase = rng.uniform(0, 2 * math.pi) + rng.normal(0, 0.01) * x + rng.normal(0, 0.01) * y
-        sens[coil] = magnitude * np.exp(1j * phase)
+        phase_offset, slope_x, slope_y = rng.uniform(0, 2 * math.pi), rng.normal(0, 0.01), rng.normal(0, 0.01)
+        if magnitude_only:
+            sens[coil] = magnitude
+        else:
+            sens[coil] = magnitude * np.exp(1j * (phase_offset + slope_x * x + slope_y * y))
     rss = np.sqrt(np.sum(np.abs(sens) ** 2, axis=0))
-    return (sens / rss.max()).astype(np.complex64)
+    return (sens / rss.max()).astype(sens.dtype)

@@ -174,11 +174,12 @@ class SlicePhantom:
     time_s: np.ndarray            # float64 [T]
     mbf: np.ndarray               # float32 [rows, cols], NaN outside the myocardium label
     aha_segments: np.ndarray      # uint8 [rows, cols]
-    gd: np.ndarray                # float32 [T, rows, cols] fraction-weighted tissue Gd, mmol/L
+    gd: np.ndarray | None         # float32 [T, rows, cols] fraction-weighted tissue Gd, mmol/L (None if not asked)
     clean: np.ndarray             # float32 [T, rows, cols] noise-free magnitude (no coil shading)
 
 
-def slice_phantom(study: StudyParameters, index: int) -> SlicePhantom:
+def slice_phantom(study: StudyParameters, index: int, *, with_gd: bool = True) -> SlicePhantom:
+    """Render slice ``index``; ``with_gd=False`` skips the truth Gd series (image path speed)."""
     level = study.levels[index]
     sl = anat.render_slice(study.anatomy, level, MYO_SHAPE, MYO_PIXEL_MM)
     myo_fraction = sl.fractions["myocardium"]
@@ -194,15 +195,18 @@ def slice_phantom(study: StudyParameters, index: int) -> SlicePhantom:
     gd_by_class["myocardium"] = np.zeros_like(time_s)
     clean = signal.render_series(sl, study.myocardial_sequence, gd_by_class, study.n_pd_frames, myocardium_gd=myo_gd,
                                  blood_inflow_fraction=study.blood_inflow_fraction)
-    classes = [name for name in anat.TISSUE_CLASSES if name != "myocardium"]
-    fractions = np.stack([sl.fractions[name].ravel() for name in classes])
-    gd = (np.stack([gd_by_class[name] for name in classes], axis=1).astype(np.float32) @ fractions)
-    gd[:, pixel_index] += (myo_gd * myo_fraction.ravel()[pixel_index][None, :]).astype(np.float32)
+    gd = None
+    if with_gd:
+        classes = [name for name in anat.TISSUE_CLASSES if name != "myocardium"]
+        fractions = np.stack([sl.fractions[name].ravel() for name in classes])
+        gd = (np.stack([gd_by_class[name] for name in classes], axis=1).astype(np.float32) @ fractions)
+        gd[:, pixel_index] += (myo_gd * myo_fraction.ravel()[pixel_index][None, :]).astype(np.float32)
+        gd = gd.reshape(-1, *MYO_SHAPE)
     labels = sl.labels
     mbf = np.where(labels == 2, mbf_all, np.nan).astype(np.float32)
     segments = aha_segment_map(labels == 2, sl.lv_center_rc, sl.rv_insertion_deg, level)  # type: ignore[arg-type]
     return SlicePhantom(index=index, level=level, anatomy=sl, time_s=time_s, mbf=mbf, aha_segments=segments,
-                        gd=gd.reshape(-1, *MYO_SHAPE), clean=clean)
+                        gd=gd, clean=clean)
 
 
 def aif_gd_truth(study: StudyParameters) -> tuple[np.ndarray, np.ndarray]:
@@ -248,8 +252,11 @@ def motion_fields(study: StudyParameters, series: str, index: int, shape: tuple[
     return motion.displacement_fields(study.breathing, trace, shape, pixel_mm, heart_rc, rng)
 
 
-def coil_maps(study: StudyParameters, series: str, index: int, shape: tuple[int, int], pixel_mm: float) -> np.ndarray:
-    """Coil sensitivities complex64 [coils, rows, cols]; the same coil positions for every slice."""
+def coil_maps(study: StudyParameters, series: str, index: int, shape: tuple[int, int], pixel_mm: float,
+              magnitude_only: bool = False) -> np.ndarray:
+    """Coil sensitivities complex64 [coils, rows, cols] (float32 magnitudes if
+    ``magnitude_only``); the same coil positions for every slice."""
     rng = np.random.default_rng(study.coil_seed)
     body = study.anatomy.body
-    return signal.coil_sensitivities(study.n_coils, shape, pixel_mm, body.center_xy_mm, body.semi_axes_mm, rng)
+    return signal.coil_sensitivities(study.n_coils, shape, pixel_mm, body.center_xy_mm, body.semi_axes_mm, rng,
+                                     magnitude_only=magnitude_only)

@@ -231,16 +231,19 @@ class GdLookupTable:
         """
         ratio = np.asarray(ratio)
         dtype = np.float32 if ratio.dtype == np.float32 else np.float64
-        position = (ratio.astype(dtype) - dtype(self._inverse_ratio[0])) * dtype(1.0 / self._inverse_step)
-        has_nan = bool(np.isnan(position).any())
+        position = ratio.astype(dtype)  # a copy, modified in place below
+        position -= dtype(self._inverse_ratio[0])
+        position *= dtype(1.0 / self._inverse_step)
+        has_nan = bool(np.isnan(np.min(position)))
         if has_nan:
             nan_mask = np.isnan(position)
             position[nan_mask] = 0.0
         np.clip(position, 0.0, len(self._inverse_gd) - 1, out=position)
         index = position.astype(np.intp)
         position -= index
-        gd = self._inverse_gd.astype(dtype)[index]
-        gd += self._inverse_slope.astype(dtype)[index] * position
+        gd = self._inverse_gd.astype(dtype).take(index)
+        position *= self._inverse_slope.astype(dtype).take(index)
+        gd += position
         if has_nan:
             gd[nan_mask] = np.nan
         return gd

@@ -1,0 +1,66 @@
+"""Speed of the simulator: k-space study to MRD HDF5, and the in-memory image-domain path.
+
+Targets (issue 3): 3 slices x 60 frames x 16 coils k-space study <= 10 s; image-domain path
+>= 20 slices/s. Prints medians of repeated runs (wall clock; the machine is shared, so the
+CPU time of the process is printed too).
+
+Usage: python benchmarks/bench_simulator.py [--repeats 3] [--image-studies 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+from perfline.simulator import mrd, simulate_image_study, truth
+from perfline.simulator import study as st
+
+
+def _timed(function) -> tuple[float, float]:  # noqa: ANN001
+    wall, cpu = time.perf_counter(), time.process_time()
+    function()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image-studies", type=int, default=8)
+    args = parser.parse_args()
+    print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory() as folder:
+        for acceleration, flow_model in ((3, "btex"), (3, "fermi"), (1, "btex")):
+            walls, cpus = [], []
+            for repeat in range(args.repeats):
+                study = st.sample_study(100 + repeat, n_slices=3, n_frames=60, n_coils=16,
+                                        acceleration=acceleration, flow_model=flow_model)
+
+                def run() -> None:
+                    phantoms = [st.slice_phantom(study, k) for k in range(study.n_slices)]
+                    mrd.write_kspace(study, os.path.join(folder, "k.h5"), phantoms=phantoms)
+                    truth.write_truth(study, os.path.join(folder, "t.h5"), phantoms)
+
+                wall, cpu = _timed(run)
+                walls.append(wall)
+                cpus.append(cpu)
+            size = os.path.getsize(os.path.join(folder, "k.h5")) / 1e6
+            print(f"k-space study 3 slices x 60 frames (+3 PD) x 16 coils, R={acceleration}, {flow_model}, "
+                  f"with truth: median {statistics.median(walls):.2f} s wall ({statistics.median(cpus):.2f} s CPU) "
+                  f"over {args.repeats}; file {size:.0f} MB")
+    simulate_image_study(0)  # warm-up: imports, noise bank, LUTs
+    for flow_model in ("fermi", "btex"):
+        walls, cpus = [], []
+        for seed in range(1, args.image_studies + 1):
+            wall, cpu = _timed(lambda seed=seed: simulate_image_study(seed, flow_model=flow_model))
+            walls.append(wall)
+            cpus.append(cpu)
+        print(f"image-domain path, 3 slices x 63 frames 144 x 192, {flow_model}: median "
+              f"{statistics.median(walls) * 1000:.0f} ms per study = {3 / statistics.median(walls):.1f} slices/s wall "
+              f"({3 / statistics.median(cpus):.1f} slices per CPU-second) over {args.image_studies} studies")
+
+
+if __name__ == "__main__":
+    main()
