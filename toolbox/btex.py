@@ -123,6 +123,11 @@ def noise_sd(curves: np.ndarray) -> np.ndarray:
     return np.median(np.abs(second), axis=1) / 0.6745 / np.sqrt(6.0)
 
 
+def _strides(grid: np.ndarray) -> np.ndarray:
+    """Row-major strides (in elements) of a grid shape."""
+    return np.r_[np.cumprod(grid[::-1])[::-1][1:], 1].astype(np.int64)
+
+
 def _interpolate(table: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Multilinear interpolation of ``table`` ``[*grid(D), R]`` at ``position`` ``[P, D]``.
 
@@ -134,8 +139,10 @@ def _interpolate(table: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, n
     lower = np.clip(np.floor(position).astype(np.int64), 0, grid - 2)
     frac = np.clip(position - lower, 0.0, 1.0)
     corners = np.array(list(itertools.product((0, 1), repeat=n_dims)), dtype=np.int64)
-    index = lower[:, None, :] + corners[None]  # [P, 2^D, D]
-    cell = table[tuple(np.moveaxis(index, -1, 0))].reshape(-1, *(2,) * n_dims, table.shape[-1])
+    strides = _strides(grid)
+    flat_index = (lower @ strides)[:, None] + (corners @ strides)[None, :]  # [P, 2^D]
+    flat_table = table.reshape(-1, table.shape[-1])
+    cell = np.take(flat_table, flat_index, axis=0).reshape(-1, *(2,) * n_dims, table.shape[-1])
     frac = frac.astype(table.dtype)
 
     # contract the leading grid axis level by level; the derivative along axis d shares the
@@ -211,6 +218,12 @@ def _levenberg_marquardt(
         residual = value - coefficients
         normal = np.einsum("prd,pre->pde", jacobian, jacobian) + weights[:, :, None] * eye
         rhs = -np.einsum("prd,pr->pd", jacobian, residual) - weights * (position - prior_centre)
+        # coordinates on a bound whose descent direction points outwards are held fixed, so
+        # that the others can still move (a projected step would otherwise stall)
+        frozen = ((position <= 0.0) & (rhs < 0)) | ((position >= upper) & (rhs > 0))
+        free = (~frozen).astype(np.float64)
+        normal = normal * free[:, :, None] * free[:, None, :] + eye * frozen[:, :, None]
+        rhs = rhs * free
         diag = np.diagonal(normal, axis1=1, axis2=2)
         system = normal + damping[:, None, None] * (eye * (diag[:, :, None] + 1e-12))
         step = np.linalg.solve(system, rhs[..., None])[..., 0]
@@ -297,6 +310,37 @@ def _smoothed_curves(prepared, sigma_px: float) -> np.ndarray:
     return smoothed.T
 
 
+def _smoothed_delay(prepared, aif: np.ndarray, dt_s: float, settings: BtexSettings, sigma_px: float) -> np.ndarray:
+    """Delay of every fitted pixel from a fit of the smoothed series.
+
+    The smoothed series varies slowly, so only every second row and column is fitted; the
+    other pixels get the bilinear interpolation of their fitted neighbours (a normalised
+    convolution with a tent kernel, which respects the edge of the fitted region).
+    """
+    smoothed = _smoothed_curves(prepared, sigma_px)
+    rows, cols = np.unravel_index(prepared.index, prepared.spatial_shape)
+    step = 2 if sigma_px >= 1.0 else 1
+    on_grid = (rows % step == 0) & (cols % step == 0)
+    if not np.any(on_grid):
+        on_grid[:] = True
+    fitted = fit_btex_curves(smoothed[on_grid], aif, dt_s, settings)
+    values = np.zeros(prepared.spatial_shape)
+    weights = np.zeros(prepared.spatial_shape)
+    values[rows[on_grid], cols[on_grid]] = np.nan_to_num(fitted["delay_s"], nan=0.0)
+    weights[rows[on_grid], cols[on_grid]] = 1.0
+    tent = np.array([0.5, 1.0, 0.5]) if step == 2 else np.array([1.0])
+    kernel = np.outer(tent, tent)
+    spread_values = ndi.convolve(values, kernel, mode="constant")
+    spread_weights = ndi.convolve(weights, kernel, mode="constant")
+    filled = spread_values / np.where(spread_weights > 0, spread_weights, 1.0)
+    # pixels with no fitted neighbour within one step (isolated bits of the mask): nearest
+    missing = spread_weights <= 0
+    if np.any(missing[rows, cols]):
+        _, nearest = ndi.distance_transform_edt(weights == 0, return_indices=True)
+        filled = np.where(missing, values[nearest[0], nearest[1]], filled)
+    return filled[rows, cols]
+
+
 def map_btex(
     gd_series: np.ndarray,
     aif_plasma_mmol_l: np.ndarray,
@@ -324,8 +368,6 @@ def map_btex(
         return scatter_maps(prepared, "btex")
     delay_prior = None
     if delay_smoothing_px > 0 and len(prepared.spatial_shape) == 2:
-        smoothed = _smoothed_curves(prepared, delay_smoothing_px)
-        first_pass = fit_btex_curves(smoothed, aif, dt_s, settings)
-        delay_prior = np.nan_to_num(first_pass["delay_s"], nan=0.0)
+        delay_prior = _smoothed_delay(prepared, aif, dt_s, settings, delay_smoothing_px)
     values = fit_btex_curves(prepared.curves, aif, dt_s, settings, delay_prior_s=delay_prior)
     return scatter_maps(prepared, "btex", **values)
