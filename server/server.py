@@ -65,9 +65,13 @@ class MRDServer:
         registry = load_gadgets()
         listener = socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET,
                                  socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.settings.host, self.settings.port))
-        listener.listen(64)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.settings.host, self.settings.port))
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            raise
         listener.settimeout(0.2)
         self._listener = listener
         if self.settings.output_dir is not None:

@@ -100,3 +100,15 @@ def test_results_report_what_was_sent(server) -> None:
     results = send_dataset(images, *server, "passthrough", progress=progress.append)
     assert results.ok and results.items_sent == 4 and progress == [1, 2, 3, 4]
     assert results.bytes_sent > 4 * 4 * 4 * 4 and results.bytes_received > 0
+
+
+def test_send_to_a_closed_port_is_a_clear_error(image_file: Path, tmp_path: Path, capsys) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    status = main(["send", str(image_file), "--port", str(port), "--config", "passthrough",
+                   "--out", str(tmp_path / "o.h5")])
+    assert status == 1
+    assert f"cannot stream to 127.0.0.1:{port}" in capsys.readouterr().err

@@ -59,10 +59,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: cannot read {args.file}: {error}", file=sys.stderr)
         return 2
     config_text = args.config_file.read_text(encoding="utf-8") if args.config_file else None
-    with tqdm(total=total, unit="msg", desc="sending", disable=None) as bar:
-        results = send_dataset(args.file, args.host, args.port, args.config, config_text=config_text,
-                               parameters=parameters, group=args.group, nul_terminate=args.nul_terminate,
-                               timeout_s=args.timeout, progress=lambda n: bar.update(n - bar.n))
+    try:
+        with tqdm(total=total, unit="msg", desc="sending", disable=None) as bar:
+            results = send_dataset(args.file, args.host, args.port, args.config, config_text=config_text,
+                                   parameters=parameters, group=args.group, nul_terminate=args.nul_terminate,
+                                   timeout_s=args.timeout, progress=lambda n: bar.update(n - bar.n))
+    except OSError as error:
+        print(f"error: cannot stream to {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
     group = args.out_group or datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
     if results.images:
         counts = write_images(args.out, group, results.images)

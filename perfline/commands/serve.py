@@ -54,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
                               max_text_bytes=int(args.max_text_mb * 1e6)),
     )
     server = MRDServer(settings)
-    server.start()
+    try:
+        server.start()
+    except OSError as error:
+        logger.error("cannot listen on %s:%d: %s", args.host, args.port, error)
+        return 1
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
