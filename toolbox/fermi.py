@@ -82,13 +82,16 @@ def fit_fermi_curves(
     offsets = neighbourhood_offsets(3)
     n = curves.shape[0]
     result = {name: np.full(n, np.nan) for name in ("mbf_ml_min_g", "delay_s", "k_per_s", "tau_s", "fit_rmse")}
+    # the best entry maximises the correlation with the unit-norm table curve (when positive)
+    unit32 = (flat_curves / np.sqrt(np.maximum(flat_norms, 1e-30))[:, None]).T.astype(np.float32)
     for start in range(0, n, PIXEL_BLOCK):
         y = curves[start : start + PIXEL_BLOCK]
         y2 = np.sum(y**2, axis=1)
-        dot = y.astype(np.float32) @ flat_curves.T.astype(np.float32)
-        score = np.where(dot > 0, dot.astype(np.float64) ** 2 / flat_norms, -1.0)
-        best = np.argmax(score, axis=1)
-        fittable = score[np.arange(y.shape[0]), best] > 0
+        correlation = y.astype(np.float32) @ unit32
+        best = np.argmax(correlation, axis=1)
+        rows = np.arange(y.shape[0])
+        best_dot = correlation[rows, best].astype(np.float64) * np.sqrt(flat_norms[best])
+        fittable = best_dot > 0
         grid_index = np.stack(np.unravel_index(best, shape), axis=1)  # [p, 3]
         # costs on the 3x3x3 neighbourhood (clamped at the table edges)
         neighbours = np.clip(grid_index[:, None, :] + offsets[None], 0, np.array(shape) - 1)
@@ -103,9 +106,9 @@ def fit_fermi_curves(
         refined_dot = np.sum(y * basis, axis=1)
         refined_norm = np.sum(basis**2, axis=1)
         refined_cost = _profile_cost(y2, refined_dot, refined_norm)
-        grid_cost = _profile_cost(y2, dot[np.arange(y.shape[0]), best].astype(np.float64), flat_norms[best])
+        grid_cost = _profile_cost(y2, best_dot, flat_norms[best])
         use_grid = grid_cost < refined_cost
-        amplitude = np.where(use_grid, np.maximum(dot[np.arange(y.shape[0]), best], 0) / flat_norms[best],
+        amplitude = np.where(use_grid, np.maximum(best_dot, 0) / flat_norms[best],
                              np.maximum(refined_dot, 0) / np.maximum(refined_norm, 1e-30))
         cost = np.minimum(grid_cost, refined_cost)
         sl = slice(start, start + y.shape[0])
