@@ -11,7 +11,7 @@ Simulated studies are rendered like the DAUGS slices (image-domain path, cropped
 resampled to 1.2 mm, 128 x 128, normalised to [0, 1] by the series maximum) and like the QPerf
 examples (Gd from SR/PD through the LUT, AIF truth). The same measurement code runs on both.
 
-Usage: python benchmarks/simulator_realism.py [--studies 12]
+Usage: python benchmarks/simulator_realism.py [--studies 12] [--figure docs/simulator_vs_real.png]
 """
 
 from __future__ import annotations
@@ -182,6 +182,51 @@ def simulated(n_studies: int) -> tuple[list[dict[str, float]], list[dict]]:
     return daugs_like, gd_like
 
 
+def _phases(series: np.ndarray, lv: np.ndarray, myo: np.ndarray, rv_curve: np.ndarray | None) -> list[int]:
+    """Frames at baseline, RV peak, LV peak and myocardial peak."""
+    lv_curve, myo_curve = series[:, lv].mean(axis=1), series[:, myo].mean(axis=1)
+    rv_frame = int(np.argmax(rv_curve)) if rv_curve is not None else 0
+    return [0, rv_frame, int(np.argmax(lv_curve)), int(np.argmax(myo_curve))]
+
+
+def make_figure(path: pathlib.Path, seed: int) -> None:
+    """Simulated (rendered like DAUGS) and real slices at baseline / RV / LV / myocardial peak."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slices = simulate_image_study(seed, kind="stress")
+    titles = ["baseline", "RV peak", "LV peak", "myocardial peak"]
+    fig, axes = plt.subplots(6, 4, figsize=(10, 15.5))
+    for row, (sl, level) in enumerate(zip(slices, ("Basal", "Mid", "Apical"))):
+        series, labels = like_daugs(sl.signal[sl.n_pd_frames:], sl.labels, sl.lv_center_rc)
+        frames = _phases(series, labels == 1, labels == 2, series[:, labels == 3].mean(axis=1))
+        image = scipy.io.loadmat(DATA / "daugs" / "images" / f"Fig5-exD1-{level}.mat")["final_img"]
+        mask = scipy.io.loadmat(DATA / "daugs" / "labels" / f"Fig5-exD1-{level}.mat")["final_mask"]
+        real = np.moveaxis(image, -1, 0)
+        real_frames = _phases(real, mask == 3, mask == 1, rv_curve_by_detection(real, mask > 0, real[:, mask == 3].mean(axis=1)))
+        for column in range(4):
+            ax = axes[2 * row, column]
+            ax.imshow(series[frames[column]], cmap="gray", vmin=0, vmax=1)
+            ax.contour(labels == 1, levels=[0.5], colors="yellow", linewidths=0.6)
+            ax.contour(labels >= 1, levels=[0.5], colors="lime", linewidths=0.6)
+            ax.contour(labels == 3, levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.set_title(f"simulated {sl.level}: {titles[column]} (frame {frames[column]})", fontsize=7)
+            ax = axes[2 * row + 1, column]
+            ax.imshow(real[real_frames[column]], cmap="gray", vmin=0, vmax=1)
+            ax.contour(mask == 3, levels=[0.5], colors="yellow", linewidths=0.6)
+            ax.contour(mask > 0, levels=[0.5], colors="lime", linewidths=0.6)
+            ax.set_title(f"real DAUGS {level.lower()}: {titles[column]} (frame {real_frames[column]})", fontsize=7)
+        for ax in axes[2 * row:2 * row + 2].ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"perfline simulator (seed {seed}, stress, truth contours: LV blood yellow, epicardium green, "
+                 f"RV cyan)\nvs real DAUGS slices (expert labels, no RV label); both 128 x 128 at 1.2 mm, "
+                 f"normalised to [0, 1]", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
 def _row(name: str, real: list[float], sim: list[float]) -> str:
     sim_arr = np.array([v for v in sim if np.isfinite(v)])
     real_text = ", ".join(f"{v:.3g}" for v in real)
@@ -193,7 +238,11 @@ def _row(name: str, real: list[float], sim: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=12)
+    parser.add_argument("--figure", type=pathlib.Path, help="also write the side-by-side PNG here")
+    parser.add_argument("--figure-seed", type=int, default=4)
     args = parser.parse_args()
+    if args.figure:
+        make_figure(args.figure, args.figure_seed)
     real_d = daugs_metrics()
     real_q = qperf_metrics()
     sim_d, sim_q = simulated(args.studies)

@@ -124,11 +124,11 @@ def sample_anatomy(rng: np.random.Generator) -> AnatomyParameters:
         rv_gap_mm=rng.uniform(8.0, 24.0), rv_u_fraction=rng.uniform(0.55, 0.72),
         rv_v_ratio=rng.uniform(0.85, 1.2), rv_v_offset_mm=rng.uniform(-3.0, 6.0),
         rv_wall_mm=rng.uniform(2.5, 5.0),
-        papillary_radius_mm=rng.uniform(3.0, 6.0),
+        papillary_radius_mm=rng.uniform(4.0, 7.5),
         papillary_angles_deg=(rng.uniform(120, 150), rng.uniform(-140, -100)),
         trabeculation=rng.uniform(0.1, 0.6), trabeculation_frequency=int(rng.integers(9, 20)),
         trabeculation_phase_deg=rng.uniform(0, 360),
-        epicardial_fat_mm=rng.uniform(0.5, 6.0), epicardial_fat_phase_deg=rng.uniform(0, 360),
+        epicardial_fat_mm=rng.uniform(0.0, 5.0), epicardial_fat_phase_deg=rng.uniform(0, 360),
         apical_scale=rng.uniform(0.55, 0.75), basal_scale=rng.uniform(1.0, 1.15),
     )
     liver_center = (body_center[0] - semi_axes[0] * rng.uniform(0.35, 0.6),
@@ -244,7 +244,7 @@ def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
     if level != "apical":
         for angle in heart.papillary_angles_deg:
             t = math.radians(angle)
-            radius_here = heart.endo_radius_mm * scale - 0.6 * heart.papillary_radius_mm
+            radius_here = heart.endo_radius_mm * scale - 0.9 * heart.papillary_radius_mm * scale
             pu, pv = radius_here * math.cos(t), radius_here * math.sin(t)
             f_muscle_in_pool = np.maximum(f_muscle_in_pool, _ramp_inside(
                 np.hypot(u - pu, v - pv) - heart.papillary_radius_mm * scale, px))
@@ -258,7 +258,8 @@ def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
     remaining = np.clip(1.0 - f_epi - f_rv_outer, 0.0, 1.0)
 
     # epicardial fat: a band of angularly varying thickness around LV and RV
-    fat_t = heart.epicardial_fat_mm * (0.5 + 0.5 * np.cos(theta - math.radians(heart.epicardial_fat_phase_deg)) ** 2)
+    # patchy: concentrated on one side (e.g. the atrioventricular groove), thin elsewhere
+    fat_t = heart.epicardial_fat_mm * (0.5 + 0.5 * np.cos(theta - math.radians(heart.epicardial_fat_phase_deg))) ** 3
     heart_distance = np.minimum(rho - epi_r, d_rv_out)
     f_fat = _ramp_inside(heart_distance - fat_t, px) * remaining
     remaining = remaining - f_fat
@@ -294,7 +295,7 @@ def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
         fractions["spleen"] = np.zeros(shape, dtype=np.float32)
     f_ribs = _ramp_inside(d_ribs, px)
     vessels = smooth_texture(shape, body.texture_seed + 1, 1.2)
-    vessel_fraction = np.clip((vessels - 1.6) * 1.5, 0.0, 0.8)
+    vessel_fraction = np.clip((vessels - 2.0) * 1.5, 0.0, 0.6)
     take("pulmonary_vessels", f_ribs * vessel_fraction)
     take("lung", f_ribs)
     fractions["muscle"] = fractions["muscle"] + np.clip(_ramp_inside(d_fat_inner, px) * remaining, 0, 1)
