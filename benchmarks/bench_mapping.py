@@ -2,6 +2,8 @@
 
     python benchmarks/bench_mapping.py speed [--repeats 3] [--rows 176 --cols 176 --frames 60]
     python benchmarks/bench_mapping.py qperf [--figure docs/mapping_qperf_examples.png]
+    python benchmarks/bench_mapping.py accuracy [--seeds 6]
+    python benchmarks/bench_mapping.py aif
 
 ``speed`` times ``map_fermi`` and ``map_btex`` on a simulated slice (every pixel enhances,
 no mask) and a straightforward per-pixel ``scipy.optimize.least_squares`` fit of the same
@@ -148,6 +150,59 @@ def qperf(args: argparse.Namespace) -> None:
     print(f"wrote {args.figure}")
 
 
+def accuracy(args: argparse.Namespace) -> None:
+    """Global bias and per-pixel median absolute error against simulated truth, per noise seed."""
+    aif = _aif(60)
+    rows = cols = 32
+    r, c = np.meshgrid(np.linspace(0, 1, rows), np.linspace(0, 1, cols), indexing="ij")
+    truth = {"fp": 0.5 + 4.5 * c, "ps": 0.8 + 1.7 * r, "vp": 0.04 + 0.06 * (1 - r * c),
+             "visf": 0.15 + 0.2 * (0.5 + 0.5 * np.sin(3 * r)), "delay": 2.0 * (0.5 + 0.5 * np.cos(2 * r + c))}
+    btex_clean = fm.btex_tissue_curves(aif, DT, *(truth[k].ravel() for k in ("fp", "ps", "vp", "visf", "delay")))
+    rng = np.random.default_rng(7)
+    n = rows * cols
+    fermi_truth = (rng.uniform(0.5, 5.0, n), np.exp(rng.uniform(np.log(0.1), np.log(1.5), n)),
+                   rng.uniform(1.0, 8.0, n), rng.uniform(0.0, 2.0, n))
+    fermi_clean = fm.fermi_tissue_curves(aif, DT, *fermi_truth)
+    print(f"MBF 0.5-5 ml/min/g, {n} pixels, tissue peak about 1 mmol/L; noise SD in mmol/L")
+    for noise in (0.0, 0.02, 0.03):
+        for model in ("fermi", "btex"):
+            biases, medians = [], []
+            for seed in range(args.seeds if noise > 0 else 1):
+                noise_field = np.random.default_rng(seed).normal(0.0, noise, (n, 60))
+                if model == "fermi":
+                    fitted = map_fermi(fermi_clean + noise_field, aif, DT).mbf_ml_min_g
+                    reference = fermi_truth[0]
+                else:
+                    series = (btex_clean + noise_field).T.reshape(60, rows, cols)
+                    fitted = map_btex(series, aif, DT).mbf_ml_min_g.ravel()
+                    reference = truth["fp"].ravel()
+                biases.append(np.nanmean(fitted) / reference.mean() - 1)
+                medians.append(np.nanmedian(np.abs(fitted / reference - 1)))
+            print(f"noise {noise:.2f} {model}: global bias mean {100 * np.mean(biases):+.1f} % "
+                  f"(range {100 * min(biases):+.1f} to {100 * max(biases):+.1f} over {len(biases)} seeds); "
+                  f"per-pixel median |error| {100 * np.mean(medians):.1f} %")
+
+
+def aif_detection(args: argparse.Namespace) -> None:
+    from perfline.toolbox.aif import detect_aif
+
+    folder = Path("/work/shared/data/qperf/aif_detection")
+    dices = []
+    for example in (1, 2, 3):
+        series = np.moveaxis(np.load(folder / f"example{example}" / "aif_scc.npy"), -1, 0)
+        labels = np.load(folder / f"example{example}" / "aif_masks_final.npy")
+        start = time.perf_counter()
+        result = detect_aif(series)
+        seconds = time.perf_counter() - start
+        manual = labels == 1
+        dice = 2 * np.sum(result.mask & manual) / (result.mask.sum() + manual.sum())
+        rv_dice = 2 * np.sum(result.rv_mask & (labels == 2)) / (result.rv_mask.sum() + np.sum(labels == 2))
+        dices.append(dice)
+        print(f"example{example}: LV Dice {dice:.2f} ({int(result.mask.sum())} px detected, {int(manual.sum())} "
+              f"labelled), RV Dice {rv_dice:.2f}, foot {result.foot}, peak {result.peak}, {1e3 * seconds:.0f} ms")
+    print(f"mean LV Dice {np.mean(dices):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     actions = parser.add_subparsers(dest="action", required=True)
@@ -161,6 +216,10 @@ def main() -> None:
     qperf_parser = actions.add_parser("qperf")
     qperf_parser.add_argument("--figure", type=Path, default=Path("docs/mapping_qperf_examples.png"))
     qperf_parser.set_defaults(func=qperf)
+    accuracy_parser = actions.add_parser("accuracy")
+    accuracy_parser.add_argument("--seeds", type=int, default=6)
+    accuracy_parser.set_defaults(func=accuracy)
+    actions.add_parser("aif").set_defaults(func=aif_detection)
     logging.basicConfig(level=logging.WARNING)
     args = parser.parse_args()
     args.func(args)
