@@ -16,7 +16,7 @@ import numpy as np
 
 from perfline.models.data import resample_frames_to_interval
 from perfline.models.inference import SliceSegmentation, Segmenter
-from perfline.models.weights import DEFAULT_MODEL
+from perfline.models.weights import default_model
 from perfline.toolbox.seg_metrics import dice
 
 logger = logging.getLogger(__name__)
@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("/work/shared/data"))
     parser.add_argument("--png", type=Path, default=None)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="one model for both (default: the shipped model per units)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    segmenter = Segmenter(args.model)
-    daugs = evaluate_daugs(segmenter, args.data / "daugs")
-    qperf = evaluate_qperf(segmenter, args.data / "qperf" / "examples")
+    daugs = evaluate_daugs(Segmenter(args.model or default_model("signal")), args.data / "daugs")
+    qperf = evaluate_qperf(Segmenter(args.model or default_model("gd")),
+                           args.data / "qperf" / "examples")
     summary = {
         "daugs_pixel_spacing_mm": DAUGS_PIXEL_SPACING_MM,
         "daugs": {item["name"]: {"dice_myocardium": round(item["dice_myocardium"], 4),

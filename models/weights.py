@@ -17,7 +17,19 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parent
+# the paper's input, Gd (mmol/L): the model of the inline chain
 DEFAULT_MODEL = MODELS_DIR / "resunet_perfusion"
+# the same network fine-tuned with wider scale and field-of-view augmentation; better on
+# signal-intensity series of the phantom (docs/segmentation.md)
+SIGNAL_MODEL = MODELS_DIR / "resunet_perfusion_signal"
+UNITS = ("gd", "signal")
+
+
+def default_model(units: str = "gd") -> Path:
+    """Shipped model stem for series in ``units`` ("gd" or "signal")."""
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {UNITS}, got {units!r}")
+    return DEFAULT_MODEL if units == "gd" else SIGNAL_MODEL
 
 
 class ChecksumError(RuntimeError):

@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--center", choices=("detect", "truth"), default="detect",
                         help="LV centre from the detector on the series, or the true centre "
                              "(as an AIF-based detection would give)")
-    parser.add_argument("--model", type=Path, default=None, help="model stem (default shipped)")
+    parser.add_argument("--model", type=Path, default=None, help="model stem (default: the shipped model for --units)")
     parser.add_argument("--runtime", choices=("auto", "onnxruntime", "torch"), default="auto")
     parser.add_argument("--json", type=Path, default=None, help="write per-slice metrics here")
     parser.set_defaults(func=run)
@@ -58,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
 
     from perfline.models.data import TEST_SEED_START
     from perfline.models.inference import Segmenter
-    from perfline.models.weights import DEFAULT_MODEL
+    from perfline.models.weights import default_model
     from perfline.simulator import simulate_image_study
     from perfline.toolbox.rv_insertion import rv_insertion_deg
     from perfline.toolbox.seg_metrics import slice_metrics, summarize
 
-    segmenter = Segmenter(args.model or DEFAULT_MODEL, runtime=args.runtime)
+    segmenter = Segmenter(args.model or default_model(args.units), runtime=args.runtime)
     first = TEST_SEED_START if args.first_seed is None else args.first_seed
     records = []
     for index in tqdm(range(args.studies), unit="study", dynamic_ncols=True):

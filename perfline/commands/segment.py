@@ -29,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--center", type=float, nargs=2, default=None, metavar=("ROW", "COL"),
                         help="LV centre in pixels (default: detected on the series)")
     parser.add_argument("--out", type=Path, required=True, help="labels .npy, uint8 [rows, cols]")
-    parser.add_argument("--model", type=Path, default=None, help="model stem (default shipped)")
+    parser.add_argument("--model", type=Path, default=None, help="model stem (default: the shipped model for --units)")
     parser.add_argument("--runtime", choices=("auto", "onnxruntime", "torch"), default="auto")
     parser.set_defaults(func=run)
     return parser
@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from perfline.models.data import SeriesError, resample_frames_to_interval
     from perfline.models.inference import Segmenter
-    from perfline.models.weights import DEFAULT_MODEL
+    from perfline.models.weights import default_model
     from perfline.toolbox.array_io import load_array  # the mapping engineer's loader
 
     array = np.asarray(load_array(args.series), dtype=np.float32)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise SeriesError(f"--first-frame {args.first_frame} outside 0..{array.shape[2] - 1}")
     series = np.moveaxis(array, 2, 0)[args.first_frame:]
     series = resample_frames_to_interval(series, args.dt)
-    segmenter = Segmenter(args.model or DEFAULT_MODEL, runtime=args.runtime)
+    segmenter = Segmenter(args.model or default_model(args.units), runtime=args.runtime)
     result = segmenter.segment(series, args.pixel_spacing,
                                center_rc=tuple(args.center) if args.center else None)
     np.save(args.out, result.labels)
