@@ -89,7 +89,11 @@ class Session:
         try:
             self._serve()
         except (ProtocolError, ChainError, SessionError) as error:
-            self._stop_with_error(self._describe(error))
+            if self._chain_failed.is_set() and self._error_sent:
+                # the gadget error is reported; the client may hang up without a CLOSE
+                self.log.info("stream ended after the reported error: %s", error)
+            else:
+                self._stop_with_error(self._describe(error))
         except ChainStopped:
             pass  # stopped by the sender thread (client socket failed), already logged there
         except Exception as error:  # noqa: BLE001 - last resort: the client must not hang
@@ -213,8 +217,8 @@ class Session:
                     self.writer.send(item)
                 self.items_out += 1
         except GadgetFailed as error:
-            self._chain_failed.set()
-            self.log.error("%s", error)
+            self._chain_failed.set()  # the runtime logged it with its traceback
+            self.log.info("reporting to the client: %s", error)
             self._send_final(f"ERROR {error}")
         except ChainStopped:
             return

@@ -184,3 +184,18 @@ def test_busy_server_refuses_with_an_error(shepp_logan) -> None:
             assert_error_then_close(received, "server busy")
         time.sleep(1.5)  # the idle first session ends
         assert_good_client(address, shepp_logan())
+
+
+def test_client_hanging_up_after_a_gadget_error_is_not_a_second_error(shepp_logan, server, caplog) -> None:
+    path = shepp_logan()
+    payload = encode_message(ismrmrd.ConfigText(CRASH_CHAIN)) + encode_message(Header(read_header_xml(path)))
+    payload += b"".join(encode_message(a) for a in list(iter_acquisitions(path))[:5])
+    with caplog.at_level(logging.INFO, logger="perfline"):
+        received = exchange(server, payload, half_close=False)  # reads ERROR + CLOSE, hangs up, no CLOSE
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any("closed after" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    assert_error_then_close(received, "simulated crash")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "simulated crash" in errors[0], errors
+    assert_good_client(server, path)
