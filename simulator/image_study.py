@@ -95,27 +95,26 @@ def image_slice(study: st.StudyParameters, index: int, *, noise: bool = True, mo
     phantom = st.slice_phantom(study, index, with_gd=False)
     shading = coil_shading(study) if shading is None else shading
     static = phantom.clean * shading[None]
-    moving = static
-    if motion:
-        fields = st.motion_fields(study, "myocardium", index, st.MYO_SHAPE, st.MYO_PIXEL_MM, phantom.anatomy.lv_center_rc)
-        moving = warp(static, fields)
+    field = (st.motion_fields(study, "myocardium", index, st.MYO_SHAPE, st.MYO_PIXEL_MM, phantom.anatomy.lv_center_rc)
+             if motion else None)
+    n_pd = study.n_pd_frames
+    lut = myocardial_lut(study.myocardial_sequence)
+    moving = warp(static, field) if field is not None else static
     if noise:
         rng = np.random.default_rng([study.noise_seed, index])
         sigma = np.float32(st.noise_sigma(study))
-        n = static.size
-        noise_re = _bank_noise(rng, n).reshape(static.shape) * sigma
-        noise_im_squared = _bank_noise(rng, n).reshape(static.shape)
-        noise_im_squared *= noise_im_squared
+        noise_re = _bank_noise(rng, static.size).reshape(static.shape)
+        noise_im = _bank_noise(rng, static.size).reshape(static.shape)
+        noise_re *= sigma
+        noise_im_squared = noise_im * noise_im
         noise_im_squared *= sigma * sigma
         measured = _rician(static, noise_re, noise_im_squared)
         signal_out = _rician(moving, noise_re, noise_im_squared) if motion else measured
     else:
-        signal_out = moving
-        measured = static
-    n_pd = study.n_pd_frames
+        signal_out, measured = moving, static
     pd_mean = measured[:n_pd].mean(axis=0)
     ratio = measured[n_pd:] * (np.float32(1.0) / np.maximum(pd_mean, np.float32(1e-6)))[None]
-    gd = myocardial_lut(study.myocardial_sequence).to_gd(ratio)
+    gd = lut.to_gd(ratio)
     sl = phantom.anatomy
     return ImageSlice(signal=signal_out.astype(np.float32, copy=False), gd=gd.astype(np.float32, copy=False),
                       time_s=phantom.time_s, n_pd_frames=n_pd, labels=sl.labels, mbf=phantom.mbf,

@@ -90,7 +90,7 @@ def class_signals(seq: SequenceParameters, gd_by_class: dict[str, np.ndarray], n
 
 
 def class_weights(anatomy: SliceAnatomy, exclude: tuple[str, ...] = ()) -> np.ndarray:
-    """Per-pixel weight [C, rows * cols] = fraction * M0 * (1 + a * texture)."""
+    """Per-pixel weight [C, rows * cols] = fraction * M0 * max(1 + a * texture, 0.05)."""
     texture = anatomy.texture.ravel()
     rows = []
     for name in TISSUE_CLASSES:
@@ -98,7 +98,7 @@ def class_weights(anatomy: SliceAnatomy, exclude: tuple[str, ...] = ()) -> np.nd
             rows.append(np.zeros_like(texture))
             continue
         rows.append(anatomy.fractions[name].ravel() * PROTON_DENSITY[name]
-                    * (1.0 + TEXTURE_AMPLITUDE[name] * texture))
+                    * np.maximum(1.0 + TEXTURE_AMPLITUDE[name] * texture, 0.05))
     return np.stack(rows).astype(np.float32)
 
 
@@ -127,7 +127,7 @@ def render_series(anatomy: SliceAnatomy, seq: SequenceParameters, gd_by_class: d
         pixel_signal = table_lookup(sr_table, myocardium_gd)
         pixel_signal[:n_pd_frames] = table_lookup(pd_table, myocardium_gd[:n_pd_frames])
         w = (anatomy.fractions["myocardium"].ravel()[index] * PROTON_DENSITY["myocardium"]
-             * (1.0 + TEXTURE_AMPLITUDE["myocardium"] * anatomy.texture.ravel()[index]))
+             * np.maximum(1.0 + TEXTURE_AMPLITUDE["myocardium"] * anatomy.texture.ravel()[index], 0.05))
         flat = images.reshape(images.shape[0], -1)
         flat[:, index] += (pixel_signal * w[None, :]).astype(np.float32)
     return images
