@@ -187,11 +187,13 @@ def level_of_slice(index: int, n_slices: int) -> str:
 
 
 def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
-                 pixel_spacing_mm: float, window_center_xy_mm: tuple[float, float] = (0.0, 0.0)) -> SliceAnatomy:
+                 pixel_spacing_mm: float, window_center_xy_mm: tuple[float, float] = (0.0, 0.0),
+                 include_body: bool = True) -> SliceAnatomy:
     """Rasterise one short-axis slice at ``level`` on a grid of ``shape`` square pixels.
 
     The grid is centred on ``window_center_xy_mm`` (the image centre by default; a small
     window around the heart renders the labels cheaply for statistics over many seeds).
+    ``include_body=False`` leaves out everything but the heart and its fat (labels unchanged).
     """
     if level not in LEVEL_POSITION:
         raise ValueError(f"level must be one of {tuple(LEVEL_POSITION)}, got {level!r}")
@@ -272,35 +274,39 @@ def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
         fractions[name] = part.astype(np.float32)
         remaining = remaining - part
 
-    ax, ay = body.semi_axes_mm
-    d_body = _ellipse_distance(x, y, body.center_xy_mm, ax, ay, body.rotation_deg)
-    inner_a = ax - body.subcutaneous_fat_mm - body.chest_muscle_mm
-    inner_b = ay - body.subcutaneous_fat_mm - body.chest_muscle_mm
-    d_ribs = _ellipse_distance(x, y, body.center_xy_mm, inner_a, inner_b, body.rotation_deg)
-    d_fat_inner = _ellipse_distance(x, y, body.center_xy_mm, ax - body.subcutaneous_fat_mm,
-                                    ay - body.subcutaneous_fat_mm, body.rotation_deg)
-    spine = body.spine_center_xy_mm
-    aorta_center = (spine[0] + body.aorta_offset_xy_mm[0], spine[1] + body.aorta_offset_xy_mm[1])
-    take("aorta", _ramp_inside(np.hypot(x - aorta_center[0], y - aorta_center[1]) - body.aorta_radius_mm, px))
-    take("marrow", _ramp_inside(np.hypot(x - spine[0], y - spine[1]) - body.spine_radius_mm, px))
-    take("muscle", _ramp_inside(_ellipse_distance(x, y, (spine[0], spine[1] - 12), 55, 28), px))
-    liver_grow = 0.7 + 0.6 * position  # more liver towards the apex
-    take("liver", _ramp_inside(_ellipse_distance(x, y, body.liver_center_xy_mm, body.liver_semi_axes_mm[0] * liver_grow,
-                                                 body.liver_semi_axes_mm[1] * liver_grow, 20.0), px)
-         * _ramp_inside(d_ribs, px))
-    if level == "apical":
-        take("spleen", _ramp_inside(_ellipse_distance(x, y, body.spleen_center_xy_mm, *body.spleen_semi_axes_mm), px)
+    if include_body:
+        ax, ay = body.semi_axes_mm
+        d_body = _ellipse_distance(x, y, body.center_xy_mm, ax, ay, body.rotation_deg)
+        inner_a = ax - body.subcutaneous_fat_mm - body.chest_muscle_mm
+        inner_b = ay - body.subcutaneous_fat_mm - body.chest_muscle_mm
+        d_ribs = _ellipse_distance(x, y, body.center_xy_mm, inner_a, inner_b, body.rotation_deg)
+        d_fat_inner = _ellipse_distance(x, y, body.center_xy_mm, ax - body.subcutaneous_fat_mm,
+                                        ay - body.subcutaneous_fat_mm, body.rotation_deg)
+        spine = body.spine_center_xy_mm
+        aorta_center = (spine[0] + body.aorta_offset_xy_mm[0], spine[1] + body.aorta_offset_xy_mm[1])
+        take("aorta", _ramp_inside(np.hypot(x - aorta_center[0], y - aorta_center[1]) - body.aorta_radius_mm, px))
+        take("marrow", _ramp_inside(np.hypot(x - spine[0], y - spine[1]) - body.spine_radius_mm, px))
+        take("muscle", _ramp_inside(_ellipse_distance(x, y, (spine[0], spine[1] - 12), 55, 28), px))
+        liver_grow = 0.7 + 0.6 * position  # more liver towards the apex
+        take("liver", _ramp_inside(_ellipse_distance(x, y, body.liver_center_xy_mm, body.liver_semi_axes_mm[0] * liver_grow,
+                                                     body.liver_semi_axes_mm[1] * liver_grow, 20.0), px)
              * _ramp_inside(d_ribs, px))
+        if level == "apical":
+            take("spleen", _ramp_inside(_ellipse_distance(x, y, body.spleen_center_xy_mm, *body.spleen_semi_axes_mm), px)
+                 * _ramp_inside(d_ribs, px))
+        else:
+            fractions["spleen"] = np.zeros(shape, dtype=np.float32)
+        f_ribs = _ramp_inside(d_ribs, px)
+        vessels = smooth_texture(shape, body.texture_seed + 1, 1.2)
+        vessel_fraction = np.clip((vessels - 2.0) * 1.5, 0.0, 0.6)
+        take("pulmonary_vessels", f_ribs * vessel_fraction)
+        take("lung", f_ribs)
+        fractions["muscle"] = fractions["muscle"] + np.clip(_ramp_inside(d_fat_inner, px) * remaining, 0, 1)
+        remaining = remaining - np.clip(_ramp_inside(d_fat_inner, px) * remaining, 0, 1)
+        take("subcutaneous_fat", _ramp_inside(d_body, px))
     else:
-        fractions["spleen"] = np.zeros(shape, dtype=np.float32)
-    f_ribs = _ramp_inside(d_ribs, px)
-    vessels = smooth_texture(shape, body.texture_seed + 1, 1.2)
-    vessel_fraction = np.clip((vessels - 2.0) * 1.5, 0.0, 0.6)
-    take("pulmonary_vessels", f_ribs * vessel_fraction)
-    take("lung", f_ribs)
-    fractions["muscle"] = fractions["muscle"] + np.clip(_ramp_inside(d_fat_inner, px) * remaining, 0, 1)
-    remaining = remaining - np.clip(_ramp_inside(d_fat_inner, px) * remaining, 0, 1)
-    take("subcutaneous_fat", _ramp_inside(d_body, px))
+        for name in ("aorta", "marrow", "muscle", "liver", "spleen", "pulmonary_vessels", "lung", "subcutaneous_fat"):
+            fractions[name] = np.zeros(shape, dtype=np.float32)
 
     fractions.update(lv_blood=f_lv_blood.astype(np.float32), myocardium=f_myo.astype(np.float32),
                      rv_blood=f_rv_blood.astype(np.float32), rv_wall=f_rv_wall.astype(np.float32),
