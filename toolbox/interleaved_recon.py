@@ -231,32 +231,92 @@ def reconstruct_interleaved(kspace: np.ndarray, sampled: np.ndarray, *,
     sampled = np.asarray(sampled, dtype=bool)
     if kspace.ndim != 4:
         raise ReconError(f"k-space must be [time, coils, ky, kx], found shape {kspace.shape}")
-    n_frames, n_coils, n_lines, n_cols = kspace.shape
+    n_frames, _, n_lines, _ = kspace.shape
     if sampled.shape != (n_frames, n_lines):
         raise ReconError(f"sampling mask must be [time, ky] = {(n_frames, n_lines)}, found {sampled.shape}")
     accel, offsets = interleave_offsets(sampled)
+    compact = np.stack([kspace[t][:, offsets[t]::accel, :] for t in range(n_frames)])
+    return reconstruct_compact(compact, offsets, accel, sensitivities=sensitivities,
+                               regularization=regularization)
+
+
+def compact_time_average(compact: np.ndarray, offsets: np.ndarray, accel: int) -> np.ndarray:
+    """Fully sampled calibration k-space [coils, ky, kx] from compact interleaved data.
+
+    ``compact[t, :, m]`` is line ``offsets[t] + accel * m`` of frame t; every line is averaged
+    over the frames that acquired it.
+    """
+    n_frames, n_coils, n_reduced, n_cols = compact.shape
+    calibration = np.zeros((n_coils, n_reduced * accel, n_cols), dtype=np.complex64)
+    for offset in range(accel):
+        frames = np.flatnonzero(offsets == offset)
+        if frames.size == 0:
+            raise ReconError(f"no frame samples the lines {offset} + {accel} m: the time average is not "
+                             f"fully sampled (interleaving needs frames of every offset 0..{accel - 1})")
+        calibration[:, offset::accel, :] = compact[frames].mean(axis=0)
+    return calibration
+
+
+def reconstruct_compact(compact: np.ndarray, offsets: np.ndarray, accel: int, *,
+                        sensitivities: np.ndarray | None = None, whitening: np.ndarray | None = None,
+                        regularization: float = 1e-3) -> np.ndarray:
+    """TSENSE recon from the acquired lines only (no zero-filled copy of k-space).
+
+    Args:
+        compact: complex [time, coils, M, kx]: ``compact[t, :, m]`` is phase-encode line
+            ``offsets[t] + accel * m`` of frame t (ky = accel * M lines in all).
+        offsets: int [time] in [0, accel).
+        accel: acceleration R (1 = fully sampled).
+        sensitivities: complex [coils, ky, kx] of the (whitened) coils; from the time
+            average if None.
+        whitening: optional complex [coils, coils] noise pre-whitening matrix W. It is folded
+            into the unfolding matrices (``U W``) instead of being applied to every sample:
+            the same result as whitening the data, for the cost of one matrix product per slice.
+        regularization: SENSE Tikhonov lambda (relative).
+
+    Returns:
+        float32 [time, ky, kx] magnitude images.
+    """
+    compact = np.asarray(compact)
+    offsets = np.asarray(offsets, dtype=int)
+    if compact.ndim != 4:
+        raise ReconError(f"compact k-space must be [time, coils, M, kx], found shape {compact.shape}")
+    n_frames, n_coils, n_reduced, n_cols = compact.shape
+    if offsets.shape != (n_frames,) or np.any((offsets < 0) | (offsets >= accel)):
+        raise ReconError(f"offsets must be [time] = ({n_frames},) in [0, {accel}), found {offsets}")
+    if not np.all(np.isfinite(compact.view(np.float32) if compact.dtype == np.complex64 else compact)):
+        raise ReconError("k-space contains non-finite values")
+    n_lines = n_reduced * accel
+    if whitening is not None and np.shape(whitening) != (n_coils, n_coils):
+        raise ReconError(f"whitening matrix must be {(n_coils, n_coils)}, found {np.shape(whitening)}")
     if sensitivities is None:
-        sensitivities = coil_sensitivities(time_averaged_kspace(kspace, sampled))
+        calibration = compact_time_average(compact, offsets, accel)
+        if whitening is not None:
+            calibration = np.einsum("dc,cyx->dyx", whitening, calibration)
+        sensitivities = coil_sensitivities(calibration)
     if sensitivities.shape != (n_coils, n_lines, n_cols):
         raise ReconError(f"sensitivities must be {(n_coils, n_lines, n_cols)}, found {sensitivities.shape}")
     out = np.empty((n_frames, n_lines, n_cols), dtype=np.float32)
     if accel == 1:
+        weights = sensitivities.conj()
+        if whitening is not None:
+            weights = np.einsum("dyx,dc->cyx", weights, whitening)
         for start in range(0, n_frames, 8):  # chunks keep the complex coil images small
-            images = centered_ifft(centered_ifft(kspace[start:start + 8], axis=-2), axis=-1)
-            out[start:start + 8] = np.abs(np.einsum("tcyx,cyx->tyx", images, sensitivities.conj()))
+            images = centered_ifft(centered_ifft(compact[start:start + 8], axis=-2), axis=-1)
+            out[start:start + 8] = np.abs(np.einsum("tcyx,cyx->tyx", images, weights))
         return out
     unfolding = sense_unfolding(sensitivities, accel, regularization=regularization)
+    if whitening is not None:
+        unfolding = SenseUnfolding(accel, unfolding.lines, tuple(
+            np.einsum("jdyx,dc->jcyx", matrix, whitening).astype(np.complex64) for matrix in unfolding.matrices))
     for offset in range(accel):
         frames = np.flatnonzero(offsets == offset)
         if frames.size == 0:
             continue
-        reduced = kspace[frames][:, :, offset::accel, :]
-        aliased = centered_ifft(centered_ifft(reduced, axis=-1), axis=-2)  # [t, C, M, kx]
+        aliased = centered_ifft(centered_ifft(compact[frames], axis=-1), axis=-2)  # [t, C, M, kx]
         unfolded = np.einsum("jcyx,tcyx->tjyx", unfolding.matrices[offset], aliased.astype(np.complex64))
         image = np.empty((frames.size, n_lines, n_cols), dtype=np.float32)
         image[:, unfolding.lines.T, :] = np.abs(unfolded)
         out[frames] = image
-    if not np.all(np.isfinite(out)):
-        raise ReconError("reconstruction produced non-finite values (non-finite k-space?)")
     logger.debug("TSENSE R=%d: %d frames, %d coils, %dx%d", accel, n_frames, n_coils, n_lines, n_cols)
     return out

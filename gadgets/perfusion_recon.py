@@ -1,0 +1,237 @@
+"""``perfusion-recon``: dual-sequence perfusion acquisitions -> AifSeries + one SliceSeries per slice.
+
+Collects the whole scan (docs/simulator.md "MRD conventions"): encoding space 0 = myocardial
+slices (``idx.slice``), encoding space 1 = the dual-echo AIF (``idx.contrast`` = echo),
+``idx.repetition`` = frame (the first ``NumberOfPDFrames`` are proton-density frames), noise
+scans flagged ``ACQ_IS_NOISE_MEASUREMENT``. Only the acquired lines are stored (time-interleaved
+acceleration R: frame f holds lines ``(l - f) % R == 0``). At the end of the scan every series is
+reconstructed with TSENSE (``perfline.toolbox.interleaved_recon``; both AIF echoes with the same
+coil sensitivities so their ratio stays unbiased) and emitted: the AIF first, then the slices.
+
+Frame times: the acquisition time of the k-space centre line (interpolated between the
+acquired lines), in seconds from the first R wave (``acquisition_time_stamp`` -
+``physiology_time_stamp`` of the first imaging readout; 2.5 ms ticks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import ismrmrd
+import numpy as np
+from pydantic import Field
+
+from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
+from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry, SliceSeries
+from perfline.toolbox.gd_conversion import user_parameters
+from perfline.toolbox.interleaved_recon import (
+    ReconError,
+    coil_sensitivities,
+    compact_time_average,
+    noise_whitening_matrix,
+    reconstruct_compact,
+)
+
+TICK_S = 0.0025
+MYOCARDIAL_ENCODING = 0
+AIF_ENCODING = 1
+
+
+class PerfusionReconSettings(GadgetSettings):
+    """Settings of ``perfusion-recon``."""
+
+    prewhiten: bool = Field(True, description="noise pre-whitening when a noise scan is present")
+    regularization: float = Field(1e-3, ge=0.0, le=1.0, description="SENSE Tikhonov lambda (relative)")
+    max_frames: int = Field(400, ge=2, le=4096, description="largest repetition index accepted + 1")
+
+
+@dataclass
+class _SeriesBuffer:
+    """Acquired lines of one image series (one slice, or one AIF echo), compact storage."""
+
+    n_lines: int
+    n_cols: int
+    lines: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)   # frame -> line -> [coils, kx]
+    times: dict[int, dict[int, float]] = field(default_factory=dict)        # frame -> line -> s
+    first: ismrmrd.AcquisitionHeader | None = None
+
+    def add(self, acquisition: ismrmrd.Acquisition, frame: int, line: int, time_s: float) -> None:
+        if not 0 <= line < self.n_lines:
+            raise GadgetError(f"phase-encode line {line} outside the encoded matrix 0..{self.n_lines - 1}")
+        data = acquisition.data
+        if data.shape[1] != self.n_cols:
+            raise GadgetError(f"readout of {data.shape[1]} samples, expected {self.n_cols} (encoded matrix x)")
+        self.lines.setdefault(frame, {})[line] = np.array(data, dtype=np.complex64)
+        self.times.setdefault(frame, {})[line] = time_s
+        if self.first is None:
+            self.first = acquisition.getHead()
+
+
+def _geometry(head: ismrmrd.AcquisitionHeader, encoding) -> ImageGeometry:  # noqa: ANN001 - xsd type
+    fov = encoding.reconSpace.fieldOfView_mm
+    matrix = encoding.reconSpace.matrixSize
+    return ImageGeometry(
+        field_of_view_mm=(float(fov.x), float(fov.y), float(fov.z)),
+        position=tuple(float(v) for v in head.position),  # type: ignore[arg-type]
+        read_dir=tuple(float(v) for v in head.read_dir),  # type: ignore[arg-type]
+        phase_dir=tuple(float(v) for v in head.phase_dir),  # type: ignore[arg-type]
+        slice_dir=tuple(float(v) for v in head.slice_dir),  # type: ignore[arg-type]
+        patient_table_position=tuple(float(v) for v in head.patient_table_position),  # type: ignore[arg-type]
+        pixel_spacing_mm=(float(fov.y) / int(matrix.y), float(fov.x) / int(matrix.x)),
+    )
+
+
+@register_gadget
+class PerfusionRecon(Gadget):
+    """Reconstruct the myocardial slices and the AIF series of a dual-sequence perfusion scan."""
+
+    name = "perfusion-recon"
+    Settings = PerfusionReconSettings
+    accepts = (ismrmrd.Acquisition,)
+    produces = (AifSeries, SliceSeries)
+    settings: PerfusionReconSettings
+
+    def process(self, items: Iterator[ismrmrd.Acquisition]) -> Iterator[AifSeries | SliceSeries]:
+        header = self.context.header
+        if header is None:
+            raise GadgetError("perfusion-recon needs the MRD XML header (none was sent)")
+        encodings = list(header.encoding or [])
+        params = user_parameters(header)
+        n_pd = int(params.get("NumberOfPDFrames", 0))
+        if n_pd < 1:
+            raise GadgetError("no PD frames: header user parameter NumberOfPDFrames is missing or 0; the "
+                              "SR/PD surface-coil correction needs proton-density frames at the start")
+        buffers: dict[tuple[int, int], _SeriesBuffer] = {}
+        noise: list[np.ndarray] = []
+        origin_s: float | None = None
+        for acquisition in items:
+            if acquisition.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                noise.append(np.array(acquisition.data, dtype=np.complex64))
+                continue
+            space = int(acquisition.encoding_space_ref)
+            if space not in (MYOCARDIAL_ENCODING, AIF_ENCODING) or space >= len(encodings):
+                raise GadgetError(f"acquisition in encoding space {space}; the header declares "
+                                  f"{len(encodings)} and perfusion uses 0 (myocardium) and 1 (AIF)")
+            idx = acquisition.idx
+            frame = int(idx.repetition)
+            if frame >= self.settings.max_frames:
+                raise GadgetError(f"repetition {frame} exceeds max_frames {self.settings.max_frames}")
+            stamp_s = int(acquisition.acquisition_time_stamp) * TICK_S
+            if origin_s is None:
+                origin_s = stamp_s - int(acquisition.physiology_time_stamp[0]) * TICK_S
+            key = (space, int(idx.slice) if space == MYOCARDIAL_ENCODING else int(idx.contrast))
+            if key not in buffers:
+                matrix = encodings[space].encodedSpace.matrixSize
+                buffers[key] = _SeriesBuffer(n_lines=int(matrix.y), n_cols=int(matrix.x))
+            buffers[key].add(acquisition, frame, int(idx.kspace_encode_step_1), stamp_s - origin_s)
+        whitening = None
+        if noise and self.settings.prewhiten:
+            samples = np.concatenate(noise, axis=1)
+            whitening = noise_whitening_matrix(samples)
+        myocardial = sorted(k[1] for k in buffers if k[0] == MYOCARDIAL_ENCODING)
+        echoes = sorted(k[1] for k in buffers if k[0] == AIF_ENCODING)
+        if not myocardial:
+            raise GadgetError("no myocardial acquisitions (encoding space 0) in the stream")
+        if not echoes:
+            raise GadgetError("no AIF series: no acquisitions in encoding space 1 (the dual-echo AIF "
+                              "images) were received")
+        yield self._aif(buffers, echoes, encodings[AIF_ENCODING], n_pd, whitening, params)
+        for slice_index in myocardial:
+            yield self._slice(buffers[(MYOCARDIAL_ENCODING, slice_index)], slice_index,
+                              encodings[MYOCARDIAL_ENCODING], n_pd, whitening)
+
+    def _compact(self, buffer: _SeriesBuffer, what: str, whitening: np.ndarray | None):  # noqa: ANN202
+        """(compact [T, C, M, kx], offsets [T], R, time_s [T]) of one series."""
+        frames = sorted(buffer.lines)
+        expected = list(range(frames[-1] + 1)) if frames else []
+        missing = sorted(set(expected) - set(buffer.lines))
+        if missing:
+            raise GadgetError(f"{what}: frames {missing[:10]} missing (received {len(buffer.lines)} of "
+                              f"{len(expected)})")
+        lines_per_frame = [np.array(sorted(buffer.lines[f])) for f in expected]
+        counts = {lines.size for lines in lines_per_frame}
+        if len(counts) != 1:
+            raise GadgetError(f"{what}: inconsistent dimensions: frames hold {sorted(counts)} lines")
+        n_reduced = counts.pop()
+        if buffer.n_lines % n_reduced:
+            raise GadgetError(f"{what}: {n_reduced} lines per frame do not divide the {buffer.n_lines}-line matrix")
+        accel = buffer.n_lines // n_reduced
+        offsets = np.array([lines[0] % accel for lines in lines_per_frame])
+        for frame, lines in zip(expected, lines_per_frame):
+            if not np.array_equal(lines, np.arange(lines[0] % accel, buffer.n_lines, accel)):
+                raise GadgetError(f"{what}: frame {frame} does not sample every {accel}-th line "
+                                  f"(found lines {lines[:6].tolist()}...)")
+        first = buffer.lines[expected[0]][int(lines_per_frame[0][0])]
+        compact = np.empty((len(expected), first.shape[0], n_reduced, buffer.n_cols), dtype=np.complex64)
+        centre = buffer.n_lines // 2
+        time_s = np.empty(len(expected))
+        for t, (frame, lines) in enumerate(zip(expected, lines_per_frame)):
+            for m, line in enumerate(lines):
+                data = buffer.lines[frame][int(line)]
+                if data.shape[0] != compact.shape[1]:
+                    raise GadgetError(f"{what}: frame {frame} line {line} has {data.shape[0]} coils, "
+                                      f"expected {compact.shape[1]}")
+                compact[t, :, m] = data
+            stamps = np.array([buffer.times[frame][int(line)] for line in lines])
+            time_s[t] = float(np.interp(centre, lines, stamps))
+        if not np.all(np.isfinite(compact.view(np.float32))):
+            raise GadgetError(f"{what}: k-space contains NaN or infinite samples")
+        if whitening is not None and whitening.shape[0] != compact.shape[1]:
+            raise GadgetError(f"{what}: noise scan has {whitening.shape[0]} coils, data {compact.shape[1]}")
+        return compact, offsets, accel, time_s
+
+    def _slice(self, buffer: _SeriesBuffer, slice_index: int, encoding, n_pd: int,  # noqa: ANN001
+               whitening: np.ndarray | None) -> SliceSeries:
+        what = f"myocardial slice {slice_index}"
+        compact, offsets, accel, time_s = self._compact(buffer, what, whitening)
+        if compact.shape[0] < n_pd + 2:
+            raise GadgetError(f"{what}: {compact.shape[0]} frames, need {n_pd} PD frames + at least 2 SR frames")
+        try:
+            images = reconstruct_compact(compact, offsets, accel, whitening=whitening,
+                                         regularization=self.settings.regularization)
+        except ReconError as error:
+            raise GadgetError(f"{what}: {error}") from error
+        geometry = _geometry(buffer.first, encoding)
+        slice_dir = np.asarray(geometry.slice_dir)
+        position = float(np.dot(np.asarray(geometry.position), slice_dir)) if np.any(slice_dir) else 0.0
+        self.log.info("%s: %d frames, R=%d, %d coils", what, images.shape[0], accel, compact.shape[1])
+        return SliceSeries(slice_index=slice_index, data=images, time_s=time_s, units="signal",
+                           n_pd_frames=n_pd, geometry=geometry, slice_position_mm=position, stages=("recon",))
+
+    def _aif(self, buffers: dict[tuple[int, int], _SeriesBuffer], echoes: list[int], encoding,  # noqa: ANN001
+             n_pd: int, whitening: np.ndarray | None, params: dict) -> AifSeries:
+        compacts = []
+        time_s = None
+        for echo in echoes:
+            compact, offsets, accel, echo_time_s = self._compact(buffers[(AIF_ENCODING, echo)], f"AIF echo {echo}",
+                                                                 whitening)
+            compacts.append((compact, offsets, accel))
+            if time_s is None:
+                time_s = echo_time_s
+        shapes = {c[0].shape for c in compacts}
+        if len(shapes) != 1:
+            raise GadgetError(f"AIF echoes differ in dimensions: {sorted(shapes)}")
+        try:
+            compact, offsets, accel = compacts[0]
+            calibration = compact_time_average(compact, offsets, accel)
+            if whitening is not None:
+                calibration = np.einsum("dc,cyx->dyx", whitening, calibration)
+            sensitivities = coil_sensitivities(calibration)
+            images = np.stack([reconstruct_compact(c, o, a, sensitivities=sensitivities, whitening=whitening,
+                                                   regularization=self.settings.regularization)
+                               for c, o, a in compacts])
+        except ReconError as error:
+            raise GadgetError(f"AIF series: {error}") from error
+        if images.shape[1] < n_pd + 2:
+            raise GadgetError(f"AIF series: {images.shape[1]} frames, need {n_pd} PD frames + at least 2 SR frames")
+        echo_times = tuple(float(params[name]) for name in ("AIFEchoTime1_ms", "AIFEchoTime2_ms")
+                           if name in params)[: len(echoes)]
+        if len(echo_times) != len(echoes):
+            raise GadgetError(f"AIF series has {len(echoes)} echoes but the header gives "
+                              f"{len(echo_times)} echo times (AIFEchoTime1_ms, AIFEchoTime2_ms)")
+        geometry = _geometry(buffers[(AIF_ENCODING, echoes[0])].first, encoding)
+        self.log.info("AIF: %d echoes, %d frames, R=%d", len(echoes), images.shape[1], compacts[0][2])
+        return AifSeries(data=images, time_s=time_s, echo_times_ms=echo_times, units="signal", n_pd_frames=n_pd,
+                         geometry=geometry, stages=("recon",))
+
