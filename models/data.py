@@ -211,6 +211,10 @@ class Augmentation(BaseModel):
     frame_interval: tuple[float, float] = (0.6, 1.6)
     min_frames: int = Field(24, ge=MIN_FRAMES, description="shortest series kept (then padded)")
     gamma: tuple[float, float] = (0.7, 1.4)
+    gd_gamma: tuple[float, float] = Field((1.0, 1.0), description="power applied to Gd series "
+                                          "(changes the myocardium / blood contrast)")
+    clamp_probability: float = Field(0.0, ge=0, le=1, description="clip the series at 40-100 %% "
+                                     "of its maximum (saturated or clamped blood)")
     shading: float = Field(0.4, ge=0, description="max relative smooth coil-shading amplitude")
     noise_sd: tuple[float, float] = (0.0, 0.05)
     signal_units_probability: float = Field(0.5, ge=0, le=1)
@@ -262,6 +266,10 @@ def augmented_sample(slice_, rng: np.random.Generator | None,
     motion = rng.normal(0.0, a.motion_mm / spacing, size=(frames.shape[0], 2))
     if use_signal:  # gamma on the (few, small) input frames, not on the crop
         frames = np.maximum(frames, 0.0) ** np.float32(rng.uniform(*a.gamma))
+    elif a.gd_gamma != (1.0, 1.0):
+        frames = np.maximum(frames, 0.0) ** np.float32(rng.uniform(*a.gd_gamma))
+    if rng.random() < a.clamp_probability:
+        frames = np.minimum(frames, np.float32(rng.uniform(0.4, 1.0) * float(frames.max())))
     if a.shading > 0:
         rows, cols = np.indices(frames.shape[1:], dtype=np.float32)
         direction = rng.normal(size=2)
@@ -299,3 +307,4 @@ def study_samples(seed: int, rng: np.random.Generator, augmentation: Augmentatio
     study = simulate_image_study(seed, **simulator_options)
     return [augmented_sample(slice_, rng, augmentation) for _ in range(repeats)
             for slice_ in study]
+

@@ -107,3 +107,25 @@ def test_segmenter_runtimes_agree_and_report_flags(tiny_model):
         segmenter.segment(np.full_like(series, np.nan), 1.6)
     with pytest.raises(ValueError, match="runtime must be one of"):
         Segmenter(tiny_model, runtime="tensorrt")
+
+
+def test_augmented_sample_keeps_labels_on_the_image():
+    from types import SimpleNamespace
+
+    from perfline.models.data import Augmentation, augmented_sample
+
+    gd, labels = disc_series(shape=(60, 100, 120))
+    slice_ = SimpleNamespace(gd=gd, signal=np.concatenate([np.ones((3, 100, 120), np.float32),
+                                                          0.3 + gd], axis=0),
+                             n_pd_frames=3, labels=labels, pixel_spacing_mm=1.6,
+                             lv_center_rc=(45.0, 70.0))
+    rng = np.random.default_rng(0)
+    augmentation = Augmentation(noise_sd=(0.0, 0.0), small_fov_probability=1.0,
+                                clamp_probability=1.0, gd_gamma=(0.8, 1.5))
+    for _ in range(4):
+        crop, crop_labels_ = augmented_sample(slice_, rng, augmentation)
+        assert crop.shape == (48, 176, 176) and crop_labels_.shape == (176, 176)
+        assert np.abs(crop).max() <= 2.0
+        peak = crop.max(axis=0)
+        assert peak[crop_labels_ == 1].mean() > 3 * peak[crop_labels_ == 0].mean()
+        assert (crop[:, crop_labels_ == 0] == 0).any()   # the small field of view is zeroed
