@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -122,6 +123,18 @@ def gamma_variate(time_s: np.ndarray, foot_s: float, time_to_peak_s: float, shap
     return np.where(tau > 0, tau ** shape * np.exp(shape * (1.0 - tau)), 0.0)
 
 
+@functools.lru_cache(maxsize=256)
+def _box_response_max(duration_s: float, time_to_peak_s: float, shape: float) -> float:
+    grid = np.linspace(0.0, duration_s + 8.0 * time_to_peak_s, 4000)
+    return float(_box_response(grid, duration_s, time_to_peak_s, shape).max())
+
+
+def _box_response(t_from_foot_s: np.ndarray, duration_s: float, time_to_peak_s: float, shape: float) -> np.ndarray:
+    tau = np.clip(np.asarray(t_from_foot_s, dtype=np.float64) / time_to_peak_s, 0.0, None)
+    lag = np.clip(tau - duration_s / time_to_peak_s, 0.0, None)
+    return scipy.special.gammainc(shape + 1, shape * tau) - scipy.special.gammainc(shape + 1, shape * lag)
+
+
 def dispersed_box(time_s: np.ndarray, foot_s: float, duration_s: float, time_to_peak_s: float,
                   shape: float) -> np.ndarray:
     """A box input of ``duration_s`` convolved with a gamma variate (time to peak, shape), peak 1.
@@ -129,15 +142,8 @@ def dispersed_box(time_s: np.ndarray, foot_s: float, duration_s: float, time_to_
     Closed form with the regularised lower incomplete gamma function P:
     ``P(a + 1, a tau) - P(a + 1, a (tau - D / ttp))``, ``tau = (t - foot) / ttp``.
     """
-    a = shape
-
-    def response(t: np.ndarray) -> np.ndarray:
-        tau = np.clip((np.asarray(t, dtype=np.float64) - foot_s) / time_to_peak_s, 0.0, None)
-        lag = np.clip(tau - duration_s / time_to_peak_s, 0.0, None)
-        return scipy.special.gammainc(a + 1, a * tau) - scipy.special.gammainc(a + 1, a * lag)
-
-    grid = foot_s + np.linspace(0.0, duration_s + 8.0 * time_to_peak_s, 4000)
-    return response(time_s) / response(grid).max()
+    response = _box_response(np.asarray(time_s, dtype=np.float64) - foot_s, duration_s, time_to_peak_s, shape)
+    return response / _box_response_max(duration_s, time_to_peak_s, shape)
 
 
 def _blood_curve(time_s: np.ndarray, foot_s: float, peak: float, ttp: float, bolus: BolusParameters) -> np.ndarray:
