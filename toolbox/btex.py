@@ -164,35 +164,44 @@ def _interpolate(table: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, n
 
 def _coarse_search(
     coefficients: np.ndarray, table: np.ndarray, n_starts: int, penalty: np.ndarray, variance: np.ndarray,
-    delay_centre: np.ndarray | None = None, delay_precision: float = 0.0,
+    delay_centre: np.ndarray | None = None,
 ) -> np.ndarray:
     """Best ``n_starts`` entries on every other grid point, grid coordinates ``[P, S, D]``.
 
-    Cost per pixel and entry: ``|y - l|^2 + variance * penalty`` (``penalty`` on the grid),
-    plus ``variance * delay_precision * (delay - delay_centre)^2`` with per-pixel centres
-    (grid coordinates of the last axis) when given.
+    Cost per pixel and entry: ``|y - l|^2 + variance * penalty`` (``penalty`` on the grid).
+    With per-pixel delay centres (grid coordinates of the last axis) each pixel is searched
+    only at the coarse delay nearest its centre (the refinement then moves the delay).
     """
     step = tuple(slice(None, None, 2) for _ in range(table.ndim - 1))
-    coarse = table[step]
-    coarse_shape = coarse.shape[:-1]
-    flat = coarse.reshape(-1, table.shape[-1]).astype(np.float32)
-    norms = np.sum(flat.astype(np.float64) ** 2, axis=1).astype(np.float32)
-    flat_penalty = penalty[step].ravel().astype(np.float32)
-    entry_delay = (2 * (np.arange(flat.shape[0]) % coarse_shape[-1])).astype(np.float32)
+    coarse = table[step].astype(np.float32)
+    coarse_penalty = penalty[step].astype(np.float32)
+    n_delays = coarse.shape[-2]
+    if delay_centre is None:
+        groups = {None: np.arange(coefficients.shape[0])}
+    else:
+        nearest = np.clip(np.rint(np.asarray(delay_centre) / 2.0), 0, n_delays - 1).astype(np.int64)
+        groups = {int(g): np.flatnonzero(nearest == g) for g in np.unique(nearest)}
     best = np.empty((coefficients.shape[0], n_starts, table.ndim - 1), dtype=np.int64)
-    block = max(256, PIXEL_BLOCK * 2048 // max(flat.shape[0], 1))
-    for start in range(0, coefficients.shape[0], block):
-        y = coefficients[start : start + block].astype(np.float32)
-        var = variance[start : start + block, None].astype(np.float32)
-        cost = norms[None, :] - 2.0 * (y @ flat.T) + var * flat_penalty[None, :]
-        if delay_centre is not None and delay_precision > 0:
-            centre = delay_centre[start : start + block, None].astype(np.float32)
-            cost += var * np.float32(delay_precision) * (entry_delay[None, :] - centre) ** 2
-        if n_starts > 1:
-            index = np.argpartition(cost, n_starts - 1, axis=1)[:, :n_starts]
-        else:
-            index = np.argmin(cost, axis=1)[:, None]
-        best[start : start + block] = 2 * np.stack(np.unravel_index(index, coarse_shape), axis=-1)
+    for group, pixels in groups.items():
+        sub = coarse if group is None else coarse[..., group : group + 1, :]
+        sub_shape = sub.shape[:-1]
+        flat = sub.reshape(-1, table.shape[-1])
+        norms = np.sum(flat.astype(np.float64) ** 2, axis=1).astype(np.float32)
+        flat_penalty = (coarse_penalty if group is None else coarse_penalty[..., group : group + 1]).ravel()
+        block = max(256, PIXEL_BLOCK * 2048 // max(flat.shape[0], 1))
+        for start in range(0, pixels.size, block):
+            chosen = pixels[start : start + block]
+            y = coefficients[chosen].astype(np.float32)
+            var = variance[chosen, None].astype(np.float32)
+            cost = norms[None, :] - 2.0 * (y @ flat.T) + var * flat_penalty[None, :]
+            if n_starts > 1:
+                index = np.argpartition(cost, n_starts - 1, axis=1)[:, :n_starts]
+            else:
+                index = np.argmin(cost, axis=1)[:, None]
+            grid_index = np.stack(np.unravel_index(index, sub_shape), axis=-1)
+            if group is not None:
+                grid_index[..., -1] = group
+            best[chosen] = 2 * grid_index
     return best
 
 
@@ -278,7 +287,7 @@ def fit_btex_curves(
         precision = precision.copy()
         precision[4] = delay_precision
     starts = _coarse_search(coefficients, table, settings.n_starts, penalty, variance,
-                            pixel_centre[:, 4], delay_precision)
+                            pixel_centre[:, 4] if delay_prior_s is not None else None)
     n_fit, n_starts, n_dims = starts.shape
     positions, costs = _levenberg_marquardt(
         np.repeat(coefficients, n_starts, axis=0), table, starts.reshape(-1, n_dims), settings.iterations,
