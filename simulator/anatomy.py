@@ -14,6 +14,7 @@ other organs).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -180,6 +181,51 @@ def smooth_texture(shape: tuple[int, int], seed: int, sigma_px: float) -> np.nda
     return (filtered / (filtered.std() + 1e-12)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _deformed_grid(deformation: tuple, shape: tuple[int, int], pixel_spacing_mm: float,
+                   window_center_xy_mm: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (mm) after the smooth random deformation of the scene (cached,
+    shared by the slices of a study; read-only)."""
+    rows, cols = shape
+    y = window_center_xy_mm[1] - (np.arange(rows, dtype=np.float64)[:, None] - (rows - 1) / 2) * pixel_spacing_mm
+    x = window_center_xy_mm[0] + (np.arange(cols, dtype=np.float64)[None, :] - (cols - 1) / 2) * pixel_spacing_mm
+    x, y = np.broadcast_to(x, shape).copy(), np.broadcast_to(y, shape).copy()
+    for ax, ay, kx, ky, phase in deformation:
+        wave = np.sin(kx * x + ky * y + phase)
+        x, y = x + ax * wave, y + ay * wave
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
+@functools.lru_cache(maxsize=8)
+def _body_shapes(body: BodyShape, shape: tuple[int, int], pixel_spacing_mm: float,
+                 window_center_xy_mm: tuple[float, float]) -> dict[str, np.ndarray]:
+    """Level-independent partial-volume shapes of the body (cached per study and grid)."""
+    x, y = _deformed_grid(body.deformation, shape, pixel_spacing_mm, window_center_xy_mm)
+    px = pixel_spacing_mm
+    ax, ay = body.semi_axes_mm
+    d_ribs = _ellipse_distance(x, y, body.center_xy_mm, ax - body.subcutaneous_fat_mm - body.chest_muscle_mm,
+                               ay - body.subcutaneous_fat_mm - body.chest_muscle_mm, body.rotation_deg)
+    spine = body.spine_center_xy_mm
+    aorta_center = (spine[0] + body.aorta_offset_xy_mm[0], spine[1] + body.aorta_offset_xy_mm[1])
+    vessels = smooth_texture(shape, body.texture_seed + 1, 1.2)
+    out = {
+        "body": _ramp_inside(_ellipse_distance(x, y, body.center_xy_mm, ax, ay, body.rotation_deg), px),
+        "ribs": _ramp_inside(d_ribs, px),
+        "fat_inner": _ramp_inside(_ellipse_distance(x, y, body.center_xy_mm, ax - body.subcutaneous_fat_mm,
+                                                    ay - body.subcutaneous_fat_mm, body.rotation_deg), px),
+        "aorta": _ramp_inside(np.hypot(x - aorta_center[0], y - aorta_center[1]) - body.aorta_radius_mm, px),
+        "marrow": _ramp_inside(np.hypot(x - spine[0], y - spine[1]) - body.spine_radius_mm, px),
+        "paraspinal": _ramp_inside(_ellipse_distance(x, y, (spine[0], spine[1] - 12), 55, 28), px),
+        "vessels": np.clip((vessels - 2.0) * 1.5, 0.0, 0.6).astype(np.float32),
+        "spleen": _ramp_inside(_ellipse_distance(x, y, body.spleen_center_xy_mm, *body.spleen_semi_axes_mm), px),
+    }
+    for value in out.values():
+        value.flags.writeable = False
+    return out
+
+
 def level_of_slice(index: int, n_slices: int) -> str:
     """Slice level of slice ``index`` of ``n_slices`` spread from base to apex."""
     position = (index + 0.5) / n_slices
@@ -199,12 +245,7 @@ def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
         raise ValueError(f"level must be one of {tuple(LEVEL_POSITION)}, got {level!r}")
     heart, body = anatomy.heart, anatomy.body
     rows, cols = shape
-    y = window_center_xy_mm[1] - (np.arange(rows, dtype=np.float64)[:, None] - (rows - 1) / 2) * pixel_spacing_mm
-    x = window_center_xy_mm[0] + (np.arange(cols, dtype=np.float64)[None, :] - (cols - 1) / 2) * pixel_spacing_mm
-    x, y = np.broadcast_to(x, shape).copy(), np.broadcast_to(y, shape).copy()
-    for ax, ay, kx, ky, phase in body.deformation:  # smooth random deformation of the scene
-        wave = np.sin(kx * x + ky * y + phase)
-        x, y = x + ax * wave, y + ay * wave
+    x, y = _deformed_grid(body.deformation, shape, pixel_spacing_mm, window_center_xy_mm)
     position = LEVEL_POSITION[level]
     scale = {"basal": heart.basal_scale, "mid": 1.0, "apical": heart.apical_scale}[level]
     # slices through a tilted long axis: the LV centre drifts a little from base to apex
@@ -275,35 +316,24 @@ def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
         remaining = remaining - part
 
     if include_body:
-        ax, ay = body.semi_axes_mm
-        d_body = _ellipse_distance(x, y, body.center_xy_mm, ax, ay, body.rotation_deg)
-        inner_a = ax - body.subcutaneous_fat_mm - body.chest_muscle_mm
-        inner_b = ay - body.subcutaneous_fat_mm - body.chest_muscle_mm
-        d_ribs = _ellipse_distance(x, y, body.center_xy_mm, inner_a, inner_b, body.rotation_deg)
-        d_fat_inner = _ellipse_distance(x, y, body.center_xy_mm, ax - body.subcutaneous_fat_mm,
-                                        ay - body.subcutaneous_fat_mm, body.rotation_deg)
-        spine = body.spine_center_xy_mm
-        aorta_center = (spine[0] + body.aorta_offset_xy_mm[0], spine[1] + body.aorta_offset_xy_mm[1])
-        take("aorta", _ramp_inside(np.hypot(x - aorta_center[0], y - aorta_center[1]) - body.aorta_radius_mm, px))
-        take("marrow", _ramp_inside(np.hypot(x - spine[0], y - spine[1]) - body.spine_radius_mm, px))
-        take("muscle", _ramp_inside(_ellipse_distance(x, y, (spine[0], spine[1] - 12), 55, 28), px))
+        shapes = _body_shapes(body, shape, pixel_spacing_mm, window_center_xy_mm)
+        take("aorta", shapes["aorta"])
+        take("marrow", shapes["marrow"])
+        take("muscle", shapes["paraspinal"])
         liver_grow = 0.7 + 0.6 * position  # more liver towards the apex
         take("liver", _ramp_inside(_ellipse_distance(x, y, body.liver_center_xy_mm, body.liver_semi_axes_mm[0] * liver_grow,
                                                      body.liver_semi_axes_mm[1] * liver_grow, 20.0), px)
-             * _ramp_inside(d_ribs, px))
+             * shapes["ribs"])
         if level == "apical":
-            take("spleen", _ramp_inside(_ellipse_distance(x, y, body.spleen_center_xy_mm, *body.spleen_semi_axes_mm), px)
-                 * _ramp_inside(d_ribs, px))
+            take("spleen", shapes["spleen"] * shapes["ribs"])
         else:
             fractions["spleen"] = np.zeros(shape, dtype=np.float32)
-        f_ribs = _ramp_inside(d_ribs, px)
-        vessels = smooth_texture(shape, body.texture_seed + 1, 1.2)
-        vessel_fraction = np.clip((vessels - 2.0) * 1.5, 0.0, 0.6)
-        take("pulmonary_vessels", f_ribs * vessel_fraction)
-        take("lung", f_ribs)
-        fractions["muscle"] = fractions["muscle"] + np.clip(_ramp_inside(d_fat_inner, px) * remaining, 0, 1)
-        remaining = remaining - np.clip(_ramp_inside(d_fat_inner, px) * remaining, 0, 1)
-        take("subcutaneous_fat", _ramp_inside(d_body, px))
+        take("pulmonary_vessels", shapes["ribs"] * shapes["vessels"])
+        take("lung", shapes["ribs"])
+        chest_muscle = np.clip(shapes["fat_inner"] * remaining, 0, 1)
+        fractions["muscle"] = fractions["muscle"] + chest_muscle
+        remaining = remaining - chest_muscle
+        take("subcutaneous_fat", shapes["body"])
     else:
         for name in ("aorta", "marrow", "muscle", "liver", "spleen", "pulmonary_vessels", "lung", "subcutaneous_fat"):
             fractions[name] = np.zeros(shape, dtype=np.float32)
