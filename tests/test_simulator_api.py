@@ -105,3 +105,39 @@ def test_cli_refuses_bad_options(tmp_path, capsys):
         main(["simulate", str(tmp_path / "a.h5"), "--truth", str(tmp_path / "b.h5"), "--acceleration", "2"])
     code = main(["simulate", str(tmp_path / "a.h5"), "--truth", str(tmp_path / "b.h5"), "--frames", "3"])
     assert code == 2 and "n_frames" in capsys.readouterr().err
+
+
+def test_truth_motion_field_explains_the_moving_images(tmp_path):
+    """frame t shows at p what the reference shows at p + motion[t, :, p] (docs/simulator.md)."""
+    from scipy import ndimage
+
+    from perfline.simulator.image_study import image_slice
+
+    study = st.sample_study(9, n_slices=1, n_frames=12)
+    moving = image_slice(study, 0, noise=False, motion=True).signal
+    still = image_slice(study, 0, noise=False, motion=False).signal
+    path = tmp_path / "truth.h5"
+    write_truth(study, str(path))
+    motion = read_truth(str(path)).slices[0].motion
+    assert np.abs(motion).max() > 0.3, "this study should move"
+    rows, cols = np.indices(still.shape[1:], dtype=np.float64)
+    for t in (0, 7, 14):
+        coords = np.stack([rows + motion[t, 0], cols + motion[t, 1]])
+        expected = ndimage.map_coordinates(still[t], coords, order=1, mode="nearest")
+        inner = (slice(5, -5), slice(5, -5))
+        assert np.allclose(moving[t][inner], expected[inner], atol=1e-3 * still.max())
+
+
+def test_heart_rate_variation_and_missed_triggers_shape_the_frame_times():
+    for seed in range(40):
+        study = st.sample_study(seed, n_frames=60)
+        if study.timing.missed_trigger.any():
+            break
+    else:
+        pytest.fail("no study with a missed trigger in 40 seeds")
+    times = st.frame_times_s(study, "myocardium", 0)
+    gaps = np.diff(times)
+    missed = np.flatnonzero(study.timing.missed_trigger[:-1])
+    normal = np.delete(gaps, missed)
+    assert np.all(gaps[missed] > 1.6 * np.median(normal))
+    assert normal.std() > 0.005, "beat-to-beat variation"
