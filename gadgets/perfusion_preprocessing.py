@@ -1,0 +1,309 @@
+"""Perfusion preprocessing gadgets: reconstructed series -> Gd series on a 0.5 s grid.
+
+Chain order (``chains/perfusion-gd.toml``)::
+
+    perfusion-recon -> perfusion-moco -> aif-t2star -> surface-coil-correction
+    -> gd-conversion -> temporal-resample -> perfusion-series-images
+
+Each gadget is a thin adapter over ``perfline.toolbox`` (motion_correction, t2star,
+surface_coil, gd_conversion, resample); it validates its input, names what is missing in its
+errors (sent to the client as ERROR by the server) and records its name in ``stages``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Literal
+
+import ismrmrd
+import numpy as np
+from pydantic import Field
+
+from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, PureGadget, register_gadget
+from perfline.gadgets.mrd_images import make_image
+from perfline.gadgets.perfusion_items import AifSeries, SliceSeries
+from perfline.toolbox import gd_conversion, motion_correction, resample, surface_coil, t2star
+
+Series = SliceSeries | AifSeries
+
+
+def _label(item: Series) -> str:
+    return f"slice {item.slice_index}" if isinstance(item, SliceSeries) else "AIF series"
+
+
+def _require_units(item: Series, units: str, gadget: str) -> None:
+    if item.units != units:
+        raise GadgetError(f"{gadget}: {_label(item)} holds {item.units!r}, expected {units!r} "
+                          f"(stages so far: {', '.join(item.stages) or 'none'})")
+
+
+def _require_finite(data: np.ndarray, item: Series, what: str) -> None:
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise GadgetError(f"{_label(item)}: {what} contains {bad} NaN/infinite values")
+
+
+class MotionCorrectionSettings(GadgetSettings):
+    """Settings of ``perfusion-moco`` (see ``toolbox.motion_correction.motion_correct_series``)."""
+
+    enabled: bool = Field(True, description="off: pass the series through unchanged")
+    reference_passes: int = Field(2, ge=0, le=10, description="robust median-reference passes")
+    kl_passes: int = Field(1, ge=0, le=10, description="KL synthetic-frame passes")
+    n_components: int = Field(5, ge=1, le=20, description="KL components besides the mean")
+    correct_aif: bool = Field(True, description="also register the AIF series (echo 1 field on both echoes)")
+
+
+@register_gadget
+class PerfusionMotionCorrection(PureGadget):
+    """Non-rigid in-plane respiratory motion correction of every series."""
+
+    name = "perfusion-moco"
+    Settings = MotionCorrectionSettings
+    accepts = (SliceSeries, AifSeries)
+    produces = (SliceSeries, AifSeries)
+    settings: MotionCorrectionSettings
+
+    def process_item(self, item: Series) -> Series:
+        _require_units(item, "signal", self.name)
+        if not self.settings.enabled or (isinstance(item, AifSeries) and not self.settings.correct_aif):
+            return item
+        options = dict(reference_passes=self.settings.reference_passes, kl_passes=self.settings.kl_passes,
+                       n_components=self.settings.n_components)
+        started = time.perf_counter()
+        series = item.data[0] if isinstance(item, AifSeries) else item.data
+        _require_finite(series, item, "image data")
+        try:
+            result = motion_correction.motion_correct_series(series, n_pd_frames=item.n_pd_frames, **options)
+        except motion_correction.MotionCorrectionError as error:
+            raise GadgetError(f"{_label(item)}: {error}") from error
+        if isinstance(item, AifSeries):
+            data = np.stack([result.corrected] + [motion_correction.warp_series(echo, result.displacement_px)
+                                                  for echo in item.data[1:]])
+        else:
+            data = result.corrected
+        self.log.info("%s: motion corrected in %.2f s", _label(item), time.perf_counter() - started)
+        return dataclasses.replace(item, data=data, stages=item.stages + ("moco",))
+
+
+class T2StarSettings(GadgetSettings):
+    """Settings of ``aif-t2star``."""
+
+    enabled: bool = Field(True, description="off: keep echo 1 uncorrected (to measure the error)")
+    smoothing_px: int = Field(3, ge=0, le=15, description="box average of the echoes before the ratio")
+
+
+@register_gadget
+class AifT2StarCorrection(PureGadget):
+    """Dual-echo AIF -> T2*-corrected first echo, data [1, time, rows, cols]."""
+
+    name = "aif-t2star"
+    Settings = T2StarSettings
+    accepts = (AifSeries,)
+    produces = (AifSeries,)
+    settings: T2StarSettings
+
+    def process_item(self, item: AifSeries) -> AifSeries:
+        _require_units(item, "signal", self.name)
+        if item.data.ndim != 4 or item.data.shape[0] < 1:
+            raise GadgetError(f"AIF series data must be [echo, time, rows, cols], found {item.data.shape}")
+        _require_finite(item.data, item, "echo images")
+        if not self.settings.enabled:
+            return dataclasses.replace(item, data=item.data[:1], echo_times_ms=item.echo_times_ms[:1],
+                                       stages=item.stages + ("no-t2star",))
+        if item.data.shape[0] < 2 or len(item.echo_times_ms) < 2:
+            raise GadgetError(f"AIF T2* correction needs two echoes, found {item.data.shape[0]} echo image "
+                              f"series and echo times {item.echo_times_ms}")
+        try:
+            corrected = t2star.t2star_correct(item.data[0], item.data[1], item.echo_times_ms[0],
+                                              item.echo_times_ms[1], smoothing_px=self.settings.smoothing_px)
+        except t2star.EchoError as error:
+            raise GadgetError(f"AIF series: {error}") from error
+        return dataclasses.replace(item, data=corrected[None], echo_times_ms=(0.0,),
+                                   stages=item.stages + ("t2star",))
+
+
+class SurfaceCoilSettings(GadgetSettings):
+    """Settings of ``surface-coil-correction``."""
+
+    box_size_px: int = Field(5, ge=1, le=31, description="PD smoothing neighbourhood, pixels (odd)")
+    guided: bool = Field(True, description="edge-preserving PD smoothing guided by the mean SR image")
+    guide_tolerance: float = Field(0.05, gt=0.0, le=10.0, description="guide difference scale (relative)")
+    air_fraction: float = Field(0.05, ge=0.0, lt=1.0,
+                                description="PD below this fraction of its 99th percentile is air: ratio 0")
+
+
+@register_gadget
+class SurfaceCoilCorrection(PureGadget):
+    """SR frames / smooth PD map; drops the PD frames (``n_pd_frames`` -> 0, ``pd_image`` set)."""
+
+    name = "surface-coil-correction"
+    Settings = SurfaceCoilSettings
+    accepts = (SliceSeries, AifSeries)
+    produces = (SliceSeries, AifSeries)
+    settings: SurfaceCoilSettings
+
+    def process_item(self, item: Series) -> Series:
+        _require_units(item, "signal", self.name)
+        if isinstance(item, AifSeries):
+            if item.data.shape[0] != 1:
+                raise GadgetError(f"AIF series has {item.data.shape[0]} echoes; run aif-t2star first "
+                                  f"(surface-coil correction takes one echo)")
+            frames = item.data[0]
+        else:
+            frames = item.data
+        n_pd = item.n_pd_frames
+        if n_pd < 1:
+            raise GadgetError(f"{_label(item)}: no PD frames (n_pd_frames = 0): the surface-coil map needs "
+                              f"the proton-density frames at the start of the series")
+        if frames.shape[0] < n_pd + 2:
+            raise GadgetError(f"{_label(item)}: {frames.shape[0]} frames, need {n_pd} PD + at least 2 SR frames")
+        _require_finite(frames, item, "image data")
+        pd_image = frames[:n_pd].mean(axis=0)
+        sr = frames[n_pd:]
+        guide = sr.mean(axis=0) if self.settings.guided else None
+        try:
+            coil_map = surface_coil.coil_map_from_pd(pd_image, box_size_px=self.settings.box_size_px,
+                                                     guide=guide, guide_tolerance=self.settings.guide_tolerance)
+            ratio = surface_coil.normalize_by_pd(sr, coil_map)
+        except surface_coil.ProtonDensityError as error:
+            raise GadgetError(f"{_label(item)}: {error}") from error
+        # air and lung (no PD signal): the ratio is noise over noise, set it to 0 (no Gd)
+        air = pd_image <= self.settings.air_fraction * float(np.percentile(pd_image, 99))
+        ratio[:, air] = 0.0
+        data = ratio[None] if isinstance(item, AifSeries) else ratio
+        return dataclasses.replace(item, data=data, time_s=np.asarray(item.time_s)[n_pd:], units="sr_over_pd",
+                                   n_pd_frames=0, pd_image=pd_image.astype(np.float32),
+                                   stages=item.stages + ("surface-coil",))
+
+
+class GdConversionSettings(GadgetSettings):
+    """Settings of ``gd-conversion``."""
+
+    myocardium_gd_max_mmol_l: float = Field(10.0, gt=0.0, le=100.0, description="myocardial table range")
+    aif_gd_max_mmol_l: float = Field(40.0, gt=0.0, le=200.0, description="AIF (blood) table range")
+
+
+@register_gadget
+class GdConversion(PureGadget):
+    """SR/PD -> Gd (mmol/L) with Bloch LUTs of the header's sequences (myocardium / blood)."""
+
+    name = "gd-conversion"
+    Settings = GdConversionSettings
+    accepts = (SliceSeries, AifSeries)
+    produces = (SliceSeries, AifSeries)
+    settings: GdConversionSettings
+
+    def process_item(self, item: Series) -> Series:
+        _require_units(item, "sr_over_pd", self.name)
+        if self.context.header is None:
+            raise GadgetError("gd-conversion needs the MRD XML header (sequence parameters); none was sent")
+        is_aif = isinstance(item, AifSeries)
+        try:
+            sequence = gd_conversion.sequence_from_header(
+                self.context.header, gd_conversion.AIF_ENCODING if is_aif else gd_conversion.MYOCARDIAL_ENCODING)
+            if is_aif:
+                gd = gd_conversion.ratio_to_gd(item.data, sequence, tissue="blood",
+                                               gd_max_mmol_l=self.settings.aif_gd_max_mmol_l)
+            else:
+                gd = gd_conversion.ratio_to_gd(item.data, sequence, tissue="myocardium",
+                                               gd_max_mmol_l=self.settings.myocardium_gd_max_mmol_l)
+        except (gd_conversion.HeaderError, ValueError) as error:
+            raise GadgetError(f"{_label(item)}: {error}") from error
+        return dataclasses.replace(item, data=gd, units="gd_mmol_l", stages=item.stages + ("gd",))
+
+
+class ResampleSettings(GadgetSettings):
+    """Settings of ``temporal-resample``."""
+
+    interval_s: float = Field(0.5, gt=0.05, le=5.0, description="uniform grid spacing, seconds")
+
+
+@register_gadget
+class TemporalResample(Gadget):
+    """All Gd series onto ONE uniform grid (multiples of ``interval_s`` from the first R wave).
+
+    Collects every series until the end of the scan; the grid covers the time span common to
+    all of them (so the AIF and every slice share the same samples); emits the AIF first.
+    """
+
+    name = "temporal-resample"
+    Settings = ResampleSettings
+    accepts = (SliceSeries, AifSeries)
+    produces = (SliceSeries, AifSeries)
+    settings: ResampleSettings
+
+    def process(self, items: Iterator[Series]) -> Iterator[Series]:
+        collected = []
+        for item in items:
+            _require_units(item, "gd_mmol_l", self.name)
+            if item.n_pd_frames:
+                raise GadgetError(f"{_label(item)}: PD frames still present; run surface-coil-correction first")
+            try:
+                resample.check_time_stamps(item.time_s, np.shape(item.data)[-3])
+            except resample.TimeStampError as error:
+                raise GadgetError(f"{_label(item)}: {error}") from error
+            collected.append(item)
+        if not collected:
+            return
+        interval = self.settings.interval_s
+        start = max(float(np.asarray(item.time_s)[0]) for item in collected)
+        end = min(float(np.asarray(item.time_s)[-1]) for item in collected)
+        first = np.ceil(start / interval - 1e-9) * interval
+        if end - first < interval:
+            raise GadgetError(f"the series share no time span of at least {interval} s "
+                              f"(common span {start:.2f}-{end:.2f} s)")
+        grid = first + interval * np.arange(int(np.floor((end - first) / interval + 1e-9)) + 1)
+        collected.sort(key=lambda s: (isinstance(s, SliceSeries), getattr(s, "slice_index", -1)))
+        for item in collected:
+            try:
+                if isinstance(item, AifSeries):
+                    data = resample.resample_series(item.data[0], item.time_s, grid)[None]
+                else:
+                    data = resample.resample_series(item.data, item.time_s, grid)
+            except ValueError as error:
+                raise GadgetError(f"{_label(item)}: {error}") from error
+            yield dataclasses.replace(item, data=data, time_s=grid.copy(), stages=item.stages + ("resample",))
+
+
+class SeriesImagesSettings(GadgetSettings):
+    """Settings of ``perfusion-series-images``."""
+
+    myocardium_series_index: int = Field(10, ge=0, le=65535, description="image_series_index of the slices")
+    aif_series_index: int = Field(11, ge=0, le=65535, description="image_series_index of the AIF series")
+    send_aif: bool = Field(True, description="also return the AIF series")
+
+
+_ROLES: dict[str, tuple[str, str | None]] = {"gd_mmol_l": ("Gd", "mmol/L"), "sr_over_pd": ("SR_over_PD", "1"),
+                                             "signal": ("Image", None)}
+
+
+@register_gadget
+class PerfusionSeriesImages(PureGadget):
+    """SliceSeries / AifSeries -> one ``ismrmrd.Image`` per frame (DataRole Gd / AIF, units in meta)."""
+
+    name = "perfusion-series-images"
+    Settings = SeriesImagesSettings
+    accepts = (SliceSeries, AifSeries)
+    produces = (ismrmrd.Image,)
+    settings: SeriesImagesSettings
+
+    def process_item(self, item: Series) -> list[ismrmrd.Image]:
+        role, units = _ROLES[item.units]
+        is_aif = isinstance(item, AifSeries)
+        if is_aif and not self.settings.send_aif:
+            return []
+        frames = item.data[0] if is_aif else item.data
+        series_index = self.settings.aif_series_index if is_aif else self.settings.myocardium_series_index
+        data_role: Literal["AIF"] | str = "AIF" if is_aif else role
+        images = []
+        for t, frame in enumerate(frames):
+            meta = {"PERFLINE_Time_s": f"{float(item.time_s[t]):.4f}", "PERFLINE_Stages": ",".join(item.stages),
+                    "PERFLINE_Quantity": role}
+            images.append(make_image(
+                np.ascontiguousarray(frame, dtype=np.float32), item.geometry, series_index=series_index,
+                image_index=t, slice=0 if is_aif else item.slice_index, repetition=t, data_role=data_role,
+                meta=meta, units=units, comment=f"{'AIF' if is_aif else 'slice ' + str(item.slice_index)} {role}",
+                header_fields={"acquisition_time_stamp": int(round(float(item.time_s[t]) / 0.0025))}))
+        return images

@@ -1,0 +1,133 @@
+"""End-to-end: the `perfusion-gd` chain over the MRD server on a small simulated scan, and the
+errors it sends back for bad input (no PD frames, no AIF series, inconsistent dimensions, NaN)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import ismrmrd
+import ismrmrd.xsd as xsd
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from perfline.core.gadget import ChainContext
+from perfline.gadgets.mrd_images import image_array
+from perfline.gadgets.perfusion_items import AifSeries, SliceSeries
+from perfline.gadgets.perfusion_recon import PerfusionRecon
+from perfline.server.client import dataset_items, send_dataset
+from perfline.server.testing import running_server
+from perfline.simulator import mrd, truth
+from perfline.simulator import study as st
+
+N_FRAMES = 30
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("perfusion_gd")
+    study = st.sample_study(21, n_slices=1, n_frames=N_FRAMES, n_coils=8, acceleration=3, flow_model="fermi",
+                            field_strength_t=1.5)
+    phantoms = [st.slice_phantom(study, 0)]
+    mrd.write_kspace(study, str(folder / "scan.h5"), phantoms=phantoms)
+    truth.write_truth(study, str(folder / "truth.h5"), phantoms=phantoms)
+    return folder / "scan.h5", folder / "truth.h5"
+
+
+@pytest.fixture(scope="module")
+def acquisitions(scan: tuple[Path, Path]) -> tuple[str, list[ismrmrd.Acquisition]]:
+    header_xml, items = dataset_items(scan[0])
+    return header_xml, [item for item in items if isinstance(item, ismrmrd.Acquisition)]
+
+
+def test_recon_gadget_series_and_time_stamps(scan: tuple[Path, Path], acquisitions) -> None:
+    header_xml, acqs = acquisitions
+    gadget = PerfusionRecon(context=ChainContext(header=xsd.CreateFromDocument(header_xml), header_xml=header_xml))
+    outputs = list(gadget.process(iter(acqs)))
+    assert isinstance(outputs[0], AifSeries) and isinstance(outputs[1], SliceSeries)  # AIF first
+    aif, myo = outputs
+    reference = truth.read_truth(str(scan[1]), load_series=False)
+    assert aif.data.shape == (2, N_FRAMES + 3, 48, 64) and myo.data.shape == (N_FRAMES + 3, 144, 192)
+    assert myo.n_pd_frames == 3 and aif.echo_times_ms == (0.76, 1.76)
+    np.testing.assert_allclose(myo.time_s, reference.slices[0].time_s, atol=0.004)
+    np.testing.assert_allclose(aif.time_s, reference.aif_time_s, atol=0.004)
+
+
+def test_chain_returns_gd_images(scan: tuple[Path, Path]) -> None:
+    with running_server() as (host, port):
+        results = send_dataset(scan[0], host, port, "perfusion-gd", timeout_s=120)
+    assert results.ok, results.errors
+    reference = truth.read_truth(str(scan[1]))
+    gd_images = [im for im in results.images if im.meta["GADGETRON_DataRole"] == "Gd"]
+    aif_images = [im for im in results.images if im.meta["GADGETRON_DataRole"] == "AIF"]
+    assert len(gd_images) == len(aif_images) > 2 * N_FRAMES * 0.8 / 1.0 / 2
+    assert all(im.meta["PERFLINE_Units"] == "mmol/L" for im in gd_images)
+    times = np.array([float(im.meta["PERFLINE_Time_s"]) for im in gd_images])
+    np.testing.assert_allclose(np.diff(times), 0.5, atol=1e-6)
+    series = np.stack([image_array(im) for im in gd_images])
+    # myocardial Gd against the truth resampled to the same grid (motion present, noisy data)
+    sl = reference.slices[0]
+    pd = reference.attrs["n_pd_frames"]
+    truth_gd = np.stack([np.interp(times, sl.time_s[pd:], sl.gd[pd:, r, c])
+                         for r, c in np.argwhere(sl.labels == 2)], axis=1)
+    measured = series[:, sl.labels == 2]
+    late = truth_gd.mean(axis=1) > 0.3
+    assert late.sum() > 5
+    ratio = np.median(measured[late], axis=1) / np.median(truth_gd[late], axis=1)
+    assert np.all(np.abs(ratio - 1) < 0.25), ratio
+    # the AIF series: LV blood pool peak near the truth peak (T2*-corrected, blood LUT)
+    aif = np.stack([image_array(im) for im in aif_images])
+    assert aif.max() <= 40.01 and np.all(aif >= 0)
+    _, aif_anatomy = st.aif_phantom(st.sample_study(21, n_slices=1, n_frames=N_FRAMES, n_coils=8,
+                                                    acceleration=3, flow_model="fermi", field_strength_t=1.5))
+    pool = ndimage.binary_erosion(aif_anatomy.labels == 1)
+    peak = np.median(aif[:, pool], axis=1).max()
+    assert abs(peak / np.nanmax(reference.aif_gd) - 1) < 0.2, (peak, np.nanmax(reference.aif_gd))
+
+
+def _modified_header(header_xml: str, drop: str) -> str:
+    header = xsd.CreateFromDocument(header_xml)
+    header.userParameters.userParameterLong = [p for p in header.userParameters.userParameterLong
+                                               if p.name != drop]
+    return xsd.ToXML(header)
+
+
+def _with_nan(acqs: list[ismrmrd.Acquisition]) -> list[ismrmrd.Acquisition]:
+    out = list(acqs)
+    index = next(i for i, a in enumerate(out) if a.encoding_space_ref == 0 and a.idx.repetition == 5)
+    broken = copy.deepcopy(out[index])
+    data = broken.data.copy()
+    data[0, 3] = np.nan
+    broken.data[:] = data
+    out[index] = broken
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("no-pd", "no PD frames"),
+        ("no-aif", "no AIF series"),
+        ("missing-lines", "inconsistent dimensions"),
+        ("nan", "NaN"),
+    ],
+    ids=["no-pd-frames", "no-aif-series", "inconsistent-dimensions", "nan"],
+)
+@pytest.mark.timeout(120)
+def test_bad_input_errors_reach_the_client(acquisitions, case: str, match: str) -> None:
+    header_xml, acqs = acquisitions
+    if case == "no-pd":
+        header_xml = _modified_header(header_xml, "NumberOfPDFrames")
+    elif case == "no-aif":
+        acqs = [a for a in acqs if a.encoding_space_ref != 1]
+    elif case == "missing-lines":
+        acqs = [a for a in acqs if not (a.encoding_space_ref == 0 and a.idx.repetition == 7
+                                        and a.idx.kspace_encode_step_1 < 30)]
+    else:
+        acqs = _with_nan(acqs)
+    with running_server() as (host, port):
+        results = send_dataset(iter(acqs), host, port, "perfusion-gd", header_xml=header_xml, timeout_s=60)
+    assert results.closed
+    assert results.errors and any(match in error for error in results.errors), results.errors
+    assert not results.images
