@@ -96,7 +96,8 @@ def fit_fermi_curves(
         # costs on the 3x3x3 neighbourhood (clamped at the table edges)
         neighbours = np.clip(grid_index[:, None, :] + offsets[None], 0, np.array(shape) - 1)
         flat_nb = np.ravel_multi_index(tuple(neighbours.transpose(2, 0, 1)), shape)
-        nb_dot = np.einsum("pt,pjt->pj", y, flat_curves[flat_nb])
+        # the neighbours' correlations are already in the search matrix
+        nb_dot = np.take_along_axis(correlation, flat_nb, axis=1).astype(np.float64) * np.sqrt(flat_norms[flat_nb])
         nb_cost = _profile_cost(y2[:, None], nb_dot, flat_norms[flat_nb])
         position = grid_index + quadratic_vertex(nb_cost, offsets)
         k = grid_value(table.k, position[:, 0], log=True)
