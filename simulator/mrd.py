@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
+import scipy.fft
 from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype
 
 from perfline.simulator import study as st
@@ -141,9 +142,10 @@ def _plan(study: st.StudyParameters) -> list[_Block]:
     return blocks
 
 
-def _kspace(images: np.ndarray) -> np.ndarray:
-    """Centred orthonormal 2-D FFT over the last two axes (rows = E1, cols = E0)."""
-    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(images, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+def _checkerboard(shape: tuple[int, int]) -> np.ndarray:
+    """(-1)^(row + col): for even sizes, fftshift(fft2(ifftshift(x))) = C * fft2(C * x)."""
+    rows, cols = np.indices(shape)
+    return np.where((rows + cols) % 2 == 0, 1.0, -1.0).astype(np.float32)
 
 
 def _coil_series(study: st.StudyParameters, series: str, index: int,
@@ -194,20 +196,22 @@ def write_kspace(study: st.StudyParameters, path: str, *, phantoms: list[st.Slic
             progress(f"{series} {index}")
         moving, sens = _coil_series(study, series, index, phantoms)
         seq = study.aif_sequence if series == "aif" else study.myocardial_sequence
+        checker = _checkerboard(sens.shape[-2:])
+        sens_checker = (sens * checker).astype(np.complex64)  # centring folded into the coil maps
         for block_number, block in enumerate(blocks):
             if block.series != series or block.slice_index != index:
                 continue
-            coil_images = sens[None] * moving[:, block.frame][:, None]       # [echo, coils, rows, cols]
-            k = _kspace(coil_images)[:, :, block.lines]                       # [echo, coils, lines, cols]
+            coil_images = sens_checker[None] * moving[:, block.frame][:, None]  # [echo, coils, rows, cols]
+            k = scipy.fft.fft2(coil_images, norm="ortho")[:, :, block.lines] * checker[block.lines]
             k = k + (rng.standard_normal(k.shape, dtype=np.float32) + 1j * rng.standard_normal(
                 k.shape, dtype=np.float32)) * np.float32(sigma[series] / math.sqrt(2))
             k = k.astype(np.complex64)
             n_echo = k.shape[0]
-            for j, line in enumerate(block.lines):
+            for j in range(block.lines.size):
                 for echo in range(n_echo):
-                    a = offsets[block_number] + j * n_echo + echo
-                    payload[a] = np.ascontiguousarray(k[echo, :, j])
-                    _fill_head(heads[a], study, block, seq, j, int(line), echo, n_echo)
+                    payload[offsets[block_number] + j * n_echo + echo] = np.ascontiguousarray(k[echo, :, j])
+            first = offsets[block_number]
+            _fill_block_heads(heads[first:first + block.lines.size * n_echo], study, block, seq, n_echo)
     _set_last_flags(heads, blocks, offsets)
     data = np.empty(n_acq, dtype=acquisition_dtype)
     data["head"] = heads
@@ -243,36 +247,39 @@ def _channel_mask(n_coils: int) -> np.ndarray:
     return mask
 
 
-def _fill_head(head: np.ndarray, study: st.StudyParameters, block: _Block, seq: SequenceParameters, j: int,
-               line: int, echo: int, n_echo: int) -> None:
+def _fill_block_heads(heads: np.ndarray, study: st.StudyParameters, block: _Block, seq: SequenceParameters,
+                      n_echo: int) -> None:
+    """Headers of one image's acquisitions (lines in order, echoes interleaved per line)."""
     aif = block.series == "aif"
+    n = heads.size
+    j = np.repeat(np.arange(block.lines.size), n_echo)           # played-line number
     time_s = block.start_s + (seq.saturation_delay_ms + j * seq.tr_ms) / 1000.0
     trigger = float(study.timing.trigger_s[block.frame])
-    flags = np.uint64(0)
-    if j == 0:
-        flags |= _flag(ismrmrd.ACQ_FIRST_IN_SLICE)
-    if j == block.lines.size - 1:
-        flags |= _flag(ismrmrd.ACQ_LAST_IN_SLICE)
-    head["version"] = 1
-    head["flags"] = flags
-    head["measurement_uid"] = 1
-    head["acquisition_time_stamp"] = int(round((SCAN_START_S + time_s) / TICK_S))
-    head["physiology_time_stamp"] = (int(round((time_s - trigger) / TICK_S)), 0, 0)
-    head["number_of_samples"] = st.AIF_SHAPE[1] if aif else st.MYO_SHAPE[1]
-    head["available_channels"] = head["active_channels"] = study.n_coils
-    head["channel_mask"] = _channel_mask(study.n_coils)
-    head["center_sample"] = (st.AIF_SHAPE[1] if aif else st.MYO_SHAPE[1]) // 2
-    head["encoding_space_ref"] = 1 if aif else 0
-    head["sample_time_us"] = AIF_SAMPLE_TIME_US if aif else MYO_SAMPLE_TIME_US
+    flags = np.zeros(n, dtype=np.uint64)
+    flags[j == 0] |= _flag(ismrmrd.ACQ_FIRST_IN_SLICE)
+    flags[j == block.lines.size - 1] |= _flag(ismrmrd.ACQ_LAST_IN_SLICE)
+    samples = st.AIF_SHAPE[1] if aif else st.MYO_SHAPE[1]
+    heads["version"] = 1
+    heads["flags"] = flags
+    heads["measurement_uid"] = 1
+    heads["acquisition_time_stamp"] = np.round((SCAN_START_S + time_s) / TICK_S).astype(np.uint32)
+    heads["physiology_time_stamp"][:, 0] = np.round((time_s - trigger) / TICK_S).astype(np.uint32)
+    heads["number_of_samples"] = samples
+    heads["available_channels"] = study.n_coils
+    heads["active_channels"] = study.n_coils
+    heads["channel_mask"] = _channel_mask(study.n_coils)[None, :]
+    heads["center_sample"] = samples // 2
+    heads["encoding_space_ref"] = 1 if aif else 0
+    heads["sample_time_us"] = AIF_SAMPLE_TIME_US if aif else MYO_SAMPLE_TIME_US
     z = -15.0 if aif else (block.slice_index - (study.n_slices - 1) / 2) * SLICE_GAP_MM
-    head["position"] = (0.0, 0.0, z)
-    head["read_dir"], head["phase_dir"], head["slice_dir"] = (1, 0, 0), (0, 1, 0), (0, 0, 1)
-    idx = head["idx"]
-    idx["kspace_encode_step_1"] = line
+    heads["position"] = (0.0, 0.0, z)
+    heads["read_dir"], heads["phase_dir"], heads["slice_dir"] = (1, 0, 0), (0, 1, 0), (0, 0, 1)
+    idx = heads["idx"]
+    idx["kspace_encode_step_1"] = block.lines[j]
     idx["slice"] = 0 if aif else block.slice_index
-    idx["contrast"] = echo
+    idx["contrast"] = np.tile(np.arange(n_echo), block.lines.size)
     idx["repetition"] = block.frame
-    head["idx"] = idx
+    heads["idx"] = idx
 
 
 def _set_last_flags(heads: np.ndarray, blocks: list[_Block], offsets: list[int]) -> None:
