@@ -3,7 +3,7 @@
 Layout (stable; all arrays on the reconstructed myocardial grid, 1.875 mm square pixels):
 
 - file attributes: ``seed`` (int), ``kind`` ("stress"/"rest"), ``field_strength_t``,
-  ``hematocrit``, ``pixel_spacing_mm``, ``flow_model``, ``n_pd_frames``, ``n_slices``,
+  ``hematocrit``, ``pixel_spacing_mm``, ``flow_model``, ``n_pd_frames``, ``n_frames`` (SR), ``n_slices``,
   ``acceleration``, ``n_coils``, ``snr_blood_peak``, ``noise_sigma`` (SD of the combined image),
   ``format_version`` (1) and ``parameters_json`` (every random parameter of the study).
 - ``/aif/time_s`` float64 [T], ``/aif/gd`` float32 [T]: LV blood Gd (mmol/L, whole blood)
@@ -78,7 +78,8 @@ def write_truth(study: st.StudyParameters, path: str, phantoms: list[st.SlicePha
     with h5py.File(path, "w") as f:
         attrs = {"seed": study.seed, "kind": study.kind, "field_strength_t": study.field_strength_t,
                  "hematocrit": study.bolus.hematocrit, "pixel_spacing_mm": st.MYO_PIXEL_MM,
-                 "flow_model": study.flow_model, "n_pd_frames": study.n_pd_frames, "n_slices": study.n_slices,
+                 "flow_model": study.flow_model, "n_pd_frames": study.n_pd_frames, "n_frames": study.n_frames,
+                 "n_slices": study.n_slices,
                  "acceleration": study.acceleration, "n_coils": study.n_coils,
                  "snr_blood_peak": study.snr_blood_peak, "noise_sigma": st.noise_sigma(study),
                  "format_version": FORMAT_VERSION, "parameters_json": parameters_json(study)}

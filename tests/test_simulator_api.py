@@ -141,3 +141,17 @@ def test_heart_rate_variation_and_missed_triggers_shape_the_frame_times():
     normal = np.delete(gaps, missed)
     assert np.all(gaps[missed] > 1.6 * np.median(normal))
     assert normal.std() > 0.005, "beat-to-beat variation"
+
+
+def test_truth_attributes_regenerate_the_same_study(tmp_path):
+    from perfline.simulator.truth import parameters_json
+
+    study = st.sample_study(17, n_slices=2, n_frames=15, n_coils=8, acceleration=1, flow_model="fermi")
+    path = tmp_path / "truth.h5"
+    write_truth(study, str(path))
+    attrs = read_truth(str(path), load_series=False).attrs
+    again = st.sample_study(int(attrs["seed"]), kind=attrs["kind"], field_strength_t=float(attrs["field_strength_t"]),
+                            n_slices=int(attrs["n_slices"]), n_frames=int(attrs["n_frames"]),
+                            n_coils=int(attrs["n_coils"]),
+                            acceleration=int(attrs["acceleration"]), flow_model=attrs["flow_model"])
+    assert parameters_json(again) == attrs["parameters_json"]
