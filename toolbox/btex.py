@@ -145,21 +145,24 @@ def _interpolate(table: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, n
     cell = np.take(flat_table, flat_index, axis=0).reshape(-1, *(2,) * n_dims, table.shape[-1])
     frac = frac.astype(table.dtype)
 
-    # contract the leading grid axis level by level; the derivative along axis d shares the
-    # contraction of the axes before d with the value (about 3x the cost of the value alone)
-    def lerp(values: np.ndarray, dim: int) -> np.ndarray:
-        f = frac[:, dim].reshape(-1, *(1,) * (values.ndim - 2))
-        return values[:, 0] + f * (values[:, 1] - values[:, 0])
+    # weights of the 2^D corners (row-major corner order, as ``corners``) for the value and
+    # for the derivative along each axis: outer products of (1 - f, f) per axis, with
+    # (-1, +1) on the differentiated axis
+    pairs = [np.stack([1.0 - frac[:, d], frac[:, d]], axis=1) for d in range(n_dims)]
+    slope = np.broadcast_to(np.array([-1.0, 1.0], dtype=table.dtype), (position.shape[0], 2))
 
-    gradient = np.empty((position.shape[0], table.shape[-1], n_dims), dtype=table.dtype)
-    prefix = cell
-    for dim in range(n_dims):
-        branch = prefix[:, 1] - prefix[:, 0]
-        for later in range(dim + 1, n_dims):
-            branch = lerp(branch, later)
-        gradient[:, :, dim] = branch
-        prefix = lerp(prefix, dim)
-    return prefix, gradient
+    def outer(factors: list[np.ndarray]) -> np.ndarray:
+        weight = factors[0]
+        for factor in factors[1:]:
+            weight = (weight[:, :, None] * factor[:, None, :]).reshape(weight.shape[0], -1)
+        return weight
+
+    weights = np.stack(
+        [outer(pairs)] + [outer(pairs[:d] + [slope] + pairs[d + 1 :]) for d in range(n_dims)], axis=1
+    )  # [P, 1 + D, C]
+    cell = cell.reshape(position.shape[0], corners.shape[0], table.shape[-1])
+    combined = np.matmul(weights, cell)  # [P, 1 + D, R]
+    return combined[:, 0], np.moveaxis(combined[:, 1:], 1, 2)
 
 
 def _coarse_search(
