@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from perfline.core.gadget import Gadget, GadgetError, accepts_item
@@ -59,6 +61,21 @@ class UnexpectedOutput(GadgetError):
     """A gadget yielded an item of a type it did not declare in ``produces``."""
 
 
+@dataclass
+class StageTiming:
+    """Where one gadget's thread spent its time (seconds of wall clock).
+
+    ``busy_s`` is the time inside the gadget's own code: the thread's wall time from the first
+    item to the end of stream, minus the time it waited for input or for room downstream.
+    """
+
+    gadget: str
+    busy_s: float = 0.0
+    waiting_s: float = 0.0
+    items_in: int = 0
+    items_out: int = 0
+
+
 class RunningChain:
     """A started chain instance (one per connection). Create with :func:`start_chain`."""
 
@@ -74,6 +91,7 @@ class RunningChain:
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
         self._closed = False
+        self._timings = [StageTiming(gadget.name) for gadget in self.gadgets]
         self._threads = [
             threading.Thread(target=self._run_gadget, args=(index,), daemon=True,
                              name=f"gadget-{gadget.name}-{connection_id}")
@@ -155,6 +173,10 @@ class RunningChain:
         """The first error that stopped the chain, or None."""
         return self._error
 
+    def stage_timings(self) -> list[StageTiming]:
+        """Per-gadget busy and waiting times (complete once the chain has ended)."""
+        return list(self._timings)
+
     def join(self, timeout: float | None = None) -> None:
         """Wait for every gadget thread to end."""
         for thread in self._threads:
@@ -202,20 +224,35 @@ class RunningChain:
         gadget = self.gadgets[index]
         inbox, outbox = self._queues[index], self._queues[index + 1]
         produces = tuple(gadget.produces)
+        timing = self._timings[index]
+        started: float | None = None
 
         ended = False
+
+        def waited(call: Any, *args: Any) -> Any:
+            nonlocal started
+            before = time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                after = time.perf_counter()
+                if started is None:
+                    started = after  # the clock starts when the first item arrives
+                else:
+                    timing.waiting_s += after - before
 
         def accepted_items() -> Iterator[Any]:
             nonlocal ended
             while not ended:
-                item = self._get(inbox)
+                item = waited(self._get, inbox)
                 if item is END_OF_STREAM:
                     ended = True
                     return
                 if accepts_item(gadget, item):
+                    timing.items_in += 1
                     yield item
                 else:
-                    self._put(outbox, item)
+                    waited(self._put, outbox, item)
 
         try:
             for output in gadget.process(accepted_items()):
@@ -223,7 +260,10 @@ class RunningChain:
                     raise UnexpectedOutput(
                         f"gadget {gadget.name!r} yielded {type(output).__name__}, but declares "
                         f"produces={[t.__name__ for t in produces]}")
-                self._put(outbox, output)
+                timing.items_out += 1
+                waited(self._put, outbox, output)
+            if started is not None:
+                timing.busy_s = max(0.0, time.perf_counter() - started - timing.waiting_s)
             # a gadget may stop reading early: drop its unread items, pass the others through
             for item in accepted_items():
                 logger.debug("%s ended early, dropping %s", gadget.name, type(item).__name__,

@@ -13,6 +13,7 @@ timeout) so the client sees the error instead of a connection reset.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -146,6 +147,7 @@ class Session:
         self.chain.close()
         self._sender.join()
         if not self._chain_failed.is_set():
+            self._report_stage_timings(parameters)
             self._send_final(None)
 
     def _chain_from_config(self, message: Any) -> ChainSpec:
@@ -226,6 +228,21 @@ class Session:
             self.log.warning("cannot send to client: %s", error)
             self._chain_failed.set()
             self.chain.abort("client socket failed")
+
+    def _report_stage_timings(self, parameters: dict[str, Any]) -> None:
+        """Log each gadget's busy time; send them as JSON text if the client asked for it.
+
+        A client opts in with ``{"timings": true}`` in the JSON parameters; the text is
+        ``{"perfline_stage_timings": [{"gadget", "busy_s", "waiting_s", "items_in",
+        "items_out"}, ...]}``.
+        """
+        assert self.chain is not None
+        timings = [dataclasses.asdict(t) for t in self.chain.stage_timings()]
+        self.log.info("stage times (s): %s", ", ".join(f"{t['gadget']} {t['busy_s']:.3f}" for t in timings))
+        if parameters.get("timings") is True:
+            with self._send_lock:
+                if not self._error_sent:
+                    self.writer.send(Text(json.dumps({"perfline_stage_timings": timings})))
 
     # -- ending --------------------------------------------------------------------------
     def _send_final(self, error_text: str | None) -> None:
