@@ -51,7 +51,7 @@ class MotionCorrectionSettings(GadgetSettings):
     enabled: bool = Field(True, description="off: pass the series through unchanged")
     reference_passes: int = Field(2, ge=0, le=10, description="robust median-reference passes")
     kl_passes: int = Field(1, ge=0, le=10, description="KL synthetic-frame passes")
-    n_components: int = Field(5, ge=1, le=20, description="KL components besides the mean")
+    n_components: int = Field(3, ge=1, le=20, description="KL components besides the mean")
     correct_aif: bool = Field(True, description="also register the AIF series (echo 1 field on both echoes)")
 
 

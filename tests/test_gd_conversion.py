@@ -5,6 +5,7 @@ from __future__ import annotations
 import ismrmrd.xsd as xsd
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from perfline.simulator import mrd
 from perfline.simulator import study as st
@@ -74,10 +75,12 @@ def test_simulated_myocardium_gd_through_pd_map(field: float) -> None:
                                 guide_tolerance=0.05)
     gd = myocardial_gd(normalize_by_pd(sr, coil_map), study.myocardial_sequence)
     truth = phantom.gd[pd:]
-    inside = (sl.labels == 2)[None] & (truth >= 0.2) & (truth <= 6.0)
+    # eroded: border pixels mix blood and myocardium, which no single-tissue table converts
+    core = ndimage.binary_erosion(sl.labels == 2)
+    inside = core[None] & (truth >= 0.2) & (truth <= 6.0)
     relative = (gd[inside] - truth[inside]) / truth[inside]
     assert abs(np.median(relative)) < 0.03
-    assert np.median(np.abs(relative)) < 0.05
+    assert np.median(np.abs(relative)) < 0.03
 
 
 def test_nan_ratio_rejected() -> None:

@@ -28,16 +28,40 @@ class ReconError(ValueError):
     """k-space that cannot be reconstructed (missing lines, wrong shape, irregular pattern)."""
 
 
+def _alternating_signs(n: int, axis: int, ndim: int, dtype: np.dtype) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = n
+    return (1 - 2 * (np.arange(n) % 2)).astype(dtype).reshape(shape)
+
+
 def centered_ifft(data: np.ndarray, axis: int) -> np.ndarray:
-    """Orthonormal inverse FFT along ``axis`` with the centre at index ``n // 2`` on both sides."""
-    shifted = np.fft.ifftshift(data, axes=axis)
-    return np.fft.fftshift(np.fft.ifft(shifted, axis=axis, norm="ortho"), axes=axis)
+    """Orthonormal inverse FFT along ``axis`` with the centre at index ``n // 2`` on both sides.
+
+    Equals ``fftshift(ifft(ifftshift(data)))``; for even ``n`` the two half-length rolls are
+    replaced by sign alternations ((-1)^k before, (-1)^(n - n/2) after), which are cheaper.
+    """
+    n = data.shape[axis]
+    if n % 2:
+        shifted = np.fft.ifftshift(data, axes=axis)
+        return np.fft.fftshift(np.fft.ifft(shifted, axis=axis, norm="ortho"), axes=axis)
+    dtype = np.result_type(data.dtype, np.complex64)
+    signs = _alternating_signs(n, axis % data.ndim, data.ndim, dtype)
+    out = np.fft.ifft(data * signs, axis=axis, norm="ortho")
+    out *= signs if (n // 2) % 2 == 0 else -signs
+    return out
 
 
 def centered_fft(data: np.ndarray, axis: int) -> np.ndarray:
     """Orthonormal forward FFT along ``axis``, inverse of :func:`centered_ifft`."""
-    shifted = np.fft.ifftshift(data, axes=axis)
-    return np.fft.fftshift(np.fft.fft(shifted, axis=axis, norm="ortho"), axes=axis)
+    n = data.shape[axis]
+    if n % 2:
+        shifted = np.fft.ifftshift(data, axes=axis)
+        return np.fft.fftshift(np.fft.fft(shifted, axis=axis, norm="ortho"), axes=axis)
+    dtype = np.result_type(data.dtype, np.complex64)
+    signs = _alternating_signs(n, axis % data.ndim, data.ndim, dtype)
+    out = np.fft.fft(data * signs, axis=axis, norm="ortho")
+    out *= signs if (n // 2) % 2 == 0 else -signs
+    return out
 
 
 def noise_whitening_matrix(noise: np.ndarray) -> np.ndarray:
@@ -202,7 +226,7 @@ def sense_unfolding(sensitivities: np.ndarray, accel: int, *, regularization: fl
             raise ReconError("fold pattern differs between offsets")  # never for centred FFTs
         folded = sensitivities[:, lines, :].transpose(1, 3, 0, 2)  # [M, kx, C, R]
         encoding = folded * weights[:, None, None, :]
-        normal = np.einsum("yxcj,yxck->yxjk", encoding.conj(), encoding)
+        normal = np.matmul(encoding.conj().swapaxes(-1, -2), encoding)  # [M, kx, R, R]
         load = regularization * np.real(np.trace(normal, axis1=-2, axis2=-1)).mean() / accel
         normal = normal + load * np.eye(accel)
         unfold = np.linalg.solve(normal, encoding.conj().transpose(0, 1, 3, 2))  # [M, kx, R, C]
@@ -308,13 +332,18 @@ def reconstruct_compact(compact: np.ndarray, offsets: np.ndarray, accel: int, *,
     unfolding = sense_unfolding(sensitivities, accel, regularization=regularization)
     if whitening is not None:
         unfolding = SenseUnfolding(accel, unfolding.lines, tuple(
-            np.einsum("jdyx,dc->jcyx", matrix, whitening).astype(np.complex64) for matrix in unfolding.matrices))
+            np.ascontiguousarray(np.moveaxis(np.tensordot(matrix, whitening, axes=([1], [0])), -1, 1),
+                                 dtype=np.complex64)
+            for matrix in unfolding.matrices))
     for offset in range(accel):
         frames = np.flatnonzero(offsets == offset)
         if frames.size == 0:
             continue
-        aliased = centered_ifft(centered_ifft(compact[frames], axis=-1), axis=-2)  # [t, C, M, kx]
-        unfolded = np.einsum("jcyx,tcyx->tjyx", unfolding.matrices[offset], aliased.astype(np.complex64))
+        aliased = centered_ifft(centered_ifft(compact[frames], axis=-1), axis=-2).astype(np.complex64)
+        matrix = unfolding.matrices[offset]
+        unfolded = np.zeros((frames.size, accel, n_reduced, n_cols), dtype=np.complex64)
+        for coil in range(n_coils):  # coil loop of broadcast products: faster than einsum here
+            unfolded += matrix[None, :, coil] * aliased[:, None, coil]
         image = np.empty((frames.size, n_lines, n_cols), dtype=np.float32)
         image[:, unfolding.lines.T, :] = np.abs(unfolded)
         out[frames] = image

@@ -69,9 +69,12 @@ def warp_series(series: np.ndarray, displacement_px: np.ndarray) -> np.ndarray:
     return warped.reshape(series.shape)
 
 
-def _box_width(sigma_px: float) -> int:
-    """Odd box width whose two-fold repetition has the variance of a Gaussian of ``sigma_px``."""
-    width = np.sqrt(6.0 * sigma_px**2 + 1.0)
+BOX_PASSES = 1
+
+
+def _box_width(sigma_px: float, passes: int) -> int:
+    """Odd box width whose ``passes``-fold repetition has the variance of a Gaussian of ``sigma_px``."""
+    width = np.sqrt(12.0 * sigma_px**2 / passes + 1.0)
     return int(2 * round((width - 1) / 2) + 1)
 
 
@@ -83,12 +86,12 @@ def _smooth_plane(data: np.ndarray, sigma_px: float) -> np.ndarray:
     """
     if sigma_px <= 0:
         return data
-    width = _box_width(sigma_px)
+    width = _box_width(sigma_px, BOX_PASSES)
     if width <= 1:
         return data
     out = data
     for axis in (-2, -1):
-        for _ in range(2):
+        for _ in range(BOX_PASSES):
             out = ndimage.uniform_filter1d(out, width, axis=axis, mode="nearest")
     return out
 
@@ -279,7 +282,7 @@ def _correct_block(series: np.ndarray, reference_passes: int, kl_passes: int, n_
 
 
 def motion_correct_series(series: np.ndarray, *, n_pd_frames: int = 0, reference_passes: int = 2,
-                          kl_passes: int = 1, n_components: int = 5, robust: float = 4.0,
+                          kl_passes: int = 1, n_components: int = 3, robust: float = 4.0,
                           half_resolution: bool = True, levels: int = 2, iterations: int = 3,
                           window_px: float = 4.0, smoothing_px: float = 2.0) -> MotionCorrectionResult:
     """Non-rigid registration of a dynamic series through the contrast change.
