@@ -24,7 +24,7 @@ _UNITS = {"gd_mmol_l": "gd", "signal": "signal"}
 class SegmentationSettings(GadgetSettings):
     runtime: Literal["auto", "onnxruntime", "torch"] = Field(
         "auto", description="inference runtime (auto: ONNX Runtime, else torch)")
-    threads: int = Field(2, ge=1, le=64, description="intra-op threads of the runtime")
+    threads: int = Field(1, ge=1, le=64, description="intra-op threads of the runtime")
 
 
 @register_gadget

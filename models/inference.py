@@ -12,7 +12,6 @@ series gives a first centre and the CNN's own LV centroid a second, refined crop
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +84,9 @@ class Segmenter:
         path = verified_path(self.stem, ".onnx")
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
+        # one thread by default: on the shared 2-core machine two threads measured slower
+        # (docs/segmentation.md); the chain runs other gadgets in parallel anyway
+        options.intra_op_num_threads = threads or 1
         options.log_severity_level = 3
         self._session = onnxruntime.InferenceSession(str(path), options,
                                                      providers=["CPUExecutionProvider"])
