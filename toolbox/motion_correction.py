@@ -284,7 +284,8 @@ def _correct_block(series: np.ndarray, reference_passes: int, kl_passes: int, n_
 def motion_correct_series(series: np.ndarray, *, n_pd_frames: int = 0, reference_passes: int = 2,
                           kl_passes: int = 1, n_components: int = 3, robust: float = 4.0,
                           half_resolution: bool = True, levels: int = 2, iterations: int = 3,
-                          window_px: float = 4.0, smoothing_px: float = 2.0) -> MotionCorrectionResult:
+                          window_px: float = 4.0, smoothing_px: float = 2.0,
+                          min_displacement_px: float = 0.4) -> MotionCorrectionResult:
     """Non-rigid registration of a dynamic series through the contrast change.
 
     Two stages, measured on the simulator (docs/preprocessing.md):
@@ -312,6 +313,9 @@ def motion_correct_series(series: np.ndarray, *, n_pd_frames: int = 0, reference
         robust: Cauchy scale of the reference passes, in median absolute differences (a
             small value also rejects the edges of large displacements: measured best at 4).
         half_resolution: estimate the field on the half-resolution grid.
+        min_displacement_px: frames whose field has a smaller RMS displacement are left
+            untouched (zero field): on a still series the registration only finds noise-driven
+            sub-pixel jitter, and resampling would blur the frame for nothing.
         levels, iterations, window_px, smoothing_px: registration settings on the estimation
             grid (every level gets ``iterations``), see :func:`register_multiresolution`.
 
@@ -348,4 +352,10 @@ def motion_correct_series(series: np.ndarray, *, n_pd_frames: int = 0, reference
                                           components, robust, registration)
     if half_resolution:
         field = _upsample_field(field, series.shape[1:])
-    return MotionCorrectionResult(warp_series(series, field), field)
+    still = np.sqrt(np.mean(field[0] ** 2 + field[1] ** 2, axis=(1, 2))) < min_displacement_px
+    field[:, still] = 0.0
+    corrected = warp_series(series, field)
+    corrected[still] = series[still]
+    logger.debug("motion correction: %d of %d frames left untouched (below %.2f px)", int(still.sum()),
+                 still.size, min_displacement_px)
+    return MotionCorrectionResult(corrected, field)
