@@ -102,7 +102,7 @@ def sample_bolus(rng: np.random.Generator, kind: str, first_sr_time_s: float) ->
         injection_duration_s=rng.uniform(2.0, 4.0) if stress else rng.uniform(2.5, 4.5),
         time_to_peak_s=rng.uniform(0.8, 2.0) if stress else rng.uniform(1.0, 2.5),
         gamma_shape=rng.uniform(2.0, 4.0),
-        rv_lead_s=rng.uniform(2.5, 6.0) if stress else rng.uniform(3.5, 8.0),
+        rv_lead_s=rng.uniform(2.0, 5.0) if stress else rng.uniform(3.0, 7.0),
         rv_peak_ratio=rng.uniform(1.2, 1.7), rv_width_ratio=rng.uniform(0.6, 0.8),
         recirculation_delay_s=rng.uniform(7.0, 12.0), recirculation_ratio=rng.uniform(0.12, 0.3),
         plateau_ratio=rng.uniform(0.12, 0.22), aorta_delay_s=rng.uniform(0.2, 0.6),
