@@ -45,6 +45,9 @@ class Results:
         other: returned acquisitions / waveforms.
         closed: the server ended with a CLOSE message.
         items_sent, bytes_sent, seconds: what was streamed and how long the connection lasted.
+        sent_s: seconds from connecting until the last item (before CLOSE) was sent.
+        text_times_s: for each entry of ``texts``, seconds from connecting to its arrival
+            (latency of a report = its arrival minus ``sent_s``).
     """
 
     images: list[ismrmrd.Image] = field(default_factory=list)
@@ -56,6 +59,9 @@ class Results:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    sent_s: float = 0.0
+    text_times_s: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -82,6 +88,7 @@ def _receive(reader: MessageReader, results: Results, done: threading.Event) -> 
                 return
             if isinstance(message, Text):
                 results.texts.append(message.text)
+                results.text_times_s.append(time.monotonic() - results.started)
                 if message.text.lstrip().startswith("ERROR"):
                     results.errors.append(message.text)
                     logger.error("server: %s", message.text)
@@ -121,7 +128,7 @@ def send_dataset(source: str | Path | Iterable[Any], host: str, port: int, confi
     else:
         items = source
     results = Results()
-    started = time.monotonic()
+    started = results.started
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         writer = MessageWriter(sock, nul_terminate=nul_terminate)
@@ -144,6 +151,7 @@ def send_dataset(source: str | Path | Iterable[Any], host: str, port: int, confi
                 results.items_sent += 1
                 if progress is not None:
                     progress(results.items_sent)
+            results.sent_s = time.monotonic() - started
             if not done.is_set():
                 writer.send(Close())
         except OSError as error:

@@ -55,3 +55,6 @@ def test_server_sends_timings_only_when_asked(shepp_logan):
     assert [s["gadget"] for s in stages] == ["cartesian-recon"]
     assert stages[0]["items_in"] > 0 and stages[0]["busy_s"] > 0
     assert len(asked.images) == len(plain.images) > 0
+    # arrival times let a client measure latency from its last acquisition to a result
+    assert len(asked.text_times_s) == len(asked.texts)
+    assert all(asked.sent_s <= t <= asked.seconds for t in asked.text_times_s)
