@@ -65,6 +65,10 @@ class Segmenter:
         self.stem = Path(stem)
         self.sidecar = read_sidecar(self.stem)
         self.n_frames = int(self.sidecar["network"]["in_channels"])
+        # per-class factors on the softmax output (prior correction calibrated on simulated
+        # validation studies, recorded in the sidecar; 1 = none)
+        scale = self.sidecar.get("class_probability_scale", [1.0] * 4)
+        self.class_scale = np.asarray(scale, dtype=np.float32).reshape(1, -1, 1, 1)
         self.runtime = ""
         if runtime in ("auto", "onnxruntime"):
             try:
@@ -115,7 +119,8 @@ class Segmenter:
         else:
             with self._torch.inference_mode():
                 logits = self._model(self._torch.from_numpy(crops)).numpy()
-        return _softmax(logits.astype(np.float32))
+        probabilities = _softmax(logits.astype(np.float32)) * self.class_scale
+        return probabilities / probabilities.sum(axis=1, keepdims=True)
 
     def _probabilities(self, series: np.ndarray, pixel_spacing_mm: float,
                        centers: list[tuple[float, float]]) -> list[np.ndarray]:
