@@ -45,6 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=None, help="model stem (default: the shipped model for --units)")
     parser.add_argument("--runtime", choices=("auto", "onnxruntime", "torch"), default="auto")
     parser.add_argument("--json", type=Path, default=None, help="write per-slice metrics here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="--mbf only: output folder of the MBF evaluation")
     parser.set_defaults(func=run)
     return parser
 
