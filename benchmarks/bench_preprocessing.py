@@ -36,7 +36,7 @@ from perfline.simulator import mrd, truth
 from perfline.simulator import study as st
 from perfline.simulator.image_study import image_slice
 from perfline.toolbox.gd_conversion import myocardial_gd
-from perfline.toolbox.interleaved_recon import reconstruct_compact
+from perfline.toolbox.interleaved_recon import centered_fft, reconstruct_compact
 from perfline.toolbox.motion_correction import motion_correct_series
 from perfline.toolbox.resample import resample_to_uniform
 from perfline.toolbox.surface_coil import coil_map_from_pd, normalize_by_pd
@@ -99,7 +99,7 @@ def recon_accuracy(study: st.StudyParameters, items: list) -> list[str]:
         body = reference.mean(axis=0) > 0.05 * reference.mean(axis=0).max()
         noisy = np.linalg.norm((item.data - reference)[:, body]) / np.linalg.norm(reference[:, body])
         # the same recon on noise-free k-space: undersampling artefacts and calibration only
-        kspace = mrd._kspace(sens[None] * moving[0][:, None])  # noqa: SLF001
+        kspace = centered_fft(centered_fft(sens[None] * moving[0][:, None], axis=-2), axis=-1)
         offsets = np.arange(kspace.shape[0]) % study.acceleration
         compact = np.stack([kspace[t][:, offsets[t]::study.acceleration] for t in range(kspace.shape[0])])
         clean = reconstruct_compact(compact.astype(np.complex64), offsets, study.acceleration)
