@@ -285,7 +285,7 @@ def motion_correct_series(series: np.ndarray, *, n_pd_frames: int = 0, reference
                           kl_passes: int = 1, n_components: int = 3, robust: float = 4.0,
                           half_resolution: bool = True, levels: int = 2, iterations: int = 3,
                           window_px: float = 4.0, smoothing_px: float = 2.0,
-                          min_displacement_px: float = 0.4) -> MotionCorrectionResult:
+                          min_displacement_px: float = 0.4, crop_fraction: float = 0.7) -> MotionCorrectionResult:
     """Non-rigid registration of a dynamic series through the contrast change.
 
     Two stages, measured on the simulator (docs/preprocessing.md):
@@ -313,6 +313,9 @@ def motion_correct_series(series: np.ndarray, *, n_pd_frames: int = 0, reference
         robust: Cauchy scale of the reference passes, in median absolute differences (a
             small value also rejects the edges of large displacements: measured best at 4).
         half_resolution: estimate the field on the half-resolution grid.
+        crop_fraction: the field is estimated on the central ``crop_fraction`` of the rows and
+            columns (the heart is near the centre of a perfusion field of view; about half the
+            pixels, half the time) and continued outwards with its edge values; 1 = whole image.
         min_displacement_px: frames whose field has a smaller RMS displacement are left
             untouched (zero field): on a still series the registration only finds noise-driven
             sub-pixel jitter, and resampling would blur the frame for nothing.
@@ -337,9 +340,15 @@ def motion_correct_series(series: np.ndarray, *, n_pd_frames: int = 0, reference
     registration: dict[str, float | int] = dict(levels=levels, iterations=iterations,
                                                 finest_iterations=iterations,
                                                 window_px=window_px, smoothing_px=smoothing_px)
-    half_resolution = half_resolution and min(series.shape[1:]) >= 32
-    grid = _downsample(series) if half_resolution else series
-    field = np.zeros((2,) + grid.shape, dtype=np.float32)
+    if not 0.1 <= crop_fraction <= 1.0:
+        raise MotionCorrectionError(f"crop_fraction must be in [0.1, 1], found {crop_fraction}")
+    n_rows, n_cols = series.shape[1:]
+    crop_rows, crop_cols = (max(2 * int(round(n * crop_fraction / 2)), min(n, 32)) for n in (n_rows, n_cols))
+    top, left = (n_rows - crop_rows) // 2 // 2 * 2, (n_cols - crop_cols) // 2 // 2 * 2
+    cropped = series[:, top:top + crop_rows, left:left + crop_cols]
+    half_resolution = half_resolution and min(cropped.shape[1:]) >= 32
+    grid = _downsample(cropped) if half_resolution else cropped
+    estimated = np.zeros((2,) + grid.shape, dtype=np.float32)
     blocks = [(slice(n_pd_frames, None), n_components)]
     if n_pd_frames >= 2:
         blocks.append((slice(0, n_pd_frames), 0))
@@ -348,10 +357,12 @@ def motion_correct_series(series: np.ndarray, *, n_pd_frames: int = 0, reference
         scale = float(np.percentile(block, 99))
         if not scale > 0:
             raise MotionCorrectionError("series has no signal (99th percentile <= 0)")
-        field[:, frames] = _correct_block(block / scale, reference_passes, kl_passes if components else 0,
-                                          components, robust, registration)
+        estimated[:, frames] = _correct_block(block / scale, reference_passes, kl_passes if components else 0,
+                                              components, robust, registration)
     if half_resolution:
-        field = _upsample_field(field, series.shape[1:])
+        estimated = _upsample_field(estimated, cropped.shape[1:])
+    pad = ((0, 0), (0, 0), (top, n_rows - top - cropped.shape[1]), (left, n_cols - left - cropped.shape[2]))
+    field = np.pad(estimated, pad, mode="edge")
     still = np.sqrt(np.mean(field[0] ** 2 + field[1] ** 2, axis=(1, 2))) < min_displacement_px
     field[:, still] = 0.0
     corrected = warp_series(series, field)
