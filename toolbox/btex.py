@@ -12,7 +12,8 @@ then local refinement. Here:
    relative representation error about 1e-4 at 16); every cost below is computed on the
    pixel's coefficients.
 3. Global search on every other grid point of each axis (one matrix product and an argmin
-   per block of pixels), then a Levenberg-Marquardt refinement of the five continuous grid
+   per block of pixels; the 3 best entries start 3 iterations, the best of them goes on), then
+   a Levenberg-Marquardt refinement of the five continuous grid
    coordinates with the model interpolated multilinearly in the table (analytic Jacobian of
    the interpolation; along the delay axis the interpolation is exact). The fit RMSE is
    measured on the full curves.
@@ -292,12 +293,17 @@ def fit_btex_curves(
     starts = _coarse_search(coefficients, table, settings.n_starts, penalty, variance,
                             pixel_centre[:, 4] if delay_prior_s is not None else None)
     n_fit, n_starts, n_dims = starts.shape
+    # every start gets a few iterations; only the best start of each pixel is carried on
+    first = min(settings.iterations, 3) if n_starts > 1 else settings.iterations
     positions, costs = _levenberg_marquardt(
-        np.repeat(coefficients, n_starts, axis=0), table, starts.reshape(-1, n_dims), settings.iterations,
+        np.repeat(coefficients, n_starts, axis=0), table, starts.reshape(-1, n_dims), first,
         np.repeat(pixel_centre, n_starts, axis=0), precision, np.repeat(variance, n_starts),
     )
     choice = np.argmin(costs.reshape(n_fit, n_starts), axis=1)
     position = positions.reshape(n_fit, n_starts, n_dims)[np.arange(n_fit), choice]
+    if settings.iterations > first:
+        position, _ = _levenberg_marquardt(coefficients, table, position, settings.iterations - first,
+                                           pixel_centre, precision, variance)
     fitted_curves = _interpolate(table, position)[0].astype(np.float64) @ basis.T
     axes = (*settings.axes(), delays)
     values = [grid_value(axis, position[:, i], log=i < 2) for i, axis in enumerate(axes)]
