@@ -52,6 +52,8 @@ class MotionCorrectionSettings(GadgetSettings):
     reference_passes: int = Field(2, ge=0, le=10, description="robust median-reference passes")
     kl_passes: int = Field(1, ge=0, le=10, description="KL synthetic-frame passes")
     n_components: int = Field(3, ge=1, le=20, description="KL components besides the mean")
+    crop_fraction: float = Field(0.7, ge=0.1, le=1.0,
+                                 description="central part of the FOV the field is estimated on")
     correct_aif: bool = Field(True, description="also register the AIF series (echo 1 field on both echoes)")
 
 
@@ -70,7 +72,7 @@ class PerfusionMotionCorrection(PureGadget):
         if not self.settings.enabled or (isinstance(item, AifSeries) and not self.settings.correct_aif):
             return item
         options = dict(reference_passes=self.settings.reference_passes, kl_passes=self.settings.kl_passes,
-                       n_components=self.settings.n_components)
+                       n_components=self.settings.n_components, crop_fraction=self.settings.crop_fraction)
         started = time.perf_counter()
         series = item.data[0] if isinstance(item, AifSeries) else item.data
         _require_finite(series, item, "image data")
