@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -252,18 +253,19 @@ def _levenberg_marquardt(
     return position, cost
 
 
-def fit_btex_curves(
-    curves: np.ndarray, aif: np.ndarray, dt_s: float, settings: BtexSettings,
-    *, delay_prior_s: np.ndarray | None = None, delay_prior_sd_s: float = 0.25,
-) -> dict[str, np.ndarray]:
-    """Fit ``[P, T]`` tissue curves; returns mbf/ps/vp/visf/delay/fit_rmse arrays ``[P]``.
+@dataclass(frozen=True)
+class AifTable:
+    """The table for one AIF: PCA coefficients ``[nfp, nps, nvp, nvisf, ndelay, R]`` (float32),
+    the basis ``[T, R]``, the delays (s) and the prior penalty on the grid."""
 
-    ``delay_prior_s`` ([P], s) adds a Gaussian prior on each pixel's delay (SD
-    ``delay_prior_sd_s``), e.g. from a fit of the spatially smoothed series.
-    """
-    n = curves.shape[0]
-    names = ("mbf_ml_min_g", "ps_ml_min_g", "vp", "visf", "delay_s", "fit_rmse")
-    result = {name: np.full(n, np.nan) for name in names}
+    coefficients: np.ndarray
+    basis: np.ndarray
+    delays: np.ndarray
+    penalty: np.ndarray
+
+
+def build_aif_table(aif: np.ndarray, dt_s: float, settings: BtexSettings) -> AifTable:
+    """Tissue curves of the whole grid for this AIF, every delay, compressed (see module doc)."""
     base = _table_curves(aif, dt_s, settings)  # [nfp, nps, nvp, nvisf, T]
     delays = np.arange(0.0, settings.delay_max_s + 1e-9, settings.delay_step_s)
     flat = base.reshape(-1, aif.size)
@@ -275,14 +277,34 @@ def fit_btex_curves(
     _, vectors = np.linalg.eigh(sample.T @ sample)
     basis = vectors[:, ::-1][:, : settings.n_components]  # [T, R]
     table = (stacked @ basis).reshape(*base.shape[:-1], delays.size, basis.shape[1]).astype(np.float32)
+    centre, precision = settings.prior_in_cells()
+    grids = np.meshgrid(*(np.arange(size, dtype=np.float64) for size in table.shape[:-1]), indexing="ij")
+    penalty = sum(p * (g - c) ** 2 for g, c, p in zip(grids, centre, precision))
+    return AifTable(table, basis, delays, penalty)
+
+
+def fit_btex_curves(
+    curves: np.ndarray, aif: np.ndarray, dt_s: float, settings: BtexSettings,
+    *, delay_prior_s: np.ndarray | None = None, delay_prior_sd_s: float = 0.25,
+    aif_table: AifTable | None = None,
+) -> dict[str, np.ndarray]:
+    """Fit ``[P, T]`` tissue curves; returns mbf/ps/vp/visf/delay/fit_rmse arrays ``[P]``.
+
+    ``delay_prior_s`` ([P], s) adds a Gaussian prior on each pixel's delay (SD
+    ``delay_prior_sd_s``), e.g. from a fit of the spatially smoothed series. ``aif_table``
+    (from ``build_aif_table`` with the same AIF and settings) avoids rebuilding it.
+    """
+    n = curves.shape[0]
+    names = ("mbf_ml_min_g", "ps_ml_min_g", "vp", "visf", "delay_s", "fit_rmse")
+    result = {name: np.full(n, np.nan) for name in names}
+    prepared = aif_table if aif_table is not None else build_aif_table(aif, dt_s, settings)
+    table, basis, delays, penalty = prepared.coefficients, prepared.basis, prepared.delays, prepared.penalty
     fittable = np.max(curves, axis=1) > 0
     y = curves[fittable]
     coefficients = (y @ basis).astype(np.float32)
     sd = noise_sd(y)
     variance = np.maximum(sd, 0.25 * np.median(sd) + 1e-12) ** 2
     centre, precision = settings.prior_in_cells()
-    grids = np.meshgrid(*(np.arange(size, dtype=np.float64) for size in table.shape[:-1]), indexing="ij")
-    penalty = sum(p * (g - c) ** 2 for g, c, p in zip(grids, centre, precision))
     pixel_centre = np.broadcast_to(centre, (y.shape[0], centre.size)).copy()
     delay_precision = 0.0
     if delay_prior_s is not None:
@@ -328,7 +350,8 @@ def _smoothed_curves(prepared, sigma_px: float) -> np.ndarray:
     return smoothed.T
 
 
-def _smoothed_delay(prepared, aif: np.ndarray, dt_s: float, settings: BtexSettings, sigma_px: float) -> np.ndarray:
+def _smoothed_delay(prepared, aif: np.ndarray, dt_s: float, settings: BtexSettings, sigma_px: float,
+                    aif_table: AifTable) -> np.ndarray:
     """Delay of every fitted pixel from a fit of the smoothed series.
 
     The smoothed series varies slowly, so only every second row and column is fitted; the
@@ -341,7 +364,7 @@ def _smoothed_delay(prepared, aif: np.ndarray, dt_s: float, settings: BtexSettin
     on_grid = (rows % step == 0) & (cols % step == 0)
     if not np.any(on_grid):
         on_grid[:] = True
-    fitted = fit_btex_curves(smoothed[on_grid], aif, dt_s, settings)
+    fitted = fit_btex_curves(smoothed[on_grid], aif, dt_s, settings, aif_table=aif_table)
     values = np.zeros(prepared.spatial_shape)
     weights = np.zeros(prepared.spatial_shape)
     values[rows[on_grid], cols[on_grid]] = np.nan_to_num(fitted["delay_s"], nan=0.0)
@@ -384,8 +407,9 @@ def map_btex(
     prepared, aif = prepare_curves(gd_series, aif_plasma_mmol_l, dt_s, mask)
     if not prepared.index.size:
         return scatter_maps(prepared, "btex")
+    aif_table = build_aif_table(aif, dt_s, settings)
     delay_prior = None
     if delay_smoothing_px > 0 and len(prepared.spatial_shape) == 2:
-        delay_prior = _smoothed_delay(prepared, aif, dt_s, settings, delay_smoothing_px)
-    values = fit_btex_curves(prepared.curves, aif, dt_s, settings, delay_prior_s=delay_prior)
+        delay_prior = _smoothed_delay(prepared, aif, dt_s, settings, delay_smoothing_px, aif_table)
+    values = fit_btex_curves(prepared.curves, aif, dt_s, settings, delay_prior_s=delay_prior, aif_table=aif_table)
     return scatter_maps(prepared, "btex", **values)
