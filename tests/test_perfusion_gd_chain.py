@@ -131,3 +131,18 @@ def test_bad_input_errors_reach_the_client(acquisitions, case: str, match: str) 
     assert results.closed
     assert results.errors and any(match in error for error in results.errors), results.errors
     assert not results.images
+
+
+def test_recon_gadget_fully_sampled_scan(tmp_path: Path) -> None:
+    """R = 1 (AIF R = 1 too): the same gadget reconstructs fully sampled frames."""
+    study = st.sample_study(8, n_slices=1, n_frames=10, n_coils=4, acceleration=1, flow_model="fermi")
+    mrd.write_kspace(study, str(tmp_path / "full.h5"))
+    header_xml, items = dataset_items(tmp_path / "full.h5")
+    gadget = PerfusionRecon(context=ChainContext(header=xsd.CreateFromDocument(header_xml), header_xml=header_xml))
+    aif, myo = list(gadget.process(item for item in items if isinstance(item, ismrmrd.Acquisition)))
+    assert aif.data.shape == (2, 13, 48, 64) and myo.data.shape == (13, 144, 192)
+    moving, sens = mrd._coil_series(study, "myocardium", 0, None)  # noqa: SLF001 - noise-free reference
+    reference = np.abs(moving[0]) * np.sqrt(np.sum(np.abs(sens) ** 2, axis=0))[None]
+    body = reference.mean(axis=0) > 0.05 * reference.mean(axis=0).max()
+    error = np.linalg.norm((myo.data - reference)[:, body]) / np.linalg.norm(reference[:, body])
+    assert error < 0.1
