@@ -217,6 +217,9 @@ class Augmentation(BaseModel):
                                      "of its maximum (saturated or clamped blood)")
     shading: float = Field(0.4, ge=0, description="max relative smooth coil-shading amplitude")
     noise_sd: tuple[float, float] = (0.0, 0.05)
+    blur_probability: float = Field(0.0, ge=0, le=1, description="Gaussian in-plane blur of "
+                                    "the crop (smooth, interpolated or filtered scanner images)")
+    blur_mm: tuple[float, float] = Field((0.0, 0.0), description="blur sigma range, mm")
     signal_units_probability: float = Field(0.5, ge=0, le=1)
     small_fov_probability: float = Field(0.2, ge=0, le=1,
                                          description="zero the crop outside a random box "
@@ -277,6 +280,10 @@ def augmented_sample(slice_, rng: np.random.Generator | None,
         ramp /= max(float(np.abs(ramp).max()), 1e-6)
         frames = frames * (1.0 + np.float32(rng.uniform(0, a.shading)) * ramp)[None]
     crop = sample_crop(frames, geometry, shifts_rc=motion)
+    if a.blur_probability > 0 and rng.random() < a.blur_probability:
+        sigma = rng.uniform(*a.blur_mm) / CROP_SPACING_MM
+        if sigma > 0:
+            crop = ndimage.gaussian_filter(crop, sigma=(0.0, sigma, sigma), mode="nearest")
     noise_sd = rng.uniform(*a.noise_sd)
     if noise_sd > 0:
         crop += np.float32(noise_sd) * rng.standard_normal(size=crop.shape, dtype=np.float32)

@@ -121,11 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--model", type=Path, default=None,
                         help="one model for both (default: the shipped model per units)")
+    parser.add_argument("--signal-model", type=Path, default=None,
+                        help="model stem for the DAUGS signal series (overrides --model)")
+    parser.add_argument("--gd-model", type=Path, default=None,
+                        help="model stem for the QPerf Gd series (overrides --model)")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    daugs = evaluate_daugs(Segmenter(args.model or default_model("signal")), args.data / "daugs")
-    qperf = evaluate_qperf(Segmenter(args.model or default_model("gd")),
-                           args.data / "qperf" / "examples")
+    signal_model = args.signal_model or args.model or default_model("signal")
+    gd_model = args.gd_model or args.model or default_model("gd")
+    daugs = evaluate_daugs(Segmenter(signal_model), args.data / "daugs")
+    qperf = evaluate_qperf(Segmenter(gd_model), args.data / "qperf" / "examples")
     summary = {
         "daugs_pixel_spacing_mm": DAUGS_PIXEL_SPACING_MM,
         "daugs": {item["name"]: {"dice_myocardium": round(item["dice_myocardium"], 4),
@@ -135,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "rv_insertion_deg": round(item["result"].rv_insertion_deg, 1),
                                  "flags": list(item["result"].flags)} for item in qperf},
     }
+    summary["models"] = {"signal": str(signal_model), "gd": str(gd_model)}
     print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
     if args.png:
         make_figure(daugs, qperf, args.png)
         print(f"figure written to {args.png}")

@@ -192,6 +192,15 @@ def train(settings: TrainSettings, out_dir: Path, *, resume: bool = False,
                         prefetch_factor=4 if settings.workers > 0 else None)
     batches = iter(loader)
     log_path = out_dir / "train_log.jsonl"
+    if settings.init_weights and first_epoch == 0:
+        # the starting weights on the same validation set: the reference a fine-tuned model
+        # is compared with (logged as epoch -1, never itself saved as "best")
+        initial = {"epoch": -1, "init_weights": settings.init_weights,
+                   "elapsed_s": round(time.monotonic() - started, 1),
+                   **evaluate(model, val_crops, val_labels, torch_device, settings.iou_weight)}
+        logger.info("initial weights: %s", initial)
+        with log_path.open("a") as log:
+            log.write(json.dumps(initial) + "\n")
     for epoch in range(first_epoch, settings.epochs):
         model.train()
         losses = []
