@@ -129,3 +129,23 @@ def test_augmented_sample_keeps_labels_on_the_image():
         peak = crop.max(axis=0)
         assert peak[crop_labels_ == 1].mean() > 3 * peak[crop_labels_ == 0].mean()
         assert (crop[:, crop_labels_ == 0] == 0).any()   # the small field of view is zeroed
+
+
+def test_blur_augmentation_smooths_the_crop_and_keeps_labels():
+    from types import SimpleNamespace
+
+    from perfline.models.data import Augmentation, augmented_sample
+
+    gd, labels = disc_series(shape=(60, 100, 120))
+    slice_ = SimpleNamespace(gd=gd, signal=0.3 + gd, n_pd_frames=0, labels=labels,
+                             pixel_spacing_mm=1.6, lv_center_rc=(45.0, 70.0))
+    common = dict(noise_sd=(0.0, 0.0), small_fov_probability=0.0, blur_probability=1.0,
+                  signal_units_probability=0.0)
+    sharp, sharp_labels = augmented_sample(slice_, np.random.default_rng(3),
+                                           Augmentation(blur_mm=(0.0, 0.0), **common))
+    smooth, smooth_labels = augmented_sample(slice_, np.random.default_rng(3),
+                                             Augmentation(blur_mm=(1.5, 1.5), **common))
+    np.testing.assert_array_equal(sharp_labels, smooth_labels)
+    roughness = [float(np.square(np.diff(c, axis=2)).mean()) for c in (sharp, smooth)]
+    assert roughness[1] < 0.8 * roughness[0]
+    assert np.abs(smooth).max() <= 2.0
