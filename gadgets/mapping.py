@@ -1,8 +1,12 @@
 """AIF extraction and pixel-wise flow mapping gadgets (thin adapters of toolbox.aif / btex / fermi).
 
-- ``aif-extract``: AIF Gd series (``AifSeries``, units ``gd_mmol_l``) -> ``AifCurve``: the LV
-  blood pool is detected in the AIF images, its mean Gd curve is resampled onto a uniform
-  grid, the foot and peak are found and the pre-foot baseline subtracted.
+- ``aif-extract``: AIF series (``AifSeries``, units ``gd_mmol_l`` or ``sr_over_pd``) ->
+  ``AifCurve``: the LV blood pool is detected on the SR/PD ratio images inside the body (PD
+  image), the MEAN LV ratio is converted to Gd with the blood look-up table of the header's AIF
+  sequence (as QPerf does: per-pixel inversion of noisy blood pixels on the flat part of the
+  table amplifies noise, and air pixels would dominate), resampled onto a uniform grid, the
+  foot and peak are found and the pre-foot baseline subtracted. A Gd series is mapped back to
+  the ratio through the same (monotonic) table first.
 - ``flow-map``: ``AifCurve`` + Gd slices (``SliceSeries``, units ``gd_mmol_l``) -> ``FlowMaps``
   per slice (and the ``AifCurve`` passed on for the report). Slices that arrive before the
   AIF wait for it.
@@ -18,7 +22,8 @@ from pydantic import Field
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
 from perfline.gadgets.perfusion_items import AifCurve, AifSeries, FlowMaps, SliceSeries
-from perfline.toolbox.aif import AifError, aif_foot_peak, baseline_subtract, detect_aif
+from perfline.toolbox import gd_conversion
+from perfline.toolbox.aif import AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif
 from perfline.toolbox.btex import map_btex
 from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.flow_fit import MappingInputError
@@ -29,6 +34,11 @@ from perfline.toolbox.resample import resample_to_uniform
 class AifExtractSettings(GadgetSettings):
     hematocrit: float = Field(0.42, ge=0.0, lt=1.0, description="blood hematocrit for Cp = Cb / (1 - Hct)")
     interval_s: float = Field(0.5, gt=0.0, description="uniform time grid of the AIF curve, s")
+    gd_max_mmol_l: float = Field(40.0, gt=0.0, le=200.0,
+                                 description="blood table range (same as gd-conversion's aif_gd_max_mmol_l)")
+    lv_core_fraction: float = Field(0.9, ge=0.0, lt=1.0, description=(
+        "LV pixels averaged: enhancement >= this fraction of the pool's 90th percentile (0: whole pool); "
+        "the low-resolution LV pool is blurred, its rim underestimates the blood Gd"))
 
 
 @register_gadget
@@ -46,15 +56,32 @@ class AifExtract(Gadget):
             yield self._extract(series)
 
     def _extract(self, series: AifSeries) -> AifCurve:
-        if series.units != "gd_mmol_l":
-            raise GadgetError(f"aif-extract needs the AIF as Gd (units 'gd_mmol_l'), got units {series.units!r}: "
-                              "put the AIF Gd conversion before it in the chain")
+        if series.units not in ("gd_mmol_l", "sr_over_pd"):
+            raise GadgetError(f"aif-extract needs the AIF in units 'gd_mmol_l' or 'sr_over_pd', got units "
+                              f"{series.units!r}: put surface-coil-correction (and gd-conversion) before it")
+        table = None
+        if self.context.header is not None:
+            try:
+                sequence = gd_conversion.sequence_from_header(self.context.header, gd_conversion.AIF_ENCODING)
+            except gd_conversion.HeaderError as error:
+                raise GadgetError(f"aif-extract: {error}") from error
+            table = gd_conversion.lookup_table(sequence, "blood", float(self.settings.gd_max_mmol_l))
+        elif series.units == "sr_over_pd":
+            raise GadgetError("aif-extract needs the MRD XML header (AIF sequence) to convert the SR/PD AIF to Gd")
+        else:
+            self.log.warning("no MRD header: averaging the per-pixel Gd of the AIF series (no look-up table)")
         first = series.n_pd_frames
-        gd = np.asarray(series.data[0, first:], dtype=np.float64)  # [time, rows, cols]
+        frames = np.asarray(series.data[0, first:], dtype=np.float64)  # [time, rows, cols]
+        # averaging happens on the ratio (linear in the signal); Gd maps back exactly (monotonic table)
+        ratio = table.to_ratio(frames) if (table is not None and series.units == "gd_mmol_l") else frames
         time_s = np.asarray(series.time_s[first:], dtype=np.float64)
+        body = body_mask(series.pd_image) if series.pd_image is not None else None
+        settings = AifSettings(core_fraction=self.settings.lv_core_fraction)
         try:
-            detected = detect_aif(gd)
-            grid_s, blood = resample_to_uniform(detected.curve, time_s, self.settings.interval_s)
+            detected = detect_aif(ratio, body=body, settings=settings)
+            blood = detected.curve if table is None else table.to_gd(np.maximum(detected.curve, 0.0))
+            blood = np.asarray(blood, dtype=np.float64)
+            grid_s, blood = resample_to_uniform(blood, time_s, self.settings.interval_s)
             foot, peak = aif_foot_peak(blood)
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error

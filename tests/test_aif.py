@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perfline.toolbox.aif import AifError, aif_foot_peak, baseline_subtract, blood_to_plasma, detect_aif
+from perfline.toolbox.aif import AifError, AifSettings, aif_foot_peak, baseline_subtract, blood_to_plasma, detect_aif
 
 AIF_DATA = Path("/work/shared/data/qperf/aif_detection")
 
@@ -42,6 +42,9 @@ def test_detects_the_later_larger_pool_next_to_the_rv():
     result = detect_aif(series)
     assert _dice(result.mask, lv) > 0.8
     assert _dice(result.rv_mask, rv) > 0.7
+    # core_fraction keeps the brightest LV pixels (no partial-volume rim): inside the LV, not tiny
+    core = detect_aif(series, settings=AifSettings(core_fraction=0.9)).mask
+    assert np.sum(core & lv) >= 0.95 * core.sum() and 8 <= core.sum() < result.mask.sum()
     assert 17 <= result.foot <= 21
     assert 22 <= result.peak <= 27
     assert result.curve.shape == (series.shape[0],)

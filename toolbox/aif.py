@@ -42,6 +42,12 @@ class AifSettings(BaseModel):
     min_peak_separation_frames: int = Field(1, ge=0, description="LV peaks at least this many frames after the RV")
     foot_fraction: float = Field(0.05, gt=0, lt=1, description="foot: last frame below this fraction of the upslope")
     skip_frames: int = Field(1, ge=0, description="first frames left out of the baseline (steady state)")
+    spatial_smoothing_px: int = Field(
+        3, ge=1, description="box width in pixels applied before the pool detection only (not to the curve)"
+    )
+    core_fraction: float = Field(
+        0.0, ge=0, lt=1, description="LV pixels kept: enhancement at least this fraction of the pool's 90th percentile"
+    )
 
 
 @dataclass(frozen=True)
@@ -128,9 +134,37 @@ def _candidate_pixels(series: np.ndarray, settings: AifSettings) -> np.ndarray:
     )
 
 
-def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None) -> AifResult:
-    """Find the LV blood pool in an AIF series ``[time, rows, cols]`` (signal or Gd).
+def body_mask(pd_image: np.ndarray) -> np.ndarray:
+    """Body (not air) pixels of a proton-density image [rows, cols], bool.
 
+    Otsu threshold of the PD intensities, one opening, the largest connected component with
+    its holes filled. Outside the body the SR/PD ratio is noise over noise and would dominate
+    any enhancement statistics of the AIF series.
+    """
+    image = np.asarray(pd_image, dtype=np.float64)
+    if image.ndim != 2 or not np.all(np.isfinite(image)):
+        raise AifError(f"PD image must be a finite [rows, cols] array, got shape {image.shape}")
+    counts, edges = np.histogram(image, 256)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    below = np.cumsum(counts).astype(np.float64)
+    moment = np.cumsum(counts * centres)
+    total, total_moment = below[-1], moment[-1]
+    between = (total_moment * below - moment * total) ** 2 / np.maximum(below * (total - below), 1e-12)
+    body = ndi.binary_opening(image > centres[int(np.argmax(between))])
+    labels, count = ndi.label(body)
+    if count == 0:
+        return np.ones(image.shape, dtype=bool)
+    sizes = ndi.sum(body, labels, index=range(1, count + 1))
+    return ndi.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+
+
+def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
+               body: np.ndarray | None = None) -> AifResult:
+    """Find the LV blood pool in an AIF series ``[time, rows, cols]`` (signal, SR/PD or Gd).
+
+    The pools are found on a spatially smoothed copy (``spatial_smoothing_px``) restricted to
+    ``body`` (bool [rows, cols], e.g. :func:`body_mask` of the PD image); the LV keeps its
+    core pixels (``core_fraction``) and its curve is the mean of the unsmoothed series there.
     Returns the LV mask, the mean LV curve, its foot and peak. Raises ``AifError`` if no
     enhancing pool is found or the LV curve has no bolus.
     """
@@ -140,9 +174,17 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None) -
         raise AifError(f"AIF series must be [time >= 8, rows, cols], got shape {series.shape}")
     if not np.all(np.isfinite(series)):
         raise AifError("AIF series contains NaN or infinite values")
-    candidates = _candidate_pixels(series, settings)
+    if body is not None and np.shape(body) != series.shape[1:]:
+        raise AifError(f"body mask shape {np.shape(body)} differs from the image shape {series.shape[1:]}")
+    detection = series
+    if settings.spatial_smoothing_px > 1:
+        width = settings.spatial_smoothing_px
+        detection = ndi.uniform_filter(series, size=(1, width, width), mode="nearest")
+    if body is not None:
+        detection = detection * np.asarray(body, dtype=bool)
+    candidates = _candidate_pixels(detection, settings)
     labels, count = ndi.label(candidates)
-    smooth = _smooth(series, settings.smoothing_frames, axis=0)
+    smooth = _smooth(detection, settings.smoothing_frames, axis=0)
     pools = []
     for label in range(1, count + 1):
         region = labels == label
@@ -167,16 +209,37 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None) -
         rv_mask = labels == rv[0]
     else:
         lv_mask, rv_mask = _split_by_peak_time(smooth, labels == rv[0])
+    lv_mask = _pool_core(smooth, lv_mask, settings.core_fraction)
     curve = series[:, lv_mask].mean(axis=1)
     foot, peak = aif_foot_peak(curve, settings=settings)
     logger.info("AIF: LV pool of %d pixels, foot %d, peak %d", int(lv_mask.sum()), foot, peak)
     return AifResult(mask=lv_mask, rv_mask=rv_mask, curve=curve, foot=foot, peak=peak)
 
 
+def _pool_core(smooth: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndarray:
+    """Pixels of ``mask`` enhancing by at least ``fraction`` of its 90th-percentile enhancement
+    (drops the partial-volume rim of the pool)."""
+    if fraction <= 0 or mask.sum() < 8:
+        return mask
+    curves = smooth[:, mask]
+    enhancement = curves.max(axis=0) - np.median(curves[: max(3, curves.shape[0] // 10)], axis=0)
+    keep = enhancement >= fraction * np.percentile(enhancement, 90)
+    core = np.zeros_like(mask)
+    core[mask] = keep
+    return core if core.sum() >= 4 else mask
+
+
 def _split_by_peak_time(smooth: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One pool holding both ventricles: the later-peaking pixels are the LV."""
-    peak_times = np.argmax(smooth[:, region], axis=0).astype(np.float64)
-    early, late = peak_times.min(), peak_times.max()
+    """One pool holding both ventricles: the later-arriving pixels are the LV.
+
+    Arrival is the first frame at half the pixel's rise (more robust to noise than the peak).
+    """
+    curves = smooth[:, region]
+    baseline = np.median(curves[: max(3, curves.shape[0] // 10)], axis=0)
+    half = baseline + 0.5 * (curves.max(axis=0) - baseline)
+    peak_times = np.argmax(curves >= half, axis=0).astype(np.float64)
+    # start from percentiles, not the extremes: one noisy late pixel must not be "the LV"
+    early, late = np.percentile(peak_times, 10), np.percentile(peak_times, 90)
     if late == early:
         return region, np.zeros_like(region)
     for _ in range(10):  # two-means on the peak time
