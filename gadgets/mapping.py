@@ -8,8 +8,11 @@
   foot and peak are found and the pre-foot baseline subtracted. A Gd series is mapped back to
   the ratio through the same (monotonic) table first.
 - ``flow-map``: ``AifCurve`` + Gd slices (``SliceSeries``, units ``gd_mmol_l``) -> ``FlowMaps``
-  per slice (and the ``AifCurve`` passed on for the report). Slices that arrive before the
-  AIF wait for it.
+  per slice (and the ``AifCurve`` and ``SliceSegmentation`` passed on for the report). Slices
+  that arrive before the AIF wait for it. With ``heart_mask_px`` set, a slice also waits for its
+  ``SliceSegmentation`` (cnn-segmentation emits it right after the slice) and only the heart
+  (LV + myocardium + RV, dilated) is fitted, NaN elsewhere; a slice whose segmentation never
+  arrives (chain without cnn-segmentation) is mapped on the full field of view at the end.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
+import scipy.ndimage as ndi
 from pydantic import Field
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
-from perfline.gadgets.perfusion_items import AifCurve, AifSeries, FlowMaps, SliceSeries
+from perfline.gadgets.perfusion_items import AifCurve, AifSeries, FlowMaps, SliceSegmentation, SliceSeries
 from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif
 from perfline.toolbox.btex import map_btex
@@ -95,6 +99,9 @@ class AifExtract(Gadget):
 class FlowMapSettings(GadgetSettings):
     model: Literal["btex", "fermi"] = Field("btex", description="flow model")
     delay_smoothing_px: float = Field(1.5, ge=0.0, description="BTEX: Gaussian width of the delay pre-fit, px")
+    heart_mask_px: int | None = Field(4, ge=0, le=64, description=(
+        "fit only the segmented heart dilated by this many pixels (waits for the slice's segmentation); "
+        "None: always the full field of view"))
 
 
 @register_gadget
@@ -103,29 +110,46 @@ class FlowMap(Gadget):
 
     name = "flow-map"
     Settings = FlowMapSettings
-    accepts = (AifCurve, SliceSeries)
-    produces = (FlowMaps, AifCurve)
+    accepts = (AifCurve, SliceSeries, SliceSegmentation)
+    produces = (FlowMaps, AifCurve, SliceSegmentation)
     settings: FlowMapSettings
 
     def process(self, items: Iterator[Any]) -> Iterator[Any]:
         aif: AifCurve | None = None
-        waiting: list[SliceSeries] = []
+        slices: dict[int, SliceSeries] = {}
+        masks: dict[int, np.ndarray] = {}
+        use_masks = self.settings.heart_mask_px is not None
         for item in items:
             if isinstance(item, AifCurve):
                 aif = item
                 yield item
-                for series in waiting:
-                    yield self._map(series, aif)
-                waiting.clear()
-            elif aif is None:
-                waiting.append(item)
+            elif isinstance(item, SliceSegmentation):
+                yield item
+                if use_masks:
+                    masks[item.slice_index] = self._heart_mask(item)
             else:
-                yield self._map(item, aif)
-        if waiting:
-            raise GadgetError(f"flow-map received {len(waiting)} slice(s) but no AIF curve: "
+                slices[item.slice_index] = item
+            if aif is None:
+                continue
+            for index in [i for i in slices if not use_masks or i in masks]:
+                yield self._map(slices.pop(index), aif, masks.get(index))
+        if slices and aif is None:
+            raise GadgetError(f"flow-map received {len(slices)} slice(s) but no AIF curve: "
                               "the chain needs aif-extract before flow-map")
+        for index in sorted(slices):
+            self.log.warning("slice %d: no segmentation arrived, mapping the full field of view", index)
+            yield self._map(slices[index], aif, None)
 
-    def _map(self, series: SliceSeries, aif: AifCurve) -> FlowMaps:
+    def _heart_mask(self, segmentation: SliceSegmentation) -> np.ndarray | None:
+        heart = np.asarray(segmentation.labels) > 0
+        if not heart.any():
+            self.log.warning("slice %d: empty segmentation, mapping the full field of view",
+                             segmentation.slice_index)
+            return None
+        width = int(self.settings.heart_mask_px or 0)
+        return ndi.binary_dilation(heart, iterations=width) if width else heart
+
+    def _map(self, series: SliceSeries, aif: AifCurve, mask: np.ndarray | None) -> FlowMaps:
         if series.units != "gd_mmol_l":
             raise GadgetError(f"flow-map needs Gd slices (units 'gd_mmol_l'), slice {series.slice_index} "
                               f"has units {series.units!r}")
@@ -146,7 +170,13 @@ class FlowMap(Gadget):
         if np.any(before):
             tissue = tissue - tissue[before].mean(axis=0)
         mapper = map_btex if self.settings.model == "btex" else map_fermi
-        kwargs = {"delay_smoothing_px": self.settings.delay_smoothing_px} if self.settings.model == "btex" else {}
+        kwargs: dict[str, Any] = {"delay_smoothing_px": self.settings.delay_smoothing_px} \
+            if self.settings.model == "btex" else {}
+        if mask is not None:
+            if mask.shape != tissue.shape[1:]:
+                raise GadgetError(f"flow-map, slice {series.slice_index}: segmentation shape {mask.shape} differs "
+                                  f"from the image shape {tissue.shape[1:]}")
+            kwargs["mask"] = mask
         try:
             maps = mapper(tissue, plasma, dt_s, **kwargs)
         except (MappingInputError, FlowModelError) as error:

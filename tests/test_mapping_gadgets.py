@@ -7,7 +7,9 @@ import pytest
 
 from perfline.core.gadget import GadgetError
 from perfline.gadgets.mapping import AifExtract, FlowMap, FlowMapSettings
-from perfline.gadgets.perfusion_items import AifCurve, AifSeries, FlowMaps, ImageGeometry, SliceSeries
+from perfline.gadgets.perfusion_items import (
+    AifCurve, AifSeries, FlowMaps, ImageGeometry, SliceSegmentation, SliceSeries,
+)
 from perfline.toolbox import flow_models as fm
 
 GEOMETRY = ImageGeometry(field_of_view_mm=(360.0, 270.0, 8.0))
@@ -61,6 +63,21 @@ def test_aif_then_maps_per_slice():
     for flow, truth in zip(maps, (1.0, 3.0)):
         assert flow.mbf_ml_min_g.shape == (6, 6)
         assert abs(np.median(flow.mbf_ml_min_g) / truth - 1) < 0.1
+
+
+def test_maps_only_the_dilated_heart_once_the_segmentation_arrives():
+    (aif,) = list(AifExtract().process(iter([_aif_series()])))
+    labels = np.zeros((6, 6), dtype=np.uint8)
+    labels[2, 2] = 2
+    segmentation = SliceSegmentation(slice_index=0, labels=labels, rv_insertion_deg=120.0, lv_center_rc=(2.0, 2.0))
+    gadget = FlowMap(FlowMapSettings(model="fermi", heart_mask_px=1))
+    outputs = list(gadget.process(iter([aif, _slice(0, 2.0), segmentation])))
+    # the segmentation passes on for the report; the map waits for it and covers the dilated heart
+    # (one 4-connected dilation of one pixel: a 5-pixel cross)
+    assert [type(item) for item in outputs] == [AifCurve, SliceSegmentation, FlowMaps]
+    mbf = outputs[2].mbf_ml_min_g
+    assert np.isfinite(mbf).sum() == 5 and np.isfinite(mbf[2, 1:4]).all() and np.isfinite(mbf[1:4, 2]).all()
+    assert abs(np.nanmedian(mbf) / 2.0 - 1) < 0.1
 
 
 def test_errors_name_the_gadget_and_the_problem():
