@@ -9,10 +9,12 @@
   the ratio through the same (monotonic) table first.
 - ``flow-map``: ``AifCurve`` + Gd slices (``SliceSeries``, units ``gd_mmol_l``) -> ``FlowMaps``
   per slice (and the ``AifCurve`` and ``SliceSegmentation`` passed on for the report). Slices
-  that arrive before the AIF wait for it. With ``heart_mask_px`` set, a slice also waits for its
+  that arrive before the AIF wait for it. With ``use_segmentation`` (default), a slice also waits for its
   ``SliceSegmentation`` (cnn-segmentation emits it right after the slice) and only the heart
   (LV + myocardium + RV, dilated) is fitted, NaN elsewhere; a slice whose segmentation never
   arrives (chain without cnn-segmentation) is mapped on the full field of view at the end.
+- ``flow-map-images``: ``FlowMaps`` -> MBF / PS / Vp images and ``AifCurve`` -> the AIF mask
+  image (DataRole AIFMASK), for chains that return maps without the AHA report.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import ismrmrd
 import numpy as np
 import scipy.ndimage as ndi
 from pydantic import Field
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
+from perfline.gadgets.mrd_images import make_image
 from perfline.gadgets.perfusion_items import AifCurve, AifSeries, FlowMaps, SliceSegmentation, SliceSeries
 from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif
@@ -99,9 +103,9 @@ class AifExtract(Gadget):
 class FlowMapSettings(GadgetSettings):
     model: Literal["btex", "fermi"] = Field("btex", description="flow model")
     delay_smoothing_px: float = Field(1.5, ge=0.0, description="BTEX: Gaussian width of the delay pre-fit, px")
-    heart_mask_px: int | None = Field(4, ge=0, le=64, description=(
-        "fit only the segmented heart dilated by this many pixels (waits for the slice's segmentation); "
-        "None: always the full field of view"))
+    use_segmentation: bool = Field(True, description=(
+        "wait for each slice's SliceSegmentation and fit only the dilated heart (off: full field of view)"))
+    heart_mask_px: int = Field(4, ge=0, le=64, description="dilation of the segmented heart (LV+myo+RV), pixels")
 
 
 @register_gadget
@@ -118,7 +122,7 @@ class FlowMap(Gadget):
         aif: AifCurve | None = None
         slices: dict[int, SliceSeries] = {}
         masks: dict[int, np.ndarray] = {}
-        use_masks = self.settings.heart_mask_px is not None
+        use_masks = self.settings.use_segmentation
         for item in items:
             if isinstance(item, AifCurve):
                 aif = item
@@ -146,7 +150,7 @@ class FlowMap(Gadget):
             self.log.warning("slice %d: empty segmentation, mapping the full field of view",
                              segmentation.slice_index)
             return None
-        width = int(self.settings.heart_mask_px or 0)
+        width = self.settings.heart_mask_px
         return ndi.binary_dilation(heart, iterations=width) if width else heart
 
     def _map(self, series: SliceSeries, aif: AifCurve, mask: np.ndarray | None) -> FlowMaps:
@@ -187,3 +191,46 @@ class FlowMap(Gadget):
         return FlowMaps(slice_index=series.slice_index, model=self.settings.model, mbf_ml_min_g=maps.mbf_ml_min_g,
                         geometry=series.geometry, ps_ml_min_g=maps.ps_ml_min_g, vp=maps.vp, visf=maps.visf,
                         delay_s=maps.delay_s, fit_rmse_mmol_l=maps.fit_rmse)
+
+
+class FlowMapImagesSettings(GadgetSettings):
+    mbf_series_index: int = Field(20, ge=0, le=65535, description="image_series_index of the MBF maps (PS +1, Vp +2)")
+    send_ps_vp: bool = Field(True, description="also send PS and Vp maps when the model fitted them")
+    send_aif_mask: bool = Field(True, description="send the AIF LV mask (DataRole AIFMASK) on the AIF grid")
+    aif_mask_series_index: int = Field(12, ge=0, le=65535, description="image_series_index of the AIF mask")
+
+
+@register_gadget
+class FlowMapImages(Gadget):
+    """FlowMaps -> MRD images (DataRole Flow_Map, PS_Map, Vascular_Volume_Map); AifCurve -> AIFMASK image.
+
+    For chains without the AHA report (``chains/perfusion-map.toml``); NaN (no fit) is sent as 0.
+    """
+
+    name = "flow-map-images"
+    Settings = FlowMapImagesSettings
+    accepts = (FlowMaps, AifCurve)
+    produces = (ismrmrd.Image,)
+    settings: FlowMapImagesSettings
+
+    def process(self, items: Iterator[Any]) -> Iterator[ismrmrd.Image]:
+        for item in items:
+            if isinstance(item, AifCurve):
+                if self.settings.send_aif_mask:
+                    yield make_image(np.asarray(item.mask, dtype=np.uint8), item.geometry,
+                                     series_index=self.settings.aif_mask_series_index, image_index=0, slice=0,
+                                     data_role="AIFMASK", window=(0.5, 1.0), comment="AIF LV mask",
+                                     seq_description="AIFMASK",
+                                     meta={"PERFLINE_AIF_Peak_mmol_l": f"{float(item.blood_gd_mmol_l.max()):.3f}"})
+                continue
+            specs = [("Flow_Map", item.mbf_ml_min_g, "ml/min/g", (2.0, 4.0), 0)]
+            if self.settings.send_ps_vp and item.ps_ml_min_g is not None and np.isfinite(item.ps_ml_min_g).any():
+                specs.append(("PS_Map", item.ps_ml_min_g, "ml/min/g", (1.0, 2.0), 1))
+            if self.settings.send_ps_vp and item.vp is not None and np.isfinite(item.vp).any():
+                specs.append(("Vascular_Volume_Map", item.vp, "fraction", (0.1, 0.2), 2))
+            for role, values, units, window, offset in specs:
+                yield make_image(np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0), item.geometry,
+                                 series_index=self.settings.mbf_series_index + offset,
+                                 image_index=item.slice_index, slice=item.slice_index, data_role=role, units=units,
+                                 window=window, color_map="Perfusion.pal", comment=f"{role} {item.model}",
+                                 seq_description=role)

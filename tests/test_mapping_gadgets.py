@@ -88,3 +88,21 @@ def test_errors_name_the_gadget_and_the_problem():
         list(AifExtract().process(iter([wrong])))
     with pytest.raises(GadgetError, match="no AIF curve"):
         list(FlowMap().process(iter([_slice(0, 1.0)])))
+
+
+def test_flow_map_images_carry_the_data_roles():
+    import ismrmrd
+
+    from perfline.gadgets.mapping import FlowMapImages
+
+    (aif,) = list(AifExtract().process(iter([_aif_series()])))
+    mbf = np.full((6, 6), np.nan, dtype=np.float32)
+    mbf[2, 2] = 2.5
+    flow = FlowMaps(slice_index=1, model="fermi", mbf_ml_min_g=mbf, geometry=GEOMETRY)
+    images = list(FlowMapImages().process(iter([aif, flow])))
+    roles = [ismrmrd.Meta.deserialize(image.attribute_string)["GADGETRON_DataRole"] for image in images]
+    assert roles == ["AIFMASK", "Flow_Map"]
+    assert images[0].data.squeeze().astype(bool).sum() == aif.mask.sum()
+    values = images[1].data.squeeze()
+    assert values[2, 2] == pytest.approx(2.5) and np.count_nonzero(values) == 1  # NaN sent as 0
+    assert images[1].slice == 1
