@@ -61,7 +61,9 @@ def test_install_is_the_readmes():
     readme = REPO / "README.md"
     if not readme.exists():
         pytest.skip("README.md not written yet")
-    steps = {m.group(0).strip() for m in re.finditer(r"(?m)^\s*(?:python3? -m )?pip install [^\n`]*", readme.read_text())}
+    # every pip install of the README's shell lines, also inside `a && b` chains
+    commands = [part.strip() for line in readme.read_text().splitlines() for part in re.split(r"&&|;", line)]
+    steps = {c for c in commands if re.match(r"(?:python3? -m )?pip install ", c)}
     plain = {re.sub(r"^(python3? -m )?", "", s) for s in steps}
     assert "pip install ." in plain, f"the README's install steps {sorted(steps)} do not include `pip install .`"
 

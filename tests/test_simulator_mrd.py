@@ -99,7 +99,7 @@ def test_cpp_ismrmrd_tools_read_the_file(kspace_file, tmp_path):
     subprocess.run(["ismrmrd_info", str(path)], capture_output=True, timeout=60, check=True)
     with h5py.File(path, "r") as f:
         (tmp_path / "header.xml").write_bytes(f["dataset/xml"][0])
-    parse = subprocess.run(["ismrmrd_test_xml", str(tmp_path / "header.xml")], capture_output=True, timeout=60)
+    parse = subprocess.run(["ismrmrd_test_xml", str(tmp_path / "header.xml")], capture_output=True, timeout=60, cwd=tmp_path)
     assert parse.returncode == 0, parse.stderr
 
 
