@@ -11,6 +11,7 @@ error on analytic curves. Numbers go to docs/preprocessing.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -55,11 +56,23 @@ def residual_motion_px(estimated: np.ndarray, truth_field: np.ndarray, mask: np.
     return float(np.sqrt(np.mean((residual[0] ** 2 + residual[1] ** 2)[:, mask])))
 
 
+def simulator_version() -> str:
+    """Short hash of the simulator's source (a cached study is stale once the simulator changes)."""
+    import perfline.simulator
+    import perfline.toolbox.bloch
+
+    digest = hashlib.sha1()
+    for path in sorted(Path(perfline.simulator.__file__).parent.glob("*.py")) + [Path(perfline.toolbox.bloch.__file__)]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def make_study(seed: int, cache: Path, acceleration: int = 3) -> tuple[st.StudyParameters, Path, Path]:
     study = st.sample_study(seed, n_slices=3, n_frames=60, n_coils=16, acceleration=acceleration,
                             flow_model="fermi")
     cache.mkdir(parents=True, exist_ok=True)
-    scan, truth_path = cache / f"study{seed}_r{acceleration}.h5", cache / f"study{seed}_r{acceleration}_truth.h5"
+    stem = f"study{seed}_r{acceleration}_{simulator_version()}"
+    scan, truth_path = cache / f"{stem}.h5", cache / f"{stem}_truth.h5"
     if not scan.exists() or not truth_path.exists():
         phantoms = [st.slice_phantom(study, k) for k in range(study.n_slices)]
         mrd.write_kspace(study, str(scan), phantoms=phantoms)
