@@ -40,6 +40,9 @@ class AifSettings(BaseModel):
     )
     min_pool_pixels: int = Field(4, ge=1, description="smallest blood pool kept, pixels")
     min_peak_separation_frames: int = Field(1, ge=0, description="LV peaks at least this many frames after the RV")
+    min_split_frames: float = Field(
+        4.0, gt=0, description="a pool whose pixels arrive in two groups this many frames apart holds both ventricles"
+    )
     foot_fraction: float = Field(0.05, gt=0, lt=1, description="foot: last frame below this fraction of the upslope")
     skip_frames: int = Field(1, ge=0, description="first frames left out of the baseline (steady state)")
     spatial_smoothing_px: int = Field(
@@ -192,6 +195,10 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
         if area < settings.min_pool_pixels:
             continue
         mean_curve = smooth[:, region].mean(axis=1)
+        try:  # a blood pool shows a bolus: noise clusters peaking on the first frames do not
+            aif_foot_peak(mean_curve, settings=settings)
+        except AifError:
+            continue
         pools.append((label, area, int(np.argmax(mean_curve)), np.argwhere(region).mean(axis=0)))
     if not pools:
         raise AifError("no enhancing blood pool found in the AIF series")
@@ -207,8 +214,12 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
         lv = max(later, key=score)
         lv_mask = labels == lv[0]
         rv_mask = labels == rv[0]
+        # the pool taken as LV may hold both ventricles (an earlier noise pool taken as the RV)
+        early_part, late_part, separation = _arrival_split(smooth, lv_mask)
+        if separation >= settings.min_split_frames and late_part.sum() >= settings.min_pool_pixels:
+            lv_mask, rv_mask = late_part, early_part
     else:
-        lv_mask, rv_mask = _split_by_peak_time(smooth, labels == rv[0])
+        rv_mask, lv_mask, _ = _arrival_split(smooth, labels == rv[0])
     lv_mask = _pool_core(smooth, lv_mask, settings.core_fraction)
     curve = series[:, lv_mask].mean(axis=1)
     foot, peak = aif_foot_peak(curve, settings=settings)
@@ -229,29 +240,31 @@ def _pool_core(smooth: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndar
     return core if core.sum() >= 4 else mask
 
 
-def _split_by_peak_time(smooth: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One pool holding both ventricles: the later-arriving pixels are the LV.
+def _arrival_split(smooth: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Split a pool by arrival time: (earlier part, later part = largest connected piece,
+    separation of the two mean arrival times in frames).
 
     Arrival is the first frame at half the pixel's rise (more robust to noise than the peak).
+    One pool holding both ventricles splits into the RV (earlier) and the LV (later).
     """
     curves = smooth[:, region]
     baseline = np.median(curves[: max(3, curves.shape[0] // 10)], axis=0)
     half = baseline + 0.5 * (curves.max(axis=0) - baseline)
-    peak_times = np.argmax(curves >= half, axis=0).astype(np.float64)
+    arrival = np.argmax(curves >= half, axis=0).astype(np.float64)
     # start from percentiles, not the extremes: one noisy late pixel must not be "the LV"
-    early, late = np.percentile(peak_times, 10), np.percentile(peak_times, 90)
+    early, late = np.percentile(arrival, 10), np.percentile(arrival, 90)
     if late == early:
-        return region, np.zeros_like(region)
-    for _ in range(10):  # two-means on the peak time
-        split = peak_times >= 0.5 * (early + late)
-        early = peak_times[~split].mean() if np.any(~split) else early
-        late = peak_times[split].mean() if np.any(split) else late
-    lv = np.zeros_like(region)
-    rv = np.zeros_like(region)
-    lv[region] = split
-    rv[region] = ~split
-    labels, count = ndi.label(lv)
+        return np.zeros_like(region), region, 0.0
+    for _ in range(10):  # two-means on the arrival time
+        split = arrival >= 0.5 * (early + late)
+        early = arrival[~split].mean() if np.any(~split) else early
+        late = arrival[split].mean() if np.any(split) else late
+    later = np.zeros_like(region)
+    earlier = np.zeros_like(region)
+    later[region] = split
+    earlier[region] = ~split
+    labels, count = ndi.label(later)
     if count > 1:
-        sizes = ndi.sum(lv, labels, index=range(1, count + 1))
-        lv = labels == (1 + int(np.argmax(sizes)))
-    return lv, rv
+        sizes = ndi.sum(later, labels, index=range(1, count + 1))
+        later = labels == (1 + int(np.argmax(sizes)))
+    return earlier, later, float(late - early)
