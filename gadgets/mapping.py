@@ -31,7 +31,9 @@ from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_g
 from perfline.gadgets.mrd_images import make_image
 from perfline.gadgets.perfusion_items import AifCurve, AifSeries, FlowMaps, SliceSegmentation, SliceSeries
 from perfline.toolbox import gd_conversion
-from perfline.toolbox.aif import AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif
+from perfline.toolbox.aif import (
+    AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif, magnitude_floor_corrected_curve,
+)
 from perfline.toolbox.btex import map_btex
 from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.flow_fit import MappingInputError
@@ -87,7 +89,12 @@ class AifExtract(Gadget):
         settings = AifSettings(core_fraction=self.settings.lv_core_fraction)
         try:
             detected = detect_aif(ratio, body=body, settings=settings)
-            blood = detected.curve if table is None else table.to_gd(np.maximum(detected.curve, 0.0))
+            if table is None:
+                blood = detected.curve
+            else:
+                zero = float(table.to_ratio(0.0))
+                ratio_curve = magnitude_floor_corrected_curve(ratio, detected.mask, slice(1, detected.foot), zero)
+                blood = table.to_gd(ratio_curve)
             blood = np.asarray(blood, dtype=np.float64)
             grid_s, blood = resample_to_uniform(blood, time_s, self.settings.interval_s)
             foot, peak = aif_foot_peak(blood)

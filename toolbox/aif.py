@@ -105,6 +105,38 @@ def aif_foot_peak(curve: np.ndarray, *, settings: AifSettings | None = None) -> 
     return foot, peak
 
 
+def magnitude_floor_corrected_curve(series: np.ndarray, mask: np.ndarray, baseline: slice,
+                                    zero_level: float) -> np.ndarray:
+    """Mean curve of magnitude-derived images over ``mask`` with the noise floor removed.
+
+    Magnitude images carry a Rician noise floor: E[M^2] = A^2 + 2 sigma^2 (Gudbjartsson &
+    Patz, MRM 1995). Before the bolus a saturation-recovery AIF image has almost no signal, so
+    the floor dominates the baseline (e.g. SR/PD 0.15 where the blood table gives 0.03 at
+    Gd = 0), and subtracting that baseline from the Gd curve would remove it from every frame
+    although the floor fades as the signal rises. Here 2 sigma^2 is estimated from the baseline
+    frames, whose true level ``zero_level`` is known (the table's value at Gd = 0), and the
+    curve is ``sqrt(mean_mask(M^2) - 2 sigma^2)``.
+
+    Args:
+        series: [time, rows, cols] magnitude or SR/PD ratio images.
+        mask: bool [rows, cols] pixels averaged.
+        baseline: frames before the bolus arrival (at least 2).
+        zero_level: true pre-contrast value of the images in the mask.
+
+    Returns:
+        float64 [time] curve (the plain mean where the baseline is too short).
+    """
+    values = np.asarray(series, dtype=np.float64)[:, np.asarray(mask, dtype=bool)]
+    if values.shape[1] == 0:
+        raise AifError("the AIF mask is empty")
+    second_moment = np.mean(values**2, axis=1)
+    frames = second_moment[baseline]
+    if frames.size < 2:
+        return values.mean(axis=1)
+    floor = max(float(np.mean(frames)) - zero_level**2, 0.0)
+    return np.sqrt(np.maximum(second_moment - floor, 0.0))
+
+
 def baseline_subtract(curve: np.ndarray, foot: int, *, skip_frames: int = 1) -> np.ndarray:
     """Subtract the mean of frames ``skip_frames .. foot`` (inclusive) from the curve."""
     values = np.asarray(curve, dtype=np.float64)
