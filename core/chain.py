@@ -124,7 +124,7 @@ def _check_type_flow(input_types: tuple[type, ...], gadgets: list[GadgetSpec],
             raise ChainError(
                 f"{source}: gadget {position} {spec.gadget.name!r} accepts {_type_names(accepted)} "
                 f"but receives only {_type_names(flowing)} from the chain input and earlier gadgets")
-        flowing = (flowing - consumed) | set(spec.gadget.produces)
+        flowing = (flowing - consumed) | set(spec.gadget.output_types(spec.settings))
     unsendable = {t for t in flowing if not issubclass(t, SENDABLE_TYPES)}
     warnings = ()
     if unsendable:

@@ -82,6 +82,14 @@ class Gadget:
             {"connection": self.context.connection_id},
         )
 
+    @classmethod
+    def output_types(cls, settings: GadgetSettings) -> tuple[type, ...]:
+        """Item types this gadget yields with ``settings`` (default: ``produces``).
+
+        Override when a setting changes the outputs (e.g. forwarding its input as well).
+        """
+        return tuple(cls.produces)
+
     def process(self, items: Iterator[Any]) -> Iterator[Any]:
         """Consume accepted items, yield outputs. Runs in the gadget's own thread."""
         raise NotImplementedError(f"gadget {self.name!r} does not implement process()")

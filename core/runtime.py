@@ -223,7 +223,7 @@ class RunningChain:
     def _run_gadget(self, index: int) -> None:
         gadget = self.gadgets[index]
         inbox, outbox = self._queues[index], self._queues[index + 1]
-        produces = tuple(gadget.produces)
+        produces = gadget.output_types(gadget.settings)
         timing = self._timings[index]
         started: float | None = None
 

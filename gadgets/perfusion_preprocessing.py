@@ -275,6 +275,8 @@ class SeriesImagesSettings(GadgetSettings):
     myocardium_series_index: int = Field(10, ge=0, le=65535, description="image_series_index of the slices")
     aif_series_index: int = Field(11, ge=0, le=65535, description="image_series_index of the AIF series")
     send_aif: bool = Field(True, description="also return the AIF series")
+    forward: bool = Field(False, description="pass each series on after making its images (so later gadgets, "
+                                             "e.g. mapping, still get it)")
 
 
 _ROLES: dict[str, tuple[str, str | None]] = {"gd_mmol_l": ("Gd", "mmol/L"), "sr_over_pd": ("SR_over_PD", "1"),
@@ -288,14 +290,19 @@ class PerfusionSeriesImages(PureGadget):
     name = "perfusion-series-images"
     Settings = SeriesImagesSettings
     accepts = (SliceSeries, AifSeries)
-    produces = (ismrmrd.Image,)
+    produces = (ismrmrd.Image, SliceSeries, AifSeries)
     settings: SeriesImagesSettings
 
-    def process_item(self, item: Series) -> list[ismrmrd.Image]:
+    @classmethod
+    def output_types(cls, settings: GadgetSettings) -> tuple[type, ...]:
+        assert isinstance(settings, SeriesImagesSettings)
+        return cls.produces if settings.forward else (ismrmrd.Image,)
+
+    def process_item(self, item: Series) -> list[ismrmrd.Image | Series]:
         role, units = _ROLES[item.units]
         is_aif = isinstance(item, AifSeries)
         if is_aif and not self.settings.send_aif:
-            return []
+            return [item] if self.settings.forward else []
         frames = item.data[0] if is_aif else item.data
         series_index = self.settings.aif_series_index if is_aif else self.settings.myocardium_series_index
         data_role: Literal["AIF"] | str = "AIF" if is_aif else role
@@ -308,4 +315,4 @@ class PerfusionSeriesImages(PureGadget):
                 image_index=t, slice=0 if is_aif else item.slice_index, repetition=t, data_role=data_role,
                 meta=meta, units=units, comment=f"{'AIF' if is_aif else 'slice ' + str(item.slice_index)} {role}",
                 header_fields={"acquisition_time_stamp": int(round(float(item.time_s[t]) / 0.0025))}))
-        return images
+        return images + [item] if self.settings.forward else images

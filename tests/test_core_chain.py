@@ -146,3 +146,18 @@ def test_chains_command_lists_and_validates(tmp_path: Path, capsys) -> None:
     bad.write_text(chain_text('gadget = "passthrough"\nsettings = { a = 1 }'))
     assert main(["chains", "validate", str(bad)]) == 1
     assert "valid settings: none" in capsys.readouterr().err
+
+
+def test_settings_can_change_a_gadgets_outputs():
+    """perfusion-series-images forwards its series only when asked; the type flow follows."""
+    import ismrmrd
+
+    from perfline.core.chain import parse_chain
+    from perfline.gadgets.perfusion_items import SliceSeries
+
+    base = 'name = "t"\ninput = ["acquisition"]\n[[gadgets]]\ngadget = "perfusion-recon"\n' \
+           '[[gadgets]]\ngadget = "perfusion-series-images"\n'
+    plain = parse_chain(base)
+    forwarding = parse_chain(base + "[gadgets.settings]\nforward = true\n")
+    assert set(plain.output_types) == {ismrmrd.Image}
+    assert SliceSeries in forwarding.output_types and forwarding.warnings
