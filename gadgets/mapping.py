@@ -34,7 +34,7 @@ from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import (
     AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif, magnitude_floor_corrected_curve,
 )
-from perfline.toolbox.btex import map_btex
+from perfline.toolbox.btex import BtexSettings, map_btex
 from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.flow_fit import MappingInputError
 from perfline.toolbox.flow_models import FlowModelError
@@ -110,6 +110,11 @@ class AifExtract(Gadget):
 class FlowMapSettings(GadgetSettings):
     model: Literal["btex", "fermi"] = Field("btex", description="flow model")
     delay_smoothing_px: float = Field(1.5, ge=0.0, description="BTEX: Gaussian width of the delay pre-fit, px")
+    vp_range: tuple[float, float] = Field((0.02, 0.32), description=(
+        "BTEX Vp grid, ml/ml: wider than the tissue range so that blood partial volume near the endocardium "
+        "(blood fraction b adds b (1 - Hct) to Vp) is fitted as Vp, not as flow"))
+    vp_steps: int = Field(11, ge=3, le=40, description="BTEX Vp grid points")
+    prior_vp_sd: float = Field(0.1, gt=0.0, description="BTEX Vp prior SD (centre 0.07), ml/ml")
     use_segmentation: bool = Field(True, description=(
         "wait for each slice's SliceSegmentation and fit only the dilated heart (off: full field of view)"))
     heart_mask_px: int = Field(4, ge=0, le=64, description="dilation of the segmented heart (LV+myo+RV), pixels")
@@ -181,8 +186,11 @@ class FlowMap(Gadget):
         if np.any(before):
             tissue = tissue - tissue[before].mean(axis=0)
         mapper = map_btex if self.settings.model == "btex" else map_fermi
-        kwargs: dict[str, Any] = {"delay_smoothing_px": self.settings.delay_smoothing_px} \
-            if self.settings.model == "btex" else {}
+        kwargs: dict[str, Any] = {}
+        if self.settings.model == "btex":
+            kwargs["delay_smoothing_px"] = self.settings.delay_smoothing_px
+            kwargs["settings"] = BtexSettings(vp_range=self.settings.vp_range, vp_steps=self.settings.vp_steps,
+                                              prior_vp_sd=self.settings.prior_vp_sd)
         if mask is not None:
             if mask.shape != tissue.shape[1:]:
                 raise GadgetError(f"flow-map, slice {series.slice_index}: segmentation shape {mask.shape} differs "

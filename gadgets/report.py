@@ -56,6 +56,8 @@ class AhaReportSettings(GadgetSettings):
     min_wall_thickness_mm: float = Field(3.0, gt=0, description="flag sectors with a thinner mean wall")
     max_missing_fit_fraction: float = Field(0.5, ge=0, le=1, description="flag sectors with more NaN MBF pixels")
     basal_at: Literal["lowest", "highest"] = Field("lowest", description="end of the slice-normal order that is basal")
+    border_exclusion_px: int = Field(1, ge=0, le=5, description=(
+        "MBF statistics leave out myocardial pixels this close to the endo/epicardial border (partial volume)"))
     mbf_series_index: int = Field(20, ge=0, description="image_series_index of the MBF maps (PS +1, Vp +2)")
     report_series_index: int = Field(30, ge=0, description="image_series_index of the report image")
     send_ps_vp: bool = Field(True, description="also send PS and Vp maps when the model fitted them")
@@ -179,7 +181,8 @@ class AhaReportGadget(Gadget):
             settings=ReportSettings(min_sector_pixels=settings.min_sector_pixels,
                                     min_wall_thickness_mm=settings.min_wall_thickness_mm,
                                     max_missing_fit_fraction=settings.max_missing_fit_fraction,
-                                    basal_at=settings.basal_at),
+                                    basal_at=settings.basal_at,
+                                    border_exclusion_px=settings.border_exclusion_px),
             flow_model=next(iter(maps.values())).model)
         aif_summary, aif_flag = None, []
         if aif is None:

@@ -108,12 +108,27 @@ def test_anterior_defect_lands_in_anterior_segments():
 
 
 def test_global_mean_and_median_over_pixels():
-    report = build_report(three_slices())
+    report = build_report(three_slices(), settings=ReportSettings(border_exclusion_px=0))
     pooled = np.concatenate([s.mbf_ml_min_g[s.labels == 2] for s in three_slices()])
     assert report.global_values.mbf_mean_ml_min_g == pytest.approx(float(pooled.mean()), rel=1e-6)
     assert report.global_values.mbf_median_ml_min_g == pytest.approx(float(np.median(pooled)), rel=1e-6)
     assert report.global_values.n_pixels == pooled.size
     assert report.global_values.vp_mean == pytest.approx(0.07)
+
+
+def test_border_pixels_are_left_out_of_the_statistics():
+    import scipy.ndimage as ndi
+
+    slices = three_slices()
+    # a partial-volume rim fitted at the top of the flow range must not reach the report
+    for item in slices:
+        rim = (item.labels == 2) & ~ndi.binary_erosion(item.labels == 2)
+        item.mbf_ml_min_g[rim] = 6.0
+    report = build_report(slices)  # default: one border pixel left out
+    pooled = np.concatenate([s.mbf_ml_min_g[ndi.binary_erosion(s.labels == 2)] for s in slices])
+    assert report.global_values.n_pixels == pooled.size
+    assert report.global_values.mbf_mean_ml_min_g == pytest.approx(float(pooled.mean()), rel=1e-6)
+    assert np.nanmax(pooled) < 6.0
 
 
 def test_failed_slice_and_missing_level_flagged():

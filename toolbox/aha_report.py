@@ -3,7 +3,9 @@
 From per-slice flow maps, CNN labels, the LV centre and the anterior RV insertion angle, every
 myocardial pixel gets its AHA segment (``perfline.toolbox.aha``, Cerqueira et al., Circulation
 2002;105:539), and MBF (and PS, Vp) is summarised per segment as the mean and median over
-myocardial pixels, as in Xue et al., Radiology: AI 2020 (Figure 3). The report is a pydantic
+myocardial pixels, as in Xue et al., Radiology: AI 2020 (Figure 3), leaving out by default the
+pixels on the endo/epicardial border (``border_exclusion_px``: their blood partial volume
+drives the pixel-wise fit to the top of its flow range). The report is a pydantic
 model serialised to JSON; its schema is documented in ``docs/report_schema.md``.
 
 Slice levels come from the order of the slices along the slice normal (``assign_slice_levels``):
@@ -21,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Literal
 
 import numpy as np
+import scipy.ndimage as ndi
 from pydantic import BaseModel, ConfigDict, Field
 
 from perfline.toolbox.aha import LEVELS, SEGMENT_NAMES, TERRITORIES, SliceLevel, aha_segment_map, pixel_angles_deg, territory_of
@@ -48,6 +51,10 @@ class ReportSettings(BaseModel):
     min_wall_thickness_mm: float = Field(3.0, gt=0, description="a sector whose mean wall thickness is below is flagged 'thin wall'")
     max_missing_fit_fraction: float = Field(0.5, ge=0, le=1, description="a sector with more NaN MBF pixels than this fraction is flagged")
     basal_at: Literal["lowest", "highest"] = Field("lowest", description="which end of the slice-normal order is basal")
+    border_exclusion_px: int = Field(1, ge=0, le=5, description=(
+        "MBF statistics leave out myocardial pixels within this many pixels of the endo/epicardial border "
+        "(blood partial volume makes their pixel-wise fit unreliable); a sector keeps all its pixels when "
+        "fewer than 3 would remain"))
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -273,6 +280,14 @@ def _stats(values: np.ndarray) -> tuple[float | None, float | None, float | None
     return float(np.mean(finite)), float(np.median(finite)), float(np.std(finite))
 
 
+def _myocardial_core(myocardium: np.ndarray, border_px: int) -> np.ndarray:
+    """The myocardium without its outer ``border_px`` pixel rings (all of it if nothing remains)."""
+    if border_px <= 0:
+        return myocardium
+    core = ndi.binary_erosion(myocardium, iterations=border_px)
+    return core if core.any() else myocardium
+
+
 def _mean_or_none(values: list[np.ndarray]) -> float | None:
     if not values:
         return None
@@ -346,7 +361,8 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
             slice_flags.append("no RV insertion found")
         elif not all(math.isfinite(v) for v in item.lv_center_rc):
             slice_flags.append("no LV centre found")
-        mbf_values = np.asarray(item.mbf_ml_min_g, dtype=np.float64)[myocardium]
+        analysed = _myocardial_core(myocardium, settings.border_exclusion_px)
+        mbf_values = np.asarray(item.mbf_ml_min_g, dtype=np.float64)[analysed]
         if not failed and not np.isfinite(mbf_values).any():
             slice_flags.append("no MBF fit in the myocardium")
             failed = True
@@ -364,13 +380,15 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
         usable_levels.add(level)
         thickness = sector_wall_thickness_mm(segment_map, item.lv_center_rc, item.pixel_spacing_mm)
         mbf = np.asarray(item.mbf_ml_min_g, dtype=np.float64)
-        all_mbf.append(mbf[myocardium])
+        all_mbf.append(mbf[analysed])
         if item.ps_ml_min_g is not None:
-            all_ps.append(np.asarray(item.ps_ml_min_g, dtype=np.float64)[myocardium])
+            all_ps.append(np.asarray(item.ps_ml_min_g, dtype=np.float64)[analysed])
         if item.vp is not None:
-            all_vp.append(np.asarray(item.vp, dtype=np.float64)[myocardium])
+            all_vp.append(np.asarray(item.vp, dtype=np.float64)[analysed])
         for seg in SEGMENTS_OF_LEVEL[level]:
             in_segment = segment_map == seg
+            if np.count_nonzero(in_segment & analysed) >= 3:
+                in_segment = in_segment & analysed
             entry = per_segment[seg]
             entry["slices"].append(item.slice_index)
             entry["mbf"].append(mbf[in_segment])

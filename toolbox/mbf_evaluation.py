@@ -174,14 +174,23 @@ def bland_altman_plot(auto: np.ndarray, truth: np.ndarray, path: str | Path, *, 
     return path
 
 
-def study_mbf_from_report(report_json: str | dict) -> StudyMbf:
-    """StudyMbf of a report JSON produced by ``perfline.toolbox.aha_report`` (missing -> NaN)."""
+def study_mbf_from_report(report_json: str | dict, statistic: str = "median") -> StudyMbf:
+    """StudyMbf of a report JSON produced by ``perfline.toolbox.aha_report`` (missing -> NaN).
+
+    ``statistic`` picks the report's per-sector / global ``median`` (default) or ``mean`` over
+    the myocardial pixels. The median is the default because single pixel-wise BTEX fits that
+    end on the top of the flow grid (noise, residual partial volume) move a sector mean by
+    tens of per cent; the truth it is compared with is the mean of the true pixel MBF.
+    """
     from perfline.toolbox.aha_report import PerfusionReport
 
+    if statistic not in ("mean", "median"):
+        raise EvaluationError(f"statistic must be 'mean' or 'median', got {statistic!r}")
     report = PerfusionReport.model_validate_json(report_json) if isinstance(report_json, str) \
         else PerfusionReport.model_validate(report_json)
-    segments = np.array([np.nan if s.mbf_mean_ml_min_g is None else s.mbf_mean_ml_min_g for s in report.segments])
-    global_mbf = report.global_values.mbf_mean_ml_min_g
+    field = f"mbf_{statistic}_ml_min_g"
+    segments = np.array([np.nan if getattr(s, field) is None else getattr(s, field) for s in report.segments])
+    global_mbf = getattr(report.global_values, field)
     insertions = tuple(np.nan if s.rv_insertion_deg is None else s.rv_insertion_deg for s in report.slices)
     return StudyMbf(global_mbf=np.nan if global_mbf is None else global_mbf, segment_mbf=segments,
                     rv_insertion_deg=insertions)
