@@ -6,8 +6,8 @@ respiratory motion, plus complex Gaussian noise (magnitude: Rician), as a coil-c
 an optimal (B1-weighted, noise-normalised) reconstruction would be.
 
 For speed the noise of this path is read at random offsets from a fixed bank of 2**23 standard
-normal samples (drawn once per process from a fixed seed) instead of being drawn afresh; the
-k-space path draws fresh noise.
+normal samples (drawn once per process from a fixed seed, :mod:`perfline.simulator.kernels`)
+instead of being drawn afresh; the k-space path draws fresh noise.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perfline.simulator import kernels
 from perfline.simulator import study as st
 from perfline.simulator.motion import warp
 from perfline.toolbox.bloch import GdLookupTable, SequenceParameters
-
-NOISE_BANK_SIZE = 2**23
 
 
 @dataclass(frozen=True)
@@ -56,28 +55,6 @@ class ImageSlice:
     lv_center_rc: tuple[float, float]
 
 
-@functools.lru_cache(maxsize=1)
-def _noise_bank() -> np.ndarray:
-    return np.random.default_rng(20201).standard_normal(NOISE_BANK_SIZE, dtype=np.float32)
-
-
-def _bank_noise(rng: np.random.Generator, size: int) -> np.ndarray:
-    bank = _noise_bank()
-    if size > bank.size:
-        return rng.standard_normal(size, dtype=np.float32)
-    start = int(rng.integers(0, bank.size - size + 1))
-    sign = np.float32(1.0 if rng.random() < 0.5 else -1.0)
-    return bank[start:start + size] * sign
-
-
-def _rician(image: np.ndarray, noise_re: np.ndarray, noise_im_squared: np.ndarray) -> np.ndarray:
-    """|image + noise_re + i noise_im| with noise_im given squared (float32)."""
-    out = image + noise_re
-    out *= out
-    out += noise_im_squared
-    return np.sqrt(out, out=out)
-
-
 @functools.lru_cache(maxsize=4)
 def myocardial_lut(seq: SequenceParameters) -> GdLookupTable:
     return GdLookupTable(seq, "myocardium", gd_max_mmol_l=10.0)
@@ -91,30 +68,36 @@ def coil_shading(study: st.StudyParameters) -> np.ndarray:
 
 def image_slice(study: st.StudyParameters, index: int, *, noise: bool = True, motion: bool = True,
                 shading: np.ndarray | None = None) -> ImageSlice:
-    """Simulate slice ``index`` of ``study`` in the image domain."""
+    """Simulate slice ``index`` of ``study`` in the image domain.
+
+    With noise, the series is computed in units of the noise SD (coil shading / sigma folded
+    into one multiplication) and scaled back once at the end; the Gd conversion uses the
+    ratio SR / PD, which does not depend on that scale.
+    """
     phantom = st.slice_phantom(study, index, with_gd=False)
     shading = coil_shading(study) if shading is None else shading
-    static = phantom.clean * shading[None]
+    n_pd = study.n_pd_frames
+    sigma = np.float32(st.noise_sigma(study)) if noise else np.float32(1.0)
+    static = phantom.clean  # fresh array of this call: scaled in place
+    static *= (shading * (np.float32(1.0) / sigma))[None]
     field = (st.motion_fields(study, "myocardium", index, st.MYO_SHAPE, st.MYO_PIXEL_MM, phantom.anatomy.lv_center_rc)
              if motion else None)
-    n_pd = study.n_pd_frames
-    lut = myocardial_lut(study.myocardial_sequence)
-    moving = warp(static, field) if field is not None else static
+    moving = warp(static, field) if field is not None else None
     if noise:
         rng = np.random.default_rng([study.noise_seed, index])
-        sigma = np.float32(st.noise_sigma(study))
-        noise_re = _bank_noise(rng, static.size).reshape(static.shape)
-        noise_im = _bank_noise(rng, static.size).reshape(static.shape)
-        noise_re *= sigma
-        noise_im_squared = noise_im * noise_im
-        noise_im_squared *= sigma * sigma
-        measured = _rician(static, noise_re, noise_im_squared)
-        signal_out = _rician(moving, noise_re, noise_im_squared) if motion else measured
+        noise_re, noise_im_squared, negate = kernels.draw_bank_noise(rng, static.size)
+        if moving is not None:
+            kernels.rician_in_place(moving, noise_re, negate, noise_im_squared, out=moving)
+        measured = kernels.rician_in_place(static, noise_re, negate, noise_im_squared, out=static)
     else:
-        signal_out, measured = moving, static
-    pd_mean = measured[:n_pd].mean(axis=0)
-    ratio = measured[n_pd:] * (np.float32(1.0) / np.maximum(pd_mean, np.float32(1e-6)))[None]
-    gd = lut.to_gd(ratio)
+        measured = static
+    # Gd of (SR / max(PD mean, 1e-6)) in signal units, from the series in units of sigma
+    pd_mean = measured[:n_pd].mean(axis=0) * sigma
+    gd = myocardial_lut(study.myocardial_sequence).to_gd(
+        measured[n_pd:], scale=sigma / np.maximum(pd_mean, np.float32(1e-6)))
+    signal_out = moving if moving is not None else measured
+    if noise:
+        signal_out *= sigma
     sl = phantom.anatomy
     return ImageSlice(signal=signal_out.astype(np.float32, copy=False), gd=gd.astype(np.float32, copy=False),
                       time_s=phantom.time_s, n_pd_frames=n_pd, labels=sl.labels, mbf=phantom.mbf,

@@ -90,14 +90,15 @@ def warp(images: np.ndarray, field: MotionField) -> np.ndarray:
     frames, rows, cols = images.shape
     torch = _torch()
     if torch is not None:
-        # sampling grid in grid_sample's normalised (x, y) coordinates, built in numpy float32
+        # sampling grid in grid_sample's normalised (x, y) coordinates, written in place
         sx, sy = np.float32(2.0 / (cols - 1)), np.float32(2.0 / (rows - 1))
         trace = field.trace[:, None, None]
-        gx = trace * (field.base[1] * sx)[None]
+        grid = np.empty((frames, rows, cols, 2), dtype=np.float32)
+        gx, gy = grid[..., 0], grid[..., 1]
+        np.multiply(trace, (field.base[1] * sx)[None], out=gx)
         gx += (np.arange(cols, dtype=np.float32) * sx - 1.0)[None, None, :] + (field.jitter[:, 1] * sx)[:, None, None]
-        gy = trace * (field.base[0] * sy)[None]
+        np.multiply(trace, (field.base[0] * sy)[None], out=gy)
         gy += (np.arange(rows, dtype=np.float32) * sy - 1.0)[None, :, None] + (field.jitter[:, 0] * sy)[:, None, None]
-        grid = np.stack([gx, gy], axis=-1)
         with torch.no_grad():
             out = torch.nn.functional.grid_sample(torch.from_numpy(images)[:, None], torch.from_numpy(grid),
                                                   mode="bilinear", padding_mode="border", align_corners=True)

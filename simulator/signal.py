@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from perfline.simulator.anatomy import TISSUE_CLASSES, SliceAnatomy
+from perfline.simulator.kernels import matmul_columns
 from perfline.toolbox.bloch import SequenceParameters, sr_and_pd_signal
 
 # relaxation tissue used for each class
@@ -120,7 +121,7 @@ def render_series(anatomy: SliceAnatomy, seq: SequenceParameters, gd_by_class: d
     signals = class_signals(seq, gd_by_class, n_pd_frames, blood_inflow_fraction)
     if echo_time_ms is not None:
         signals = signals * _echo_decay(seq, gd_by_class, echo_time_ms)
-    images = (signals.astype(np.float32) @ weights).reshape(-1, *shape)
+    images = matmul_columns(signals.astype(np.float32), weights).reshape(-1, *shape)
     if per_pixel:
         sr_table, pd_table = signal_table(seq, "myocardium")
         index = np.flatnonzero(anatomy.fractions["myocardium"])

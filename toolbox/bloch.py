@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Tissue = Literal["blood", "myocardium", "liver", "fat", "muscle", "lung", "marrow", "spleen"]
 TISSUES: tuple[str, ...] = ("blood", "myocardium", "liver", "fat", "muscle", "lung", "marrow", "spleen")
+_BLOCK = 65536  # values per block of GdLookupTable.to_gd (index arrays stay in cache)
 
 # (T1 s, T2 s) at 1.5 T and 3 T. Blood and myocardium: REFERENCES.md section 2; the other
 # tissues are literature averages (Stanisz et al., MRM 2005; de Bazelaire et al., Radiology
@@ -214,6 +215,11 @@ class GdLookupTable:
         self._inverse_gd = np.interp(self._inverse_ratio, self.ratio_grid, self.gd_grid_mmol_l)
         self._inverse_step = self._inverse_ratio[1] - self._inverse_ratio[0]
         self._inverse_slope = np.append(np.diff(self._inverse_gd), 0.0)
+        # (gd, slope) pairs side by side, so one gather fetches both: float32 pairs read as one
+        # float64, float64 pairs as one complex128
+        pairs = np.stack([self._inverse_gd, self._inverse_slope], axis=1)
+        self._pairs = {np.float32: pairs.astype(np.float32).view(np.float64).ravel(),
+                       np.float64: pairs.view(np.complex128).ravel()}
 
     @property
     def gd_max_mmol_l(self) -> float:
@@ -223,27 +229,52 @@ class GdLookupTable:
         """SR/PD ratio for Gd (mmol/L), by interpolation in the table (clipped to its range)."""
         return np.interp(gd_mmol_l, self.gd_grid_mmol_l, self.ratio_grid)
 
-    def to_gd(self, ratio: np.ndarray | float) -> np.ndarray:
+    def to_gd(self, ratio: np.ndarray | float, *, scale: np.ndarray | None = None) -> np.ndarray:
         """Gd (mmol/L) for SR/PD ratios; ratios outside the table clip to 0 / ``gd_max_mmol_l``.
 
         Works on arrays of any shape; float32 in gives float32 out (computed in float32),
-        NaN stays NaN.
+        NaN stays NaN. With ``scale`` (an array shaped like the trailing axes of ``ratio``, e.g.
+        one [rows, cols] image for a [time, rows, cols] series), returns the Gd of
+        ``ratio * scale`` without forming that product (e.g. SR images times 1 / PD).
+        Linear interpolation in the inverse table, computed in blocks of about 64 k values so
+        that the index arrays stay in cache.
         """
         ratio = np.asarray(ratio)
         dtype = np.float32 if ratio.dtype == np.float32 else np.float64
-        position = ratio.astype(dtype)  # a copy, modified in place below
-        position -= dtype(self._inverse_ratio[0])
-        position *= dtype(1.0 / self._inverse_step)
-        has_nan = bool(np.isnan(np.min(position)))
-        if has_nan:
-            nan_mask = np.isnan(position)
+        factor = dtype(1.0 / self._inverse_step)
+        offset = dtype(self._inverse_ratio[0] / self._inverse_step)
+        if scale is None:
+            rows = ratio.reshape(1, -1)
+            row_factor: np.ndarray | np.floating = factor
+        else:
+            scale = np.asarray(scale)
+            if scale.ndim > ratio.ndim or ratio.shape[ratio.ndim - scale.ndim:] != scale.shape:
+                raise ValueError(f"scale must have the shape of the trailing axes of ratio {ratio.shape}, "
+                                 f"got {scale.shape}")
+            rows = ratio.reshape(-1, max(scale.size, 1))
+            row_factor = scale.astype(dtype).ravel() * factor
+        gd = np.empty(rows.shape, dtype=dtype)
+        step_cols = _BLOCK
+        step_rows = max(1, _BLOCK // max(min(rows.shape[1], _BLOCK), 1))
+        for r in range(0, rows.shape[0], step_rows):
+            for c in range(0, rows.shape[1], step_cols):
+                f = row_factor if np.ndim(row_factor) == 0 else row_factor[c:c + step_cols]
+                self._invert_block(rows[r:r + step_rows, c:c + step_cols], f, offset,
+                                   gd[r:r + step_rows, c:c + step_cols], dtype)
+        return gd.reshape(ratio.shape)
+
+    def _invert_block(self, ratio: np.ndarray, factor: np.ndarray | np.floating, offset: np.floating,
+                      out: np.ndarray, dtype: type) -> None:
+        position = np.multiply(ratio, factor, dtype=dtype)
+        position -= offset
+        nan_mask = np.isnan(position) if np.isnan(np.min(position)) else None
+        if nan_mask is not None:
             position[nan_mask] = 0.0
         np.clip(position, 0.0, len(self._inverse_gd) - 1, out=position)
-        index = position.astype(np.intp)
+        index = np.floor(position)
         position -= index
-        gd = self._inverse_gd.astype(dtype).take(index)
-        position *= self._inverse_slope.astype(dtype).take(index)
-        gd += position
-        if has_nan:
-            gd[nan_mask] = np.nan
-        return gd
+        pairs = self._pairs[dtype].take(index.astype(np.intp)).view(dtype).reshape(*position.shape, 2)
+        np.multiply(pairs[..., 1], position, out=out)
+        out += pairs[..., 0]
+        if nan_mask is not None:
+            out[nan_mask] = np.nan
