@@ -4,12 +4,19 @@ Targets (issue 3): 3 slices x 60 frames x 16 coils k-space study <= 10 s; image-
 >= 20 slices/s. Prints medians of repeated runs (wall clock; the machine is shared, so the
 CPU time of the process is printed too).
 
-Usage: python benchmarks/bench_simulator.py [--repeats 3] [--image-studies 8]
+Usage: python benchmarks/bench_simulator.py [--repeats 3] [--image-studies 8] [--image-only]
+       [--torch-threads 1] [--processes 2]
+
+The image path is timed with ``--torch-threads`` torch threads (default 1, as in a DataLoader
+worker; torch's default on this machine is 2, which only the motion warp uses), then as the
+throughput of ``--processes`` worker processes (one torch thread each) simulating studies
+concurrently (wall clock from the first to the last study, after a warm-up in every worker).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -25,16 +32,61 @@ def _timed(function) -> tuple[float, float]:  # noqa: ANN001
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def _warm_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    simulate_image_study(0, n_slices=1, n_frames=10)
+
+
+def _simulate(seed: int) -> int:
+    return len(simulate_image_study(seed))
+
+
+def image_path(studies: int, processes: int) -> None:
+    simulate_image_study(0)  # warm-up: imports, noise bank, LUTs
+    for flow_model in ("fermi", "btex"):
+        walls, cpus = [], []
+        for seed in range(1, studies + 1):
+            wall, cpu = _timed(lambda seed=seed: simulate_image_study(seed, flow_model=flow_model))
+            walls.append(wall)
+            cpus.append(cpu)
+        print(f"image-domain path, 3 slices x 63 frames 144 x 192, {flow_model}: median "
+              f"{statistics.median(walls) * 1000:.0f} ms per study = {3 / statistics.median(walls):.1f} slices/s wall "
+              f"({3 / statistics.median(cpus):.1f} slices per CPU-second) over {studies} studies, "
+              f"load average {os.getloadavg()[0]:.2f}")
+    if processes > 1:
+        with multiprocessing.get_context("fork").Pool(processes, initializer=_warm_worker) as pool:
+            pool.map(_simulate, range(1000, 1000 + processes))  # warm both workers
+            start = time.perf_counter()
+            n_slices = sum(pool.map(_simulate, range(1, 1 + studies * processes), chunksize=1))
+            wall = time.perf_counter() - start
+        print(f"image-domain path, fermi, {processes} worker processes: {n_slices} slices in {wall:.2f} s = "
+              f"{n_slices / wall:.1f} slices/s wall, load average {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-studies", type=int, default=8)
+    parser.add_argument("--image-only", action="store_true", help="skip the k-space studies")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of this process")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes of the throughput run")
     args = parser.parse_args()
-    print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}")
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}")
+    if not args.image_only:
+        kspace(args.repeats)
+    image_path(args.image_studies, args.processes)
+
+
+def kspace(repeats: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         for acceleration, flow_model in ((3, "btex"), (3, "fermi"), (1, "btex")):
             walls, cpus = [], []
-            for repeat in range(args.repeats):
+            for repeat in range(repeats):
                 study = st.sample_study(100 + repeat, n_slices=3, n_frames=60, n_coils=16,
                                         acceleration=acceleration, flow_model=flow_model)
 
@@ -49,17 +101,7 @@ def main() -> None:
             size = os.path.getsize(os.path.join(folder, "k.h5")) / 1e6
             print(f"k-space study 3 slices x 60 frames (+3 PD) x 16 coils, R={acceleration}, {flow_model}, "
                   f"with truth: median {statistics.median(walls):.2f} s wall ({statistics.median(cpus):.2f} s CPU) "
-                  f"over {args.repeats}; file {size:.0f} MB")
-    simulate_image_study(0)  # warm-up: imports, noise bank, LUTs
-    for flow_model in ("fermi", "btex"):
-        walls, cpus = [], []
-        for seed in range(1, args.image_studies + 1):
-            wall, cpu = _timed(lambda seed=seed: simulate_image_study(seed, flow_model=flow_model))
-            walls.append(wall)
-            cpus.append(cpu)
-        print(f"image-domain path, 3 slices x 63 frames 144 x 192, {flow_model}: median "
-              f"{statistics.median(walls) * 1000:.0f} ms per study = {3 / statistics.median(walls):.1f} slices/s wall "
-              f"({3 / statistics.median(cpus):.1f} slices per CPU-second) over {args.image_studies} studies")
+                  f"over {repeats}; file {size:.0f} MB")
 
 
 if __name__ == "__main__":
