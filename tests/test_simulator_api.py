@@ -155,3 +155,81 @@ def test_truth_attributes_regenerate_the_same_study(tmp_path):
                             n_coils=int(attrs["n_coils"]),
                             acceleration=int(attrs["acceleration"]), flow_model=attrs["flow_model"])
     assert parameters_json(again) == attrs["parameters_json"]
+
+
+# --- speed kernels of the image path: same values as the plain computations ---
+
+def test_matmul_columns_equals_matmul_and_checks_shapes():
+    from perfline.simulator.kernels import matmul_columns
+
+    rng = np.random.default_rng(0)
+    a = rng.random((63, 14), dtype=np.float32)
+    b = rng.random((14, 5000), dtype=np.float32)
+    out = matmul_columns(a, b)
+    assert out.shape == (63, 5000) and out.dtype == np.float32
+    assert np.allclose(out, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-5)
+    assert np.allclose(matmul_columns(a, b, block=7), out, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"\[m, k\] @ \[k, n\]"):
+        matmul_columns(a, b.T)
+
+
+def test_rician_in_place_is_the_magnitude_of_the_complex_sum():
+    from perfline.simulator.kernels import rician_in_place
+
+    rng = np.random.default_rng(1)
+    image = rng.random((3, 4, 5), dtype=np.float32) * 4
+    re, im = rng.standard_normal(60, dtype=np.float32), rng.standard_normal(60, dtype=np.float32)
+    for negate in (False, True):
+        expected = np.abs(image.astype(np.float64) + (-1 if negate else 1) * re.reshape(3, 4, 5) + 1j * im.reshape(3, 4, 5))
+        work = image.copy()
+        out = rician_in_place(work, re, negate, im * im, out=work)
+        assert out is work and out.dtype == np.float32
+        assert np.allclose(out, expected, rtol=1e-5)
+
+
+def test_bank_noise_is_standard_normal_and_reproducible():
+    from perfline.simulator.kernels import draw_bank_noise
+
+    re, im_squared, negate = draw_bank_noise(np.random.default_rng(5), 200_000)
+    again = draw_bank_noise(np.random.default_rng(5), 200_000)
+    assert np.array_equal(re, again[0]) and np.array_equal(im_squared, again[1]) and negate == again[2]
+    assert abs(re.mean()) < 0.01 and re.std() == pytest.approx(1.0, abs=0.01)
+    assert im_squared.min() >= 0 and im_squared.mean() == pytest.approx(1.0, abs=0.02)
+    assert not np.array_equal(re**2, im_squared), "real and imaginary parts come from different offsets"
+
+
+def test_lut_inverse_with_a_per_pixel_scale_equals_the_scaled_ratio():
+    from perfline.simulator.image_study import myocardial_lut
+
+    lut = myocardial_lut(st.sample_study(2, n_frames=10).myocardial_sequence)
+    rng = np.random.default_rng(2)
+    sr = (rng.random((6, 16, 12)) * lut.ratio_grid[-1] * 1.3).astype(np.float32)
+    scale = (0.5 + rng.random((16, 12))).astype(np.float32)
+    sr[2, 3, 4] = np.nan
+    got = lut.to_gd(sr, scale=scale)
+    expected = lut.to_gd(sr * scale)
+    assert got.dtype == np.float32 and np.isnan(got[2, 3, 4]) and np.count_nonzero(np.isnan(got)) == 1
+    assert np.nanmax(np.abs(got - expected)) < 1e-4
+    assert got[np.isfinite(got)].min() == 0.0 and np.nanmax(got) == pytest.approx(lut.gd_max_mmol_l)
+    exact = lut.to_gd(sr.astype(np.float64), scale=scale.astype(np.float64))
+    assert exact.dtype == np.float64 and np.nanmax(np.abs(exact - got)) < 1e-4
+    with pytest.raises(ValueError, match="trailing axes"):
+        lut.to_gd(sr, scale=scale.T)
+
+
+def test_image_gd_is_the_lut_of_the_returned_signal_without_motion():
+    """Without motion the returned signal is the measured series: its SR / PD through the LUT is gd."""
+    from perfline.simulator.image_study import image_slice, myocardial_lut
+
+    study = st.sample_study(21, n_slices=1, n_frames=10, flow_model="fermi")
+    lut = myocardial_lut(study.myocardial_sequence)
+    for noise in (False, True):
+        s = image_slice(study, 0, noise=noise, motion=False)
+        pd = np.maximum(s.signal[:3].astype(np.float64).mean(axis=0), 1e-6)
+        expected = lut.to_gd(s.signal[3:].astype(np.float64) / pd)
+        assert np.abs(s.gd - expected).max() < 2e-3
+    clean = image_slice(study, 0, noise=False, motion=False).signal
+    bright = clean > 5 * st.noise_sigma(study)  # Rician close to Gaussian there
+    assert bright.sum() > 10_000
+    residual = (s.signal - clean)[bright]
+    assert residual.std() == pytest.approx(st.noise_sigma(study), rel=0.05), "noise scaled back to signal units"
