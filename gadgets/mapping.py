@@ -10,8 +10,9 @@
 - ``flow-map``: ``AifCurve`` + Gd slices (``SliceSeries``, units ``gd_mmol_l``) -> ``FlowMaps``
   per slice (and the ``AifCurve`` and ``SliceSegmentation`` passed on for the report). Slices
   that arrive before the AIF wait for it. With ``use_segmentation`` (default), a slice also waits for its
-  ``SliceSegmentation`` (cnn-segmentation emits it right after the slice) and only the heart
-  (LV + myocardium + RV, dilated) is fitted, NaN elsewhere; a slice whose segmentation never
+  ``SliceSegmentation`` (cnn-segmentation emits it right after the slice) and only the
+  segmented myocardium dilated by ``heart_mask_px`` (``mask_labels``: add 1 and 3 for the
+  whole heart) is fitted, NaN elsewhere; a slice whose segmentation never
   arrives (chain without cnn-segmentation) is mapped on the full field of view at the end.
 - ``flow-map-images``: ``FlowMaps`` -> MBF / PS / Vp images and ``AifCurve`` -> the AIF mask
   image (DataRole AIFMASK), for chains that return maps without the AHA report.
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -34,7 +36,7 @@ from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import (
     AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif, magnitude_floor_corrected_curve,
 )
-from perfline.toolbox.btex import BtexSettings, map_btex
+from perfline.toolbox.btex import AifTable, BtexSettings, build_aif_table, map_btex
 from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.flow_fit import MappingInputError
 from perfline.toolbox.flow_models import FlowModelError
@@ -117,7 +119,10 @@ class FlowMapSettings(GadgetSettings):
     prior_vp_sd: float = Field(0.1, gt=0.0, description="BTEX Vp prior SD (centre 0.07), ml/ml")
     use_segmentation: bool = Field(True, description=(
         "wait for each slice's SliceSegmentation and fit only the dilated heart (off: full field of view)"))
-    heart_mask_px: int = Field(4, ge=0, le=64, description="dilation of the segmented heart (LV+myo+RV), pixels")
+    mask_labels: tuple[int, ...] = Field((2,), description=(
+        "segmentation labels fitted (1 LV pool, 2 myocardium, 3 RV); the report needs the myocardium only and "
+        "every extra pixel costs fit time"))
+    heart_mask_px: int = Field(2, ge=0, le=64, description="dilation of the labelled region, pixels")
 
 
 @register_gadget
@@ -135,9 +140,12 @@ class FlowMap(Gadget):
         slices: dict[int, SliceSeries] = {}
         masks: dict[int, np.ndarray] = {}
         use_masks = self.settings.use_segmentation
+        self._tables: dict[tuple[bytes, float], AifTable] = {}
+        self._warming: threading.Thread | None = None
         for item in items:
             if isinstance(item, AifCurve):
                 aif = item
+                self._start_warming(aif)
                 yield item
             elif isinstance(item, SliceSegmentation):
                 yield item
@@ -156,8 +164,39 @@ class FlowMap(Gadget):
             self.log.warning("slice %d: no segmentation arrived, mapping the full field of view", index)
             yield self._map(slices[index], aif, None)
 
+    def _btex_settings(self) -> BtexSettings:
+        return BtexSettings(vp_range=self.settings.vp_range, vp_steps=self.settings.vp_steps,
+                            prior_vp_sd=self.settings.prior_vp_sd)
+
+    def _aif_table(self, plasma: np.ndarray, dt_s: float) -> AifTable:
+        """The BTEX table of this plasma AIF, built once per scan (all slices share the grid)."""
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
+        key = (plasma.tobytes(), round(dt_s, 6))
+        if key not in self._tables:
+            self._tables[key] = build_aif_table(plasma, dt_s, self._btex_settings())
+        return self._tables[key]
+
+    def _start_warming(self, aif: AifCurve) -> None:
+        """Build the BTEX table of the AIF's grid in the background while the slices are segmented."""
+        if self.settings.model != "btex" or aif.time_s.size < 2:
+            return
+        plasma = _plasma_on(np.asarray(aif.time_s, dtype=np.float64), aif)
+        dt_s = float(np.mean(np.diff(aif.time_s)))
+        key = (plasma.tobytes(), round(dt_s, 6))
+
+        def build() -> None:
+            try:
+                self._tables[key] = build_aif_table(plasma, dt_s, self._btex_settings())
+            except (MappingInputError, FlowModelError, ValueError) as error:  # the slice fit reports it
+                self.log.warning("BTEX table warm-up failed: %s", error)
+
+        self._warming = threading.Thread(target=build, name="flow-map-table", daemon=True)
+        self._warming.start()
+
     def _heart_mask(self, segmentation: SliceSegmentation) -> np.ndarray | None:
-        heart = np.asarray(segmentation.labels) > 0
+        heart = np.isin(np.asarray(segmentation.labels), self.settings.mask_labels)
         if not heart.any():
             self.log.warning("slice %d: empty segmentation, mapping the full field of view",
                              segmentation.slice_index)
@@ -177,20 +216,16 @@ class FlowMap(Gadget):
             raise GadgetError(f"flow-map needs a uniform time grid (resample first); slice {series.slice_index} "
                               f"has steps {steps.min():.3f}-{steps.max():.3f} s")
         dt_s = float(steps.mean())
-        # the AIF on the slice's grid (each slice is read later in the heartbeat than the AIF)
-        blood = np.interp(time_s, aif.time_s, aif.blood_gd_mmol_l)
-        foot_time = aif.time_s[aif.foot_index]
-        blood[time_s < foot_time] = 0.0
-        plasma = blood / (1.0 - aif.hematocrit)
-        before = time_s <= foot_time
+        plasma = _plasma_on(time_s, aif)
+        before = time_s <= aif.time_s[aif.foot_index]
         if np.any(before):
             tissue = tissue - tissue[before].mean(axis=0)
         mapper = map_btex if self.settings.model == "btex" else map_fermi
         kwargs: dict[str, Any] = {}
         if self.settings.model == "btex":
             kwargs["delay_smoothing_px"] = self.settings.delay_smoothing_px
-            kwargs["settings"] = BtexSettings(vp_range=self.settings.vp_range, vp_steps=self.settings.vp_steps,
-                                              prior_vp_sd=self.settings.prior_vp_sd)
+            kwargs["settings"] = self._btex_settings()
+            kwargs["aif_table"] = self._aif_table(plasma, dt_s)
         if mask is not None:
             if mask.shape != tissue.shape[1:]:
                 raise GadgetError(f"flow-map, slice {series.slice_index}: segmentation shape {mask.shape} differs "
@@ -206,6 +241,13 @@ class FlowMap(Gadget):
         return FlowMaps(slice_index=series.slice_index, model=self.settings.model, mbf_ml_min_g=maps.mbf_ml_min_g,
                         geometry=series.geometry, ps_ml_min_g=maps.ps_ml_min_g, vp=maps.vp, visf=maps.visf,
                         delay_s=maps.delay_s, fit_rmse_mmol_l=maps.fit_rmse)
+
+
+def _plasma_on(time_s: np.ndarray, aif: AifCurve) -> np.ndarray:
+    """Plasma AIF (mmol/L) on a slice's time grid, zero before the bolus foot."""
+    blood = np.interp(time_s, aif.time_s, aif.blood_gd_mmol_l)
+    blood[time_s < aif.time_s[aif.foot_index]] = 0.0
+    return blood / (1.0 - aif.hematocrit)
 
 
 class FlowMapImagesSettings(GadgetSettings):

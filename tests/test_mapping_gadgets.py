@@ -70,7 +70,7 @@ def test_maps_only_the_dilated_heart_once_the_segmentation_arrives():
     labels = np.zeros((6, 6), dtype=np.uint8)
     labels[2, 2] = 2
     segmentation = SliceSegmentation(slice_index=0, labels=labels, rv_insertion_deg=120.0, lv_center_rc=(2.0, 2.0))
-    gadget = FlowMap(FlowMapSettings(model="fermi", heart_mask_px=1))
+    gadget = FlowMap(FlowMapSettings(model="fermi", heart_mask_px=1, mask_labels=(1, 2, 3)))
     outputs = list(gadget.process(iter([aif, _slice(0, 2.0), segmentation])))
     # the segmentation passes on for the report; the map waits for it and covers the dilated heart
     # (one 4-connected dilation of one pixel: a 5-pixel cross)

@@ -390,6 +390,7 @@ def map_btex(
     mask: np.ndarray | None = None,
     settings: BtexSettings | None = None,
     delay_smoothing_px: float = 1.5,
+    aif_table: AifTable | None = None,
 ) -> FlowMaps:
     """Pixel-wise BTEX maps from tissue Gd ``[time, rows, cols]`` or ``[N, time]`` (mmol/L).
 
@@ -401,13 +402,15 @@ def map_btex(
     the series smoothed with a Gaussian of ``delay_smoothing_px`` pixels; the pixel-wise fit
     then has a prior (SD 0.25 s) at that delay. This removes most of the delay / transit /
     flow trade-off of single noisy pixels. ``delay_smoothing_px = 0`` (or ``[N, time]``
-    input) fits every pixel's delay freely.
+    input) fits every pixel's delay freely. ``aif_table`` (from :func:`build_aif_table` of the
+    same plasma AIF, ``dt_s`` and settings) skips building it again, e.g. for every slice of a scan.
     """
     settings = settings or BtexSettings()
     prepared, aif = prepare_curves(gd_series, aif_plasma_mmol_l, dt_s, mask)
     if not prepared.index.size:
         return scatter_maps(prepared, "btex")
-    aif_table = build_aif_table(aif, dt_s, settings)
+    if aif_table is None:
+        aif_table = build_aif_table(aif, dt_s, settings)
     delay_prior = None
     if delay_smoothing_px > 0 and len(prepared.spatial_shape) == 2:
         delay_prior = _smoothed_delay(prepared, aif, dt_s, settings, delay_smoothing_px, aif_table)
