@@ -131,3 +131,20 @@ def test_bad_inputs_raise_clear_errors(mapper):
         mapper(np.full_like(series, np.nan), aif, DT)
     with pytest.raises(MappingInputError, match="mask"):
         mapper(series, aif, DT, mask=np.ones((3, 3), dtype=bool))
+
+
+def test_residue_table_is_cut_from_the_power_of_two_table_and_cached_on_disk(tmp_path, monkeypatch):
+    from perfline.toolbox import flow_models
+    from perfline.toolbox.btex import BtexSettings, _padded_residue_table, residue_table
+
+    monkeypatch.setenv("PERFLINE_CACHE_DIR", str(tmp_path))
+    settings = BtexSettings(fp_steps=3, ps_steps=3, vp_steps=3, visf_steps=3)
+    fp, ps, vp, visf = np.meshgrid(*settings.axes(), indexing="ij")
+    direct = flow_models.hat_weights_btex(70, 0.5, fp.ravel(), ps.ravel(), vp.ravel(), visf.ravel())
+    _padded_residue_table.cache_clear()
+    table = residue_table(70, 0.5, settings)
+    np.testing.assert_array_equal(table, direct.reshape(*fp.shape, 2, 70))
+    assert len(list(tmp_path.glob("btex_residues_128_*.npy"))) == 1
+    _padded_residue_table.cache_clear()  # now read back from disk
+    np.testing.assert_array_equal(residue_table(100, 0.5, settings)[..., :70], table)
+    _padded_residue_table.cache_clear()

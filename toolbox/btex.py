@@ -27,9 +27,13 @@ then local refinement. Here:
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -99,16 +103,67 @@ class BtexSettings(BaseModel):
         return centre, self.prior_weight * precision
 
 
+CACHE_DIR_ENV = "PERFLINE_CACHE_DIR"
+
+
+def _cache_dir() -> Path | None:
+    """Folder of the on-disk residue tables: $PERFLINE_CACHE_DIR, else ~/.cache/perfline ("" disables)."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured is not None:
+        return Path(configured) if configured else None
+    return Path.home() / ".cache" / "perfline"
+
+
+def _grid_key(n_samples: int, dt_s: float, settings: BtexSettings) -> str:
+    grid = [settings.fp_range_ml_min_g, settings.fp_steps, settings.ps_range_ml_min_g, settings.ps_steps,
+            settings.vp_range, settings.vp_steps, settings.visf_range, settings.visf_steps]
+    digest = hashlib.sha256(json.dumps([n_samples, round(dt_s, 9), grid]).encode()).hexdigest()[:20]
+    return f"btex_residues_{n_samples}_{digest}.npy"
+
+
 @functools.lru_cache(maxsize=4)
+def _padded_residue_table(n_padded: int, dt_s: float, settings: BtexSettings) -> np.ndarray:
+    folder = _cache_dir()
+    path = folder / _grid_key(n_padded, dt_s, settings) if folder is not None else None
+    fp, ps, vp, visf = np.meshgrid(*settings.axes(), indexing="ij")
+    shape = (*fp.shape, 2, n_padded)
+    if path is not None and path.is_file():
+        try:
+            table = np.load(path, allow_pickle=False)  # plain array file: nothing is executed
+            if table.shape == shape and table.dtype == np.float64:
+                return table
+            logger.warning("ignoring %s: shape %s / dtype %s, expected %s float64", path, table.shape,
+                           table.dtype, shape)
+        except (OSError, ValueError) as error:
+            logger.warning("ignoring the unreadable BTEX table %s: %s", path, error)
+    logger.info("building the BTEX residue table: %d curves of %d samples", fp.size, n_padded)
+    weights = flow_models.hat_weights_btex(n_padded, dt_s, fp.ravel(), ps.ravel(), vp.ravel(), visf.ravel())
+    table = weights.reshape(shape)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(partial, "wb") as handle:
+                np.save(handle, table, allow_pickle=False)
+            os.replace(partial, path)
+        except OSError as error:
+            logger.warning("could not store the BTEX table in %s: %s", path.parent, error)
+    return table
+
+
 def residue_table(n_samples: int, dt_s: float, settings: BtexSettings) -> np.ndarray:
     """Hat-weighted residues of the whole grid, ``[nfp, nps, nvp, nvisf, 2, T]`` (cached).
 
-    Depends only on the grid fields of ``settings`` (the cache key is the whole settings).
+    Depends only on the grid fields of ``settings``. The residues come from a damped Laplace
+    inversion whose FFT length is the power of two >= 2 T, and the first T samples of a table
+    built for T' samples with the same FFT length are identical to a table built for T: so one
+    table per power of two (64, 128, ...) serves every scan length, kept in memory and on disk
+    (``$PERFLINE_CACHE_DIR``, default ``~/.cache/perfline``; building one costs about 10 s).
     """
-    fp, ps, vp, visf = np.meshgrid(*settings.axes(), indexing="ij")
-    logger.info("building the BTEX residue table: %d curves of %d samples", fp.size, n_samples)
-    weights = flow_models.hat_weights_btex(n_samples, dt_s, fp.ravel(), ps.ravel(), vp.ravel(), visf.ravel())
-    return weights.reshape(*fp.shape, 2, n_samples)
+    if n_samples < 1:
+        raise flow_models.FlowModelError(f"the residue table needs at least one sample, got {n_samples}")
+    n_padded = int(2 ** np.ceil(np.log2(n_samples)))
+    return _padded_residue_table(n_padded, float(dt_s), settings)[..., :n_samples]
 
 
 def _table_curves(aif: np.ndarray, dt_s: float, settings: BtexSettings) -> np.ndarray:
