@@ -90,18 +90,21 @@ def warp(images: np.ndarray, field: MotionField) -> np.ndarray:
     frames, rows, cols = images.shape
     torch = _torch()
     if torch is not None:
-        # sampling grid in grid_sample's normalised (x, y) coordinates, written in place
+        # sampling grid in grid_sample's normalised (x, y) coordinates, built as contiguous x and y
+        # planes [frames, 2, rows, cols] and handed over as a strided [frames, rows, cols, 2] view
+        # (grid_sample reads strided grids; interleaving x and y in numpy is slower)
         sx, sy = np.float32(2.0 / (cols - 1)), np.float32(2.0 / (rows - 1))
         trace = field.trace[:, None, None]
-        grid = np.empty((frames, rows, cols, 2), dtype=np.float32)
-        gx, gy = grid[..., 0], grid[..., 1]
+        grid = np.empty((frames, 2, rows, cols), dtype=np.float32)
+        gx, gy = grid[:, 0], grid[:, 1]
         np.multiply(trace, (field.base[1] * sx)[None], out=gx)
         gx += (np.arange(cols, dtype=np.float32) * sx - 1.0)[None, None, :] + (field.jitter[:, 1] * sx)[:, None, None]
         np.multiply(trace, (field.base[0] * sy)[None], out=gy)
         gy += (np.arange(rows, dtype=np.float32) * sy - 1.0)[None, :, None] + (field.jitter[:, 0] * sy)[:, None, None]
         with torch.no_grad():
-            out = torch.nn.functional.grid_sample(torch.from_numpy(images)[:, None], torch.from_numpy(grid),
-                                                  mode="bilinear", padding_mode="border", align_corners=True)
+            out = torch.nn.functional.grid_sample(torch.from_numpy(images)[:, None],
+                                                  torch.from_numpy(grid).permute(0, 2, 3, 1), mode="bilinear",
+                                                  padding_mode="border", align_corners=True)
         return out[:, 0].numpy()
     displacement = field.displacement()
     r = displacement[:, 0] + np.arange(rows, dtype=np.float32)[None, :, None]

@@ -215,9 +215,11 @@ class GdLookupTable:
         self._inverse_gd = np.interp(self._inverse_ratio, self.ratio_grid, self.gd_grid_mmol_l)
         self._inverse_step = self._inverse_ratio[1] - self._inverse_ratio[0]
         self._inverse_slope = np.append(np.diff(self._inverse_gd), 0.0)
-        # (gd, slope) pairs side by side, so one gather fetches both: float32 pairs read as one
-        # float64, float64 pairs as one complex128
-        pairs = np.stack([self._inverse_gd, self._inverse_slope], axis=1)
+        # gd(p) = gd[i] + slope[i] (p - i) = (gd[i] - slope[i] i) + slope[i] p for the table
+        # position p in [i, i + 1): (intercept, slope) pairs side by side, so one gather fetches
+        # both (float32 pairs read as one float64, float64 pairs as one complex128)
+        intercept = self._inverse_gd - self._inverse_slope * np.arange(self._inverse_gd.size)
+        pairs = np.stack([intercept, self._inverse_slope], axis=1)
         self._pairs = {np.float32: pairs.astype(np.float32).view(np.float64).ravel(),
                        np.float64: pairs.view(np.complex128).ravel()}
 
@@ -271,9 +273,8 @@ class GdLookupTable:
         if nan_mask is not None:
             position[nan_mask] = 0.0
         np.clip(position, 0.0, len(self._inverse_gd) - 1, out=position)
-        index = np.floor(position)
-        position -= index
-        pairs = self._pairs[dtype].take(index.astype(np.intp)).view(dtype).reshape(*position.shape, 2)
+        index = position.astype(np.intp)  # truncation is the floor of these non-negative values
+        pairs = self._pairs[dtype].take(index).view(dtype).reshape(*position.shape, 2)
         np.multiply(pairs[..., 1], position, out=out)
         out += pairs[..., 0]
         if nan_mask is not None:
