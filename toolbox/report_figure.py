@@ -185,8 +185,10 @@ def render_report(report: PerfusionReport, *, slice_maps: Sequence[SliceMapView]
     grid = figure.add_gridspec(2 if has_reserve else 1, 2, width_ratios=[1.0, 1.45], left=0.02, right=0.98,
                                top=1 - (1.0 + maps_height + (0.45 if slice_maps else 0.0)) / height,
                                bottom=0.35 / height, wspace=0.08, hspace=0.3)
-    mbf = {s.segment: s.mbf_mean_ml_min_g for s in report.segments}
-    draw_bullseye(figure.add_subplot(grid[0, 0]), mbf, title=f"{report.study.scan} MBF (mean, ml/min/g)", vmax=vmax)
+    # the median: robust to single pixel fits on the top of the flow grid (docs/integration.md)
+    mbf = {s.segment: s.mbf_median_ml_min_g for s in report.segments}
+    draw_bullseye(figure.add_subplot(grid[0, 0]), mbf, title=f"{report.study.scan} MBF (median, ml/min/g)",
+                  vmax=vmax)
     if has_reserve:
         mpr = {s.segment: s.mpr for s in report.reserve.segments}
         draw_bullseye(figure.add_subplot(grid[1, 0]), mpr, title="perfusion reserve (stress / rest)",
@@ -208,7 +210,7 @@ def render_report(report: PerfusionReport, *, slice_maps: Sequence[SliceMapView]
                f"   ({g.n_pixels} pixels)")
     if report.reserve is not None:
         summary += f"   global MPR {_fmt(report.reserve.global_mpr)}"
-    territory_text = "   ".join(f"{t.territory} {_fmt(t.mbf_mean_ml_min_g)}" for t in report.territories)
+    territory_text = "   ".join(f"{t.territory} {_fmt(t.mbf_median_ml_min_g)}" for t in report.territories)
     figure.text(0.02, 1 - 0.32 / height, f"Perfusion report - patient {report.study.patient_id or '-'}, "
                 f"study {report.study.study_id or '-'}, {report.study.scan}, model {report.flow_model or '-'}",
                 fontsize=11, fontweight="bold")
