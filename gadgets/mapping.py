@@ -124,7 +124,7 @@ class FlowMapSettings(GadgetSettings):
         "every extra pixel costs fit time"))
     heart_mask_px: int = Field(0, ge=0, le=64, description=(
         "dilation of the labelled region, pixels (0: the CNN myocardium exactly; dilating it mixes blood into "
-        "the smoothed delay pre-fit of the border pixels: rest MBF +3 to +10 % on the demo phantom)"))
+        "the smoothed delay pre-fit of the border pixels: rest MBF +2 to +10 % on the demo phantom)"))
 
 
 @register_gadget
