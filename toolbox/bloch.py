@@ -231,13 +231,15 @@ class GdLookupTable:
         """SR/PD ratio for Gd (mmol/L), by interpolation in the table (clipped to its range)."""
         return np.interp(gd_mmol_l, self.gd_grid_mmol_l, self.ratio_grid)
 
-    def to_gd(self, ratio: np.ndarray | float, *, scale: np.ndarray | None = None) -> np.ndarray:
+    def to_gd(self, ratio: np.ndarray | float, *, scale: np.ndarray | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
         """Gd (mmol/L) for SR/PD ratios; ratios outside the table clip to 0 / ``gd_max_mmol_l``.
 
         Works on arrays of any shape; float32 in gives float32 out (computed in float32),
         NaN stays NaN. With ``scale`` (an array shaped like the trailing axes of ``ratio``, e.g.
         one [rows, cols] image for a [time, rows, cols] series), returns the Gd of
-        ``ratio * scale`` without forming that product (e.g. SR images times 1 / PD).
+        ``ratio * scale`` without forming that product (e.g. SR images times 1 / PD). ``out``:
+        optional C-contiguous array shaped like ``ratio`` of the result dtype to write into.
         Linear interpolation in the inverse table, computed in blocks of about 64 k values so
         that the index arrays stay in cache.
         """
@@ -255,7 +257,13 @@ class GdLookupTable:
                                  f"got {scale.shape}")
             rows = ratio.reshape(-1, max(scale.size, 1))
             row_factor = scale.astype(dtype).ravel() * factor
-        gd = np.empty(rows.shape, dtype=dtype)
+        if out is None:
+            gd = np.empty(rows.shape, dtype=dtype)
+        elif out.shape != ratio.shape or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {np.dtype(dtype)} array of shape {ratio.shape}, "
+                             f"got {out.dtype} {out.shape}")
+        else:
+            gd = out.reshape(rows.shape)
         step_cols = _BLOCK
         step_rows = max(1, _BLOCK // max(min(rows.shape[1], _BLOCK), 1))
         for r in range(0, rows.shape[0], step_rows):
