@@ -56,6 +56,10 @@ class MotionField:
     trace: np.ndarray
     jitter: np.ndarray
 
+    def frames(self, first: int, last: int) -> MotionField:
+        """The field of frames ``first`` to ``last - 1`` (shares ``base``)."""
+        return MotionField(base=self.base, trace=self.trace[first:last], jitter=self.jitter[first:last])
+
     def displacement(self) -> np.ndarray:
         """Full field float32 [frames, 2, rows, cols]."""
         return self.trace[:, None, None, None] * self.base[None] + self.jitter[:, :, None, None]
