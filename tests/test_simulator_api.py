@@ -233,3 +233,21 @@ def test_image_gd_is_the_lut_of_the_returned_signal_without_motion():
     assert bright.sum() > 10_000
     residual = (s.signal - clean)[bright]
     assert residual.std() == pytest.approx(st.noise_sigma(study), rel=0.05), "noise scaled back to signal units"
+
+
+def test_warp_leaves_the_torch_thread_count_as_it_found_it():
+    torch = pytest.importorskip("torch")
+    from perfline.simulator.motion import warp
+
+    study = st.sample_study(4, n_slices=1, n_frames=10)
+    field = st.motion_fields(study, "myocardium", 0, st.MYO_SHAPE, st.MYO_PIXEL_MM, (70.0, 90.0))
+    images = np.random.default_rng(0).random((13, *st.MYO_SHAPE), dtype=np.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        whole = warp(images, field)
+        assert torch.get_num_threads() == 2
+        part = warp(images[4:9], field.frames(4, 9))
+        assert np.array_equal(part, whole[4:9]), "a block of frames warps like the whole series"
+    finally:
+        torch.set_num_threads(before)
