@@ -40,6 +40,9 @@ class AifSettings(BaseModel):
     )
     min_pool_pixels: int = Field(4, ge=1, description="smallest blood pool kept, pixels")
     min_peak_separation_frames: int = Field(1, ge=0, description="LV peaks at least this many frames after the RV")
+    max_peak_separation_frames: int = Field(
+        20, ge=1, description="and at most this many (pulmonary transit; later pools are recirculation or noise)"
+    )
     min_split_frames: float = Field(
         4.0, gt=0, description="a pool whose pixels arrive in two groups this many frames apart holds both ventricles"
     )
@@ -237,7 +240,8 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
     largest = max(area for _, area, _, _ in pools)
     major = [pool for pool in pools if pool[1] >= 0.25 * largest]
     rv = min(major, key=lambda pool: (pool[2], -pool[1]))
-    later = [pool for pool in major if pool[2] >= rv[2] + settings.min_peak_separation_frames]
+    later = [pool for pool in major
+             if rv[2] + settings.min_peak_separation_frames <= pool[2] <= rv[2] + settings.max_peak_separation_frames]
     if later:
         # the LV: large and close to the RV (the aorta also peaks late but is smaller/farther)
         def score(pool):
