@@ -5,12 +5,17 @@ Targets (issue 3): 3 slices x 60 frames x 16 coils k-space study <= 10 s; image-
 CPU time of the process is printed too).
 
 Usage: python benchmarks/bench_simulator.py [--repeats 3] [--image-studies 8] [--image-only]
-       [--torch-threads 1] [--processes 2]
+       [--torch-threads 1] [--processes 2] [--against COMMIT [--rounds 3]]
 
 The image path is timed with ``--torch-threads`` torch threads (default 1, as in a DataLoader
 worker; torch's default on this machine is 2, which only the motion warp uses), then as the
 throughput of ``--processes`` worker processes (one torch thread each) simulating studies
 concurrently (wall clock from the first to the last study, after a warm-up in every worker).
+
+``--against COMMIT`` instead compares the image path (Fermi, one process) of the working tree
+with that of an earlier commit: alternating runs in fresh processes, the other version taken
+from ``git archive COMMIT`` into a temporary folder laid out as the ``perfline`` package and put
+first on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import argparse
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from perfline.simulator import mrd, simulate_image_study, truth
 from perfline.simulator import study as st
@@ -43,9 +51,9 @@ def _simulate(seed: int) -> int:
     return len(simulate_image_study(seed))
 
 
-def image_path(studies: int, processes: int) -> None:
+def image_path(studies: int, processes: int, flow_models: tuple[str, ...]) -> None:
     simulate_image_study(0)  # warm-up: imports, noise bank, LUTs
-    for flow_model in ("fermi", "btex"):
+    for flow_model in flow_models:
         walls, cpus = [], []
         for seed in range(1, studies + 1):
             wall, cpu = _timed(lambda seed=seed: simulate_image_study(seed, flow_model=flow_model))
@@ -65,6 +73,31 @@ def image_path(studies: int, processes: int) -> None:
               f"{n_slices / wall:.1f} slices/s wall, load average {os.getloadavg()[0]:.2f}")
 
 
+PACKAGE_FOLDERS = ("core", "server", "gadgets", "toolbox", "simulator", "models", "chains")
+
+
+def against(commit: str, rounds: int, studies: int, torch_threads: int) -> None:
+    """Alternate image-path runs of COMMIT and of the working tree, each in a fresh process."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as folder:
+        source, package = Path(folder) / "source", Path(folder) / "package" / "perfline"
+        source.mkdir()
+        archive = subprocess.run(["git", "-C", str(root), "archive", commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        package.parent.mkdir()
+        package.symlink_to(source / "perfline")
+        for name in PACKAGE_FOLDERS:
+            if (source / name).is_dir() and not (package / name).exists():
+                (source / "perfline" / name).symlink_to(source / name)
+        command = [sys.executable, str(Path(__file__).resolve()), "--image-only", "--fermi-only",
+                   "--processes", "1", "--image-studies", str(studies), "--torch-threads", str(torch_threads)]
+        for _ in range(rounds):
+            for label, pythonpath in ((commit, str(package.parent)), ("working tree", "")):
+                env = dict(os.environ, PYTHONPATH=pythonpath)
+                out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+                print(f"{label}: {out.strip().splitlines()[-1]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -72,14 +105,20 @@ def main() -> None:
     parser.add_argument("--image-only", action="store_true", help="skip the k-space studies")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of this process")
     parser.add_argument("--processes", type=int, default=2, help="worker processes of the throughput run")
+    parser.add_argument("--fermi-only", action="store_true", help="image path: skip the BTEX studies")
+    parser.add_argument("--against", metavar="COMMIT", help="compare the image path with this commit")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of --against")
     args = parser.parse_args()
+    if args.against:
+        against(args.against, args.rounds, args.image_studies, args.torch_threads)
+        return
     import torch
 
     torch.set_num_threads(args.torch_threads)
     print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}")
     if not args.image_only:
         kspace(args.repeats)
-    image_path(args.image_studies, args.processes)
+    image_path(args.image_studies, args.processes, ("fermi",) if args.fermi_only else ("fermi", "btex"))
 
 
 def kspace(repeats: int) -> None:
