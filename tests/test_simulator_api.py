@@ -180,7 +180,8 @@ def test_rician_in_place_is_the_magnitude_of_the_complex_sum():
     image = rng.random((3, 4, 5), dtype=np.float32) * 4
     re, im = rng.standard_normal(60, dtype=np.float32), rng.standard_normal(60, dtype=np.float32)
     for negate in (False, True):
-        expected = np.abs(image.astype(np.float64) + (-1 if negate else 1) * re.reshape(3, 4, 5) + 1j * im.reshape(3, 4, 5))
+        sign = -1 if negate else 1
+        expected = np.abs(image.astype(np.float64) + sign * re.reshape(3, 4, 5) + 1j * im.reshape(3, 4, 5))
         work = image.copy()
         out = rician_in_place(work, re, negate, im * im, out=work)
         assert out is work and out.dtype == np.float32
