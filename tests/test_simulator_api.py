@@ -216,6 +216,11 @@ def test_lut_inverse_with_a_per_pixel_scale_equals_the_scaled_ratio():
     assert exact.dtype == np.float64 and np.nanmax(np.abs(exact - got)) < 1e-4
     with pytest.raises(ValueError, match="trailing axes"):
         lut.to_gd(sr, scale=scale.T)
+    out = np.empty_like(sr)
+    assert lut.to_gd(sr, scale=scale, out=out) is not None and np.array_equal(out, got, equal_nan=True)
+    assert np.array_equal(lut.to_gd(sr, scale=np.float32(2.0)), lut.to_gd(sr * np.float32(2.0)), equal_nan=True)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        lut.to_gd(sr, out=np.empty(sr.shape, dtype=np.float64))
 
 
 def test_image_gd_is_the_lut_of_the_returned_signal_without_motion():
