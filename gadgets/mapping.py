@@ -6,7 +6,9 @@
   sequence (as QPerf does: per-pixel inversion of noisy blood pixels on the flat part of the
   table amplifies noise, and air pixels would dominate), resampled onto a uniform grid, the
   foot and peak are found and the pre-foot baseline subtracted. A Gd series is mapped back to
-  the ratio through the same (monotonic) table first.
+  the ratio through the same (monotonic) table first. The blood -> plasma hematocrit is the
+  setting, or the client's measured value (JSON parameter ``{"hematocrit": 0.40}``, 0.2-0.7)
+  for that connection; the value used travels in the ``AifCurve`` (and the report JSON).
 - ``flow-map``: ``AifCurve`` + Gd slices (``SliceSeries``, units ``gd_mmol_l``) -> ``FlowMaps``
   per slice (and the ``AifCurve`` and ``SliceSegmentation`` passed on for the report). Slices
   that arrive before the AIF wait for it. With ``use_segmentation`` (default), a slice also waits for its
@@ -43,8 +45,29 @@ from perfline.toolbox.flow_models import FlowModelError
 from perfline.toolbox.resample import resample_to_uniform
 
 
+HEMATOCRIT_PARAMETER = "hematocrit"
+HEMATOCRIT_LIMITS = (0.2, 0.7)
+
+
+def hematocrit_from_parameters(parameters: dict[str, Any], default: float) -> float:
+    """The client's measured hematocrit (JSON parameter ``hematocrit``, fraction 0.2-0.7), else ``default``.
+
+    Raises:
+        GadgetError: the parameter is not a number in the range (e.g. a percentage such as 42).
+    """
+    if HEMATOCRIT_PARAMETER not in parameters:
+        return float(default)
+    value = parameters[HEMATOCRIT_PARAMETER]
+    low, high = HEMATOCRIT_LIMITS
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
+        raise GadgetError(f"aif-extract: the JSON parameter {HEMATOCRIT_PARAMETER!r} must be a fraction between "
+                          f"{low} and {high} (e.g. 0.40), got {value!r}")
+    return float(value)
+
+
 class AifExtractSettings(GadgetSettings):
-    hematocrit: float = Field(0.42, ge=0.0, lt=1.0, description="blood hematocrit for Cp = Cb / (1 - Hct)")
+    hematocrit: float = Field(0.42, ge=0.0, lt=1.0, description=(
+        "blood hematocrit for Cp = Cb / (1 - Hct); a client's JSON parameter 'hematocrit' (0.2-0.7) overrides it"))
     interval_s: float = Field(0.5, gt=0.0, description="uniform time grid of the AIF curve, s")
     gd_max_mmol_l: float = Field(40.0, gt=0.0, le=200.0,
                                  description="blood table range (same as gd-conversion's aif_gd_max_mmol_l)")
@@ -64,6 +87,10 @@ class AifExtract(Gadget):
     settings: AifExtractSettings
 
     def process(self, items: Iterator[AifSeries]) -> Iterator[AifCurve]:
+        self._hematocrit = hematocrit_from_parameters(self.context.parameters, self.settings.hematocrit)
+        if self._hematocrit != self.settings.hematocrit:
+            self.log.info("hematocrit %.3f from the client's parameters (setting %.3f)", self._hematocrit,
+                          self.settings.hematocrit)
         for series in items:
             yield self._extract(series)
 
@@ -103,9 +130,9 @@ class AifExtract(Gadget):
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
         blood = baseline_subtract(blood, foot)
-        self.log.info("AIF: %d LV pixels, foot %.1f s, peak %.2f mmol/L at %.1f s", int(detected.mask.sum()),
-                      grid_s[foot], blood[peak], grid_s[peak])
-        return AifCurve(time_s=grid_s, blood_gd_mmol_l=blood, hematocrit=self.settings.hematocrit,
+        self.log.info("AIF: %d LV pixels, foot %.1f s, peak %.2f mmol/L at %.1f s, hematocrit %.3f",
+                      int(detected.mask.sum()), grid_s[foot], blood[peak], grid_s[peak], self._hematocrit)
+        return AifCurve(time_s=grid_s, blood_gd_mmol_l=blood, hematocrit=self._hematocrit,
                         foot_index=foot, peak_index=peak, mask=detected.mask, geometry=series.geometry)
 
 

@@ -106,3 +106,30 @@ def test_flow_map_images_carry_the_data_roles():
     values = images[1].data.squeeze()
     assert values[2, 2] == pytest.approx(2.5) and np.count_nonzero(values) == 1  # NaN sent as 0
     assert images[1].slice == 1
+
+
+def test_client_hematocrit_overrides_the_setting_and_scales_the_plasma_aif():
+    from perfline.core.gadget import ChainContext
+
+    (default,) = list(AifExtract().process(iter([_aif_series()])))
+    assert default.hematocrit == pytest.approx(0.42)
+    context = ChainContext(parameters={"hematocrit": 0.35})
+    (measured,) = list(AifExtract(context=context).process(iter([_aif_series()])))
+    assert measured.hematocrit == pytest.approx(0.35)
+    np.testing.assert_allclose(measured.blood_gd_mmol_l, default.blood_gd_mmol_l)  # blood curve unchanged
+    np.testing.assert_allclose(measured.plasma_gd_mmol_l, default.plasma_gd_mmol_l * (1 - 0.42) / (1 - 0.35))
+    # the plasma AIF is lower with a lower hematocrit: the same tissue curve maps to a higher MBF
+    maps = {}
+    for name, aif in (("default", default), ("measured", measured)):
+        outputs = list(FlowMap(FlowMapSettings(model="fermi")).process(iter([aif, _slice(0, 2.0)])))
+        maps[name] = float(np.median(outputs[-1].mbf_ml_min_g))
+    assert maps["measured"] / maps["default"] == pytest.approx((1 - 0.35) / (1 - 0.42), rel=0.05)
+
+
+@pytest.mark.parametrize("value", [42, 0.1, 0.75, "0.4", True, None])
+def test_client_hematocrit_out_of_range_is_a_clear_error(value):
+    from perfline.core.gadget import ChainContext
+
+    context = ChainContext(parameters={"hematocrit": value})
+    with pytest.raises(GadgetError, match="'hematocrit' must be a fraction between 0.2 and 0.7"):
+        list(AifExtract(context=context).process(iter([_aif_series()])))
