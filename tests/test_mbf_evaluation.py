@@ -119,6 +119,7 @@ from perfline.gadgets.perfusion_items import FlowMaps, ImageGeometry, SliceSegme
 from perfline.toolbox.mbf_evaluation import SimulatedStudy, evaluate_studies  # noqa: E402
 
 SHAPE = (64, 64)
+SEEN_PARAMETERS: list[dict] = []  # the JSON parameters each stand-in chain received
 
 
 def ring_labels() -> np.ndarray:
@@ -141,6 +142,7 @@ class _StandInMapping(Gadget):
     produces = (FlowMaps, SliceSegmentation)
 
     def process(self, stream):
+        SEEN_PARAMETERS.append(dict(self.context.parameters))
         for image in stream:
             index = int(image.slice)
             geometry = ImageGeometry(field_of_view_mm=(64.0, 64.0, 8.0), position=(0.0, 0.0, 10.0 * index))
@@ -175,12 +177,20 @@ def test_evaluate_studies_end_to_end(tmp_path):
         labels = ring_labels() == 2
         truth_global = float(np.mean([v for v in level_mbf for _ in range(int(labels.sum()))]))
         truth = StudyMbf(truth_global, segments, rv_insertion_deg=(121.0, 121.0, 121.0))
-        return SimulatedStudy(mrd_path=path, truth=truth, scan=scan, patient_id=f"sim-{index}")
+        return SimulatedStudy(mrd_path=path, truth=truth, scan=scan, patient_id=f"sim-{index}",
+                              hematocrit=0.38 + 0.01 * index)
 
     from perfline.gadgets.report import REPORT_STORE
 
     REPORT_STORE.clear()
+    SEEN_PARAMETERS.clear()
     automated, truth = evaluate_studies(3, simulate, tmp_path / "studies", chain_dir=chain_dir, timeout_s=60)
+    # the simulated hematocrit reaches the chain as the JSON parameter ("lab value known")
+    assert [p.get("hematocrit") for p in SEEN_PARAMETERS] == pytest.approx([0.38, 0.38, 0.39, 0.39, 0.40, 0.40])
+    SEEN_PARAMETERS.clear()
+    evaluate_studies(1, simulate, tmp_path / "studies_default", chain_dir=chain_dir, timeout_s=60,
+                     scans=("rest",), lab_hematocrit=False)
+    assert len(SEEN_PARAMETERS) == 1 and "hematocrit" not in SEEN_PARAMETERS[0]
     REPORT_STORE.clear()
     assert len(automated) == len(truth) == 6
     result = compare_mbf(automated, truth)

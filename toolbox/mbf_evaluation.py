@@ -205,6 +205,7 @@ class SimulatedStudy:
     truth: StudyMbf
     scan: str
     patient_id: str
+    hematocrit: float | None = None  # the simulated blood hematocrit (a measured lab value), if known
 
 
 StudySimulator = Callable[[int, str, Path], SimulatedStudy]
@@ -224,13 +225,15 @@ def report_from_results(texts: Sequence[str]) -> str:
 
 def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *, chain: str = "perfusion",
                      scans: Sequence[str] = ("stress", "rest"), timeout_s: float = 600.0,
-                     chain_dir: Path | None = None,
+                     chain_dir: Path | None = None, lab_hematocrit: bool = True,
                      progress: Callable[[int], None] | None = None) -> tuple[list[StudyMbf], list[StudyMbf]]:
     """Simulate, stream and collect: (automated, truth) per scan of ``n_studies`` studies.
 
     Each study index uses its own simulator seed; every scan is streamed through ``chain`` (from
     ``chain_dir``, default the shipped chains) on a server started here, with the study's patient
-    id in the parameters so stress and rest pair.
+    id in the parameters so stress and rest pair. With ``lab_hematocrit`` (default) the study's
+    hematocrit (``SimulatedStudy.hematocrit``) is sent as the JSON parameter ``hematocrit``, as a
+    scanner integrator passes a measured lab value; without it the chain uses its setting (0.42).
     """
     from perfline.server.client import send_dataset
     from perfline.server.testing import running_server
@@ -241,8 +244,10 @@ def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *
         for index in range(n_studies):
             for scan in scans:
                 study = simulate(index, scan, work_dir / f"study_{index:03d}")
-                results = send_dataset(study.mrd_path, host, port, chain, timeout_s=timeout_s,
-                                       parameters={"scan": scan, "patient_id": study.patient_id})
+                parameters: dict[str, object] = {"scan": scan, "patient_id": study.patient_id}
+                if lab_hematocrit and study.hematocrit is not None:
+                    parameters["hematocrit"] = round(float(study.hematocrit), 4)
+                results = send_dataset(study.mrd_path, host, port, chain, timeout_s=timeout_s, parameters=parameters)
                 if results.errors:
                     raise EvaluationError(f"study {index} ({scan}): the server reported {results.errors}")
                 automated.append(study_mbf_from_report(report_from_results(results.texts)))
@@ -256,6 +261,8 @@ def add_mbf_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``perfline evaluate --mbf`` (for the evaluate command to add)."""
     parser.add_argument("--studies", type=int, default=50, help="number of simulated studies (stress + rest each)")
     parser.add_argument("--out", type=Path, default=Path("evaluation_mbf"), help="output directory")
+    parser.add_argument("--no-lab-hematocrit", dest="lab_hematocrit", action="store_false",
+                        help="do not send the simulated hematocrit (the chain then uses its 0.42 setting)")
 
 
 def truth_from_simulator(study: object) -> StudyMbf:
@@ -304,7 +311,8 @@ def default_simulator(first_seed: int | None = None) -> StudySimulator:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{scan}.h5"
         write_kspace(study, str(path))
-        return SimulatedStudy(mrd_path=path, truth=truth_from_simulator(study), scan=scan, patient_id=f"sim-{seed}")
+        return SimulatedStudy(mrd_path=path, truth=truth_from_simulator(study), scan=scan, patient_id=f"sim-{seed}",
+                              hematocrit=float(study.bolus.hematocrit))
 
     return simulate
 
@@ -329,7 +337,8 @@ def write_evaluation(comparison: MbfComparison, automated: Sequence[StudyMbf], t
 
 def run(args: argparse.Namespace) -> int:
     """Entry of ``perfline evaluate --mbf``: reads ``args.studies``, ``args.first_seed`` and ``args.out``
-    (or the folder of ``args.json``; default ``evaluation_mbf``)."""
+    (or the folder of ``args.json``; default ``evaluation_mbf``), and ``args.lab_hematocrit`` (default
+    True: the simulated hematocrit is sent to the chain)."""
     n_studies = int(getattr(args, "studies", 50))
     out = getattr(args, "out", None)
     json_path = getattr(args, "json", None)
@@ -341,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
     simulate = default_simulator(getattr(args, "first_seed", None))
     with tqdm(total=n_studies, desc="MBF evaluation", unit="study") as bar:
         automated, truth = evaluate_studies(n_studies, simulate, out_dir / "studies",
+                                            lab_hematocrit=bool(getattr(args, "lab_hematocrit", True)),
                                             progress=lambda done: bar.update(done - bar.n))
     comparison = compare_mbf(automated, truth)
     paths = write_evaluation(comparison, automated, truth, out_dir)
