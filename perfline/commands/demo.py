@@ -4,7 +4,9 @@ Simulates a stress and a rest scan of one phantom "patient" with a known perfusi
 starts a perfline server on a free loopback port, streams both scans through the ``perfusion``
 chain like a scanner, and prints the reported against the true MBF per AHA segment, the
 myocardial perfusion reserve, the latency from the last acquisition to the report, and the
-per-stage times. Reports (PNG, JSON, DICOM) are written under ``--out``.
+per-stage times. Reports (PNG, JSON, DICOM) are written under ``--out``. The phantom's
+hematocrit is sent as the JSON parameter ``hematocrit`` (a measured lab value) unless
+``--no-lab-hematocrit`` (the chain then uses its 0.42 setting).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"phantom seed (default {DEFAULT_SEED})")
     parser.add_argument("--field", type=float, choices=(1.5, 3.0), default=1.5, help="field strength, T (default 1.5)")
     parser.add_argument("--chain", default="perfusion", help="chain to run (default perfusion)")
+    parser.add_argument("--no-lab-hematocrit", dest="lab_hematocrit", action="store_false",
+                        help="do not send the phantom's hematocrit (the chain uses its 0.42 setting)")
     parser.set_defaults(func=run)
     return parser
 
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     patient = f"demo-{args.seed}"
     rows: dict[str, tuple] = {}
+    true_hematocrit: dict[str, float] = {}
     with running_server(output_dir=out / "reports") as (host, port):
         logger.info("perfline server on %s:%d, reports in %s", host, port, out / "reports")
         for kind in ("stress", "rest"):
@@ -77,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
             defects = [d.territory for d in study.perfusion.defects]
             logger.info("simulated %s scan in %.1f s (%s): %s", kind, time.perf_counter() - started,
                         path, f"defect in {', '.join(defects)}" if defects else "no defect")
-            results = send_dataset(path, host, port, args.chain,
-                                   parameters={"scan": kind, "patient_id": patient, "timings": True})
+            true_hematocrit[kind] = float(study.bolus.hematocrit)
+            parameters = {"scan": kind, "patient_id": patient, "timings": True}
+            if args.lab_hematocrit:
+                parameters["hematocrit"] = round(float(study.bolus.hematocrit), 4)
+            results = send_dataset(path, host, port, args.chain, parameters=parameters)
             if not results.ok:
                 for error in results.errors:
                     print(f"{kind}: {error}", file=sys.stderr)
@@ -108,7 +116,10 @@ def run(args: argparse.Namespace) -> int:
     for kind in ("stress", "rest"):
         auto, truth, latency, stages, defects, report = rows[kind]
         error = 100.0 * (auto.global_mbf - truth.global_mbf) / truth.global_mbf
+        hematocrit = (report.get("aif") or {}).get("hematocrit")
         print(f"\n{kind}: true defect: {', '.join(defects) or 'none'}; global MBF error {error:+.1f} %; "
+              f"hematocrit used {hematocrit if hematocrit is None else format(hematocrit, '.3f')} "
+              f"(phantom {true_hematocrit[kind]:.3f}); "
               f"report {latency:.1f} s after the last acquisition; flags: {report.get('flags') or 'none'}")
         if stages:
             print("  stage times (s): " + ", ".join(f"{s['gadget']} {s['busy_s']:.2f}" for s in stages))
