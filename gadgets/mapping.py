@@ -16,6 +16,8 @@
   segmented myocardium dilated by ``heart_mask_px`` (``mask_labels``: add 1 and 3 for the
   whole heart) is fitted, NaN elsewhere; a slice whose segmentation never
   arrives (chain without cnn-segmentation) is mapped on the full field of view at the end.
+  ``FlowMap.warm_up`` (called by the server's start-up warm-up) loads or builds the BTEX
+  residue tables of the chain's time grid (temporal-resample ``interval_s``) before any scan.
 - ``flow-map-images``: ``FlowMaps`` -> MBF / PS / Vp images and ``AifCurve`` -> the AIF mask
   image (DataRole AIFMASK), for chains that return maps without the AHA report.
 """
@@ -38,7 +40,7 @@ from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import (
     AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif, magnitude_floor_corrected_curve,
 )
-from perfline.toolbox.btex import AifTable, BtexSettings, build_aif_table, map_btex
+from perfline.toolbox.btex import AifTable, BtexSettings, build_aif_table, map_btex, warm_residue_tables
 from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.flow_fit import MappingInputError
 from perfline.toolbox.flow_models import FlowModelError
@@ -193,9 +195,25 @@ class FlowMap(Gadget):
             self.log.warning("slice %d: no segmentation arrived, mapping the full field of view", index)
             yield self._map(slices[index], aif, None)
 
+    @classmethod
+    def warm_up(cls, settings: FlowMapSettings, chain: Any, stop: threading.Event | None = None) -> str | None:
+        """Prepare what does not need the AIF: the BTEX residue tables of ``chain``'s time grid.
+
+        The grid spacing is the ``interval_s`` of the chain's ``temporal-resample`` (none: nothing
+        to warm, the grid is unknown). Returns a line for the log, or None if nothing was done.
+        """
+        if settings.model != "btex":
+            return None
+        intervals = [float(spec.settings.interval_s) for spec in getattr(chain, "gadgets", ())
+                     if spec.gadget.name == "temporal-resample"]
+        if not intervals:
+            return None
+        spent = warm_residue_tables(intervals[-1], _btex_settings(settings), stop=stop)
+        return "BTEX residue tables " + ", ".join(f"{n} samples {s:.1f} s" for n, s in spent.items()) + \
+            f" (dt {intervals[-1]:g} s)"
+
     def _btex_settings(self) -> BtexSettings:
-        return BtexSettings(vp_range=self.settings.vp_range, vp_steps=self.settings.vp_steps,
-                            prior_vp_sd=self.settings.prior_vp_sd)
+        return _btex_settings(self.settings)
 
     def _aif_table(self, plasma: np.ndarray, dt_s: float) -> AifTable:
         """The BTEX table of this plasma AIF, built once per scan (all slices share the grid)."""
@@ -270,6 +288,10 @@ class FlowMap(Gadget):
         return FlowMaps(slice_index=series.slice_index, model=self.settings.model, mbf_ml_min_g=maps.mbf_ml_min_g,
                         geometry=series.geometry, ps_ml_min_g=maps.ps_ml_min_g, vp=maps.vp, visf=maps.visf,
                         delay_s=maps.delay_s, fit_rmse_mmol_l=maps.fit_rmse)
+
+
+def _btex_settings(settings: FlowMapSettings) -> BtexSettings:
+    return BtexSettings(vp_range=settings.vp_range, vp_steps=settings.vp_steps, prior_vp_sd=settings.prior_vp_sd)
 
 
 def _plasma_on(time_s: np.ndarray, aif: AifCurve) -> np.ndarray:

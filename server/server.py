@@ -3,6 +3,10 @@
 Connections are isolated: each gets its own :class:`~perfline.server.session.Session`, its own
 gadget objects and its own queues. :meth:`MRDServer.stop` stops accepting and waits for the
 sessions in flight to finish (used on SIGINT/SIGTERM by ``perfline serve``).
+
+Warm-up: after :meth:`MRDServer.start` listens, one background thread calls the ``warm_up``
+class method of every gadget of every available chain that defines one (``flow-map``: the BTEX
+residue tables), so the first scan does not pay for them; serving never waits for it.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import logging
 import secrets
 import socket
 import threading
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from perfline.core.chain import available_chains
+from perfline.core.chain import ChainError, available_chains, load_chain_file
 from perfline.core.registry import load_gadgets
 from perfline.server.protocol import Close, MessageWriter, ProtocolLimits, Text
 from perfline.server.session import Session
@@ -38,6 +43,7 @@ class ServerSettings(BaseModel):
     max_connections: int = Field(32, ge=1, description="connections served at once; more get an ERROR")
     drain_timeout_s: float = Field(10.0, gt=0, description="how long to read a client's stream after an error")
     shutdown_timeout_s: float = Field(600.0, gt=0, description="wait for sessions in flight on shutdown")
+    warm_up: bool = Field(True, description="prepare gadget caches (BTEX tables) in a background thread at start")
 
 
 class MRDServer:
@@ -52,6 +58,7 @@ class MRDServer:
         self._sessions_lock = threading.Lock()
         self._counter = itertools.count(1)
         self._tag = secrets.token_hex(2)
+        self.warm_up_thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -80,7 +87,32 @@ class MRDServer:
         self._accept_thread.start()
         logger.info("listening on %s:%d (%d gadgets, chains: %s)", *self.address, len(registry),
                     ", ".join(available_chains(self.settings.chain_dir)))
+        if self.settings.warm_up:
+            self.warm_up_thread = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
+            self.warm_up_thread.start()
         return self.address
+
+    def _warm_up(self) -> None:
+        """Call each chain gadget's ``warm_up(settings, chain, stop)`` (background; errors are logged)."""
+        started = time.perf_counter()
+        for name, path in available_chains(self.settings.chain_dir).items():
+            try:
+                chain = load_chain_file(path)
+            except ChainError as error:
+                logger.warning("warm-up: skipping chain %s: %s", name, error)
+                continue
+            for spec in chain.gadgets:
+                warm = getattr(spec.gadget, "warm_up", None)
+                if not callable(warm) or self._stopping.is_set():
+                    continue
+                try:
+                    done = warm(spec.settings, chain, self._stopping)
+                except Exception:  # a failed warm-up only costs the first scan time
+                    logger.exception("warm-up of %s (chain %s) failed", spec.gadget.name, name)
+                    continue
+                if done:
+                    logger.info("warm-up: %s (chain %s): %s", spec.gadget.name, name, done)
+        logger.info("warm-up finished in %.1f s", time.perf_counter() - started)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None

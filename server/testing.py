@@ -22,7 +22,10 @@ from perfline.server.server import MRDServer, ServerSettings
 @contextmanager
 def running_server(**settings: Any) -> Iterator[tuple[str, int]]:
     """Start an :class:`MRDServer` (``ServerSettings`` keywords; port 0 = free port), yield
-    ``(host, port)``, stop it (waiting for sessions in flight) on exit."""
+    ``(host, port)``, stop it (waiting for sessions in flight) on exit.
+
+    Like ``perfline serve``, the server warms the BTEX residue tables in a background thread
+    (``warm_up=False`` to skip); demo and ``evaluate --mbf`` rely on that for the first scan."""
     settings.setdefault("port", 0)
     server = MRDServer(ServerSettings(**settings))
     address = server.start()

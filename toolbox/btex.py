@@ -32,6 +32,9 @@ import itertools
 import json
 import logging
 import os
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,7 +166,43 @@ def residue_table(n_samples: int, dt_s: float, settings: BtexSettings) -> np.nda
     if n_samples < 1:
         raise flow_models.FlowModelError(f"the residue table needs at least one sample, got {n_samples}")
     n_padded = int(2 ** np.ceil(np.log2(n_samples)))
-    return _padded_residue_table(n_padded, float(dt_s), settings)[..., :n_samples]
+    # one builder per table: a fit that needs the table while a warm-up builds it waits for it
+    with _table_lock(n_padded, float(dt_s), settings):
+        table = _padded_residue_table(n_padded, float(dt_s), settings)
+    return table[..., :n_samples]
+
+
+_TABLE_LOCKS: dict[tuple[int, float, BtexSettings], threading.Lock] = {}
+_TABLE_LOCKS_GUARD = threading.Lock()
+
+# AIF grid lengths of a first-pass scan on a 0.5 s grid: 60 beats at 0.55-1.15 s give 66-140
+# samples (the 128 table; 256 for long rest scans)
+WARM_LENGTHS = (128, 256)
+
+
+def _table_lock(n_padded: int, dt_s: float, settings: BtexSettings) -> threading.Lock:
+    with _TABLE_LOCKS_GUARD:
+        return _TABLE_LOCKS.setdefault((n_padded, dt_s, settings), threading.Lock())
+
+
+def warm_residue_tables(dt_s: float, settings: BtexSettings, lengths: Sequence[int] = WARM_LENGTHS,
+                        stop: threading.Event | None = None) -> dict[int, float]:
+    """Load (disk cache) or build the residue tables of ``lengths`` samples at ``dt_s`` seconds.
+
+    The residue tables depend only on the time grid and the grid fields of ``settings``, not on
+    the AIF, so a server can prepare them before the first scan (the per-AIF table of
+    :func:`build_aif_table` cannot be). Lengths are rounded up to powers of two. Stops between
+    tables once ``stop`` is set. Returns seconds spent per padded length.
+    """
+    spent: dict[int, float] = {}
+    for length in lengths:
+        if stop is not None and stop.is_set():
+            break
+        started = time.perf_counter()
+        n_padded = int(2 ** np.ceil(np.log2(max(int(length), 1))))
+        residue_table(n_padded, dt_s, settings)
+        spent[n_padded] = time.perf_counter() - started
+    return spent
 
 
 def _table_curves(aif: np.ndarray, dt_s: float, settings: BtexSettings) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""``perfline serve``: run the MRD streaming server until SIGINT/SIGTERM."""
+"""``perfline serve``: run the MRD streaming server until SIGINT/SIGTERM.
+
+At start a background thread loads (or builds, 10-15 s each, then cached on disk) the BTEX
+residue tables of the chains' time grid, so the first scan does not wait for them
+(``--no-warm-up`` to skip); connections are served from the start.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="largest acquisition/image payload in MB (default 1024)")
     parser.add_argument("--max-text-mb", type=float, default=64.0,
                         help="largest header/config/text/attribute string in MB (default 64)")
+    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                        help="do not prepare the BTEX residue tables in the background at start")
     parser.set_defaults(func=run)
     return parser
 
@@ -48,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(connection)s]: %(message)s"))
     settings = ServerSettings(
         host=args.host, port=args.port, save_dir=args.save_dir, output_dir=args.out,
-        max_connections=args.max_connections,
+        max_connections=args.max_connections, warm_up=args.warm_up,
         limits=ProtocolLimits(idle_timeout_s=args.idle_timeout,
                               max_message_bytes=int(args.max_message_mb * 1e6),
                               max_text_bytes=int(args.max_text_mb * 1e6)),

@@ -1,0 +1,115 @@
+"""Start-up warm-up: BTEX residue tables prepared before the first scan, never blocking serving."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import ismrmrd
+import numpy as np
+import pytest
+
+from perfline.core.chain import chain_directory, load_chain_file
+from perfline.core.gadget import Gadget, GadgetSettings, register_gadget
+from perfline.gadgets import mapping
+from perfline.gadgets.mapping import FlowMap, FlowMapSettings
+from perfline.server.client import send_dataset
+from perfline.server.testing import running_server
+from perfline.toolbox import btex, flow_models
+
+SMALL = btex.BtexSettings(fp_steps=3, ps_steps=3, vp_steps=3, visf_steps=3)
+
+
+def test_warm_residue_tables_stores_the_power_of_two_table_the_fit_then_reuses(tmp_path, monkeypatch):
+    monkeypatch.setenv(btex.CACHE_DIR_ENV, str(tmp_path))
+    spent = btex.warm_residue_tables(0.5, SMALL, lengths=(20,))
+    assert list(spent) == [32] and spent[32] >= 0.0
+    assert len(list(tmp_path.glob("btex_residues_32_*.npy"))) == 1
+    hits = btex._padded_residue_table.cache_info().hits
+    table = btex.residue_table(20, 0.5, SMALL)  # a 20-sample scan: the warmed 32 table, from memory
+    assert btex._padded_residue_table.cache_info().hits == hits + 1
+    fp, ps, vp, visf = (a.ravel() for a in np.meshgrid(*SMALL.axes(), indexing="ij"))
+    direct = flow_models.hat_weights_btex(32, 0.5, fp, ps, vp, visf).reshape(*table.shape[:-1], 32)
+    np.testing.assert_allclose(table, direct[..., :20], rtol=1e-12, atol=1e-15)
+    stop = threading.Event()
+    stop.set()
+    assert btex.warm_residue_tables(0.5, SMALL, lengths=(40,), stop=stop) == {}
+
+
+def test_flow_map_warms_the_chain_grid_with_its_own_btex_settings(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mapping, "warm_residue_tables",
+                        lambda dt_s, settings, stop=None: calls.append((dt_s, settings)) or {128: 0.1})
+    chain = load_chain_file(chain_directory() / "perfusion.toml")
+    (flow_spec,) = [spec for spec in chain.gadgets if spec.gadget is FlowMap]
+    line = FlowMap.warm_up(flow_spec.settings, chain)
+    assert calls == [(0.5, btex.BtexSettings(vp_range=(0.02, 0.32), vp_steps=11, prior_vp_sd=0.1))]
+    assert "128 samples" in line
+    # Fermi needs no residue table; a chain without temporal-resample has no known grid
+    assert FlowMap.warm_up(FlowMapSettings(model="fermi"), chain) is None
+    assert FlowMap.warm_up(flow_spec.settings, object()) is None
+    assert len(calls) == 1
+
+
+WARM_CALLS: list[tuple[str, str]] = []
+RELEASE = threading.Event()
+
+
+class _SlowWarmSettings(GadgetSettings):
+    label: str = "x"
+
+
+@register_gadget
+class _SlowWarm(Gadget):
+    """Test-only passthrough whose warm-up blocks until the test releases it."""
+
+    name = "test-slow-warm-up"
+    Settings = _SlowWarmSettings
+    accepts = (ismrmrd.Image,)
+    produces = (ismrmrd.Image,)
+
+    def process(self, items):
+        yield from items
+
+    @classmethod
+    def warm_up(cls, settings, chain, stop=None):
+        WARM_CALLS.append((settings.label, chain.name))
+        RELEASE.wait(30.0)
+        return "done"
+
+
+@pytest.mark.timeout(60)
+def test_server_serves_while_warming_up_and_warms_every_chain(tmp_path):
+    chain_dir = tmp_path / "chains"
+    chain_dir.mkdir()
+    (chain_dir / "slow.toml").write_text('name = "slow"\ninput = ["image"]\n[[gadgets]]\n'
+                                         'gadget = "test-slow-warm-up"\n[gadgets.settings]\nlabel = "a"\n')
+    image = ismrmrd.Image.from_array(np.ones((1, 1, 4, 4), dtype=np.float32))
+    path = tmp_path / "in.h5"
+    dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+    dataset.append_image("images_0", image)
+    dataset.close()
+    RELEASE.clear()
+    WARM_CALLS.clear()
+    with running_server(chain_dir=chain_dir) as (host, port):
+        for _ in range(200):  # the warm-up thread reaches the gadget and blocks there
+            if WARM_CALLS:
+                break
+            time.sleep(0.05)
+        assert WARM_CALLS == [("a", "slow")]
+        results = send_dataset(path, host, port, "slow", timeout_s=30)  # served while the warm-up blocks
+        assert results.ok, results.errors
+        assert len(results.images) == 1
+        RELEASE.set()
+    RELEASE.set()
+
+
+def test_warm_up_can_be_switched_off(tmp_path):
+    from perfline.server.server import MRDServer, ServerSettings
+
+    server = MRDServer(ServerSettings(port=0, chain_dir=tmp_path, warm_up=False))
+    server.start()
+    try:
+        assert server.warm_up_thread is None
+    finally:
+        server.stop(timeout=5.0)
