@@ -24,9 +24,11 @@ def running_server(**settings: Any) -> Iterator[tuple[str, int]]:
     """Start an :class:`MRDServer` (``ServerSettings`` keywords; port 0 = free port), yield
     ``(host, port)``, stop it (waiting for sessions in flight) on exit.
 
-    Like ``perfline serve``, the server warms the BTEX residue tables in a background thread
-    (``warm_up=False`` to skip); demo and ``evaluate --mbf`` rely on that for the first scan."""
+    The start-up warm-up (BTEX residue tables, see ``ServerSettings.warm_up``) is off unless
+    ``warm_up=True`` (as ``perfline demo`` and ``evaluate --mbf`` pass, like ``perfline serve``):
+    test servers should not spend CPU on tables their scans do not use."""
     settings.setdefault("port", 0)
+    settings.setdefault("warm_up", False)
     server = MRDServer(ServerSettings(**settings))
     address = server.start()
     try:

@@ -91,7 +91,7 @@ def test_server_serves_while_warming_up_and_warms_every_chain(tmp_path):
     dataset.close()
     RELEASE.clear()
     WARM_CALLS.clear()
-    with running_server(chain_dir=chain_dir) as (host, port):
+    with running_server(chain_dir=chain_dir, warm_up=True) as (host, port):
         for _ in range(200):  # the warm-up thread reaches the gadget and blocks there
             if WARM_CALLS:
                 break
@@ -104,9 +104,12 @@ def test_server_serves_while_warming_up_and_warms_every_chain(tmp_path):
     RELEASE.set()
 
 
-def test_warm_up_can_be_switched_off(tmp_path):
+def test_warm_up_is_on_for_serve_and_off_for_test_servers(tmp_path):
+    from perfline.cli import build_parser
     from perfline.server.server import MRDServer, ServerSettings
 
+    assert ServerSettings().warm_up
+    assert not build_parser().parse_args(["serve", "--no-warm-up"]).warm_up
     server = MRDServer(ServerSettings(port=0, chain_dir=tmp_path, warm_up=False))
     server.start()
     try:

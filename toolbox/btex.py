@@ -175,9 +175,10 @@ def residue_table(n_samples: int, dt_s: float, settings: BtexSettings) -> np.nda
 _TABLE_LOCKS: dict[tuple[int, float, BtexSettings], threading.Lock] = {}
 _TABLE_LOCKS_GUARD = threading.Lock()
 
-# AIF grid lengths of a first-pass scan on a 0.5 s grid: 60 beats at 0.55-1.15 s give 66-140
-# samples (the 128 table; 256 for long rest scans)
-WARM_LENGTHS = (128, 256)
+# AIF grid lengths warmed: 60 beats at 0.55-1.07 s on a 0.5 s grid give 66-128 samples (the
+# 128 table). Longer rest scans need the 256 table (built on first use, then on disk): warming
+# it too took CPU from the first scan on a 2-core machine (demo stress latency 20 s, not 11 s)
+WARM_LENGTHS = (128,)
 
 
 def _table_lock(n_padded: int, dt_s: float, settings: BtexSettings) -> threading.Lock:
