@@ -43,10 +43,13 @@ def scan(tmp_path_factory: pytest.TempPathFactory):
 def test_report_arrives_with_global_mbf_near_the_truth(scan) -> None:
     study, path, truth_path = scan
     with running_server() as (host, port):
-        results = send_dataset(path, host, port, "perfusion", parameters={"scan": "stress", "timings": True},
-                               timeout_s=110)
+        # the phantom's hematocrit as the client's measured value ("lab value known")
+        hematocrit = round(float(study.bolus.hematocrit), 4)
+        results = send_dataset(path, host, port, "perfusion", timeout_s=110,
+                               parameters={"scan": "stress", "timings": True, "hematocrit": hematocrit})
     assert results.ok, results.errors
     report = json.loads(report_from_results(results.texts))
+    assert report["aif"]["hematocrit"] == pytest.approx(hematocrit)
     measured = study_mbf_from_report(report)
     expected = truth_from_simulator(study)
     reference = truth.read_truth(str(truth_path), load_series=False)
