@@ -257,14 +257,6 @@ def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *
     return automated, truths
 
 
-def add_mbf_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``perfline evaluate --mbf`` (for the evaluate command to add)."""
-    parser.add_argument("--studies", type=int, default=50, help="number of simulated studies (stress + rest each)")
-    parser.add_argument("--out", type=Path, default=Path("evaluation_mbf"), help="output directory")
-    parser.add_argument("--no-lab-hematocrit", dest="lab_hematocrit", action="store_false",
-                        help="do not send the simulated hematocrit (the chain then uses its 0.42 setting)")
-
-
 def truth_from_simulator(study: object) -> StudyMbf:
     """True MBF of a simulated study (``perfline.simulator.study``): per AHA segment and global.
 

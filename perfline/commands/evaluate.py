@@ -47,13 +47,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="write per-slice metrics here")
     parser.add_argument("--out", type=Path, default=None,
                         help="--mbf only: output folder of the MBF evaluation")
+    parser.add_argument("--no-lab-hematocrit", dest="lab_hematocrit", action="store_false",
+                        help="--mbf only: do not send the simulated study's hematocrit as a lab value "
+                             "(the chain then uses its 0.42 setting)")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     if args.mbf:
-        from perfline.toolbox import mbf_evaluation  # owned by the report engineer
+        from perfline.toolbox import mbf_evaluation
 
         return int(mbf_evaluation.run(args))
     from tqdm import tqdm
