@@ -64,6 +64,8 @@ class AhaReportSettings(GadgetSettings):
     write_dicom: bool = Field(True, description="write DICOM files when the server has an output directory")
     keep_reports: bool = Field(True, description="remember reports per patient for the perfusion reserve")
     max_patients: int = Field(256, ge=1, description="reports kept in memory (oldest dropped first)")
+    min_aif_pixels: int = Field(8, ge=1, description=(
+        "flag the report when the AIF averages fewer LV blood-pool pixels (a noisy or misplaced AIF scales every MBF)"))
 
 
 class ReportStore:
@@ -190,9 +192,14 @@ class AhaReportGadget(Gadget):
             # reach this gadget (the mapping gadget consumed it without passing it on)
             aif_flag = ["no AIF curve reached the report (aif summary empty)"]
         else:
+            n_pixels = int(np.count_nonzero(aif.mask))
             aif_summary = AifSummary(peak_gd_mmol_l=float(np.max(aif.blood_gd_mmol_l)),
                                      foot_time_s=float(aif.time_s[aif.foot_index]),
-                                     peak_time_s=float(aif.time_s[aif.peak_index]), hematocrit=aif.hematocrit)
+                                     peak_time_s=float(aif.time_s[aif.peak_index]), hematocrit=aif.hematocrit,
+                                     n_pixels=n_pixels)
+            if n_pixels < settings.min_aif_pixels:
+                aif_flag = [f"AIF from only {n_pixels} LV blood-pool pixels (fewer than {settings.min_aif_pixels}): "
+                            "MBF may be unreliable"]
         return report.model_copy(update={"aif": aif_summary, "flags": report.flags + extra_flags + aif_flag,
                                          "partial": report.partial or bool(extra_flags)})
 

@@ -109,6 +109,15 @@ def test_partial_input_is_flagged():
     assert report.slices[1].failed
 
 
+def test_aif_from_few_pixels_is_flagged():
+    # the fixture's AIF mask has 16 pixels: fine at the default, flagged above that
+    fine = PerfusionReport.model_validate_json(split(run(items(2.0)))[1][0].text)
+    assert fine.aif.n_pixels == 16 and not any("AIF from only" in f for f in fine.flags)
+    REPORT_STORE.clear()
+    few = PerfusionReport.model_validate_json(split(run(items(2.0), min_aif_pixels=20))[1][0].text)
+    assert any("AIF from only 16 LV blood-pool pixels (fewer than 20)" in f for f in few.flags)
+
+
 def test_no_maps_is_a_clear_error():
     with pytest.raises(GadgetError, match="expected flow maps"):
         run(items(2.0, slices=(), segmented=(0,)))

@@ -167,6 +167,7 @@ class AifSummary(BaseModel):
     foot_time_s: float
     peak_time_s: float
     hematocrit: float
+    n_pixels: int | None = None  # LV blood-pool pixels averaged for the AIF
 
 
 class PerfusionReport(BaseModel):
