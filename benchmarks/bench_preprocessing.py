@@ -37,7 +37,8 @@ from perfline.simulator import mrd, truth
 from perfline.simulator import study as st
 from perfline.simulator.image_study import image_slice
 from perfline.toolbox.gd_conversion import myocardial_gd
-from perfline.toolbox.interleaved_recon import centered_fft, reconstruct_compact
+from perfline.toolbox.fft import centered_fft
+from perfline.toolbox.interleaved_recon import reconstruct_compact
 from perfline.toolbox.motion_correction import motion_correct_series
 from perfline.toolbox.resample import resample_to_uniform
 from perfline.toolbox.surface_coil import coil_map_from_pd, normalize_by_pd

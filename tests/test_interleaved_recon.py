@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from perfline.toolbox.fft import centered_fft, centered_ifft
 from perfline.toolbox.interleaved_recon import (
     ReconError,
-    centered_fft,
-    centered_ifft,
     coil_sensitivities,
     interleave_offsets,
     noise_whitening_matrix,

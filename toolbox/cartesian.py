@@ -15,8 +15,9 @@ MRM 16:192 (1990).
 from __future__ import annotations
 
 import numpy as np
-import scipy.fft
 import scipy.ndimage
+
+from perfline.toolbox.fft import centered_fft, centered_ifft
 
 
 class ReconstructionError(ValueError):
@@ -100,10 +101,8 @@ def remove_readout_oversampling(kspace: np.ndarray, output_samples: int) -> np.n
         raise ReconstructionError(f"cannot remove oversampling from {samples} to {output_samples} samples")
     if output_samples == samples:
         return kspace.astype(np.complex64, copy=False)
-    profile = scipy.fft.fftshift(scipy.fft.ifft(scipy.fft.ifftshift(kspace, axes=-1), axis=-1, norm="ortho"),
-                                 axes=-1)
-    profile = centered_crop(profile, output_samples, axis=-1)
-    out = scipy.fft.fftshift(scipy.fft.fft(scipy.fft.ifftshift(profile, axes=-1), axis=-1, norm="ortho"), axes=-1)
+    profile = centered_crop(centered_ifft(kspace, axis=-1), output_samples, axis=-1)
+    out = centered_fft(profile, axis=-1)
     return out.astype(np.complex64, copy=False)
 
 
@@ -111,9 +110,7 @@ def kspace_to_image(kspace: np.ndarray) -> np.ndarray:
     """Centred unitary 2D inverse FFT over the last two axes: [..., ky, kx] -> [..., y, x]."""
     if kspace.ndim < 2:
         raise ReconstructionError(f"k-space needs at least 2 axes, got shape {kspace.shape}")
-    axes = (-2, -1)
-    image = scipy.fft.fftshift(scipy.fft.ifft2(scipy.fft.ifftshift(kspace, axes=axes), axes=axes, norm="ortho"),
-                               axes=axes)
+    image = centered_ifft(centered_ifft(kspace, axis=-2), axis=-1)
     return image.astype(np.complex64, copy=False)
 
 

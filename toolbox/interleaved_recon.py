@@ -21,47 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perfline.toolbox.fft import centered_fft, centered_ifft
+
 logger = logging.getLogger(__name__)
 
 
 class ReconError(ValueError):
     """k-space that cannot be reconstructed (missing lines, wrong shape, irregular pattern)."""
-
-
-def _alternating_signs(n: int, axis: int, ndim: int, dtype: np.dtype) -> np.ndarray:
-    shape = [1] * ndim
-    shape[axis] = n
-    return (1 - 2 * (np.arange(n) % 2)).astype(dtype).reshape(shape)
-
-
-def centered_ifft(data: np.ndarray, axis: int) -> np.ndarray:
-    """Orthonormal inverse FFT along ``axis`` with the centre at index ``n // 2`` on both sides.
-
-    Equals ``fftshift(ifft(ifftshift(data)))``; for even ``n`` the two half-length rolls are
-    replaced by sign alternations ((-1)^k before, (-1)^(n - n/2) after), which are cheaper.
-    """
-    n = data.shape[axis]
-    if n % 2:
-        shifted = np.fft.ifftshift(data, axes=axis)
-        return np.fft.fftshift(np.fft.ifft(shifted, axis=axis, norm="ortho"), axes=axis)
-    dtype = np.result_type(data.dtype, np.complex64)
-    signs = _alternating_signs(n, axis % data.ndim, data.ndim, dtype)
-    out = np.fft.ifft(data * signs, axis=axis, norm="ortho")
-    out *= signs if (n // 2) % 2 == 0 else -signs
-    return out
-
-
-def centered_fft(data: np.ndarray, axis: int) -> np.ndarray:
-    """Orthonormal forward FFT along ``axis``, inverse of :func:`centered_ifft`."""
-    n = data.shape[axis]
-    if n % 2:
-        shifted = np.fft.ifftshift(data, axes=axis)
-        return np.fft.fftshift(np.fft.fft(shifted, axis=axis, norm="ortho"), axes=axis)
-    dtype = np.result_type(data.dtype, np.complex64)
-    signs = _alternating_signs(n, axis % data.ndim, data.ndim, dtype)
-    out = np.fft.fft(data * signs, axis=axis, norm="ortho")
-    out *= signs if (n // 2) % 2 == 0 else -signs
-    return out
 
 
 def noise_whitening_matrix(noise: np.ndarray) -> np.ndarray:
