@@ -24,7 +24,6 @@ README. Run: ``python benchmarks/bench_latency.py --repeats 3``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -74,17 +73,6 @@ def _start_server(port: int, out: Path, warm_timeout_s: float) -> tuple[subproce
     return process, lines
 
 
-def _stage_times(texts: list[str]) -> list[dict]:
-    for text in texts:
-        try:
-            data = json.loads(text.rstrip("\x00"))
-        except ValueError:
-            continue
-        if isinstance(data, dict) and "perfline_stage_timings" in data:
-            return data["perfline_stage_timings"]
-    return []
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="scans streamed (default 3)")
@@ -125,7 +113,7 @@ def main() -> int:
                 arrival = (results.text_times_s[results.texts.index(report)] if report in results.texts
                            else max(results.text_times_s))
                 latencies.append(arrival - results.sent_s)
-                for stage in _stage_times(results.texts):
+                for stage in results.stage_timings():
                     stages.setdefault(stage["gadget"], []).append(stage["busy_s"])
                 print(f"scan {repeat + 1}: streamed in {results.sent_s:.1f} s, report "
                       f"{latencies[-1]:.2f} s after the last acquisition", flush=True)

@@ -67,6 +67,21 @@ class Results:
     def ok(self) -> bool:
         return self.closed and not self.errors
 
+    def stage_timings(self) -> list[dict[str, Any]]:
+        """The per-gadget times the server sent (``{"timings": true}`` in the parameters).
+
+        Returns the list of ``{"gadget", "busy_s", "waiting_s", "items_in", "items_out"}``
+        dicts of the ``perfline_stage_timings`` text message, or ``[]`` if none arrived.
+        """
+        for text in self.texts:
+            try:
+                data = json.loads(text.rstrip("\x00"))
+            except ValueError:
+                continue
+            if isinstance(data, dict) and isinstance(data.get("perfline_stage_timings"), list):
+                return data["perfline_stage_timings"]
+        return []
+
 
 def dataset_items(path: str | Path, group: str = "dataset") -> tuple[str, Iterable[Any]]:
     """(header XML, iterator over acquisitions then images) of an MRD HDF5 file."""

@@ -53,6 +53,7 @@ def test_server_sends_timings_only_when_asked(shepp_logan):
     (text,) = [t for t in asked.texts if "perfline_stage_timings" in t]
     stages = json.loads(text)["perfline_stage_timings"]
     assert [s["gadget"] for s in stages] == ["cartesian-recon"]
+    assert asked.stage_timings() == stages and plain.stage_timings() == []
     assert stages[0]["items_in"] > 0 and stages[0]["busy_s"] > 0
     assert len(asked.images) == len(plain.images) > 0
     # arrival times let a client measure latency from its last acquisition to a result
