@@ -21,6 +21,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
+from perfline.models.augment import (Realism, add_structures, correlated_noise,
+                                     elastic_displacement)
+
 logger = logging.getLogger(__name__)
 
 CROP_SIZE = 176
@@ -112,15 +115,19 @@ def resample_frames_to_interval(series: np.ndarray, dt_s: float,
 
 
 def sample_crop(series: np.ndarray, geometry: CropGeometry, *, n_frames: int = N_FRAMES,
-                shifts_rc: np.ndarray | None = None) -> np.ndarray:
+                shifts_rc: np.ndarray | None = None,
+                displacement: np.ndarray | None = None) -> np.ndarray:
     """Bilinear crop float32 [n_frames, 176, 176] of the first ``n_frames`` frames, normalised
     by its maximum. Series shorter than ``n_frames`` are padded with their last frame.
 
     ``shifts_rc`` float [frames, 2], input pixels: per-frame translation (residual motion).
+    ``displacement`` float [2, 176, 176], input pixels: per-crop-pixel warp (elastic).
     """
     count = min(n_frames, series.shape[0])
     crop = np.empty((n_frames, CROP_SIZE, CROP_SIZE), dtype=np.float32)
     base = geometry.input_coordinates()
+    if displacement is not None:
+        base = base + displacement
     for frame in range(count):
         coordinates = base if shifts_rc is None else base + shifts_rc[frame][:, None, None]
         crop[frame] = ndimage.map_coordinates(series[frame], coordinates, order=1,
@@ -143,9 +150,14 @@ def normalise_crop(crop: np.ndarray, clip: float = 2.0) -> np.ndarray:
     return crop
 
 
-def crop_labels(labels: np.ndarray, geometry: CropGeometry) -> np.ndarray:
-    """Nearest-neighbour crop uint8 [176, 176] of a label map [rows, cols]."""
-    return ndimage.map_coordinates(labels, geometry.input_coordinates(), order=0,
+def crop_labels(labels: np.ndarray, geometry: CropGeometry,
+                displacement: np.ndarray | None = None) -> np.ndarray:
+    """Nearest-neighbour crop uint8 [176, 176] of a label map [rows, cols]; ``displacement``
+    as in :func:`sample_crop`."""
+    coordinates = geometry.input_coordinates()
+    if displacement is not None:
+        coordinates = coordinates + displacement
+    return ndimage.map_coordinates(labels, coordinates, order=0,
                                    mode="constant", cval=0).astype(np.uint8)
 
 
@@ -225,6 +237,8 @@ class Augmentation(BaseModel):
                                          description="zero the crop outside a random box "
                                                      "(series cropped tightly around the LV)")
     small_fov_mm: tuple[float, float] = (90.0, 150.0)
+    realism: Realism = Field(default_factory=Realism, description="anatomical structures, "
+                             "elastic warp and correlated noise (perfline.models.augment)")
 
 
 def _resample_frames(frames: np.ndarray, start: float, interval: float,
@@ -261,6 +275,9 @@ def augmented_sample(slice_, rng: np.random.Generator | None,
     count = int(min(N_FRAMES, available, rng.integers(a.min_frames, N_FRAMES + 1)
                     if rng.random() < 0.3 else N_FRAMES))
     frames = _resample_frames(frames, start, interval, max(count, 2))
+    if a.realism.paints:  # before the intensity transforms, which then act on it too
+        frames = add_structures(frames, slice_.labels, spacing, rng, a.realism,
+                                signal_units=use_signal)
     scale = rng.uniform(*a.scale)
     shift = rng.uniform(-a.center_shift_mm, a.center_shift_mm, size=2) / spacing
     geometry = CropGeometry.centred(slice_.labels.shape, spacing, tuple(center + shift),
@@ -279,15 +296,25 @@ def augmented_sample(slice_, rng: np.random.Generator | None,
         ramp = (direction[0] * (rows - center[0]) + direction[1] * (cols - center[1]))
         ramp /= max(float(np.abs(ramp).max()), 1e-6)
         frames = frames * (1.0 + np.float32(rng.uniform(0, a.shading)) * ramp)[None]
-    crop = sample_crop(frames, geometry, shifts_rc=motion)
+    warp = None
+    if a.realism.elastic_probability > 0 and rng.random() < a.realism.elastic_probability:
+        crop_warp = elastic_displacement(CROP_SIZE, CROP_SPACING_MM, rng, a.realism)
+        warp = np.einsum("ij,jrc->irc", geometry.matrix, crop_warp)  # crop -> input pixels
+    crop = sample_crop(frames, geometry, shifts_rc=motion, displacement=warp)
     if a.blur_probability > 0 and rng.random() < a.blur_probability:
         sigma = rng.uniform(*a.blur_mm) / CROP_SPACING_MM
         if sigma > 0:
             crop = ndimage.gaussian_filter(crop, sigma=(0.0, sigma, sigma), mode="nearest")
     noise_sd = rng.uniform(*a.noise_sd)
     if noise_sd > 0:
-        crop += np.float32(noise_sd) * rng.standard_normal(size=crop.shape, dtype=np.float32)
-    labels = crop_labels(slice_.labels, geometry)
+        if (a.realism.correlated_noise_probability > 0
+                and rng.random() < a.realism.correlated_noise_probability):
+            sigma = rng.uniform(*a.realism.correlated_noise_mm) / CROP_SPACING_MM
+            crop += np.float32(noise_sd) * correlated_noise(crop.shape, sigma, rng)
+        else:
+            crop += np.float32(noise_sd) * rng.standard_normal(size=crop.shape,
+                                                               dtype=np.float32)
+    labels = crop_labels(slice_.labels, geometry, warp)
     if rng.random() < a.small_fov_probability:
         half = rng.uniform(*a.small_fov_mm, size=2) / (2.0 * CROP_SPACING_MM)
         middle = (CROP_SIZE - 1) / 2.0 - shift * spacing / CROP_SPACING_MM
