@@ -84,3 +84,75 @@ def test_weights_round_trip_checksum_and_onnx_parity(tmp_path):
     stem.with_suffix(".onnx").write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match="SHA-256"):
         verified_path(stem, ".onnx")
+
+
+# ---- training-time realism (models/augment.py) -------------------------------------------
+
+def _ring_phantom(frames: int = 20, size: int = 96):
+    """Synthetic short-axis slice: LV pool radius 12 px, myocardium to 18 px, RV blob;
+    blood and myocardium curves with different shapes, background flat."""
+    from types import SimpleNamespace
+
+    rows, cols = np.indices((size, size))
+    radius = np.hypot(rows - 48, cols - 48)
+    labels = np.zeros((size, size), dtype=np.uint8)
+    labels[np.hypot(rows - 48, cols - 22) < 11] = 3
+    labels[radius < 18] = 2
+    labels[radius < 12] = 1
+    t = np.arange(frames, dtype=np.float32)
+    blood = 4.0 * np.exp(-0.5 * ((t - 6) / 2.0) ** 2) + 0.5
+    myo = 0.8 / (1 + np.exp(-(t - 9))) + 0.1
+    curves = {0: np.full(frames, 0.05, np.float32), 1: blood, 2: myo, 3: blood * 1.2}
+    series = np.zeros((frames, size, size), np.float32)
+    for label, curve in curves.items():
+        series[:, labels == label] = curve[:, None]
+    return SimpleNamespace(gd=series, signal=np.concatenate([series[:3], series]), n_pd_frames=3,
+                           labels=labels, pixel_spacing_mm=1.5, lv_center_rc=(48.0, 48.0))
+
+
+def test_realism_paints_only_where_the_labels_allow():
+    from perfline.models.augment import Realism, add_structures
+
+    slice_ = _ring_phantom()
+    rng = np.random.default_rng(3)
+    off = add_structures(slice_.gd, slice_.labels, 1.5, rng, Realism(), signal_units=False)
+    assert np.array_equal(off, slice_.gd)
+    inside = Realism(papillary_probability=1, trabeculation_probability=1)
+    painted = add_structures(slice_.gd, slice_.labels, 1.5, rng, inside, signal_units=False)
+    changed = np.abs(painted - slice_.gd).max(axis=0) > 1e-4
+    assert changed.any() and np.all(slice_.labels[changed] == 1)
+    # papillary muscles / trabeculation take the myocardial curve: darker than blood at its peak
+    assert painted[6][changed].mean() < slice_.gd[6][changed].mean() - 0.5
+    outside = Realism(fat_probability=1, clutter_probability=1)
+    changed = np.zeros_like(changed)
+    for seed in range(4):
+        painted = add_structures(slice_.gd, slice_.labels, 1.5, np.random.default_rng(seed),
+                                 outside, signal_units=True)
+        changed |= np.abs(painted - slice_.gd).max(axis=0) > 1e-4
+    assert changed.any() and np.all(slice_.labels[changed] == 0)
+    with pytest.raises(ValueError, match="differ in-plane"):
+        add_structures(slice_.gd, slice_.labels[:-1], 1.5, rng, inside, signal_units=False)
+
+
+def test_elastic_warp_moves_labels_with_the_image_and_noise_is_correlated():
+    from perfline.models.augment import Realism, correlated_noise, elastic_displacement
+    from perfline.models.data import Augmentation, augmented_sample
+
+    settings = Realism(elastic_probability=1, elastic_mm=(3.0, 3.0))
+    field = elastic_displacement(64, 1.0, np.random.default_rng(0), settings)
+    assert field.shape == (2, 64, 64) and np.isclose(np.abs(field).max(), 3.0)
+    noise = correlated_noise((4, 64, 64), 1.5, np.random.default_rng(0))
+    neighbour = np.corrcoef(noise[:, :, :-1].ravel(), noise[:, :, 1:].ravel())[0, 1]
+    assert abs(noise.std() - 1) < 0.05 and neighbour > 0.5
+    plain = dict(scale=(1, 1), rotation_deg=0, center_shift_mm=0, motion_mm=0,
+                 start_frame_shift=(0, 0), frame_interval=(1, 1), gamma=(1, 1), shading=0,
+                 noise_sd=(0, 0), signal_units_probability=0, small_fov_probability=0)
+    slice_ = _ring_phantom()
+    crop, labels = augmented_sample(slice_, np.random.default_rng(1), Augmentation(**plain))
+    warped, warped_labels = augmented_sample(
+        slice_, np.random.default_rng(1), Augmentation(**plain, realism=settings))
+    assert not np.array_equal(labels, warped_labels)
+    # the image follows its labels: blood-pool pixels are bright at the blood peak
+    for image, truth in ((crop, labels), (warped, warped_labels)):
+        bright = image[6] > 0.5 * image[6].max()
+        assert bright[truth == 1].mean() > 0.97 and bright[truth == 2].mean() < 0.05
