@@ -1,8 +1,11 @@
 """Segmentation of one 2D+T perfusion slice with the shipped ResUNet (inference only).
 
-Runs the ONNX graph with ONNX Runtime (measured fastest on this CPU, docs/segmentation.md);
-falls back to PyTorch eager with the safetensors weights when ONNX Runtime is missing or fails
-to load the graph. Both files are verified by SHA-256 before use (``perfline.models.weights``).
+Runtimes, tried in this order by ``runtime="auto"`` (docs/cnn_runtime.md): OpenVINO with
+bfloat16 inference precision when the CPU has native bf16 (AMX or AVX-512 BF16; measured
+fastest here at unchanged accuracy), else ONNX Runtime fp32, else PyTorch eager fp32 with the
+safetensors weights. The choice is logged and kept in ``Segmenter.runtime`` /
+``Segmenter.precision``. Every model file is verified by SHA-256 before use
+(``perfline.models.weights``); OpenVINO's compiled-model cache gets its own SHA-256 sidecar.
 Pipeline (Xue et al. 2020 App. E2-E3): 1 mm, 176 x 176 crop centred on the LV, first 48
 frames from the first SR frame, divided by the crop maximum -> softmax -> back to the input
 grid -> QPerf post-processing -> RV insertion. Without a given LV centre, a detector on the
@@ -11,7 +14,10 @@ series gives a first centre and the CNN's own LV centroid a second, refined crop
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +26,16 @@ import numpy as np
 
 from perfline.models.data import (CROP_SIZE, CROP_SPACING_MM, CropGeometry, check_series,
                                   lv_center_candidates, sample_crop, uncrop_probabilities)
-from perfline.models.weights import DEFAULT_MODEL, read_sidecar, verified_path
+from perfline.models.weights import DEFAULT_MODEL, ChecksumError, read_sidecar, sha256_of, verified_path
 from perfline.toolbox.rv_insertion import InsertionNotFoundError, lv_center_rc, rv_insertion_deg
 from perfline.toolbox.segmentation_post import PostProcessed, postprocess
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "onnxruntime", "torch")
+RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
+# compiled OpenVINO models (machine-specific, so never committed): $PERFLINE_CACHE_DIR/openvino
+DEFAULT_CACHE_DIR = Path(os.environ.get("PERFLINE_CACHE_DIR",
+                                        Path.home() / ".cache" / "perfline")) / "openvino"
 
 
 @dataclass(frozen=True)
@@ -53,12 +62,100 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+class OpenVinoNetwork:
+    """The ONNX graph compiled by OpenVINO for the CPU, batch 1 (static shapes measured
+    fastest; larger batches run crop by crop).
+
+    Precision: bfloat16 when the CPU reports native BF16 (AMX / AVX-512 BF16), else fp32
+    (``require_bf16`` raises RuntimeError instead: without bf16 OpenVINO is no faster than
+    ONNX Runtime here). Compiling takes ~0.3 s, so the compiled model is cached in
+    ``cache_dir`` under a key of the ONNX SHA-256, OpenVINO version, CPU, precision and threads,
+    with a JSON sidecar holding the blob's SHA-256, verified before import (a mismatch
+    recompiles).
+    """
+
+    def __init__(self, onnx_path: Path, n_frames: int, *, threads: int = 1,
+                 cache_dir: Path | None = DEFAULT_CACHE_DIR, require_bf16: bool = False) -> None:
+        import openvino
+
+        core = openvino.Core()
+        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" not in capabilities and require_bf16:
+            raise RuntimeError(f"CPU has no native bf16 (OpenVINO capabilities {capabilities})")
+        self.precision = "bf16" if "BF16" in capabilities else "fp32"
+        config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1,
+                  "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32"}
+        key = {"onnx_sha256": sha256_of(onnx_path), "openvino": openvino.get_version(),
+               "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"), "n_frames": n_frames,
+               "precision": self.precision, "threads": int(threads)}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        blob_path = None if cache_dir is None else Path(cache_dir) / f"{digest}.blob"
+        self.cached = False
+        compiled = self._import(core, blob_path, config) if blob_path else None
+        if compiled is None:
+            model = core.read_model(str(onnx_path))
+            model.reshape({model.inputs[0].any_name: [1, n_frames, CROP_SIZE, CROP_SIZE]})
+            compiled = core.compile_model(model, "CPU", config)
+            if blob_path is not None:
+                self._export(compiled, blob_path, key)
+        else:
+            self.cached = True
+        self._request = compiled.create_infer_request()
+
+    @staticmethod
+    def _import(core, blob_path: Path, config: dict):
+        """The cached compiled model, or None when absent or its checksum does not match."""
+        sidecar = blob_path.with_suffix(".json")
+        if not (blob_path.exists() and sidecar.exists()):
+            return None
+        blob = blob_path.read_bytes()
+        expected = json.loads(sidecar.read_text()).get("sha256", {}).get("blob")
+        found = hashlib.sha256(blob).hexdigest()
+        if found != expected:
+            logger.warning("%s", ChecksumError(f"{blob_path} has SHA-256 {found}, expected "
+                                               f"{expected}; recompiling"))
+            return None
+        return core.import_model(blob, "CPU", {"INFERENCE_NUM_THREADS":
+                                               config["INFERENCE_NUM_THREADS"]})
+
+    @staticmethod
+    def _export(compiled, blob_path: Path, key: dict) -> None:
+        """Write the compiled model and its sidecar (atomically; failures only logged)."""
+        import io
+
+        buffer = io.BytesIO()
+        try:
+            compiled.export_model(buffer)
+            blob = buffer.getvalue()
+            blob_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = blob_path.with_name(f"{blob_path.name}.{os.getpid()}.part")
+            partial.write_bytes(blob)
+            blob_path.with_suffix(".json").write_text(json.dumps(
+                {**key, "sha256": {"blob": hashlib.sha256(blob).hexdigest()}}, indent=2) + "\n")
+            os.replace(partial, blob_path)
+        except (OSError, RuntimeError) as error:
+            logger.warning("could not cache the compiled OpenVINO model in %s: %s",
+                           blob_path.parent, error)
+
+    def logits(self, crops: np.ndarray) -> np.ndarray:
+        """Logits float32 [batch, classes, 176, 176] of crops float32 [batch, frames, 176, 176]."""
+        return np.concatenate([np.array(self._request.infer({0: crop[None]})[0], copy=True)
+                               for crop in crops])
+
+
 class Segmenter:
-    """The shipped network behind one ``predict`` call; ``runtime`` is "auto" (ONNX Runtime,
-    else torch), "onnxruntime" or "torch"."""
+    """The shipped network behind one ``predict`` call.
+
+    ``runtime``: "auto" (OpenVINO bf16 if the CPU has native bf16, else ONNX Runtime fp32,
+    else torch), or one of "openvino", "onnxruntime", "torch" (an explicit runtime that
+    fails to load raises). ``threads``: intra-op threads (default 1). ``cache_dir``: where
+    OpenVINO keeps compiled models (None: compile at every load, ~0.3 s).
+    """
 
     def __init__(self, stem: Path = DEFAULT_MODEL, *, runtime: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None,
+                 cache_dir: Path | None = DEFAULT_CACHE_DIR) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         started = time.perf_counter()
@@ -69,20 +166,34 @@ class Segmenter:
         # validation studies, recorded in the sidecar; 1 = none)
         scale = self.sidecar.get("class_probability_scale", [1.0] * 4)
         self.class_scale = np.asarray(scale, dtype=np.float32).reshape(1, -1, 1, 1)
+        self.threads = int(threads or 1)
         self.runtime = ""
-        if runtime in ("auto", "onnxruntime"):
+        self.precision = ""
+        self.from_cache = False  # OpenVINO: compiled model imported from cache_dir
+        loaders = {"openvino": lambda: self._load_openvino(cache_dir, require_bf16=runtime == "auto"),
+                   "onnxruntime": self._load_onnxruntime, "torch": self._load_torch}
+        order = ("openvino", "onnxruntime", "torch") if runtime == "auto" else (runtime,)
+        for candidate in order:
             try:
-                self._load_onnxruntime(threads)
+                loaders[candidate]()
+                break
             except (ImportError, OSError, RuntimeError) as error:
-                if runtime == "onnxruntime":
+                if candidate == order[-1]:
                     raise
-                logger.warning("ONNX Runtime unavailable (%s); falling back to torch", error)
-        if not self.runtime:
-            self._load_torch(threads)
+                logger.warning("segmentation runtime %s unavailable (%s); trying %s", candidate,
+                               error, order[order.index(candidate) + 1])
         self.load_ms = 1000.0 * (time.perf_counter() - started)
-        logger.debug("loaded %s with %s in %.1f ms", self.stem, self.runtime, self.load_ms)
+        logger.info("segmentation model %s: runtime %s, %s, %d thread(s), loaded in %.1f ms",
+                    self.stem.name, self.runtime, self.precision, self.threads, self.load_ms)
 
-    def _load_onnxruntime(self, threads: int | None) -> None:
+    def _load_openvino(self, cache_dir: Path | None, *, require_bf16: bool) -> None:
+        self._network = OpenVinoNetwork(verified_path(self.stem, ".onnx"), self.n_frames,
+                                        threads=self.threads, cache_dir=cache_dir,
+                                        require_bf16=require_bf16)
+        self.runtime, self.precision = "openvino", self._network.precision
+        self.from_cache = self._network.cached
+
+    def _load_onnxruntime(self) -> None:
         import onnxruntime
 
         path = verified_path(self.stem, ".onnx")
@@ -90,31 +201,32 @@ class Segmenter:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         # one thread by default: on the shared 2-core machine two threads measured slower
         # (docs/segmentation.md); the chain runs other gadgets in parallel anyway
-        options.intra_op_num_threads = threads or 1
+        options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         self._session = onnxruntime.InferenceSession(str(path), options,
                                                      providers=["CPUExecutionProvider"])
         self._input_name = self._session.get_inputs()[0].name
-        self.runtime = "onnxruntime"
+        self.runtime, self.precision = "onnxruntime", "fp32"
 
-    def _load_torch(self, threads: int | None) -> None:
+    def _load_torch(self) -> None:
         import torch
 
         from perfline.models.weights import load_torch_model
 
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(self.threads)
         self._torch = torch
         self._model = load_torch_model(self.stem)
-        self.runtime = "torch"
+        self.runtime, self.precision = "torch", "fp32"
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         """Class probabilities float32 [batch, 4, 176, 176] of crops [batch, frames, 176, 176]."""
         crops = np.ascontiguousarray(crops, dtype=np.float32)
-        if crops.ndim != 4 or crops.shape[1:] != (self.n_frames, 176, 176):
-            raise ValueError(f"expected crops [batch, {self.n_frames}, 176, 176], got "
-                             f"{crops.shape}")
-        if self.runtime == "onnxruntime":
+        if crops.ndim != 4 or crops.shape[1:] != (self.n_frames, CROP_SIZE, CROP_SIZE):
+            raise ValueError(f"expected crops [batch, {self.n_frames}, {CROP_SIZE}, "
+                             f"{CROP_SIZE}], got {crops.shape}")
+        if self.runtime == "openvino":
+            logits = self._network.logits(crops)
+        elif self.runtime == "onnxruntime":
             logits = self._session.run(None, {self._input_name: crops})[0]
         else:
             with self._torch.inference_mode():

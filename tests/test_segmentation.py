@@ -3,6 +3,8 @@ untrained network: checks plumbing, runtimes and flags, not accuracy)."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,48 @@ def test_blur_augmentation_smooths_the_crop_and_keeps_labels():
     roughness = [float(np.square(np.diff(c, axis=2)).mean()) for c in (sharp, smooth)]
     assert roughness[1] < 0.8 * roughness[0]
     assert np.abs(smooth).max() <= 2.0
+
+
+def test_openvino_runtime_agrees_and_caches_a_verified_compiled_model(tiny_model, tmp_path,
+                                                                       caplog):
+    pytest.importorskip("openvino")
+    from perfline.models.inference import Segmenter
+
+    crops = np.random.default_rng(3).random((2, 48, 176, 176), dtype=np.float32)
+    reference = Segmenter(tiny_model, runtime="onnxruntime").predict(crops)
+    first = Segmenter(tiny_model, runtime="openvino", threads=1, cache_dir=tmp_path)
+    assert first.runtime == "openvino" and first.precision in ("bf16", "fp32")
+    assert not first.from_cache
+    blob = next(tmp_path.glob("*.blob"))
+    assert len(blob.with_suffix(".json").read_text()) > 0
+    second = Segmenter(tiny_model, runtime="openvino", threads=1, cache_dir=tmp_path)
+    assert second.from_cache
+    tolerance = 0.05 if second.precision == "bf16" else 1e-4  # bf16: 8-bit mantissa
+    assert np.abs(second.predict(crops) - reference).max() < tolerance
+    assert np.abs(first.predict(crops) - second.predict(crops)).max() < 1e-6
+    # a changed blob fails its SHA-256 and is recompiled, not imported
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    third = Segmenter(tiny_model, runtime="openvino", threads=1, cache_dir=tmp_path)
+    assert not third.from_cache and "SHA-256" in caplog.text
+    assert Segmenter(tiny_model, runtime="openvino", cache_dir=tmp_path).from_cache
+
+
+def test_auto_runtime_prefers_openvino_bf16_and_falls_back(tiny_model, tmp_path, monkeypatch):
+    from perfline.models.inference import Segmenter
+
+    try:
+        import openvino
+
+        bf16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except ImportError:
+        bf16 = False
+    chosen = Segmenter(tiny_model, cache_dir=tmp_path)
+    assert (chosen.runtime, chosen.precision) == (("openvino", "bf16") if bf16 else
+                                                  ("onnxruntime", "fp32"))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails: ONNX Runtime fp32
+    fallback = Segmenter(tiny_model, cache_dir=tmp_path)
+    assert (fallback.runtime, fallback.precision) == ("onnxruntime", "fp32")
+    with pytest.raises(ImportError):
+        Segmenter(tiny_model, runtime="openvino", cache_dir=tmp_path)

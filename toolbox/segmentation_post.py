@@ -100,3 +100,54 @@ def postprocess(probabilities: np.ndarray) -> PostProcessed:
     if missing:
         logger.info("segmentation: not found: %s", ", ".join(missing))
     return result
+
+
+# colours of the contours on the Gd images (the usual CMR viewer convention: LV endocardium
+# red, LV epicardium green, RV yellow); the MBF maps keep the report's white borders
+ENDO_RGB: tuple[float, float, float] = (1.0, 0.0, 0.0)
+EPI_RGB: tuple[float, float, float] = (0.0, 1.0, 0.0)
+RV_RGB: tuple[float, float, float] = (1.0, 1.0, 0.0)
+
+
+def mask_outline_xy(mask: np.ndarray) -> np.ndarray:
+    """Closed outline float64 [points, 2] (x = column, y = row, pixels) of the largest part of
+    a bool mask [rows, cols]: the 0.5 iso-line of the mask (marching squares, ``contourpy``),
+    half-way between member and non-member pixel centres; first point = last point.
+    Raises ValueError for an empty mask."""
+    import contourpy
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or not mask.any():
+        raise ValueError(f"expected a non-empty mask [rows, cols], got shape {mask.shape} with "
+                         f"{int(mask.sum())} pixels")
+    padded = np.pad(mask, 1).astype(np.float64)  # zero border: every outline closes
+    lines = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate).lines(0.5)
+    longest = max(lines, key=len)
+    return np.asarray(longest, dtype=np.float64) - 1.0
+
+
+def segmentation_contours(labels: np.ndarray, lv_center_rc: tuple[float, float], *,
+                          step_deg: float = 3.0, thickness: float = 1.0) -> list:
+    """Endo, epi and RV contours of a label map (docs/conventions.md labels) for image meta.
+
+    Endo and epi are the report's radial borders (``perfline.toolbox.sector_contours.
+    border_contours``: rays every ``step_deg`` from ``lv_center_rc`` (row, col); first / last
+    myocardial pixel), so the Gd images and the MBF maps carry the same borders; RV is the
+    outline of the RV blood pool (:func:`mask_outline_xy`). Contours labelled "endo", "epi",
+    "rv", points (x = column, y = row) in pixels of ``labels``' grid, closed.
+
+    Returns :class:`perfline.toolbox.sector_contours.Contour` objects; a class that is missing
+    is left out. Raises ``ContourError`` when the myocardium gives no endo/epi border.
+    """
+    from perfline.toolbox.sector_contours import Contour, border_contours
+
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"expected labels [rows, cols], got shape {labels.shape}")
+    colours = {"endo": ENDO_RGB, "epi": EPI_RGB}
+    contours = [Contour(c.label, c.points_xy, colours[c.label], thickness)
+                for c in border_contours(labels == MYOCARDIUM, lv_center_rc, step_deg=step_deg,
+                                         thickness=thickness)]
+    if (labels == RV_BLOOD).any():
+        contours.append(Contour("rv", mask_outline_xy(labels == RV_BLOOD), RV_RGB, thickness))
+    return contours
