@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from perfline.toolbox.sector_contours import parse_roi_meta
 from perfline.toolbox.segmentation_post import (ENDO_RGB, EPI_RGB, RV_RGB, mask_outline_xy,
@@ -160,3 +161,51 @@ def test_images_of_a_slice_never_segmented_are_sent_without_contours(simulated_s
     _, images, _ = slice_items(simulated_slice)
     out = list(CnnSegmentation(SegmentationSettings()).process(iter(images)))
     assert out == images and "ROI_endo" not in images[0].meta.keys()
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory: pytest.TempPathFactory):
+    from perfline.simulator import mrd, truth
+    from perfline.simulator import study as st
+
+    folder = tmp_path_factory.mktemp("contours_chain")
+    study = st.sample_study(SEED, kind="stress", n_slices=1, n_frames=30, n_coils=8,
+                            acceleration=3, field_strength_t=1.5)
+    phantoms = [st.slice_phantom(study, 0)]
+    mrd.write_kspace(study, str(folder / "scan.h5"), phantoms=phantoms)
+    truth.write_truth(study, str(folder / "truth.h5"), phantoms=phantoms)
+    return study, folder / "scan.h5", truth.read_truth(str(folder / "truth.h5"),
+                                                        load_series=False)
+
+
+@pytest.mark.timeout(150)
+def test_client_receives_gd_images_with_the_cnn_contours(scan) -> None:
+    from perfline.server.client import send_dataset
+    from perfline.server.testing import running_server
+
+    _, path, reference = scan
+    with running_server() as (host, port):
+        results = send_dataset(path, host, port, "perfusion", timeout_s=140,
+                               parameters={"scan": "stress"})
+    assert results.ok, results.errors
+    by_role: dict[str, list] = {}
+    for image in results.images:
+        by_role.setdefault(image.meta.get("GADGETRON_DataRole"), []).append(image)
+    gd, flow = by_role.get("Gd", []), by_role.get("Flow_Map", [])
+    assert len(gd) >= 30 and len(flow) == 1  # every frame of the resampled Gd series
+    assert not any("ROI_endo" in image.meta.keys() for image in by_role["AIF"])
+    # the MBF map's white endo/epi come from the CNN labels (aha-report): the Gd images carry
+    # the same borders, so they lie on the CNN myocardium
+    myocardium = reference.slices[0].labels == 2
+    for image in gd:
+        assert image.getHead().slice == 0 and "PERFLINE_SegmentationFlags" not in image.meta.keys()
+        for name in ("endo", "epi"):
+            _, _, on_gd = parse_roi_meta(list(image.meta[f"GT_ROI_{name}"]), fire=False)
+            _, _, on_map = parse_roi_meta(list(flow[0].meta[f"GT_ROI_{name}"]), fire=False)
+            assert on_gd.shape == on_map.shape == (120, 2)  # closed: every ray met the ring
+            assert np.allclose(on_gd, on_map, atol=0.01)
+            # and on the phantom's myocardium (up to the motion-correction reference shift)
+            rows, cols = pixel_of(on_gd, myocardium.shape)
+            assert ndimage.binary_dilation(myocardium)[rows, cols].mean() > 0.9
+        _, _, fire_rv = parse_roi_meta(list(image.meta["ROI_rv"]), fire=True)
+        assert np.allclose(fire_rv[0], fire_rv[-1]) and fire_rv.shape[0] > 20
