@@ -66,6 +66,13 @@ class AhaReportSettings(GadgetSettings):
     max_patients: int = Field(256, ge=1, description="reports kept in memory (oldest dropped first)")
     min_aif_pixels: int = Field(8, ge=1, description=(
         "flag the report when the AIF averages fewer LV blood-pool pixels (a noisy or misplaced AIF scales every MBF)"))
+    max_aif_lv_distance_mm: float = Field(20.0, gt=0, description=(
+        "flag the report when the AIF pool's centre lies farther, in the slice plane, from the LV centre the CNN "
+        "found in the myocardial slices (median over slices): the AIF was probably taken from another structure"))
+    fit_limit_mbf_ml_min_g: float = Field(5.9, gt=0, description=(
+        "MBF at or above this value is the top of the flow fit's grid (BTEX: 6.0 ml/min/g)"))
+    max_fit_limit_fraction: float = Field(0.5, gt=0, le=1, description=(
+        "a slice with more analysed myocardial pixels at the fit limit fails (segmentation off the myocardium)"))
 
 
 class ReportStore:
@@ -121,6 +128,46 @@ def study_info_from_context(header: Any, parameters: dict[str, Any]) -> StudyInf
     patient = _text(parameters.get("patient_id", patient))
     return StudyInfo(patient_id=patient, study_id=_text(study), scan=scan,
                      field_strength_t=float(field) if field is not None else None)
+
+
+def pixel_position_mm(geometry: ImageGeometry, shape: tuple[int, ...], row: float, col: float) -> np.ndarray:
+    """Scanner coordinates (mm, float64 [3]) of the point at (row, col) of an image of ``shape`` [rows, cols].
+
+    MRD convention: ``position`` is the centre of the image; columns run along ``read_dir``, rows
+    along ``phase_dir``; pixel centres sit at (index - (n - 1) / 2) spacings from the centre.
+    """
+    rows, cols = shape[0], shape[1]
+    row_mm, col_mm = geometry.pixel_spacing_mm
+    return (np.asarray(geometry.position, dtype=np.float64)
+            + (col - (cols - 1) / 2.0) * col_mm * np.asarray(geometry.read_dir, dtype=np.float64)
+            + (row - (rows - 1) / 2.0) * row_mm * np.asarray(geometry.phase_dir, dtype=np.float64))
+
+
+def aif_lv_distance_mm(aif: AifCurve, maps: dict[int, FlowMaps],
+                       segmentations: dict[int, SliceSegmentation]) -> float | None:
+    """In-plane distance (mm) between the AIF pool's centre and the CNN's LV centre (median over slices).
+
+    The AIF slice and the myocardial slices are parallel short-axis slices, so the LV centre
+    projected into the slice plane moves only a few mm between them (long-axis tilt), while a
+    pool taken from the lung, the aorta or the RV lies a pool radius or more away. None when
+    no slice has an LV centre or the AIF mask is empty.
+    """
+    mask = np.asarray(aif.mask, dtype=bool)
+    if not mask.any():
+        return None
+    centre_rc = np.argwhere(mask).mean(axis=0)
+    aif_point = pixel_position_mm(aif.geometry, mask.shape, float(centre_rc[0]), float(centre_rc[1]))
+    distances = []
+    for index, segmentation in segmentations.items():
+        flow = maps.get(index)
+        if flow is None or not all(math.isfinite(v) for v in segmentation.lv_center_rc):
+            continue
+        lv_point = pixel_position_mm(flow.geometry, flow.mbf_ml_min_g.shape, *segmentation.lv_center_rc)
+        normal = np.asarray(flow.geometry.slice_dir, dtype=np.float64)
+        normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
+        offset = aif_point - lv_point
+        distances.append(float(np.linalg.norm(offset - np.dot(offset, normal) * normal)))
+    return float(np.median(distances)) if distances else None
 
 
 def slice_position_mm(geometry: ImageGeometry) -> float:
@@ -184,7 +231,9 @@ class AhaReportGadget(Gadget):
                                     min_wall_thickness_mm=settings.min_wall_thickness_mm,
                                     max_missing_fit_fraction=settings.max_missing_fit_fraction,
                                     basal_at=settings.basal_at,
-                                    border_exclusion_px=settings.border_exclusion_px),
+                                    border_exclusion_px=settings.border_exclusion_px,
+                                    fit_limit_mbf_ml_min_g=settings.fit_limit_mbf_ml_min_g,
+                                    max_fit_limit_fraction=settings.max_fit_limit_fraction),
             flow_model=next(iter(maps.values())).model)
         aif_summary, aif_flag = None, []
         if aif is None:
@@ -200,6 +249,13 @@ class AhaReportGadget(Gadget):
             if n_pixels < settings.min_aif_pixels:
                 aif_flag = [f"AIF from only {n_pixels} LV blood-pool pixels (fewer than {settings.min_aif_pixels}): "
                             "MBF may be unreliable"]
+            distance = aif_lv_distance_mm(aif, maps, segmentations)
+            if distance is not None:
+                self.log.info("AIF pool centre %.1f mm (in plane) from the CNN's LV centre", distance)
+                if distance > settings.max_aif_lv_distance_mm:
+                    aif_flag.append(f"AIF pool centre {distance:.0f} mm from the LV centre of the myocardial slices "
+                                    f"(more than {settings.max_aif_lv_distance_mm:g} mm): the AIF may come from "
+                                    "another structure, MBF unreliable")
         return report.model_copy(update={"aif": aif_summary, "flags": report.flags + extra_flags + aif_flag,
                                          "partial": report.partial or bool(extra_flags)})
 

@@ -155,6 +155,26 @@ def test_no_fit_slice_fails():
     assert report.slices[0].failed and report.missing_levels == ["basal"]
 
 
+def test_slice_mostly_at_the_fit_limit_fails():
+    # held-out rest study 2**30 + 5: the CNN put the apical "myocardium" outside the heart, and the
+    # fit ran to the top of its grid (6.0 ml/min/g) on every pixel
+    slices = three_slices()
+    apical = np.asarray(slices[2].mbf_ml_min_g).copy()
+    apical[: SHAPE[0] // 2 + 8] = 6.0  # the top part of the ring and more: > 50 % of the pixels
+    slices[2] = SliceAnalysis(slice_index=2, mbf_ml_min_g=apical, labels=ring_labels(), lv_center_rc=CENTER,
+                              rv_insertion_deg=120.0, slice_position_mm=10.0)
+    report = build_report(slices)
+    assert report.slices[2].failed and report.missing_levels == ["apical"]
+    assert any("fit limit" in flag for flag in report.slices[2].flags)
+    assert report.global_values.mbf_mean_ml_min_g < 2.5
+    # below the fraction the slice stays (a few pixels at the limit are fit noise)
+    apical = np.asarray(three_slices()[2].mbf_ml_min_g).copy()
+    apical[: SHAPE[0] // 2 - 8] = 6.0
+    slices[2] = SliceAnalysis(slice_index=2, mbf_ml_min_g=apical, labels=ring_labels(), lv_center_rc=CENTER,
+                              rv_insertion_deg=120.0, slice_position_mm=10.0)
+    assert not build_report(slices).slices[2].failed
+
+
 def test_thin_wall_and_few_pixels_flagged():
     thin = SliceAnalysis(slice_index=0, mbf_ml_min_g=np.full(SHAPE, 2.0, np.float32),
                          labels=ring_labels(inner=15.0, outer=16.2), lv_center_rc=CENTER, rv_insertion_deg=120.0,

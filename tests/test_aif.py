@@ -60,6 +60,39 @@ def test_merged_ventricles_are_split_by_peak_time():
     assert _dice(result.mask, lv) > 0.7
 
 
+def test_merged_ventricles_win_over_a_late_incoherent_cluster():
+    # study seed 2**30 + 5 at rest: RV and LV merged into one pool, and a lung noise cluster
+    # that peaks later was taken as the LV (its core: 5 pixels outside the heart)
+    rng = np.random.default_rng(4)
+    series, lv, rv = _phantom(rng)
+    n = series.shape[0]
+    bridge = np.zeros_like(lv)
+    bridge[23:27, 17:23] = True
+    series[:, bridge & ~lv & ~rv] += _bolus(n, 14, 2.0, 300.0)[:, None]
+    cluster = np.zeros_like(lv)
+    cluster[1:11, 1:10] = True  # 90 pixels whose "boluses" arrive at unrelated times
+    for r, c in np.argwhere(cluster):
+        series[:, r, c] += _bolus(n, int(rng.integers(18, 34)), 2.0, 250.0)
+    result = detect_aif(series, settings=AifSettings(core_fraction=0.9))
+    assert not np.any(result.mask & cluster)
+    assert np.sum(result.mask & lv) >= 0.9 * result.mask.sum()
+    assert 17 <= result.foot <= 21
+
+
+def test_small_core_keeps_the_most_enhancing_pixels():
+    rng = np.random.default_rng(5)
+    series, lv, _ = _phantom(rng)
+    # a blurred pool: enhancement falls off from the centre, so few pixels reach 99 % of its 90th percentile
+    rows, cols = np.mgrid[:48, :48]
+    weight = np.clip(1.0 - np.hypot(rows - 26, cols - 28) / 7.0, 0.0, 1.0)
+    series[:, lv] -= (1.0 - weight[lv])[None, :] * _bolus(series.shape[0], 20, 2.5, 250.0)[:, None]
+    few = int(detect_aif(series, settings=AifSettings(core_fraction=0.99, min_core_pixels=1)).mask.sum())
+    assert few < 20
+    result = detect_aif(series, settings=AifSettings(core_fraction=0.99, min_core_pixels=few + 6))
+    assert result.mask.sum() == few + 6 and np.all(lv[result.mask])
+    assert np.hypot(*(np.argwhere(result.mask).mean(axis=0) - (26, 28))) < 2.0
+
+
 def test_foot_and_peak_of_a_clean_curve():
     curve = _bolus(60, 20, 2.0, 5.0) + np.random.default_rng(2).normal(0.0, 0.03, 60)
     foot, peak = aif_foot_peak(curve)

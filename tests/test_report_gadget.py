@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import types
+from dataclasses import replace
 
 import ismrmrd
 import numpy as np
@@ -14,7 +15,7 @@ from perfline.core.gadget import ChainContext, GadgetError
 from perfline.core.items import TextItem
 from perfline.core.runtime import GadgetFailed, run_gadgets
 from perfline.gadgets.perfusion_items import AifCurve, FlowMaps, ImageGeometry, SliceSegmentation
-from perfline.gadgets.report import REPORT_STORE, AhaReportGadget, study_info_from_context
+from perfline.gadgets.report import REPORT_STORE, AhaReportGadget, aif_lv_distance_mm, study_info_from_context
 from perfline.toolbox.aha_report import PerfusionReport
 from perfline.toolbox.sector_contours import parse_roi_meta
 
@@ -116,6 +117,24 @@ def test_aif_from_few_pixels_is_flagged():
     REPORT_STORE.clear()
     few = PerfusionReport.model_validate_json(split(run(items(2.0), min_aif_pixels=20))[1][0].text)
     assert any("AIF from only 16 LV blood-pool pixels (fewer than 20)" in f for f in few.flags)
+
+
+def test_aif_away_from_the_lv_is_flagged():
+    # the fixture's AIF (4 x 4 pixels on the image centre) lies 1.3 mm from the CNN's LV centre
+    near = PerfusionReport.model_validate_json(split(run(items(2.0)))[1][0].text)
+    assert not any("AIF pool centre" in f for f in near.flags)
+    REPORT_STORE.clear()
+    # a pool on the coarse AIF grid (5.625 mm) 8 pixels up and 8 right of the centre: 64 mm away
+    mask = np.zeros((48, 64), bool)
+    mask[15:17, 39:41] = True
+    aif_geometry = ImageGeometry(field_of_view_mm=(360.0, 270.0, 10.0), position=(0.0, 0.0, -30.0),
+                                 pixel_spacing_mm=(5.625, 5.625))
+    item_list = [replace(i, mask=mask, geometry=aif_geometry) if isinstance(i, AifCurve) else i
+                 for i in items(2.0)]
+    far = PerfusionReport.model_validate_json(split(run(item_list))[1][0].text)
+    flag = next(f for f in far.flags if "AIF pool centre" in f)
+    assert "64 mm from the LV centre" in flag
+    assert aif_lv_distance_mm(item_list[-1], {}, {}) is None
 
 
 def test_no_maps_is_a_clear_error():

@@ -55,6 +55,11 @@ class ReportSettings(BaseModel):
         "MBF statistics leave out myocardial pixels within this many pixels of the endo/epicardial border "
         "(blood partial volume makes their pixel-wise fit unreliable); a sector keeps all its pixels when "
         "fewer than 3 would remain"))
+    fit_limit_mbf_ml_min_g: float = Field(5.9, gt=0, description=(
+        "pixels with MBF at or above this value sit at the top of the flow fit's grid (BTEX: 6.0 ml/min/g)"))
+    max_fit_limit_fraction: float = Field(0.5, gt=0, le=1, description=(
+        "a slice with more of its analysed myocardial pixels at the fit limit fails: the segmented 'myocardium' "
+        "does not behave like perfused tissue (segmentation off the myocardium, or no usable enhancement)"))
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -367,6 +372,12 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
         if not failed and not np.isfinite(mbf_values).any():
             slice_flags.append("no MBF fit in the myocardium")
             failed = True
+        if not failed:
+            at_limit = float(np.mean(mbf_values[np.isfinite(mbf_values)] >= settings.fit_limit_mbf_ml_min_g))
+            if at_limit > settings.max_fit_limit_fraction:
+                slice_flags.append(f"MBF at the fit limit (>= {settings.fit_limit_mbf_ml_min_g:g} ml/min/g) on "
+                                   f"{100 * at_limit:.0f} % of the myocardium: segmentation off the myocardium?")
+                failed = True
         mean, median, _ = _stats(mbf_values) if not failed else (None, None, None)
         slice_summaries.append(SliceSummary(
             slice_index=item.slice_index, level=level, slice_position_mm=float(item.slice_position_mm),
