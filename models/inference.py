@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from perfline.models.data import (CROP_SIZE, CROP_SPACING_MM, CropGeometry, check_series,
-                                  lv_center_candidates, sample_crop, uncrop_probabilities)
+                                  lv_center_candidates, normalise_crop, sample_crop,
+                                  uncrop_probabilities)
 from perfline.models.weights import DEFAULT_MODEL, ChecksumError, read_sidecar, sha256_of, verified_path
 from perfline.toolbox.rv_insertion import InsertionNotFoundError, lv_center_rc, rv_insertion_deg
 from perfline.toolbox.segmentation_post import PostProcessed, postprocess
@@ -60,6 +61,74 @@ class SliceSegmentation:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _axis_weights(coordinates: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower neighbour index, fraction (float32) and inside-mask of sample positions along one
+    axis of ``size`` pixels (``scipy.ndimage`` order 1, mode "constant": positions outside
+    [0, size - 1] take the constant)."""
+    inside = (coordinates >= 0) & (coordinates <= size - 1)
+    low = np.clip(np.floor(coordinates), 0, size - 2).astype(np.intp)
+    return low, (coordinates - low).astype(np.float32), inside
+
+
+def separable_bilinear(images: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                       cval: float | np.ndarray = 0.0) -> np.ndarray:
+    """Bilinear samples float32 [n, len(rows), len(cols)] of images float32 [n, R, C] at the
+    grid ``rows`` x ``cols`` (pixel positions); outside the image each image's ``cval``
+    (scalar or [n]). Equals ``scipy.ndimage.map_coordinates(order=1, mode="constant",
+    prefilter=False)`` on that grid (float32 rounding aside) at a fraction of the cost, since
+    an axis-aligned grid interpolates columns, then rows."""
+    images = np.asarray(images, dtype=np.float32)
+    low_r, frac_r, inside_r = _axis_weights(np.asarray(rows, np.float64), images.shape[1])
+    low_c, frac_c, inside_c = _axis_weights(np.asarray(cols, np.float64), images.shape[2])
+    left = np.take(images, low_c, axis=2)
+    right = np.take(images, low_c + 1, axis=2)
+    right -= left
+    right *= frac_c
+    left += right
+    top = left[:, low_r, :]
+    bottom = left[:, low_r + 1, :]
+    bottom -= top
+    bottom *= frac_r[None, :, None]
+    top += bottom
+    fill = np.broadcast_to(np.asarray(cval, dtype=np.float32), (images.shape[0],))
+    top[:, ~inside_r, :] = fill[:, None, None]
+    top[:, :, ~inside_c] = fill[:, None, None]
+    return top
+
+
+def _is_axis_aligned(geometry: CropGeometry) -> bool:
+    return geometry.matrix[0, 1] == 0.0 and geometry.matrix[1, 0] == 0.0
+
+
+def crop_series(series: np.ndarray, geometry: CropGeometry, n_frames: int) -> np.ndarray:
+    """Normalised crop float32 [n_frames, 176, 176] of series [time, rows, cols]: the same as
+    ``perfline.models.data.sample_crop`` (shorter series padded with the last frame),
+    computed separably when the crop is not rotated (always so at inference)."""
+    if not _is_axis_aligned(geometry):
+        return sample_crop(series, geometry, n_frames=n_frames)
+    steps = np.arange(CROP_SIZE, dtype=np.float64)
+    rows = geometry.matrix[0, 0] * steps + geometry.offset[0]
+    cols = geometry.matrix[1, 1] * steps + geometry.offset[1]
+    count = min(n_frames, series.shape[0])
+    crop = np.empty((n_frames, CROP_SIZE, CROP_SIZE), dtype=np.float32)
+    crop[:count] = separable_bilinear(series[:count], rows, cols)
+    crop[count:] = crop[count - 1]
+    return normalise_crop(crop)
+
+
+def uncrop(probabilities: np.ndarray, geometry: CropGeometry) -> np.ndarray:
+    """``perfline.models.data.uncrop_probabilities`` (crop [classes, 176, 176] -> input grid
+    [classes, rows, cols], background 1 outside the crop), separable when not rotated."""
+    if not _is_axis_aligned(geometry):
+        return uncrop_probabilities(probabilities, geometry)
+    rows = (np.arange(geometry.input_shape[0]) - geometry.offset[0]) / geometry.matrix[0, 0]
+    cols = (np.arange(geometry.input_shape[1]) - geometry.offset[1]) / geometry.matrix[1, 1]
+    fill = np.zeros(probabilities.shape[0], dtype=np.float32)
+    fill[0] = 1.0
+    out = separable_bilinear(probabilities, rows, cols, fill)
+    return out / np.maximum(out.sum(axis=0, keepdims=True), 1e-6)
 
 
 class OpenVinoNetwork:
@@ -237,9 +306,8 @@ class Segmenter:
     def _probabilities(self, series: np.ndarray, pixel_spacing_mm: float,
                        centers: list[tuple[float, float]]) -> list[np.ndarray]:
         """Crop probabilities [4, 176, 176] for each centre (one batched network call)."""
-        crops = np.stack([sample_crop(series, CropGeometry.centred(
-            series.shape[1:], pixel_spacing_mm, center), n_frames=self.n_frames)
-            for center in centers])
+        crops = np.stack([crop_series(series, CropGeometry.centred(
+            series.shape[1:], pixel_spacing_mm, center), self.n_frames) for center in centers])
         return list(self.predict(crops))
 
     @staticmethod
@@ -275,8 +343,7 @@ class Segmenter:
             crops = self._probabilities(series, pixel_spacing_mm, candidates)
             best = int(np.argmax([self._heart_score(p) for p in crops]))
             center, crop = candidates[best], crops[best]
-            first = postprocess(uncrop_probabilities(crop, self._geometry(series, pixel_spacing_mm,
-                                                                          center)))
+            first = postprocess(uncrop(crop, self._geometry(series, pixel_spacing_mm, center)))
             try:
                 refined = lv_center_rc(first.labels)
             except InsertionNotFoundError:
@@ -284,8 +351,7 @@ class Segmenter:
             if refined is not None and np.hypot(*np.subtract(refined, center)) > 1.0:
                 center = refined
                 crop = self._probabilities(series, pixel_spacing_mm, [center])[0]
-        probabilities = uncrop_probabilities(crop, self._geometry(series, pixel_spacing_mm,
-                                                                  center)).astype(np.float32)
+        probabilities = uncrop(crop, self._geometry(series, pixel_spacing_mm, center))
         return self._finish(probabilities, center)
 
     @staticmethod

@@ -196,3 +196,24 @@ def test_auto_runtime_prefers_openvino_bf16_and_falls_back(tiny_model, tmp_path,
     assert (fallback.runtime, fallback.precision) == ("onnxruntime", "fp32")
     with pytest.raises(ImportError):
         Segmenter(tiny_model, runtime="openvino", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("center,frames", [((45.3, 70.8), 40), ((8.0, 115.0), 40),
+                                           ((50.0, 60.0), 20)],
+                         ids=["inside", "across-the-edge", "padded"])
+def test_separable_crop_and_uncrop_equal_the_reference_resampling(center, frames):
+    from perfline.models.inference import crop_series, uncrop
+
+    series, _ = disc_series(shape=(frames, 100, 120))
+    series += np.random.default_rng(0).random(series.shape, dtype=np.float32)
+    geometry = CropGeometry.centred(series.shape[1:], 1.6, center)
+    fast = crop_series(series, geometry, 48)
+    assert fast.shape == (48, 176, 176)
+    assert np.allclose(fast, sample_crop(series, geometry), atol=2e-6)
+    probabilities = np.random.default_rng(1).random((4, 176, 176), dtype=np.float32)
+    probabilities /= probabilities.sum(axis=0)
+    assert np.allclose(uncrop(probabilities, geometry),
+                       uncrop_probabilities(probabilities, geometry), atol=2e-6)
+    # a rotated crop (training augmentation only) takes the reference path
+    rotated = CropGeometry.centred(series.shape[1:], 1.6, center, rotation_deg=20.0)
+    assert np.array_equal(crop_series(series, rotated, 48), sample_crop(series, rotated))
