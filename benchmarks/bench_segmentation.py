@@ -1,15 +1,19 @@
-"""Segmentation speed: model load and ms per slice (176 x 176 x 48) of the shipped network with
-ONNX Runtime (fp32 graph and, if shipped, the int8 graph) against PyTorch eager fp32 of the same
-weights, in the same process; plus one whole ``Segmenter.segment`` call (crop, network,
-uncrop, post-processing, RV insertion). Prints medians over repeated runs.
+"""Segmentation speed: model load and ms per slice (176 x 176 x 48 crop) of the shipped network
+with each runtime against PyTorch eager fp32 of the same weights, in the same process with the
+same thread count, calls alternating so that all see the same machine load; plus whole
+``Segmenter.segment`` calls (crop, network, uncrop, post-processing, RV insertion) with the
+reference resampling (``scipy.ndimage.map_coordinates``) and with the separable one. Prints
+medians and the load average.
 
-    python benchmarks/bench_segmentation.py [--model STEM] [--repeats 30] [--threads 2]
+    python benchmarks/bench_segmentation.py [--model STEM] [--repeats 30] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,14 +34,12 @@ def interleaved_medians_ms(functions: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def median_ms(function, repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(1000.0 * (time.perf_counter() - started))
-    return statistics.median(times)
+def load_ms(model: Path, runtime: str, threads: int, cache_dir: Path | None,
+            repeats: int = 5) -> float:
+    from perfline.models.inference import Segmenter
+
+    return statistics.median(Segmenter(model, runtime=runtime, threads=threads,
+                                       cache_dir=cache_dir).load_ms for _ in range(repeats))
 
 
 def main() -> None:
@@ -55,16 +57,25 @@ def main() -> None:
     import torch
 
     logging.basicConfig(level=logging.ERROR)
-
     torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    crop = rng.random((1, 48, 176, 176), dtype=np.float32)
-    loads = []
-    for _ in range(5):
-        segmenter = Segmenter(args.model, runtime="onnxruntime", threads=args.threads)
-        loads.append(segmenter.load_ms)
-    print(f"model {args.model.name}: {args.threads} threads, {args.repeats} repeats (medians)")
-    print(f"onnxruntime model load (SHA-256 + session): {statistics.median(loads):.1f} ms")
+    print(f"model {args.model.name}: {args.threads} thread(s), {args.repeats} repeats (medians); "
+          f"load average before {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+
+    crop = np.random.default_rng(0).random((1, 48, 176, 176), dtype=np.float32)
+    segmenters = {"onnxruntime": Segmenter(args.model, runtime="onnxruntime", threads=args.threads)}
+    try:
+        segmenters["openvino"] = Segmenter(args.model, runtime="openvino", threads=args.threads)
+    except ImportError as error:
+        print(f"openvino not available: {error}")
+    print(f"onnxruntime model load (SHA-256 + session): "
+          f"{load_ms(args.model, 'onnxruntime', args.threads, None):.1f} ms")
+    if "openvino" in segmenters:
+        with tempfile.TemporaryDirectory() as folder:
+            compiling = load_ms(args.model, "openvino", args.threads, None, repeats=3)
+            Segmenter(args.model, runtime="openvino", threads=args.threads, cache_dir=Path(folder))
+            cached = load_ms(args.model, "openvino", args.threads, Path(folder))
+        print(f"openvino model load (SHA-256 + compile): {compiling:.1f} ms; from its verified "
+              f"compiled-model cache (SHA-256 + import): {cached:.1f} ms")
     model = load_torch_model(args.model)
     tensor = torch.from_numpy(crop)
 
@@ -72,28 +83,44 @@ def main() -> None:
         with torch.no_grad():
             model(tensor)
 
-    medians = interleaved_medians_ms({"ort": lambda: segmenter.predict(crop), "torch": eager},
-                                     args.repeats)
-    ort_ms, torch_ms = medians["ort"], medians["torch"]
-    print(f"onnxruntime fp32: {ort_ms:.1f} ms/slice")
-    print(f"pytorch eager fp32: {torch_ms:.1f} ms/slice -> onnxruntime fp32 {torch_ms / ort_ms:.1f}x")
-    int8 = args.model.with_name(args.model.name + "_int8")
-    if int8.with_suffix(".json").exists():
-        quantised = Segmenter(int8, runtime="onnxruntime", threads=args.threads)
-        int8_ms = median_ms(lambda: quantised.predict(crop), args.repeats)
-        print(f"onnxruntime int8 load: {quantised.load_ms:.1f} ms; {int8_ms:.1f} ms/slice -> "
-              f"{torch_ms / int8_ms:.1f}x pytorch eager fp32")
+    # network only (logits, like the eager call); predict() adds the softmax in numpy
+    functions = {name: (lambda s=s: s.logits(crop)) for name, s in segmenters.items()}
+    functions["torch"] = eager
+    functions["predict"] = lambda: segmenters.get("openvino", segmenters["onnxruntime"]).predict(crop)
+    medians = interleaved_medians_ms(functions, args.repeats)
+    for name, segmenter in segmenters.items():
+        print(f"{name} {segmenter.precision}: {medians[name]:.1f} ms/slice -> "
+              f"{medians['torch'] / medians[name]:.1f}x pytorch eager fp32")
+    print(f"pytorch eager fp32: {medians['torch']:.1f} ms/slice; predict() (network + softmax, "
+          f"fastest runtime): {medians['predict']:.1f} ms")
+
+    from perfline.models import inference
     from perfline.simulator import simulate_image_study
 
     slice_ = simulate_image_study(2 ** 30 + 5, n_slices=3)[1]
-    series = slice_.gd[:48]
-    repeats = max(3, args.repeats // 3)
-    given = median_ms(lambda: segmenter.segment(series, slice_.pixel_spacing_mm,
-                                                center_rc=slice_.lv_center_rc), repeats)
-    found = median_ms(lambda: segmenter.segment(series, slice_.pixel_spacing_mm), repeats)
-    print(f"whole segment() of one simulated {series.shape[1]}x{series.shape[2]}x48 slice: "
-          f"{given:.1f} ms with the LV centre given, {found:.1f} ms with detection "
-          f"(candidates + re-centred pass)")
+    series, spacing = slice_.gd[:48], slice_.pixel_spacing_mm
+    segmenter = Segmenter(args.model, threads=args.threads)
+
+    aligned = inference._is_axis_aligned
+
+    def whole_call(reference: bool, center: tuple[float, float] | None):
+        def call() -> None:
+            # reference: every crop takes the map_coordinates path (as before the separable one)
+            inference._is_axis_aligned = (lambda geometry: False) if reference else aligned
+            segmenter.segment(series, spacing, center_rc=center)
+        return call
+
+    calls = {f"{where} {name}": whole_call(name == "map_coordinates", center)
+             for name in ("map_coordinates", "separable")
+             for where, center in (("given", slice_.lv_center_rc), ("detect", None))}
+    whole = interleaved_medians_ms(calls, max(3, args.repeats // 3))
+    inference._is_axis_aligned = aligned
+    print(f"whole segment() ({segmenter.runtime} {segmenter.precision}) of one simulated "
+          f"{series.shape[1]}x{series.shape[2]}x48 slice, crop resampling map_coordinates -> "
+          f"separable: LV centre given {whole['given map_coordinates']:.1f} -> "
+          f"{whole['given separable']:.1f} ms; with detection {whole['detect map_coordinates']:.1f}"
+          f" -> {whole['detect separable']:.1f} ms")
+    print(f"load average after {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -287,20 +287,22 @@ class Segmenter:
         self._model = load_torch_model(self.stem)
         self.runtime, self.precision = "torch", "fp32"
 
-    def predict(self, crops: np.ndarray) -> np.ndarray:
-        """Class probabilities float32 [batch, 4, 176, 176] of crops [batch, frames, 176, 176]."""
+    def logits(self, crops: np.ndarray) -> np.ndarray:
+        """Network output float32 [batch, 4, 176, 176] of crops [batch, frames, 176, 176]."""
         crops = np.ascontiguousarray(crops, dtype=np.float32)
         if crops.ndim != 4 or crops.shape[1:] != (self.n_frames, CROP_SIZE, CROP_SIZE):
             raise ValueError(f"expected crops [batch, {self.n_frames}, {CROP_SIZE}, "
                              f"{CROP_SIZE}], got {crops.shape}")
         if self.runtime == "openvino":
-            logits = self._network.logits(crops)
-        elif self.runtime == "onnxruntime":
-            logits = self._session.run(None, {self._input_name: crops})[0]
-        else:
-            with self._torch.inference_mode():
-                logits = self._model(self._torch.from_numpy(crops)).numpy()
-        probabilities = _softmax(logits.astype(np.float32)) * self.class_scale
+            return self._network.logits(crops)
+        if self.runtime == "onnxruntime":
+            return self._session.run(None, {self._input_name: crops})[0]
+        with self._torch.inference_mode():
+            return self._model(self._torch.from_numpy(crops)).numpy()
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        """Class probabilities float32 [batch, 4, 176, 176] of crops [batch, frames, 176, 176]."""
+        probabilities = _softmax(self.logits(crops).astype(np.float32)) * self.class_scale
         return probabilities / probabilities.sum(axis=1, keepdims=True)
 
     def _probabilities(self, series: np.ndarray, pixel_spacing_mm: float,
