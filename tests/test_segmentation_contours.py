@@ -209,3 +209,10 @@ def test_client_receives_gd_images_with_the_cnn_contours(scan) -> None:
             assert ndimage.binary_dilation(myocardium)[rows, cols].mean() > 0.9
         _, _, fire_rv = parse_roi_meta(list(image.meta["ROI_rv"]), fire=True)
         assert np.allclose(fire_rv[0], fire_rv[-1]) and fire_rv.shape[0] > 20
+
+
+def test_server_warm_up_loads_the_segmentation_model():
+    from perfline.gadgets.segmentation import CnnSegmentation, SegmentationSettings
+
+    line = CnnSegmentation.warm_up(SegmentationSettings(runtime="onnxruntime"), chain=None)
+    assert line is not None and line.startswith("segmentation model: onnxruntime fp32")
