@@ -71,6 +71,8 @@ class AhaReportSettings(GadgetSettings):
         "found in the myocardial slices (median over slices): the AIF was probably taken from another structure"))
     fit_limit_mbf_ml_min_g: float = Field(5.9, gt=0, description=(
         "MBF at or above this value is the top of the flow fit's grid (BTEX: 6.0 ml/min/g)"))
+    exclude_fit_limit: bool = Field(True, description=(
+        "MBF statistics leave out pixels at the fit limit (no estimate: the optimum lies outside the fit's grid)"))
     max_fit_limit_fraction: float = Field(0.5, gt=0, le=1, description=(
         "a slice with more analysed myocardial pixels at the fit limit fails (segmentation off the myocardium)"))
 
@@ -233,6 +235,7 @@ class AhaReportGadget(Gadget):
                                     basal_at=settings.basal_at,
                                     border_exclusion_px=settings.border_exclusion_px,
                                     fit_limit_mbf_ml_min_g=settings.fit_limit_mbf_ml_min_g,
+                                    exclude_fit_limit=settings.exclude_fit_limit,
                                     max_fit_limit_fraction=settings.max_fit_limit_fraction),
             flow_model=next(iter(maps.values())).model)
         aif_summary, aif_flag = None, []

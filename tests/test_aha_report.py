@@ -175,6 +175,19 @@ def test_slice_mostly_at_the_fit_limit_fails():
     assert not build_report(slices).slices[2].failed
 
 
+def test_pixels_at_the_fit_limit_are_left_out_of_the_statistics():
+    slices = three_slices(values={seg: 2.0 for seg in range(1, 17)})
+    rng = np.random.default_rng(0)
+    for item in slices:
+        item.mbf_ml_min_g[rng.random(SHAPE) < 0.2] = 6.0  # fits on the top of the grid: no estimate
+    report = build_report(slices)
+    assert report.global_values.mbf_mean_ml_min_g == pytest.approx(2.0)
+    assert all(s.mbf_mean_ml_min_g == pytest.approx(2.0) for s in report.segments)
+    kept = build_report(slices, settings=ReportSettings(exclude_fit_limit=False))
+    assert kept.global_values.mbf_mean_ml_min_g == pytest.approx(2.0 + 0.2 * 4.0, abs=0.15)
+    assert report.segment(1).n_pixels < kept.segment(1).n_pixels
+
+
 def test_thin_wall_and_few_pixels_flagged():
     thin = SliceAnalysis(slice_index=0, mbf_ml_min_g=np.full(SHAPE, 2.0, np.float32),
                          labels=ring_labels(inner=15.0, outer=16.2), lv_center_rc=CENTER, rv_insertion_deg=120.0,

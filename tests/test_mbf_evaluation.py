@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -73,8 +75,13 @@ def test_outputs_written(tmp_path):
     pairs = [make_study(rng, scale=1.02) for _ in range(6)]
     auto, truth = [a for a, _ in pairs], [t for _, t in pairs]
     paths = write_evaluation(compare_mbf(auto, truth), auto, truth, tmp_path)
-    assert [p.name for p in paths] == ["mbf_comparison.json", "bland_altman_global.png", "bland_altman_sectors.png"]
-    for png in paths[1:]:
+    assert [p.name for p in paths] == ["mbf_comparison.json", "mbf_per_scan.json", "bland_altman_global.png",
+                                       "bland_altman_sectors.png"]
+    rows = json.loads(paths[1].read_text())
+    assert len(rows) == 6 and rows[0]["global_error_pct"] == pytest.approx(
+        100 * (auto[0].global_mbf / truth[0].global_mbf - 1), abs=0.01)
+    assert rows[0]["sectors"] == 16 and rows[0]["flags"] == []
+    for png in paths[2:]:
         assert png.read_bytes()[:4] == b"\x89PNG"
     assert bland_altman_plot(np.ones(3), np.ones(3) * 1.1, tmp_path / "x.png", title="t").exists()
 
@@ -95,6 +102,7 @@ def test_report_json_to_study():
     assert study.segment_mbf[0] == pytest.approx(2.0) and study.segment_mbf[13] == pytest.approx(3.0)
     assert np.all(np.isnan(study.segment_mbf[6:12]))
     assert study.rv_insertion_deg == (120.0, 120.0)
+    assert any("missing levels: mid" in flag for flag in study.flags)
     with pytest.raises(EvaluationError, match="no report JSON"):
         report_from_results(["ERROR something", "{}"])
 
@@ -193,6 +201,7 @@ def test_evaluate_studies_end_to_end(tmp_path):
     assert len(SEEN_PARAMETERS) == 1 and "hematocrit" not in SEEN_PARAMETERS[0]
     REPORT_STORE.clear()
     assert len(automated) == len(truth) == 6
+    assert automated[1].label == truth[1].label == "study 0 rest sim-0"
     result = compare_mbf(automated, truth)
     assert result.global_mbf.mean_abs_relative_error_pct < 1.0
     assert result.sector_mbf.max_abs_relative_error_pct < 2.0

@@ -57,6 +57,9 @@ class ReportSettings(BaseModel):
         "fewer than 3 would remain"))
     fit_limit_mbf_ml_min_g: float = Field(5.9, gt=0, description=(
         "pixels with MBF at or above this value sit at the top of the flow fit's grid (BTEX: 6.0 ml/min/g)"))
+    exclude_fit_limit: bool = Field(True, description=(
+        "MBF statistics leave out pixels at the fit limit: a fit on the top of its search grid has no estimate "
+        "(the optimum lies outside the grid); they count as pixels without a fit"))
     max_fit_limit_fraction: float = Field(0.5, gt=0, le=1, description=(
         "a slice with more of its analysed myocardial pixels at the fit limit fails: the segmented 'myocardium' "
         "does not behave like perfused tissue (segmentation off the myocardium, or no usable enhancement)"))
@@ -378,6 +381,8 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
                 slice_flags.append(f"MBF at the fit limit (>= {settings.fit_limit_mbf_ml_min_g:g} ml/min/g) on "
                                    f"{100 * at_limit:.0f} % of the myocardium: segmentation off the myocardium?")
                 failed = True
+        if settings.exclude_fit_limit:
+            mbf_values = np.where(mbf_values >= settings.fit_limit_mbf_ml_min_g, np.nan, mbf_values)
         mean, median, _ = _stats(mbf_values) if not failed else (None, None, None)
         slice_summaries.append(SliceSummary(
             slice_index=item.slice_index, level=level, slice_position_mm=float(item.slice_position_mm),
@@ -392,6 +397,8 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
         usable_levels.add(level)
         thickness = sector_wall_thickness_mm(segment_map, item.lv_center_rc, item.pixel_spacing_mm)
         mbf = np.asarray(item.mbf_ml_min_g, dtype=np.float64)
+        if settings.exclude_fit_limit:
+            mbf = np.where(mbf >= settings.fit_limit_mbf_ml_min_g, np.nan, mbf)
         all_mbf.append(mbf[analysed])
         if item.ps_ml_min_g is not None:
             all_ps.append(np.asarray(item.ps_ml_min_g, dtype=np.float64)[analysed])

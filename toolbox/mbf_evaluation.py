@@ -19,7 +19,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +41,15 @@ class StudyMbf:
         global_mbf: global (all myocardium) MBF.
         segment_mbf: float [16], segments 1..16, NaN where not measured.
         rv_insertion_deg: per slice anterior RV insertion (optional, for the sector placement).
+        label: which scan this is (e.g. "study 3 rest sim-1073741827"), for the per-scan table.
+        flags: the report's flags (automated side only).
     """
 
     global_mbf: float
     segment_mbf: np.ndarray
     rv_insertion_deg: tuple[float, ...] = ()
+    label: str = ""
+    flags: tuple[str, ...] = ()
 
 
 class AgreementStats(BaseModel):
@@ -193,7 +197,7 @@ def study_mbf_from_report(report_json: str | dict, statistic: str = "median") ->
     global_mbf = getattr(report.global_values, field)
     insertions = tuple(np.nan if s.rv_insertion_deg is None else s.rv_insertion_deg for s in report.slices)
     return StudyMbf(global_mbf=np.nan if global_mbf is None else global_mbf, segment_mbf=segments,
-                    rv_insertion_deg=insertions)
+                    rv_insertion_deg=insertions, flags=tuple(report.flags))
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -250,8 +254,9 @@ def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *
                 results = send_dataset(study.mrd_path, host, port, chain, timeout_s=timeout_s, parameters=parameters)
                 if results.errors:
                     raise EvaluationError(f"study {index} ({scan}): the server reported {results.errors}")
-                automated.append(study_mbf_from_report(report_from_results(results.texts)))
-                truths.append(study.truth)
+                label = f"study {index} {scan} {study.patient_id}"
+                automated.append(replace(study_mbf_from_report(report_from_results(results.texts)), label=label))
+                truths.append(replace(study.truth, label=label))
             if progress is not None:
                 progress(index + 1)
     return automated, truths
@@ -309,12 +314,35 @@ def default_simulator(first_seed: int | None = None) -> StudySimulator:
     return simulate
 
 
+def per_scan_rows(automated: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> list[dict[str, object]]:
+    """One row per scan: global auto / true MBF and relative error (%), sectors measured, median and
+    max absolute sector error (%), max RV insertion error (deg) and the report's flags."""
+    rows = []
+    for auto, true in zip(automated, truth):
+        auto_s, true_s = np.asarray(auto.segment_mbf, dtype=np.float64), np.asarray(true.segment_mbf, dtype=np.float64)
+        paired = np.isfinite(auto_s) & np.isfinite(true_s)
+        sector = np.abs(auto_s[paired] / true_s[paired] - 1.0) * 100.0
+        angles = [float(angle_difference_deg(a, t)) for a, t in zip(auto.rv_insertion_deg, true.rv_insertion_deg)
+                  if math.isfinite(a) and math.isfinite(t)]
+        rows.append({
+            "scan": auto.label or true.label, "global_auto": round(float(auto.global_mbf), 4),
+            "global_true": round(float(true.global_mbf), 4),
+            "global_error_pct": round(100.0 * (auto.global_mbf / true.global_mbf - 1.0), 2),
+            "sectors": int(paired.sum()),
+            "sector_median_abs_error_pct": round(float(np.median(sector)), 2) if sector.size else None,
+            "sector_max_abs_error_pct": round(float(np.max(sector)), 2) if sector.size else None,
+            "rv_insertion_max_error_deg": round(max(angles), 2) if angles else None,
+            "flags": list(auto.flags)})
+    return rows
+
+
 def write_evaluation(comparison: MbfComparison, automated: Sequence[StudyMbf], truth: Sequence[StudyMbf],
                      out_dir: Path) -> list[Path]:
-    """Write comparison JSON and the global / sector Bland-Altman PNGs to ``out_dir``."""
+    """Write the comparison JSON, the per-scan JSON and the global / sector Bland-Altman PNGs to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "mbf_comparison.json"]
+    paths = [out_dir / "mbf_comparison.json", out_dir / "mbf_per_scan.json"]
     paths[0].write_text(comparison.model_dump_json(indent=2))
+    paths[1].write_text(json.dumps(per_scan_rows(automated, truth), indent=1))
     g_auto = np.array([s.global_mbf for s in automated])
     g_truth = np.array([s.global_mbf for s in truth])
     ok = np.isfinite(g_auto) & np.isfinite(g_truth)
@@ -346,6 +374,10 @@ def run(args: argparse.Namespace) -> int:
                                             progress=lambda done: bar.update(done - bar.n))
     comparison = compare_mbf(automated, truth)
     paths = write_evaluation(comparison, automated, truth, out_dir)
+    for row in per_scan_rows(automated, truth):
+        logger.info("%s: global %.2f / %.2f ml/min/g (%+.1f %%), sectors %s, median |error| %s %%, flags %s",
+                    row["scan"], row["global_auto"], row["global_true"], row["global_error_pct"], row["sectors"],
+                    row["sector_median_abs_error_pct"], len(row["flags"]))  # type: ignore[arg-type]
     g, s = comparison.global_mbf, comparison.sector_mbf
     logger.info("global MBF: bias %+.3f ml/min/g, 95%% limits %+.3f/%+.3f, P=%s, mean |error| %.2f %%",
                 g.bias, *g.limits_of_agreement, g.p_value, g.mean_abs_relative_error_pct)
