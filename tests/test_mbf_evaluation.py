@@ -81,6 +81,8 @@ def test_outputs_written(tmp_path):
     assert len(rows) == 6 and rows[0]["global_error_pct"] == pytest.approx(
         100 * (auto[0].global_mbf / truth[0].global_mbf - 1), abs=0.01)
     assert rows[0]["sectors"] == 16 and rows[0]["flags"] == []
+    assert rows[0]["segments_auto"] == pytest.approx(auto[0].segment_mbf, abs=1e-4)
+    assert len(rows[0]["segments_true"]) == 16
     for png in paths[2:]:
         assert png.read_bytes()[:4] == b"\x89PNG"
     assert bland_altman_plot(np.ones(3), np.ones(3) * 1.1, tmp_path / "x.png", title="t").exists()

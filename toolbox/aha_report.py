@@ -5,7 +5,9 @@ myocardial pixel gets its AHA segment (``perfline.toolbox.aha``, Cerqueira et al
 2002;105:539), and MBF (and PS, Vp) is summarised per segment as the mean and median over
 myocardial pixels, as in Xue et al., Radiology: AI 2020 (Figure 3), leaving out by default the
 pixels on the endo/epicardial border (``border_exclusion_px``: their blood partial volume
-drives the pixel-wise fit to the top of its flow range). The report is a pydantic
+drives the pixel-wise fit to the top of its flow range) and the pixels whose fit sits at the
+top of its grid (``exclude_fit_limit``: no estimate); a slice with most of its pixels at that
+limit fails (the "myocardium" is not perfused tissue: segmentation off the heart). The report is a pydantic
 model serialised to JSON; its schema is documented in ``docs/report_schema.md``.
 
 Slice levels come from the order of the slices along the slice normal (``assign_slice_levels``):

@@ -184,7 +184,9 @@ def study_mbf_from_report(report_json: str | dict, statistic: str = "median") ->
     ``statistic`` picks the report's per-sector / global ``median`` (default) or ``mean`` over
     the myocardial pixels. The median is the default because single pixel-wise BTEX fits that
     end on the top of the flow grid (noise, residual partial volume) move a sector mean by
-    tens of per cent; the truth it is compared with is the mean of the true pixel MBF.
+    tens of per cent; the truth it is compared with is the mean of the true pixel MBF. The
+    report's statistics leave out the border ring of the CNN myocardium and pixels whose fit
+    sits at the top of its grid (``ReportSettings.exclude_fit_limit``); the target is unchanged.
     """
     from perfline.toolbox.aha_report import PerfusionReport
 
@@ -267,7 +269,10 @@ def truth_from_simulator(study: object) -> StudyMbf:
 
     Segment truth is the mean of the phantom's MBF over the myocardial pixels the simulator
     assigns to that segment (its own labels, RV insertion and levels), pooled over slices;
-    global truth is the mean over all myocardial pixels.
+    global truth is the mean over all myocardial pixels. This is the quantity a reader wants
+    (mean MBF of the myocardium in the sector); it does not depend on which pixels the chain
+    analyses: over the true myocardium without its border ring (the chain's choice) it differs
+    by +0.2 % globally and 0.3 % per sector (8 reference studies, docs/integration.md).
     """
     from perfline.simulator import study as simulated
 
@@ -316,7 +321,9 @@ def default_simulator(first_seed: int | None = None) -> StudySimulator:
 
 def per_scan_rows(automated: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> list[dict[str, object]]:
     """One row per scan: global auto / true MBF and relative error (%), sectors measured, median and
-    max absolute sector error (%), max RV insertion error (deg) and the report's flags."""
+    max absolute sector error (%), max RV insertion error (deg), the report's flags, and the 16
+    sector values and per-slice RV insertions of both sides (None where missing), so that runs
+    can be pooled later."""
     rows = []
     for auto, true in zip(automated, truth):
         auto_s, true_s = np.asarray(auto.segment_mbf, dtype=np.float64), np.asarray(true.segment_mbf, dtype=np.float64)
@@ -332,7 +339,11 @@ def per_scan_rows(automated: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> l
             "sector_median_abs_error_pct": round(float(np.median(sector)), 2) if sector.size else None,
             "sector_max_abs_error_pct": round(float(np.max(sector)), 2) if sector.size else None,
             "rv_insertion_max_error_deg": round(max(angles), 2) if angles else None,
-            "flags": list(auto.flags)})
+            "flags": list(auto.flags),
+            "segments_auto": [round(float(v), 4) if math.isfinite(v) else None for v in auto_s],
+            "segments_true": [round(float(v), 4) if math.isfinite(v) else None for v in true_s],
+            "rv_insertion_auto_deg": [round(float(v), 2) if math.isfinite(v) else None for v in auto.rv_insertion_deg],
+            "rv_insertion_true_deg": [round(float(v), 2) if math.isfinite(v) else None for v in true.rv_insertion_deg]})
     return rows
 
 
