@@ -16,6 +16,7 @@ verify it at load like the shipped files.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import tempfile
@@ -39,9 +40,10 @@ def calibration_crops(n_studies: int = 12, first_seed: int = 500) -> np.ndarray:
     from perfline.simulator import simulate_image_study
 
     rng = np.random.default_rng(first_seed)
-    seeds = [s for s in range(first_seed, TEST_SEED_START) if not is_validation_study(s)]
+    training = (s for s in range(first_seed, TEST_SEED_START) if not is_validation_study(s))
     crops = [augmented_sample(slice_, rng, None)[0]
-             for seed in seeds[:n_studies] for slice_ in simulate_image_study(seed)]
+             for seed in itertools.islice(training, n_studies)
+             for slice_ in simulate_image_study(seed)]
     return np.stack(crops).astype(np.float32)
 
 
