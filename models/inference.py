@@ -209,8 +209,11 @@ class OpenVinoNetwork:
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
         """Logits float32 [batch, classes, 176, 176] of crops float32 [batch, frames, 176, 176]."""
-        return np.concatenate([np.array(self._request.infer({0: crop[None]})[0], copy=True)
-                               for crop in crops])
+        # shared buffers: no copy of the 5.9 MB input (measured ~1.5 ms a crop); the output
+        # buffer is reused by the next call, hence the copy
+        return np.concatenate([np.array(self._request.infer(
+            {0: np.ascontiguousarray(crop[None])}, share_inputs=True, share_outputs=True)[0],
+            copy=True) for crop in crops])
 
 
 class Segmenter:
