@@ -18,9 +18,11 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,45 +133,65 @@ def uncrop(probabilities: np.ndarray, geometry: CropGeometry) -> np.ndarray:
     return out / np.maximum(out.sum(axis=0, keepdims=True), 1e-6)
 
 
+_OPENVINO_LOCK = threading.Lock()
+# compiled models shared by every Segmenter of this process (each has its own infer request):
+# after the server's warm-up a connection's model load is the ONNX SHA-256 check only
+_OPENVINO_COMPILED: dict[str, Any] = {}
+_OPENVINO_CORE: list[Any] = []
+
+
+def clear_compiled_models() -> None:
+    """Forget the compiled OpenVINO models kept in this process (tests)."""
+    with _OPENVINO_LOCK:
+        _OPENVINO_COMPILED.clear()
+
+
 class OpenVinoNetwork:
     """The ONNX graph compiled by OpenVINO for the CPU, batch 1 (static shapes measured
     fastest; larger batches run crop by crop).
 
     Precision: bfloat16 when the CPU reports native BF16 (AMX / AVX-512 BF16), else fp32
     (``require_bf16`` raises RuntimeError instead: without bf16 OpenVINO is no faster than
-    ONNX Runtime here). Compiling takes ~0.3 s, so the compiled model is cached in
-    ``cache_dir`` under a key of the ONNX SHA-256, OpenVINO version, CPU, precision and threads,
-    with a JSON sidecar holding the blob's SHA-256, verified before import (a mismatch
-    recompiles).
+    ONNX Runtime here). Compiling takes 0.2-0.5 s, so the compiled model is kept in memory for
+    the process and cached in ``cache_dir`` under a key of the ONNX SHA-256, OpenVINO version,
+    CPU, precision and threads, with a JSON sidecar holding the blob's SHA-256, verified before
+    import (a mismatch recompiles). ``source``: "memory", "disk cache" or "compiled".
     """
 
-    def __init__(self, onnx_path: Path, n_frames: int, *, threads: int = 1,
+    def __init__(self, onnx_path: Path, n_frames: int, *, onnx_sha256: str, threads: int = 1,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, require_bf16: bool = False) -> None:
         import openvino
 
-        core = openvino.Core()
-        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        if "BF16" not in capabilities and require_bf16:
-            raise RuntimeError(f"CPU has no native bf16 (OpenVINO capabilities {capabilities})")
-        self.precision = "bf16" if "BF16" in capabilities else "fp32"
-        config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1,
-                  "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32"}
-        key = {"onnx_sha256": sha256_of(onnx_path), "openvino": openvino.get_version(),
-               "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"), "n_frames": n_frames,
-               "precision": self.precision, "threads": int(threads)}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-        blob_path = None if cache_dir is None else Path(cache_dir) / f"{digest}.blob"
-        self.cached = False
-        compiled = self._import(core, blob_path, config) if blob_path else None
-        if compiled is None:
-            model = core.read_model(str(onnx_path))
-            model.reshape({model.inputs[0].any_name: [1, n_frames, CROP_SIZE, CROP_SIZE]})
-            compiled = core.compile_model(model, "CPU", config)
-            if blob_path is not None:
-                self._export(compiled, blob_path, key)
-        else:
-            self.cached = True
+        with _OPENVINO_LOCK:
+            if not _OPENVINO_CORE:
+                _OPENVINO_CORE.append(openvino.Core())
+            core = _OPENVINO_CORE[0]
+            capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            if "BF16" not in capabilities and require_bf16:
+                raise RuntimeError(f"CPU has no native bf16 (OpenVINO capabilities "
+                                   f"{capabilities})")
+            self.precision = "bf16" if "BF16" in capabilities else "fp32"
+            config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1,
+                      "PERFORMANCE_HINT": "LATENCY",
+                      "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32"}
+            key = {"onnx_sha256": onnx_sha256, "openvino": openvino.get_version(),
+                   "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"), "n_frames": n_frames,
+                   "precision": self.precision, "threads": int(threads)}
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+            blob_path = None if cache_dir is None else Path(cache_dir) / f"{digest}.blob"
+            self.source = "memory"
+            compiled = _OPENVINO_COMPILED.get(digest)
+            if compiled is None and blob_path is not None:
+                compiled = self._import(core, blob_path, config)
+                self.source = "disk cache"
+            if compiled is None:
+                model = core.read_model(str(onnx_path))
+                model.reshape({model.inputs[0].any_name: [1, n_frames, CROP_SIZE, CROP_SIZE]})
+                compiled = core.compile_model(model, "CPU", config)
+                self.source = "compiled"
+                if blob_path is not None:
+                    self._export(compiled, blob_path, key)
+            _OPENVINO_COMPILED[digest] = compiled
         self._request = compiled.create_infer_request()
 
     @staticmethod
@@ -241,7 +263,7 @@ class Segmenter:
         self.threads = int(threads or 1)
         self.runtime = ""
         self.precision = ""
-        self.from_cache = False  # OpenVINO: compiled model imported from cache_dir
+        self.compiled_from = ""  # OpenVINO: "memory", "disk cache" or "compiled"
         loaders = {"openvino": lambda: self._load_openvino(cache_dir, require_bf16=runtime == "auto"),
                    "onnxruntime": self._load_onnxruntime, "torch": self._load_torch}
         order = ("openvino", "onnxruntime", "torch") if runtime == "auto" else (runtime,)
@@ -259,11 +281,12 @@ class Segmenter:
                     self.stem.name, self.runtime, self.precision, self.threads, self.load_ms)
 
     def _load_openvino(self, cache_dir: Path | None, *, require_bf16: bool) -> None:
-        self._network = OpenVinoNetwork(verified_path(self.stem, ".onnx"), self.n_frames,
-                                        threads=self.threads, cache_dir=cache_dir,
-                                        require_bf16=require_bf16)
+        self._network = OpenVinoNetwork(
+            verified_path(self.stem, ".onnx"), self.n_frames,
+            onnx_sha256=self.sidecar["sha256"]["onnx"],  # just verified
+            threads=self.threads, cache_dir=cache_dir, require_bf16=require_bf16)
         self.runtime, self.precision = "openvino", self._network.precision
-        self.from_cache = self._network.cached
+        self.compiled_from = self._network.source
 
     def _load_onnxruntime(self) -> None:
         import onnxruntime

@@ -156,17 +156,23 @@ def test_blur_augmentation_smooths_the_crop_and_keeps_labels():
 def test_openvino_runtime_agrees_and_caches_a_verified_compiled_model(tiny_model, tmp_path,
                                                                        caplog):
     pytest.importorskip("openvino")
-    from perfline.models.inference import Segmenter
+    from perfline.models.inference import Segmenter, clear_compiled_models
+
+    def load() -> Segmenter:
+        return Segmenter(tiny_model, runtime="openvino", threads=1, cache_dir=tmp_path)
 
     crops = np.random.default_rng(3).random((2, 48, 176, 176), dtype=np.float32)
     reference = Segmenter(tiny_model, runtime="onnxruntime").predict(crops)
-    first = Segmenter(tiny_model, runtime="openvino", threads=1, cache_dir=tmp_path)
+    clear_compiled_models()
+    first = load()
     assert first.runtime == "openvino" and first.precision in ("bf16", "fp32")
-    assert not first.from_cache
+    assert first.compiled_from == "compiled"
     blob = next(tmp_path.glob("*.blob"))
     assert len(blob.with_suffix(".json").read_text()) > 0
-    second = Segmenter(tiny_model, runtime="openvino", threads=1, cache_dir=tmp_path)
-    assert second.from_cache
+    assert load().compiled_from == "memory"  # same process: no compile, no import
+    clear_compiled_models()
+    second = load()
+    assert second.compiled_from == "disk cache"
     tolerance = 0.05 if second.precision == "bf16" else 1e-4  # bf16: 8-bit mantissa
     assert np.abs(second.predict(crops) - reference).max() < tolerance
     assert np.abs(first.predict(crops) - second.predict(crops)).max() < 1e-6
@@ -174,9 +180,10 @@ def test_openvino_runtime_agrees_and_caches_a_verified_compiled_model(tiny_model
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
-    third = Segmenter(tiny_model, runtime="openvino", threads=1, cache_dir=tmp_path)
-    assert not third.from_cache and "SHA-256" in caplog.text
-    assert Segmenter(tiny_model, runtime="openvino", cache_dir=tmp_path).from_cache
+    clear_compiled_models()
+    assert load().compiled_from == "compiled" and "SHA-256" in caplog.text
+    clear_compiled_models()
+    assert load().compiled_from == "disk cache"  # rewritten by the recompilation
 
 
 def test_auto_runtime_prefers_openvino_bf16_and_falls_back(tiny_model, tmp_path, monkeypatch):
