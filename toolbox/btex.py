@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -47,8 +46,11 @@ from perfline.toolbox.flow_fit import (
     PIXEL_BLOCK,
     FlowMaps,
     grid_value,
+    interpolate_grid,
     prepare_curves,
+    refine_on_grid,
     scatter_maps,
+    warm_compiled_refinement,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,12 @@ class BtexSettings(BaseModel):
     delay_step_s: float = Field(0.25, gt=0, description="delay grid step, s")
     n_components: int = Field(16, ge=4, le=40, description="principal components of the table")
     iterations: int = Field(10, ge=0, description="Levenberg-Marquardt iterations")
-    n_starts: int = Field(3, ge=1, description="best coarse entries refined per pixel")
+    n_starts: int = Field(1, ge=1, description="best coarse entries refined per pixel")
+    coarse_stride: tuple[int, int, int, int, int] = Field(
+        (1, 2, 2, 2, 2), description="global search on every k-th grid point of (Fp, PS, Vp, Visf, delay)")
+    start_iterations: int = Field(3, ge=0, description="with several starts: iterations of each before the best goes on")
+    tolerance_cells: float = Field(
+        0.02, ge=0, description="stop a pixel's refinement once a step moves it less (grid cells); 0: all iterations")
     prior_weight: float = Field(1.0, ge=0, description="scale of the priors (0: least squares)")
     prior_ps_ml_min_g: float = Field(1.3, gt=0, description="PS prior centre (MRM 2020 volunteers)")
     prior_ps_log_sd: float = Field(0.5, gt=0, description="PS prior SD of ln(PS)")
@@ -79,6 +86,13 @@ class BtexSettings(BaseModel):
     prior_vp_sd: float = Field(0.02, gt=0)
     prior_visf: float = Field(0.25, gt=0)
     prior_visf_sd: float = Field(0.08, gt=0)
+
+    def thorough(self) -> BtexSettings:
+        """The same grid and priors with the slower search of the first version (3 starts from
+        every other grid point, 3 iterations each, the best goes on, no early stopping): the
+        reference the fast defaults are checked against (tests/test_mapping.py, docs/mapping.md)."""
+        return self.model_copy(update={"n_starts": 3, "coarse_stride": (2, 2, 2, 2, 2), "start_iterations": 3,
+                                       "tolerance_cells": 0.0})
 
     def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         return (
@@ -107,6 +121,7 @@ class BtexSettings(BaseModel):
 
 
 CACHE_DIR_ENV = "PERFLINE_CACHE_DIR"
+COARSE_BLOCK_COSTS = PIXEL_BLOCK * 2048  # cost entries per block of the coarse search (about 32 MB)
 
 
 def _cache_dir() -> Path | None:
@@ -193,9 +208,13 @@ def warm_residue_tables(dt_s: float, settings: BtexSettings, lengths: Sequence[i
     The residue tables depend only on the time grid and the grid fields of ``settings``, not on
     the AIF, so a server can prepare them before the first scan (the per-AIF table of
     :func:`build_aif_table` cannot be). Lengths are rounded up to powers of two. Stops between
-    tables once ``stop`` is set. Returns seconds spent per padded length.
+    tables once ``stop`` is set. Returns seconds spent per padded length. Also compiles (or loads
+    from numba's cache) the compiled refinement first, when numba is installed.
     """
     spent: dict[int, float] = {}
+    compiled_s = warm_compiled_refinement() if stop is None or not stop.is_set() else 0.0
+    if compiled_s > 0.5:
+        logger.info("compiled BTEX refinement ready after %.1f s", compiled_s)
     for length in lengths:
         if stop is not None and stop.is_set():
             break
@@ -216,136 +235,61 @@ def _table_curves(aif: np.ndarray, dt_s: float, settings: BtexSettings) -> np.nd
 
 def noise_sd(curves: np.ndarray) -> np.ndarray:
     """Robust white-noise SD of each curve ``[P, T]`` from its second differences."""
-    second = np.diff(curves, n=2, axis=1)
-    return np.median(np.abs(second), axis=1) / 0.6745 / np.sqrt(6.0)
-
-
-def _strides(grid: np.ndarray) -> np.ndarray:
-    """Row-major strides (in elements) of a grid shape."""
-    return np.r_[np.cumprod(grid[::-1])[::-1][1:], 1].astype(np.int64)
-
-
-def _interpolate(table: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Multilinear interpolation of ``table`` ``[*grid(D), R]`` at ``position`` ``[P, D]``.
-
-    Returns the values ``[P, R]`` and their derivatives along each grid coordinate
-    ``[P, R, D]`` (of the cell the point lies in).
-    """
-    grid = np.array(table.shape[:-1])
-    n_dims = grid.size
-    lower = np.clip(np.floor(position).astype(np.int64), 0, grid - 2)
-    frac = np.clip(position - lower, 0.0, 1.0)
-    corners = np.array(list(itertools.product((0, 1), repeat=n_dims)), dtype=np.int64)
-    strides = _strides(grid)
-    flat_index = (lower @ strides)[:, None] + (corners @ strides)[None, :]  # [P, 2^D]
-    flat_table = table.reshape(-1, table.shape[-1])
-    cell = np.take(flat_table, flat_index, axis=0).reshape(-1, *(2,) * n_dims, table.shape[-1])
-    frac = frac.astype(table.dtype)
-
-    # weights of the 2^D corners (row-major corner order, as ``corners``) for the value and
-    # for the derivative along each axis: outer products of (1 - f, f) per axis, with
-    # (-1, +1) on the differentiated axis
-    pairs = [np.stack([1.0 - frac[:, d], frac[:, d]], axis=1) for d in range(n_dims)]
-    slope = np.broadcast_to(np.array([-1.0, 1.0], dtype=table.dtype), (position.shape[0], 2))
-
-    def outer(factors: list[np.ndarray]) -> np.ndarray:
-        weight = factors[0]
-        for factor in factors[1:]:
-            weight = (weight[:, :, None] * factor[:, None, :]).reshape(weight.shape[0], -1)
-        return weight
-
-    weights = np.stack(
-        [outer(pairs)] + [outer(pairs[:d] + [slope] + pairs[d + 1 :]) for d in range(n_dims)], axis=1
-    )  # [P, 1 + D, C]
-    cell = cell.reshape(position.shape[0], corners.shape[0], table.shape[-1])
-    combined = np.matmul(weights, cell)  # [P, 1 + D, R]
-    return combined[:, 0], np.moveaxis(combined[:, 1:], 1, 2)
+    second = np.abs(np.diff(np.asarray(curves, dtype=np.float32), n=2, axis=1))
+    return np.median(second, axis=1).astype(np.float64) / 0.6745 / np.sqrt(6.0)
 
 
 def _coarse_search(
     coefficients: np.ndarray, table: np.ndarray, n_starts: int, penalty: np.ndarray, variance: np.ndarray,
-    delay_centre: np.ndarray | None = None,
+    delay_centre: np.ndarray | None = None, stride: Sequence[int] = (2, 2, 2, 2, 2),
 ) -> np.ndarray:
-    """Best ``n_starts`` entries on every other grid point, grid coordinates ``[P, S, D]``.
+    """Best ``n_starts`` entries on every ``stride``-th grid point per axis (default every
+    other), grid coordinates ``[P, S, D]``.
 
-    Cost per pixel and entry: ``|y - l|^2 + variance * penalty`` (``penalty`` on the grid).
-    With per-pixel delay centres (grid coordinates of the last axis) each pixel is searched
-    only at the coarse delay nearest its centre (the refinement then moves the delay).
+    Cost per pixel and entry: ``|y - l|^2 + variance * penalty`` (``penalty`` on the grid),
+    up to the pixel's constant ``|y|^2``: one matrix product of ``[y, 1, variance]`` with
+    ``[-2 l, |l|^2, penalty]`` per block of pixels, then ``n_starts`` argmin passes (much
+    cheaper than a partial sort). With per-pixel delay centres (grid coordinates of the last
+    axis) each pixel is searched only at the coarse delay nearest its centre (the refinement
+    then moves the delay).
     """
-    step = tuple(slice(None, None, 2) for _ in range(table.ndim - 1))
-    coarse = table[step].astype(np.float32)
-    coarse_penalty = penalty[step].astype(np.float32)
+    stride = np.asarray(stride, dtype=np.int64)
+    step = tuple(slice(None, None, int(k)) for k in stride)
+    coarse = table[step]
+    coarse_penalty = penalty[step]
     n_delays = coarse.shape[-2]
     if delay_centre is None:
         groups = {None: np.arange(coefficients.shape[0])}
     else:
-        nearest = np.clip(np.rint(np.asarray(delay_centre) / 2.0), 0, n_delays - 1).astype(np.int64)
+        nearest = np.clip(np.rint(np.asarray(delay_centre) / stride[-1]), 0, n_delays - 1).astype(np.int64)
         groups = {int(g): np.flatnonzero(nearest == g) for g in np.unique(nearest)}
     best = np.empty((coefficients.shape[0], n_starts, table.ndim - 1), dtype=np.int64)
     for group, pixels in groups.items():
         sub = coarse if group is None else coarse[..., group : group + 1, :]
         sub_shape = sub.shape[:-1]
-        flat = sub.reshape(-1, table.shape[-1])
-        norms = np.sum(flat.astype(np.float64) ** 2, axis=1).astype(np.float32)
+        flat = sub.reshape(-1, table.shape[-1]).astype(np.float64)
         flat_penalty = (coarse_penalty if group is None else coarse_penalty[..., group : group + 1]).ravel()
-        block = max(256, PIXEL_BLOCK * 2048 // max(flat.shape[0], 1))
+        entries = np.concatenate([-2.0 * flat, np.sum(flat**2, axis=1)[:, None], flat_penalty[:, None]], axis=1)
+        entries = np.ascontiguousarray(entries.T, dtype=np.float32)  # [R + 2, E]
+        # blocks of about 1 MB of costs stay in cache for the argmin passes
+        block = max(64, COARSE_BLOCK_COSTS // max(flat.shape[0], 1))
         for start in range(0, pixels.size, block):
             chosen = pixels[start : start + block]
-            y = coefficients[chosen].astype(np.float32)
-            var = variance[chosen, None].astype(np.float32)
-            cost = norms[None, :] - 2.0 * (y @ flat.T) + var * flat_penalty[None, :]
-            if n_starts > 1:
-                index = np.argpartition(cost, n_starts - 1, axis=1)[:, :n_starts]
-            else:
-                index = np.argmin(cost, axis=1)[:, None]
+            augmented = np.concatenate(
+                [coefficients[chosen], np.ones((chosen.size, 1)), variance[chosen, None]], axis=1
+            ).astype(np.float32)
+            cost = augmented @ entries  # [B, E]
+            index = np.empty((chosen.size, n_starts), dtype=np.int64)
+            rows = np.arange(chosen.size)
+            for k in range(n_starts):
+                index[:, k] = np.argmin(cost, axis=1)
+                if k + 1 < n_starts:
+                    cost[rows, index[:, k]] = np.inf
             grid_index = np.stack(np.unravel_index(index, sub_shape), axis=-1)
             if group is not None:
                 grid_index[..., -1] = group
-            best[chosen] = 2 * grid_index
+            best[chosen] = stride * grid_index
     return best
-
-
-def _levenberg_marquardt(
-    coefficients: np.ndarray, table: np.ndarray, start: np.ndarray, iterations: int,
-    prior_centre: np.ndarray, prior_precision: np.ndarray, variance: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Refine grid coordinates ``[P, D]`` minimising ``|y - table(p)|^2 + var * prior(p)``."""
-    upper = np.array(table.shape[:-1], dtype=np.float64) - 1.0
-    position = start.astype(np.float64)
-    weights = variance[:, None] * prior_precision[None, :]  # [P, D]
-
-    prior_centre = np.broadcast_to(prior_centre, position.shape)
-
-    def objective(value: np.ndarray, where: np.ndarray) -> np.ndarray:
-        return np.sum((value - coefficients) ** 2, axis=1) + np.sum(weights * (where - prior_centre) ** 2, axis=1)
-
-    value, jacobian = _interpolate(table, position)
-    cost = objective(value, position)
-    damping = np.full(position.shape[0], 1e-2)
-    eye = np.eye(position.shape[1])
-    for _ in range(iterations):
-        residual = value - coefficients
-        normal = np.einsum("prd,pre->pde", jacobian, jacobian) + weights[:, :, None] * eye
-        rhs = -np.einsum("prd,pr->pd", jacobian, residual) - weights * (position - prior_centre)
-        # coordinates on a bound whose descent direction points outwards are held fixed, so
-        # that the others can still move (a projected step would otherwise stall)
-        frozen = ((position <= 0.0) & (rhs < 0)) | ((position >= upper) & (rhs > 0))
-        free = (~frozen).astype(np.float64)
-        normal = normal * free[:, :, None] * free[:, None, :] + eye * frozen[:, :, None]
-        rhs = rhs * free
-        diag = np.diagonal(normal, axis1=1, axis2=2)
-        system = normal + damping[:, None, None] * (eye * (diag[:, :, None] + 1e-12))
-        step = np.linalg.solve(system, rhs[..., None])[..., 0]
-        trial = np.clip(position + np.clip(step, -2.0, 2.0), 0.0, upper)
-        trial_value, trial_jacobian = _interpolate(table, trial)
-        trial_cost = objective(trial_value, trial)
-        better = trial_cost < cost
-        position[better] = trial[better]
-        value[better] = trial_value[better]
-        jacobian[better] = trial_jacobian[better]
-        cost[better] = trial_cost[better]
-        damping = np.where(better, damping / 3.0, damping * 4.0)
-    return position, cost
 
 
 @dataclass(frozen=True)
@@ -389,11 +333,25 @@ def fit_btex_curves(
     ``delay_prior_sd_s``), e.g. from a fit of the spatially smoothed series. ``aif_table``
     (from ``build_aif_table`` with the same AIF and settings) avoids rebuilding it.
     """
-    n = curves.shape[0]
     names = ("mbf_ml_min_g", "ps_ml_min_g", "vp", "visf", "delay_s", "fit_rmse")
-    result = {name: np.full(n, np.nan) for name in names}
+    result = {name: np.full(curves.shape[0], np.nan) for name in names}
     prepared = aif_table if aif_table is not None else build_aif_table(aif, dt_s, settings)
-    table, basis, delays, penalty = prepared.coefficients, prepared.basis, prepared.delays, prepared.penalty
+    fittable, position, rmse = _fit_positions(curves, prepared, settings, delay_prior_s, delay_prior_sd_s)
+    axes = (*settings.axes(), prepared.delays)
+    values = [grid_value(axis, position[:, i], log=i < 2) for i, axis in enumerate(axes)]
+    for name, value in zip(names[:5], values):
+        result[name][fittable] = value
+    result["fit_rmse"][fittable] = rmse
+    return result
+
+
+def _fit_positions(
+    curves: np.ndarray, prepared: AifTable, settings: BtexSettings, delay_prior_s: np.ndarray | None,
+    delay_prior_sd_s: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fit of :func:`fit_btex_curves` in grid coordinates: (fitted mask [P], coordinates
+    [F, 5] of the fitted pixels, their RMSE on the full curves [F], mmol/L)."""
+    table, basis, penalty = prepared.coefficients, prepared.basis, prepared.penalty
     fittable = np.max(curves, axis=1) > 0
     y = curves[fittable]
     coefficients = (y @ basis).astype(np.float32)
@@ -401,33 +359,25 @@ def fit_btex_curves(
     variance = np.maximum(sd, 0.25 * np.median(sd) + 1e-12) ** 2
     centre, precision = settings.prior_in_cells()
     pixel_centre = np.broadcast_to(centre, (y.shape[0], centre.size)).copy()
-    delay_precision = 0.0
     if delay_prior_s is not None:
         pixel_centre[:, 4] = np.asarray(delay_prior_s, dtype=np.float64)[fittable] / settings.delay_step_s
-        delay_precision = (settings.delay_step_s / delay_prior_sd_s) ** 2
         precision = precision.copy()
-        precision[4] = delay_precision
+        precision[4] = (settings.delay_step_s / delay_prior_sd_s) ** 2
     starts = _coarse_search(coefficients, table, settings.n_starts, penalty, variance,
-                            pixel_centre[:, 4] if delay_prior_s is not None else None)
+                            pixel_centre[:, 4] if delay_prior_s is not None else None,
+                            settings.coarse_stride).astype(np.float64)
     n_fit, n_starts, n_dims = starts.shape
-    # every start gets a few iterations; only the best start of each pixel is carried on
-    first = min(settings.iterations, 3) if n_starts > 1 else settings.iterations
-    positions, costs = _levenberg_marquardt(
-        np.repeat(coefficients, n_starts, axis=0), table, starts.reshape(-1, n_dims), first,
-        np.repeat(pixel_centre, n_starts, axis=0), precision, np.repeat(variance, n_starts),
-    )
-    choice = np.argmin(costs.reshape(n_fit, n_starts), axis=1)
-    position = positions.reshape(n_fit, n_starts, n_dims)[np.arange(n_fit), choice]
-    if settings.iterations > first:
-        position, _ = _levenberg_marquardt(coefficients, table, position, settings.iterations - first,
-                                           pixel_centre, precision, variance)
-    fitted_curves = _interpolate(table, position)[0].astype(np.float64) @ basis.T
-    axes = (*settings.axes(), delays)
-    values = [grid_value(axis, position[:, i], log=i < 2) for i, axis in enumerate(axes)]
-    for name, value in zip(names[:5], values):
-        result[name][fittable] = value
-    result["fit_rmse"][fittable] = np.sqrt(np.mean((fitted_curves - y) ** 2, axis=1))
-    return result
+    fit = refine_on_grid(coefficients, table, starts if n_starts > 1 else starts[:, 0], settings.iterations,
+                         pixel_centre, precision, variance, settings.tolerance_cells,
+                         first_iterations=settings.start_iterations)
+    if fit.iterations.size:
+        logger.debug("BTEX refinement: %d pixels, %d starts each, %.1f iterations per pixel on average",
+                     n_fit, n_starts, fit.iterations.mean())
+    # residual on the full curves: the part outside the basis plus the misfit inside it
+    projected = y @ basis
+    outside = np.maximum(np.sum(y**2, axis=1) - np.sum(projected**2, axis=1), 0.0)
+    inside = np.sum((projected - fit.value.astype(np.float64)) ** 2, axis=1)
+    return fittable, fit.position, np.sqrt((outside + inside) / y.shape[1])
 
 
 def _smoothed_curves(prepared, sigma_px: float) -> np.ndarray:
@@ -445,9 +395,8 @@ def _smoothed_curves(prepared, sigma_px: float) -> np.ndarray:
     return smoothed.T
 
 
-def _smoothed_delay(prepared, aif: np.ndarray, dt_s: float, settings: BtexSettings, sigma_px: float,
-                    aif_table: AifTable) -> np.ndarray:
-    """Delay of every fitted pixel from a fit of the smoothed series.
+def _smoothed_fit(prepared, settings: BtexSettings, sigma_px: float, aif_table: AifTable) -> np.ndarray:
+    """Grid coordinates ``[P, 5]`` of every fitted pixel from a fit of the smoothed series.
 
     The smoothed series varies slowly, so only every second row and column is fitted; the
     other pixels get the bilinear interpolation of their fitted neighbours (a normalised
@@ -459,22 +408,27 @@ def _smoothed_delay(prepared, aif: np.ndarray, dt_s: float, settings: BtexSettin
     on_grid = (rows % step == 0) & (cols % step == 0)
     if not np.any(on_grid):
         on_grid[:] = True
-    fitted = fit_btex_curves(smoothed[on_grid], aif, dt_s, settings, aif_table=aif_table)
-    values = np.zeros(prepared.spatial_shape)
-    weights = np.zeros(prepared.spatial_shape)
-    values[rows[on_grid], cols[on_grid]] = np.nan_to_num(fitted["delay_s"], nan=0.0)
-    weights[rows[on_grid], cols[on_grid]] = 1.0
+    # only the delay of this fit is used: the global search on every other grid point suffices
+    settings = settings.model_copy(update={"coarse_stride": (2, 2, 2, 2, 2)})
+    fittable, position, _ = _fit_positions(smoothed[on_grid], aif_table, settings, None, 0.25)
     tent = np.array([0.5, 1.0, 0.5]) if step == 2 else np.array([1.0])
     kernel = np.outer(tent, tent)
-    spread_values = ndi.convolve(values, kernel, mode="constant")
+    weights = np.zeros(prepared.spatial_shape)
+    weights[rows[on_grid][fittable], cols[on_grid][fittable]] = 1.0
     spread_weights = ndi.convolve(weights, kernel, mode="constant")
-    filled = spread_values / np.where(spread_weights > 0, spread_weights, 1.0)
-    # pixels with no fitted neighbour within one step (isolated bits of the mask): nearest
     missing = spread_weights <= 0
     if np.any(missing[rows, cols]):
+        # pixels with no fitted neighbour within one step (isolated bits of the mask): nearest
         _, nearest = ndi.distance_transform_edt(weights == 0, return_indices=True)
-        filled = np.where(missing, values[nearest[0], nearest[1]], filled)
-    return filled[rows, cols]
+    filled = np.empty((rows.size, position.shape[1]))
+    for axis in range(position.shape[1]):
+        values = np.zeros(prepared.spatial_shape)
+        values[rows[on_grid][fittable], cols[on_grid][fittable]] = position[:, axis]
+        spread = ndi.convolve(values, kernel, mode="constant") / np.where(spread_weights > 0, spread_weights, 1.0)
+        if np.any(missing[rows, cols]):
+            spread = np.where(missing, values[nearest[0], nearest[1]], spread)
+        filled[:, axis] = spread[rows, cols]
+    return filled
 
 
 def map_btex(
@@ -508,6 +462,6 @@ def map_btex(
         aif_table = build_aif_table(aif, dt_s, settings)
     delay_prior = None
     if delay_smoothing_px > 0 and len(prepared.spatial_shape) == 2:
-        delay_prior = _smoothed_delay(prepared, aif, dt_s, settings, delay_smoothing_px, aif_table)
+        delay_prior = _smoothed_fit(prepared, settings, delay_smoothing_px, aif_table)[:, 4] * settings.delay_step_s
     values = fit_btex_curves(prepared.curves, aif, dt_s, settings, delay_prior_s=delay_prior, aif_table=aif_table)
     return scatter_maps(prepared, "btex", **values)
