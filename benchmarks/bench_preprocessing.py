@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -36,12 +37,16 @@ from perfline.server.client import dataset_items
 from perfline.simulator import mrd, truth
 from perfline.simulator import study as st
 from perfline.simulator.image_study import image_slice
+from perfline.simulator.motion import warp
 from perfline.toolbox.gd_conversion import myocardial_gd
 from perfline.toolbox.fft import centered_fft
 from perfline.toolbox.interleaved_recon import reconstruct_compact
 from perfline.toolbox.motion_correction import motion_correct_series
 from perfline.toolbox.resample import resample_to_uniform
 from perfline.toolbox.surface_coil import coil_map_from_pd, normalize_by_pd
+
+
+SECTIONS = ("timing", "recon", "motion", "gd", "aif", "resample")
 
 
 def residual_motion_px(estimated: np.ndarray, truth_field: np.ndarray, mask: np.ndarray) -> float:
@@ -102,8 +107,36 @@ def run_stages(header_xml: str, acquisitions: list, *, t2star: bool = True) -> t
     return times, items
 
 
-def recon_accuracy(study: st.StudyParameters, items: list, label: str) -> list[str]:
-    """NRMSE of the TSENSE images against the noise-free fully sampled coil-combined truth."""
+def _moving_masks(study: st.StudyParameters, index: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(myocardium, LV blood pool) masks [time, rows, cols] moved with the simulated breathing."""
+    phantom = st.slice_phantom(study, index)
+    field = st.motion_fields(study, "myocardium", index, st.MYO_SHAPE, st.MYO_PIXEL_MM, phantom.anatomy.lv_center_rc)
+    masks = []
+    for label in (2, 1):
+        inside = np.repeat((phantom.anatomy.labels == label)[None].astype(np.float32), n_frames, axis=0)
+        masks.append(warp(inside, field) > 0.99)
+    return masks[0], masks[1]
+
+
+def _curve_errors(images: np.ndarray, reference: np.ndarray, mask: np.ndarray, n_pd: int) -> tuple[float, float]:
+    """Relative error (%) of the peak and of the upslope (largest 2-frame central difference) of
+    the mask-mean SR curve against the same curve of the reference."""
+    frames = range(n_pd, images.shape[0])
+    curve = np.array([images[t][mask[t]].mean() for t in frames])
+    truth_curve = np.array([reference[t][mask[t]].mean() for t in frames])
+    peak = 100 * (curve.max() / truth_curve.max() - 1)
+    slope = 100 * (np.max(curve[2:] - curve[:-2]) / np.max(truth_curve[2:] - truth_curve[:-2]) - 1)
+    return float(peak), float(slope)
+
+
+def recon_accuracy(study: st.StudyParameters, items: list, label: str, settings: PerfusionReconSettings,
+                   noise_sd: float) -> list[str]:
+    """NRMSE of the TSENSE images against the noise-free fully sampled coil-combined truth, and
+    the error of the myocardial and LV-blood SR curves (peak, upslope) that the filter might blur.
+
+    The same recon is also run on noise-free k-space (undersampling + calibration + filter bias
+    only), with the filter threshold of the noisy study's noise level.
+    """
     lines = [f" {label}:"]
     slices = [item for item in items if isinstance(item, SliceSeries)]
     for item in slices:
@@ -112,15 +145,25 @@ def recon_accuracy(study: st.StudyParameters, items: list, label: str) -> list[s
         reference = np.abs(moving[0]) * shading[None]
         body = reference.mean(axis=0) > 0.05 * reference.mean(axis=0).max()
         noisy = np.linalg.norm((item.data - reference)[:, body]) / np.linalg.norm(reference[:, body])
-        # the same recon on noise-free k-space: undersampling artefacts and calibration only
+        # the same recon on noise-free k-space: undersampling artefacts, calibration, filter bias
         kspace = centered_fft(centered_fft(sens[None] * moving[0][:, None], axis=-2), axis=-1)
         offsets = np.arange(kspace.shape[0]) % study.acceleration
         compact = np.stack([kspace[t][:, offsets[t]::study.acceleration] for t in range(kspace.shape[0])])
-        clean = reconstruct_compact(compact.astype(np.complex64), offsets, study.acceleration)
+        clean = reconstruct_compact(compact.astype(np.complex64), offsets, study.acceleration,
+                                    virtual_coils=settings.virtual_coils or None, noise_sd=noise_sd,
+                                    denoise_threshold=settings.denoise_threshold,
+                                    denoise_patch_px=settings.denoise_patch_px)
         artefact = np.linalg.norm((clean - reference)[:, body]) / np.linalg.norm(reference[:, body])
         gain = float(np.median(item.data[:, body] / np.maximum(reference[:, body], 1e-9)))
+        myocardium, pool = _moving_masks(study, item.slice_index, reference.shape[0])
+        pd = item.n_pd_frames
+        errors = [_curve_errors(images, reference, mask, pd) for mask in (myocardium, pool)
+                  for images in (item.data, clean)]
         lines.append(f"  slice {item.slice_index}: NRMSE in the body {100 * noisy:.1f} % (noisy data, SNR "
                      f"{study.snr_blood_peak:.0f}; median gain {gain:.3f}); noise-free k-space {100 * artefact:.2f} %")
+        lines.append("    SR curve error peak / upslope, noisy | noise-free: myocardium "
+                     f"{errors[0][0]:+.1f} / {errors[0][1]:+.1f} % | {errors[1][0]:+.1f} / {errors[1][1]:+.1f} %; "
+                     f"LV blood {errors[2][0]:+.1f} / {errors[2][1]:+.1f} % | {errors[3][0]:+.1f} / {errors[3][1]:+.1f} %")
     return lines
 
 
@@ -197,37 +240,63 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/perfline-bench"))
     parser.add_argument("--motion-seeds", type=int, nargs="*", default=[3, 7, 11])
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS,
+                        help="what to measure (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     study, scan, truth_path = make_study(args.seed, args.cache)
     header_xml, stream = dataset_items(scan)
     acquisitions = [item for item in stream if isinstance(item, ismrmrd.Acquisition)]
-    runs = []
-    for _ in range(args.repeats):
-        times, items = run_stages(header_xml, acquisitions)
-        runs.append(times)
     print(f"study seed {args.seed}: 3 slices, 60 SR + 3 PD frames, 16 coils, R=3, {study.field_strength_t} T, "
           f"{len(acquisitions)} acquisitions")
-    print(f"per-stage time, median of {args.repeats} runs (s):")
-    for stage in runs[0]:
-        print(f"  {stage:40s} {np.median([r[stage] for r in runs]):6.2f}")
-    print(f"  {'TOTAL':40s} {np.median([sum(r.values()) for r in runs]):6.2f}")
+    items: list = []
+    if "timing" in args.sections or "aif" in args.sections:
+        runs, cpu = [], []
+        load_before = os.getloadavg()
+        for _ in range(args.repeats):
+            started = time.process_time()
+            times, items = run_stages(header_xml, acquisitions)
+            cpu.append(time.process_time() - started)
+            runs.append(times)
+        load_after = os.getloadavg()
+        print(f"per-stage wall time, median of {args.repeats} runs (s); load average (1 min) "
+              f"{load_before[0]:.1f} before, {load_after[0]:.1f} after:")
+        for stage in runs[0]:
+            print(f"  {stage:40s} {np.median([r[stage] for r in runs]):6.2f}")
+        print(f"  {'TOTAL':40s} {np.median([sum(r.values()) for r in runs]):6.2f}  "
+              f"(process CPU time {np.median(cpu):.2f} s)")
+    if "recon" in args.sections:
+        _print_recon(study, header_xml, acquisitions)
+    if "motion" in args.sections:
+        print("motion correction, residual heart motion (known fields, mid slice):")
+        print("\n".join(motion_accuracy(args.motion_seeds)))
+    if "gd" in args.sections:
+        print("Gd conversion (SR / guided PD map -> myocardial LUT), truth 0.2-6 mmol/L:")
+        print("\n".join(gd_accuracy()))
+    if "aif" in args.sections:
+        _, uncorrected = run_stages(header_xml, acquisitions, t2star=False)
+        print(f"AIF peak (LV pool median) vs truth: with T2* correction "
+              f"{100 * aif_peak(study, items, truth_path):+.1f} %, "
+              f"without {100 * aif_peak(study, uncorrected, truth_path):+.1f} %")
+    if "resample" in args.sections:
+        print("temporal resampling:")
+        print(resampling_accuracy())
+
+
+def _print_recon(study: st.StudyParameters, header_xml: str, acquisitions: list) -> None:
     print("recon NRMSE against the noise-free fully sampled truth (coil-combined, body mask):")
     context = ChainContext(header=xsd.CreateFromDocument(header_xml), header_xml=header_xml)
-    for prewhiten in (False, True):
-        gadget = PerfusionRecon(PerfusionReconSettings(prewhiten=prewhiten), context=context)
+    noise = [item for item in acquisitions if item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    noise_sd = float(np.sqrt(np.mean(np.abs(np.concatenate([np.asarray(a.data) for a in noise], axis=1)) ** 2)))
+    variants = [("previous default: no whitening, 16 coils, no filter",
+                 PerfusionReconSettings(prewhiten=False, virtual_coils=0, denoise_threshold=0.0)),
+                ("whitening, 8 virtual coils, no filter", PerfusionReconSettings(denoise_threshold=0.0)),
+                ("chain default: whitening, 8 virtual coils, low-rank filter", PerfusionReconSettings())]
+    for label, settings in variants:
+        gadget = PerfusionRecon(settings, context=context)
         reconstructed = list(gadget.process(iter(acquisitions)))
-        print("\n".join(recon_accuracy(study, reconstructed, f"noise pre-whitening {'on' if prewhiten else 'off'}")))
-    print("motion correction, residual heart motion (known fields, mid slice):")
-    print("\n".join(motion_accuracy(args.motion_seeds)))
-    print("Gd conversion (SR / guided PD map -> myocardial LUT), truth 0.2-6 mmol/L:")
-    print("\n".join(gd_accuracy()))
-    _, uncorrected = run_stages(header_xml, acquisitions, t2star=False)
-    print(f"AIF peak (LV pool median) vs truth: with T2* correction {100 * aif_peak(study, items, truth_path):+.1f} %, "
-          f"without {100 * aif_peak(study, uncorrected, truth_path):+.1f} %")
-    print("temporal resampling:")
-    print(resampling_accuracy())
+        print("\n".join(recon_accuracy(study, reconstructed, label, settings, noise_sd)))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,14 @@ slices (``idx.slice``), encoding space 1 = the dual-echo AIF (``idx.contrast`` =
 ``idx.repetition`` = frame (the first ``NumberOfPDFrames`` are proton-density frames), noise
 scans flagged ``ACQ_IS_NOISE_MEASUREMENT``. Only the acquired lines are stored (time-interleaved
 acceleration R: frame f holds lines ``(l - f) % R == 0``). At the end of the scan every series is
-reconstructed with TSENSE (``perfline.toolbox.interleaved_recon``; both AIF echoes with the same
-coil sensitivities so their ratio stays unbiased) and emitted: the AIF first, then the slices.
+reconstructed with TSENSE (``perfline.toolbox.interleaved_recon``; noise pre-whitening and PCA
+coil compression to ``virtual_coils``; both AIF echoes with the same calibration so their ratio
+stays unbiased) and emitted: the AIF first, then the slices. The myocardial series are then
+filtered by a local low-rank (patch-wise temporal PCA) filter whose threshold comes from the
+noise scan and the unfolding's g-factor: it removes most of the noise TSENSE amplifies and keeps
+the components of the bolus and of the motion (docs/preprocessing.md). The AIF series is not
+filtered (its noise level differs from the noise scan's on the simulator, and its curve is a
+median over many blood-pool pixels anyway).
 
 Frame times: the acquisition time of the k-space centre line (interpolated between the
 acquired lines), in seconds from the first R wave (``acquisition_time_stamp`` -
@@ -24,11 +30,11 @@ from pydantic import Field
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
 from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry, SliceSeries
+from perfline.gadgets.perfusion_preprocessing import single_threaded_blas
 from perfline.toolbox.gd_conversion import user_parameters
 from perfline.toolbox.interleaved_recon import (
     ReconError,
-    coil_sensitivities,
-    compact_time_average,
+    calibrate,
     noise_whitening_matrix,
     reconstruct_compact,
 )
@@ -44,6 +50,12 @@ class PerfusionReconSettings(GadgetSettings):
     prewhiten: bool = Field(True, description="noise pre-whitening when a noise scan is present")
     regularization: float = Field(1e-3, ge=0.0, le=1.0, description="SENSE Tikhonov lambda (relative)")
     max_frames: int = Field(400, ge=2, le=4096, description="largest repetition index accepted + 1")
+    virtual_coils: int = Field(8, ge=0, le=128,
+                               description="PCA coil compression before unfolding (0: keep all coils)")
+    denoise_threshold: float = Field(
+        1.0, ge=0.0, le=3.0, description="local low-rank filter of the myocardial series, in noise edges "
+        "(0: off); needs the noise scan")
+    denoise_patch_px: int = Field(16, ge=4, le=64, description="local low-rank filter patch width, pixels")
 
 
 @dataclass
@@ -103,11 +115,12 @@ class PerfusionRecon(Gadget):
             raise GadgetError("no PD frames: header user parameter NumberOfPDFrames is missing or 0; the "
                               "SR/PD surface-coil correction needs proton-density frames at the start")
         buffers: dict[tuple[int, int], _SeriesBuffer] = {}
-        noise: list[np.ndarray] = []
+        noise: list[tuple[np.ndarray, float]] = []   # (samples [coils, n], dwell time us)
         origin_s: float | None = None
         for acquisition in items:
             if acquisition.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-                noise.append(np.array(acquisition.data, dtype=np.complex64))
+                noise.append((np.array(acquisition.data, dtype=np.complex64),
+                              float(acquisition.sample_time_us)))
                 continue
             space = int(acquisition.encoding_space_ref)
             if space not in (MYOCARDIAL_ENCODING, AIF_ENCODING) or space >= len(encodings):
@@ -126,9 +139,18 @@ class PerfusionRecon(Gadget):
                 buffers[key] = _SeriesBuffer(n_lines=int(matrix.y), n_cols=int(matrix.x))
             buffers[key].add(acquisition, frame, int(idx.kspace_encode_step_1), stamp_s - origin_s)
         whitening = None
-        if noise and self.settings.prewhiten:
-            samples = np.concatenate(noise, axis=1)
-            whitening = noise_whitening_matrix(samples)
+        noise_sd = None
+        noise_dwell_us = 0.0
+        if noise:
+            samples = np.concatenate([n for n, _ in noise], axis=1)
+            if self.settings.prewhiten:
+                whitening = noise_whitening_matrix(samples)
+            # whitening keeps the mean noise variance, so this is the level after it too
+            noise_sd = float(np.sqrt(np.mean(np.abs(samples) ** 2)))
+            noise_dwell_us = noise[0][1]
+        elif self.settings.denoise_threshold > 0:
+            self.log.warning("no noise scan in the stream: the low-rank filter is off (its threshold "
+                             "needs the noise level)")
         myocardial = sorted(k[1] for k in buffers if k[0] == MYOCARDIAL_ENCODING)
         echoes = sorted(k[1] for k in buffers if k[0] == AIF_ENCODING)
         if not myocardial:
@@ -136,10 +158,21 @@ class PerfusionRecon(Gadget):
         if not echoes:
             raise GadgetError("no AIF series: no acquisitions in encoding space 1 (the dual-echo AIF "
                               "images) were received")
-        yield self._aif(buffers, echoes, encodings[AIF_ENCODING], n_pd, whitening, params)
+        with single_threaded_blas():
+            aif = self._aif(buffers, echoes, encodings[AIF_ENCODING], n_pd, whitening, params)
+        yield aif
         for slice_index in myocardial:
-            yield self._slice(buffers[(MYOCARDIAL_ENCODING, slice_index)], slice_index,
-                              encodings[MYOCARDIAL_ENCODING], n_pd, whitening)
+            buffer = buffers[(MYOCARDIAL_ENCODING, slice_index)]
+            slice_noise_sd = None
+            if noise_sd is not None and self.settings.denoise_threshold > 0:
+                # noise power is proportional to the receiver bandwidth (1 / dwell time)
+                dwell_us = float(buffer.first.sample_time_us) if buffer.first is not None else 0.0
+                ratio = noise_dwell_us / dwell_us if dwell_us > 0 and noise_dwell_us > 0 else 1.0
+                slice_noise_sd = noise_sd * float(np.sqrt(ratio))
+            with single_threaded_blas():
+                series = self._slice(buffer, slice_index, encodings[MYOCARDIAL_ENCODING], n_pd, whitening,
+                                     slice_noise_sd)
+            yield series
 
     def _compact(self, buffer: _SeriesBuffer, what: str, whitening: np.ndarray | None):  # noqa: ANN202
         """(compact [T, C, M, kx], offsets [T], R, time_s [T]) of one series."""
@@ -182,14 +215,17 @@ class PerfusionRecon(Gadget):
         return compact, offsets, accel, time_s
 
     def _slice(self, buffer: _SeriesBuffer, slice_index: int, encoding, n_pd: int,  # noqa: ANN001
-               whitening: np.ndarray | None) -> SliceSeries:
+               whitening: np.ndarray | None, noise_sd: float | None) -> SliceSeries:
         what = f"myocardial slice {slice_index}"
         compact, offsets, accel, time_s = self._compact(buffer, what, whitening)
         if compact.shape[0] < n_pd + 2:
             raise GadgetError(f"{what}: {compact.shape[0]} frames, need {n_pd} PD frames + at least 2 SR frames")
         try:
-            images = reconstruct_compact(compact, offsets, accel, whitening=whitening,
-                                         regularization=self.settings.regularization)
+            images = reconstruct_compact(
+                compact, offsets, accel, whitening=whitening, regularization=self.settings.regularization,
+                virtual_coils=self.settings.virtual_coils or None, noise_sd=noise_sd,
+                denoise_threshold=self.settings.denoise_threshold if noise_sd else 0.0,
+                denoise_patch_px=self.settings.denoise_patch_px)
         except ReconError as error:
             raise GadgetError(f"{what}: {error}") from error
         geometry = _geometry(buffer.first, encoding)
@@ -214,11 +250,9 @@ class PerfusionRecon(Gadget):
             raise GadgetError(f"AIF echoes differ in dimensions: {sorted(shapes)}")
         try:
             compact, offsets, accel = compacts[0]
-            calibration = compact_time_average(compact, offsets, accel)
-            if whitening is not None:
-                calibration = np.einsum("dc,cyx->dyx", whitening, calibration)
-            sensitivities = coil_sensitivities(calibration)
-            images = np.stack([reconstruct_compact(c, o, a, sensitivities=sensitivities, whitening=whitening,
+            calibration = calibrate(compact, offsets, accel, whitening=whitening,
+                                    virtual_coils=self.settings.virtual_coils or None)
+            images = np.stack([reconstruct_compact(c, o, a, calibration=calibration,
                                                    regularization=self.settings.regularization)
                                for c, o, a in compacts])
         except ReconError as error:
