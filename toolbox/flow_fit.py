@@ -390,6 +390,9 @@ def _penalised_cost(value: np.ndarray, coefficients: np.ndarray, position: np.nd
 # dtype), so the two agree to rounding, not bit for bit (tests/test_mapping.py).
 try:
     import numba
+
+    if numba.config.DISABLE_JIT:  # the per-pixel loops would run as plain Python
+        numba = None
 except ImportError:  # pragma: no cover - the array version is used instead
     numba = None
 
