@@ -13,10 +13,8 @@ errors (sent to the client as ERROR by the server) and records its name in ``sta
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import ismrmrd
@@ -27,45 +25,9 @@ from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, PureGadget
 from perfline.gadgets.mrd_images import make_image
 from perfline.gadgets.perfusion_items import AifSeries, SliceSeries
 from perfline.toolbox import gd_conversion, motion_correction, resample, surface_coil, t2star
+from perfline.toolbox.interleaved_recon import single_threaded_blas
 
 Series = SliceSeries | AifSeries
-
-_blas_lock = threading.Lock()
-_blas_users = 0
-_blas_limiter = None
-
-
-@contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """Run the enclosed numpy work with one BLAS thread (process-wide, reference-counted).
-
-    The recon and motion-correction kernels are many small matrix products and eigen
-    decompositions (63 x 63 per patch). With OpenBLAS's default of one thread per core, on
-    this 2-core machine shared by other jobs, its worker threads spin while waiting for a core:
-    measured at load 8-10, the low-rank filter's batched ``eigh`` took 4.5 s of CPU instead of
-    0.14 s single-threaded, and the whole preprocessing 21 s of CPU instead of about 4.
-    Gadgets run in their own threads, so the limit is shared and restored only when the last
-    user leaves. Without ``threadpoolctl`` installed this is a no-op.
-    """
-    global _blas_users, _blas_limiter
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: only speed depends on it
-        yield
-        return
-    with _blas_lock:
-        if _blas_users == 0:
-            _blas_limiter = threadpool_limits(limits=1, user_api="blas")
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0 and _blas_limiter is not None:
-                _blas_limiter.restore_original_limits()
-                _blas_limiter = None
-
 
 def _label(item: Series) -> str:
     return f"slice {item.slice_index}" if isinstance(item, SliceSeries) else "AIF series"

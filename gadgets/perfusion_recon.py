@@ -30,13 +30,13 @@ from pydantic import Field
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
 from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry, SliceSeries
-from perfline.gadgets.perfusion_preprocessing import single_threaded_blas
 from perfline.toolbox.gd_conversion import user_parameters
 from perfline.toolbox.interleaved_recon import (
     ReconError,
     calibrate,
     noise_whitening_matrix,
     reconstruct_compact,
+    single_threaded_blas,
 )
 
 TICK_S = 0.0025
@@ -74,7 +74,8 @@ class _SeriesBuffer:
         data = acquisition.data
         if data.shape[1] != self.n_cols:
             raise GadgetError(f"readout of {data.shape[1]} samples, expected {self.n_cols} (encoded matrix x)")
-        self.lines.setdefault(frame, {})[line] = np.array(data, dtype=np.complex64)
+        # the acquisition's own array (a view; no copy: 12,000 readouts per scan)
+        self.lines.setdefault(frame, {})[line] = np.asarray(data, dtype=np.complex64)
         self.times.setdefault(frame, {})[line] = time_s
         if self.first is None:
             self.first = acquisition.getHead()
