@@ -79,6 +79,21 @@ def test_merged_ventricles_win_over_a_late_incoherent_cluster():
     assert 17 <= result.foot <= 21
 
 
+def test_lv_smaller_than_a_quarter_of_the_rv_pool_is_found():
+    # held-out rest 2**30 + 13: the RV pool merged with enhancing lung (240 pixels) made the
+    # 53-pixel LV pool "minor"; the late group of the big pool (aorta, liver) was taken instead
+    rng = np.random.default_rng(6)
+    series, lv, _ = _phantom(rng)  # LV: 113 pixels
+    n = series.shape[0]
+    rows, cols = np.mgrid[:48, :48]
+    big_rv = (rows >= 2) & (rows < 34) & (cols < 16)  # 512 pixels with the RV's timing, joined to the RV
+    series[:, big_rv] += _bolus(n, 14, 2.0, 300.0)[:, None]
+    late_tail = (rows >= 34) & (rows < 40) & (cols >= 2) & (cols < 10)  # joined, arrives late, weaker
+    series[:, late_tail] += _bolus(n, 28, 2.5, 150.0)[:, None]
+    result = detect_aif(series, settings=AifSettings(core_fraction=0.9))
+    assert np.sum(result.mask & lv) >= 0.9 * result.mask.sum()
+
+
 def test_small_core_keeps_the_most_enhancing_pixels():
     rng = np.random.default_rng(5)
     series, lv, _ = _phantom(rng)

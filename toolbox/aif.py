@@ -246,7 +246,7 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
     major = [pool for pool in pools if pool[1] >= 0.25 * largest]
     rv = min(major, key=lambda pool: (pool[2], -pool[1]))
     rv_region = labels == rv[0]
-    lv_candidates = _lv_candidates(smooth, labels, rv, major, settings)
+    lv_candidates = _lv_candidates(smooth, labels, rv, pools, settings)
     if lv_candidates:
         # the LV: large and close to the RV (the aorta also peaks late but is smaller/farther)
         rv_centre = np.argwhere(rv_region).mean(axis=0)
@@ -265,16 +265,17 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
     return AifResult(mask=lv_mask, rv_mask=rv_mask, curve=curve, foot=foot, peak=peak)
 
 
-def _lv_candidates(smooth: np.ndarray, labels: np.ndarray, rv: tuple, major: list,
+def _lv_candidates(smooth: np.ndarray, labels: np.ndarray, rv: tuple, pools: list,
                    settings: AifSettings) -> list[tuple[np.ndarray, np.ndarray]]:
     """Possible (LV mask, RV mask) pairs once the earliest major pool ``rv`` is known.
 
     - the earliest pool itself, when its pixels arrive in two groups at least
       ``min_split_frames`` apart: both ventricles merged into one pool (common at rest, where
       the RV-LV transit is long and the blurred septum joins the pools); LV = the later group;
-    - every major pool peaking ``min_peak_separation_frames`` to ``max_peak_separation_frames``
-      after it; such a pool may itself hold both ventricles (when the earliest pool was noise),
-      then its later group is the LV.
+    - every pool (not only the major ones: an RV pool merged with enhancing lung can be four
+      times the LV, held-out rest 2**30 + 13) peaking ``min_peak_separation_frames`` to
+      ``max_peak_separation_frames`` after it; such a pool may itself hold both ventricles (when
+      the earliest pool was noise), then its later group is the LV.
 
     Candidates are compared by their pixels after these splits, so a late noise cluster (lung,
     body edge) whose pixels do not share one arrival time keeps only a few pixels and loses
@@ -286,7 +287,7 @@ def _lv_candidates(smooth: np.ndarray, labels: np.ndarray, rv: tuple, major: lis
     early, late, separation = _arrival_split(smooth, rv_region)
     if separation >= settings.min_split_frames and min(early.sum(), late.sum()) >= settings.min_pool_pixels:
         candidates.append((late, early))
-    for pool in major:
+    for pool in pools:
         if not rv[2] + settings.min_peak_separation_frames <= pool[2] <= rv[2] + settings.max_peak_separation_frames:
             continue
         lv_mask, rv_mask = labels == pool[0], rv_region
