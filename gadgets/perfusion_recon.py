@@ -22,6 +22,7 @@ acquired lines), in seconds from the first R wave (``acquisition_time_stamp`` -
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ismrmrd
@@ -56,6 +57,7 @@ class PerfusionReconSettings(GadgetSettings):
         1.0, ge=0.0, le=3.0, description="local low-rank filter of the myocardial series, in noise edges "
         "(0: off); needs the noise scan")
     denoise_patch_px: int = Field(16, ge=4, le=64, description="local low-rank filter patch width, pixels")
+    workers: int = Field(2, ge=1, le=16, description="series reconstructed in parallel threads")
 
 
 @dataclass
@@ -159,9 +161,7 @@ class PerfusionRecon(Gadget):
         if not echoes:
             raise GadgetError("no AIF series: no acquisitions in encoding space 1 (the dual-echo AIF "
                               "images) were received")
-        with single_threaded_blas():
-            aif = self._aif(buffers, echoes, encodings[AIF_ENCODING], n_pd, whitening, params)
-        yield aif
+        jobs = [(self._aif, (buffers, echoes, encodings[AIF_ENCODING], n_pd, whitening, params))]
         for slice_index in myocardial:
             buffer = buffers[(MYOCARDIAL_ENCODING, slice_index)]
             slice_noise_sd = None
@@ -170,10 +170,19 @@ class PerfusionRecon(Gadget):
                 dwell_us = float(buffer.first.sample_time_us) if buffer.first is not None else 0.0
                 ratio = noise_dwell_us / dwell_us if dwell_us > 0 and noise_dwell_us > 0 else 1.0
                 slice_noise_sd = noise_sd * float(np.sqrt(ratio))
-            with single_threaded_blas():
-                series = self._slice(buffer, slice_index, encodings[MYOCARDIAL_ENCODING], n_pd, whitening,
-                                     slice_noise_sd)
-            yield series
+            jobs.append((self._slice, (buffer, slice_index, encodings[MYOCARDIAL_ENCODING], n_pd, whitening,
+                                       slice_noise_sd)))
+        # series are independent: reconstructed by a small thread pool (numpy's FFTs, products and
+        # eigen decompositions release the GIL) and emitted in order, the AIF first, each as
+        # soon as it and those before it are done
+        with single_threaded_blas(), ThreadPoolExecutor(max_workers=self.settings.workers) as pool:
+            futures = [pool.submit(job, *arguments) for job, arguments in jobs]
+            try:
+                for future in futures:
+                    yield future.result()
+            finally:
+                for future in futures:
+                    future.cancel()
 
     def _compact(self, buffer: _SeriesBuffer, what: str, whitening: np.ndarray | None):  # noqa: ANN202
         """(compact [T, C, M, kx], offsets [T], R, time_s [T]) of one series."""
