@@ -29,7 +29,7 @@ import numpy as np
 from perfline.models.data import (CROP_SIZE, CROP_SPACING_MM, CropGeometry, check_series,
                                   lv_center_candidates, normalise_crop, sample_crop,
                                   uncrop_probabilities)
-from perfline.models.weights import DEFAULT_MODEL, ChecksumError, read_sidecar, sha256_of, verified_path
+from perfline.models.weights import DEFAULT_MODEL, ChecksumError, read_sidecar, verified_path
 from perfline.toolbox.rv_insertion import InsertionNotFoundError, lv_center_rc, rv_insertion_deg
 from perfline.toolbox.segmentation_post import PostProcessed, postprocess
 
@@ -244,7 +244,8 @@ class Segmenter:
     ``runtime``: "auto" (OpenVINO bf16 if the CPU has native bf16, else ONNX Runtime fp32,
     else torch), or one of "openvino", "onnxruntime", "torch" (an explicit runtime that
     fails to load raises). ``threads``: intra-op threads (default 1). ``cache_dir``: where
-    OpenVINO keeps compiled models (None: compile at every load, ~0.3 s).
+    OpenVINO keeps compiled models on disk (None: none; the process still keeps them in
+    memory, see :class:`OpenVinoNetwork`).
     """
 
     def __init__(self, stem: Path = DEFAULT_MODEL, *, runtime: str = "auto",
@@ -264,7 +265,8 @@ class Segmenter:
         self.runtime = ""
         self.precision = ""
         self.compiled_from = ""  # OpenVINO: "memory", "disk cache" or "compiled"
-        loaders = {"openvino": lambda: self._load_openvino(cache_dir, require_bf16=runtime == "auto"),
+        loaders = {"openvino": lambda: self._load_openvino(cache_dir,
+                                                           require_bf16=runtime == "auto"),
                    "onnxruntime": self._load_onnxruntime, "torch": self._load_torch}
         order = ("openvino", "onnxruntime", "torch") if runtime == "auto" else (runtime,)
         for candidate in order:

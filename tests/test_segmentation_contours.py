@@ -65,7 +65,7 @@ def assert_contours_on_labels(meta, labels: np.ndarray, *, fire: bool) -> None:
     floor = pixel_of(np.floor(rv), labels.shape)
     ceil = pixel_of(np.ceil(rv), labels.shape)
     assert np.all(rv_mask[floor] | rv_mask[ceil])
-    assert parsed["endo"][0] == ENDO_RGB and parsed["epi"][0] == EPI_RGB and parsed["rv"][0] == RV_RGB
+    assert (parsed["endo"][0], parsed["epi"][0], parsed["rv"][0]) == (ENDO_RGB, EPI_RGB, RV_RGB)
 
 
 def test_contours_of_a_ring_are_closed_and_on_the_labels():
