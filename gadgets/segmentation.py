@@ -103,8 +103,10 @@ class CnnSegmentation(Gadget):
             yield item
             segmentation = self._segment(item)
             yield segmentation
+            if not self.settings.image_contours:
+                continue
             done[segmentation.slice_index] = (segmentation, contour_meta(segmentation))
-            if self.settings.image_contours and not done[segmentation.slice_index][1]:
+            if not done[segmentation.slice_index][1]:
                 self.log.warning("slice %d: no endo/epi contours for the images",
                                  segmentation.slice_index)
             for image in held.pop(segmentation.slice_index, []):
