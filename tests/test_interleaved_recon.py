@@ -16,6 +16,7 @@ from perfline.toolbox.interleaved_recon import (
     noise_whitening_matrix,
     reconstruct_compact,
     reconstruct_interleaved,
+    single_threaded_blas,
     time_averaged_kspace,
 )
 
@@ -233,3 +234,17 @@ def test_filtered_r3_recon_beats_the_unfiltered_one(noisy_r3_study) -> None:
     assert abs(curve.max() / truth.max() - 1) < 0.03
     with pytest.raises(ReconError, match="needs the k-space noise level"):
         reconstruct_compact(compact, offsets, 3, denoise_threshold=1.0)
+
+
+def test_single_threaded_blas_is_reference_counted_and_restored() -> None:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    with single_threaded_blas():
+        with single_threaded_blas():  # a second user (another gadget's thread) inside the first
+            assert set(blas_threads()) <= {1}
+        assert set(blas_threads()) <= {1}  # still limited: the outer user has not left
+    assert blas_threads() == before
