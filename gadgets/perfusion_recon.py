@@ -172,9 +172,9 @@ class PerfusionRecon(Gadget):
                 slice_noise_sd = noise_sd * float(np.sqrt(ratio))
             jobs.append((self._slice, (buffer, slice_index, encodings[MYOCARDIAL_ENCODING], n_pd, whitening,
                                        slice_noise_sd)))
-        # series are independent: reconstructed by a small thread pool (numpy's FFTs, products and
-        # eigen decompositions release the GIL) and emitted in order, the AIF first, each as
-        # soon as it and those before it are done
+        # series are independent: reconstructed by a small thread pool (numpy releases the GIL in
+        # its FFTs and array arithmetic) and emitted in order, the AIF first, each as soon as it
+        # and those before it are done
         with single_threaded_blas(), ThreadPoolExecutor(max_workers=self.settings.workers) as pool:
             futures = [pool.submit(job, *arguments) for job, arguments in jobs]
             try:
