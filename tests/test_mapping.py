@@ -151,25 +151,26 @@ def test_residue_table_is_cut_from_the_power_of_two_table_and_cached_on_disk(tmp
 
 
 def test_fast_btex_path_equals_the_thorough_path():
-    """Defaults (one start, search at full Fp resolution, early stopping, compiled when numba is
-    installed) against ``settings.thorough()`` (3 starts from every other grid point, all
-    iterations). Stated tolerance: per-pixel median difference <= 1 %, upper quartile <= 8 %,
-    global mean <= 2.5 %. Single pixels can differ more: at high flow the curve hardly depends
-    on Fp, and the two searches end at different points of the flat Fp / Vp / delay valley
-    (docs/mapping.md, weak points)."""
+    """Defaults (2 iterations per start, early stopping at 0.02 cells, 12 principal components,
+    compiled when numba is installed) against the first version's search
+    (``BtexSettings(n_components=16).thorough()``: 3 iterations per start, all 10 iterations).
+    Stated tolerance: per-pixel median difference <= 0.5 %, upper quartile <= 2 %, 90th
+    percentile <= 3 % where Fp <= 3 ml/min/g, global mean <= 1.5 %. Single high-flow pixels
+    can differ more: there the curve hardly depends on Fp and the two end at different points
+    of the flat Fp / Vp / delay valley (docs/mapping.md, weak points)."""
     aif, series, truth = _btex_phantom()
-    fast, thorough = BtexSettings(), BtexSettings().thorough()
-    assert (fast.n_starts, thorough.n_starts, thorough.tolerance_cells) == (1, 3, 0.0)
+    fast, thorough = BtexSettings(), BtexSettings(n_components=16).thorough()
+    assert (thorough.start_iterations, thorough.tolerance_cells) == (3, 0.0)
+    moderate = truth["fp"] <= 3.0
     for noise in (0.0, NOISE_SD):
         noisy = series + np.random.default_rng(1).normal(0.0, noise, series.shape)
         quick = map_btex(noisy, aif, DT, settings=fast).mbf_ml_min_g
         slow = map_btex(noisy, aif, DT, settings=thorough).mbf_ml_min_g
         difference = np.abs(quick / slow - 1.0)
-        assert np.median(difference) <= 0.01
-        assert np.percentile(difference, 75) <= 0.08
-        assert abs(quick.mean() / slow.mean() - 1.0) <= 0.025
-        for maps in (quick, slow):
-            assert np.median(np.abs(maps / truth["fp"] - 1.0)) <= (0.02 if noise == 0 else 0.10)
+        assert np.median(difference) <= 0.005
+        assert np.percentile(difference, 75) <= 0.02
+        assert np.percentile(difference[moderate], 90) <= 0.03
+        assert abs(quick.mean() / slow.mean() - 1.0) <= 0.015
 
 
 def _small_table_problem(n_pixels: int = 300):
@@ -199,13 +200,13 @@ def test_compiled_refinement_matches_the_array_version():
         # float32 sums in a different order: the same path but for a few accept/reject flips
         same = np.max(np.abs(compiled.position - array.position), axis=1) < 1e-3
         assert same.mean() >= 0.95
-        np.testing.assert_allclose(compiled.cost[same], array.cost[same], rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(compiled.cost[same], array.cost[same], rtol=1e-3, atol=1e-9)
         assert np.all(np.abs(compiled.iterations[same] - array.iterations[same]) <= 1)  # stop-rule ties
     # several starts: each refined 3 iterations, the best goes on; and early stopping saves work
     multi = np.stack([starts, np.roll(starts, 1, axis=0)], axis=1)
     full = refine_on_grid(coefficients, table, multi, 10, centre, precision, variance, 0.0, compiled=True)
     early = refine_on_grid(coefficients, table, multi, 10, centre, precision, variance, 0.02, compiled=True)
-    assert np.all(full.iterations == 3 + 3 + 7)
+    assert np.all(full.iterations == 3 + 3 + 7)  # first_iterations=3 (default of refine_on_grid)
     assert np.all(early.iterations <= full.iterations) and np.mean(early.iterations < full.iterations) > 0.3
     close = np.max(np.abs(early.position - full.position), axis=1) < 0.1
     assert close.mean() >= 0.9

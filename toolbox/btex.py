@@ -71,12 +71,12 @@ class BtexSettings(BaseModel):
     visf_steps: int = Field(6, ge=3)
     delay_max_s: float = Field(3.0, ge=0, description="largest bolus delay, s")
     delay_step_s: float = Field(0.25, gt=0, description="delay grid step, s")
-    n_components: int = Field(16, ge=4, le=40, description="principal components of the table")
+    n_components: int = Field(12, ge=4, le=40, description="principal components of the table")
     iterations: int = Field(10, ge=0, description="Levenberg-Marquardt iterations")
-    n_starts: int = Field(1, ge=1, description="best coarse entries refined per pixel")
+    n_starts: int = Field(3, ge=1, description="best coarse entries refined per pixel")
     coarse_stride: tuple[int, int, int, int, int] = Field(
-        (1, 2, 2, 2, 2), description="global search on every k-th grid point of (Fp, PS, Vp, Visf, delay)")
-    start_iterations: int = Field(3, ge=0, description="with several starts: iterations of each before the best goes on")
+        (2, 2, 2, 2, 2), description="global search on every k-th grid point of (Fp, PS, Vp, Visf, delay)")
+    start_iterations: int = Field(2, ge=0, description="with several starts: iterations of each before the best goes on")
     tolerance_cells: float = Field(
         0.02, ge=0, description="stop a pixel's refinement once a step moves it less (grid cells); 0: all iterations")
     prior_weight: float = Field(1.0, ge=0, description="scale of the priors (0: least squares)")
@@ -88,9 +88,9 @@ class BtexSettings(BaseModel):
     prior_visf_sd: float = Field(0.08, gt=0)
 
     def thorough(self) -> BtexSettings:
-        """The same grid and priors with the slower search of the first version (3 starts from
-        every other grid point, 3 iterations each, the best goes on, no early stopping): the
-        reference the fast defaults are checked against (tests/test_mapping.py, docs/mapping.md)."""
+        """The same table and priors with the refinement of the first version (3 iterations per
+        start instead of 2, no early stopping): the reference the defaults are checked against
+        (tests/test_mapping.py, docs/mapping.md)."""
         return self.model_copy(update={"n_starts": 3, "coarse_stride": (2, 2, 2, 2, 2), "start_iterations": 3,
                                        "tolerance_cells": 0.0})
 
@@ -408,8 +408,6 @@ def _smoothed_fit(prepared, settings: BtexSettings, sigma_px: float, aif_table: 
     on_grid = (rows % step == 0) & (cols % step == 0)
     if not np.any(on_grid):
         on_grid[:] = True
-    # only the delay of this fit is used: the global search on every other grid point suffices
-    settings = settings.model_copy(update={"coarse_stride": (2, 2, 2, 2, 2)})
     fittable, position, _ = _fit_positions(smoothed[on_grid], aif_table, settings, None, 0.25)
     tent = np.array([0.5, 1.0, 0.5]) if step == 2 else np.array([1.0])
     kernel = np.outer(tent, tent)

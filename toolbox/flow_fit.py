@@ -397,53 +397,64 @@ except ImportError:  # pragma: no cover - the array version is used instead
     numba = None
 
 
-def _grid_eval(flat_table, grid, strides, pos, value, jacobian, with_jacobian, factor, prefix, suffix,
-               slope):  # pragma: no cover
+def _grid_eval(flat_table, grid, strides, pos, value, jacobian, with_jacobian, scratch):  # pragma: no cover
     """Value ``[R]`` (and, if ``with_jacobian``, Jacobian ``[D, R]``) of the multilinear table
-    at ``pos`` (compiled; float32 table, accumulated in float32 like the array version)."""
+    at ``pos`` (compiled; float32 table and sums, like the array version).
+
+    The 2^D corners of the cell are gathered once per cell (kept in ``scratch`` while the
+    pixel stays in it), then contracted one axis at a time (last axis first): each level
+    halves the corners by linear interpolation, and the differences of each level, carried
+    through the later levels, are the derivatives along that axis.
+    """
+    frac, cell, work, grads, cached = scratch
     n_dims = pos.size
     n_values = value.size
     base = 0
     for d in range(n_dims):
         lower = min(max(int(np.floor(pos[d])), 0), grid[d] - 2)
-        frac = min(max(pos[d] - lower, 0.0), 1.0)
-        factor[d, 0] = 1.0 - frac
-        factor[d, 1] = frac
+        frac[d] = np.float32(min(max(pos[d] - lower, 0.0), 1.0))
         base += lower * strides[d]
-    value[:] = 0.0
-    if with_jacobian:
-        jacobian[:, :] = 0.0
-    for corner in range(1 << n_dims):
-        offset = base
-        prefix[0] = 1.0
-        for d in range(n_dims):
-            bit = (corner >> (n_dims - 1 - d)) & 1
-            offset += bit * strides[d]
-            prefix[d + 1] = prefix[d] * factor[d, bit]
-        entry = flat_table[offset]
-        weight = np.float32(prefix[n_dims])
-        for r in range(n_values):
-            value[r] += weight * entry[r]
-        if not with_jacobian:
-            continue
-        suffix[n_dims] = 1.0
-        for d in range(n_dims - 1, -1, -1):
-            suffix[d] = suffix[d + 1] * factor[d, (corner >> (n_dims - 1 - d)) & 1]
-        for d in range(n_dims):
-            sign = 1.0 if (corner >> (n_dims - 1 - d)) & 1 else -1.0
-            slope[d] = prefix[d] * suffix[d + 1] * sign
-        for d in range(n_dims):
-            row = jacobian[d]
-            slope_d = np.float32(slope[d])
+    n_corners = 1 << n_dims
+    if cached[0] != base:
+        for corner in range(n_corners):
+            offset = base
+            for d in range(n_dims):
+                offset += ((corner >> (n_dims - 1 - d)) & 1) * strides[d]
             for r in range(n_values):
-                row[r] += slope_d * entry[r]
+                cell[corner, r] = flat_table[offset, r]
+        cached[0] = base
+    for corner in range(n_corners):
+        for r in range(n_values):
+            work[corner, r] = cell[corner, r]
+    size = n_corners
+    for level in range(n_dims):
+        d = n_dims - 1 - level  # pairs (2k, 2k + 1) differ along axis d
+        f = frac[d]
+        half = size // 2
+        for k in range(half):
+            if with_jacobian:
+                for g in range(level):
+                    for r in range(n_values):
+                        low = grads[g, 2 * k, r]
+                        grads[g, k, r] = low + f * (grads[g, 2 * k + 1, r] - low)
+                for r in range(n_values):
+                    grads[level, k, r] = work[2 * k + 1, r] - work[2 * k, r]
+            for r in range(n_values):
+                low = work[2 * k, r]
+                work[k, r] = low + f * (work[2 * k + 1, r] - low)
+        size = half
+    for r in range(n_values):
+        value[r] = work[0, r]
+    if with_jacobian:
+        for level in range(n_dims):
+            for r in range(n_values):
+                jacobian[n_dims - 1 - level, r] = grads[level, 0, r]
 
 
 def _lm_run(target, flat_table, grid, strides, pos, value, jacobian, centre, weights, iterations, tolerance,
             scratch, trial, trial_value, trial_jacobian, rhs, step, matrix, frozen, cost):  # pragma: no cover
     """Levenberg-Marquardt of one pixel from ``pos`` (value/Jacobian already evaluated there),
     in place; returns (cost, iterations used). Same steps and stopping rule as the array version."""
-    factor, prefix, suffix, slope = scratch
     n_dims = pos.size
     n_values = value.size
     damping = 1e-2
@@ -500,8 +511,7 @@ def _lm_run(target, flat_table, grid, strides, pos, value, jacobian, centre, wei
         for d in range(n_dims):
             trial[d] = min(max(pos[d] + min(max(step[d], -2.0), 2.0), 0.0), grid[d] - 1.0)
             moved = max(moved, abs(trial[d] - pos[d]))
-        _grid_eval_c(flat_table, grid, strides, trial, trial_value, trial_jacobian, False, factor, prefix, suffix,
-                     slope)
+        _grid_eval_c(flat_table, grid, strides, trial, trial_value, trial_jacobian, False, scratch)
         trial_cost = 0.0
         for r in range(n_values):
             trial_cost += (trial_value[r] - target[r]) ** 2
@@ -510,7 +520,7 @@ def _lm_run(target, flat_table, grid, strides, pos, value, jacobian, centre, wei
         if trial_cost < cost:
             pos[:] = trial
             value[:] = trial_value
-            _grid_eval_c(flat_table, grid, strides, pos, trial_value, jacobian, True, factor, prefix, suffix, slope)
+            _grid_eval_c(flat_table, grid, strides, pos, trial_value, jacobian, True, scratch)
             cost = trial_cost
             damping /= 3.0
             if tolerance > 0.0 and moved <= tolerance:
@@ -527,7 +537,10 @@ def _refine_chunk(coefficients, flat_table, grid, strides, starts, keep, first, 
     """Pixels ``begin:end``: every kept start for ``first`` iterations, the best one goes on."""
     n_starts, n_dims = starts.shape[1], starts.shape[2]
     n_values = coefficients.shape[1]
-    scratch = (np.empty((n_dims, 2)), np.empty(n_dims + 1), np.empty(n_dims + 1), np.empty(n_dims))
+    n_corners = 1 << n_dims
+    scratch = (np.empty(n_dims, dtype=np.float32), np.empty((n_corners, n_values), dtype=np.float32),
+               np.empty((n_corners, n_values), dtype=np.float32),
+               np.empty((n_dims, n_corners // 2, n_values), dtype=np.float32), np.full(1, -1, dtype=np.int64))
     pos = np.empty(n_dims)
     value = np.empty(n_values, dtype=flat_table.dtype)
     jacobian = np.empty((n_dims, n_values), dtype=flat_table.dtype)
@@ -542,7 +555,6 @@ def _refine_chunk(coefficients, flat_table, grid, strides, starts, keep, first, 
     step = np.empty(n_dims)
     matrix = np.empty((n_dims, n_dims))
     frozen = np.empty(n_dims, dtype=np.bool_)
-    factor, prefix, suffix, slope = scratch
     for p in range(begin, end):
         target = coefficients[p]
         for d in range(n_dims):
@@ -554,7 +566,7 @@ def _refine_chunk(coefficients, flat_table, grid, strides, starts, keep, first, 
                 continue
             for d in range(n_dims):
                 pos[d] = min(max(starts[p, s, d], 0.0), grid[d] - 1.0)
-            _grid_eval_c(flat_table, grid, strides, pos, value, jacobian, True, factor, prefix, suffix, slope)
+            _grid_eval_c(flat_table, grid, strides, pos, value, jacobian, True, scratch)
             cost = 0.0
             for r in range(n_values):
                 cost += (value[r] - target[r]) ** 2
@@ -590,8 +602,8 @@ def _refine_all(coefficients, flat_table, grid, strides, starts, keep, first, it
 
 
 if numba is not None:
-    _grid_eval_c = numba.njit(cache=True, nogil=True)(_grid_eval)
-    _lm_run_c = numba.njit(cache=True, nogil=True)(_lm_run)
+    _grid_eval_c = numba.njit(cache=True, nogil=True, fastmath=True)(_grid_eval)
+    _lm_run_c = numba.njit(cache=True, nogil=True, fastmath=True)(_lm_run)
     _refine_chunk_c = numba.njit(cache=True, nogil=True)(_refine_chunk)
     _refine_all_c = numba.njit(cache=True, nogil=True, parallel=True)(_refine_all)
 else:  # pragma: no cover
