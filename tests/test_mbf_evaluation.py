@@ -10,7 +10,7 @@ from scipy import stats
 
 from perfline.toolbox.mbf_evaluation import (
     EvaluationError, StudyMbf, agreement, angle_difference_deg, bland_altman_plot, compare_mbf,
-    report_from_results, study_mbf_from_report, write_evaluation,
+    per_scan_rows, report_from_results, study_mbf_from_report, write_evaluation,
 )
 
 
@@ -83,6 +83,9 @@ def test_outputs_written(tmp_path):
     assert rows[0]["sectors"] == 16 and rows[0]["flags"] == []
     assert rows[0]["segments_auto"] == pytest.approx(auto[0].segment_mbf, abs=1e-4)
     assert len(rows[0]["segments_true"]) == 16
+    failed = StudyMbf(float("nan"), np.full(16, np.nan), label="failed scan")
+    row = per_scan_rows([failed], [truth[0]])[0]
+    assert row["global_auto"] is None and row["global_error_pct"] is None and row["sectors"] == 0
     for png in paths[2:]:
         assert png.read_bytes()[:4] == b"\x89PNG"
     assert bland_altman_plot(np.ones(3), np.ones(3) * 1.1, tmp_path / "x.png", title="t").exists()

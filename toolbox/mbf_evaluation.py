@@ -319,6 +319,10 @@ def default_simulator(first_seed: int | None = None) -> StudySimulator:
     return simulate
 
 
+def _finite_or_none(value: float, digits: int) -> float | None:
+    return round(float(value), digits) if math.isfinite(value) else None  # strict JSON has no NaN
+
+
 def per_scan_rows(automated: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> list[dict[str, object]]:
     """One row per scan: global auto / true MBF and relative error (%), sectors measured, median and
     max absolute sector error (%), max RV insertion error (deg), the report's flags, and the 16
@@ -332,9 +336,9 @@ def per_scan_rows(automated: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> l
         angles = [float(angle_difference_deg(a, t)) for a, t in zip(auto.rv_insertion_deg, true.rv_insertion_deg)
                   if math.isfinite(a) and math.isfinite(t)]
         rows.append({
-            "scan": auto.label or true.label, "global_auto": round(float(auto.global_mbf), 4),
-            "global_true": round(float(true.global_mbf), 4),
-            "global_error_pct": round(100.0 * (auto.global_mbf / true.global_mbf - 1.0), 2),
+            "scan": auto.label or true.label, "global_auto": _finite_or_none(auto.global_mbf, 4),
+            "global_true": _finite_or_none(true.global_mbf, 4),
+            "global_error_pct": _finite_or_none(100.0 * (auto.global_mbf / true.global_mbf - 1.0), 2),
             "sectors": int(paired.sum()),
             "sector_median_abs_error_pct": round(float(np.median(sector)), 2) if sector.size else None,
             "sector_max_abs_error_pct": round(float(np.max(sector)), 2) if sector.size else None,
@@ -386,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     comparison = compare_mbf(automated, truth)
     paths = write_evaluation(comparison, automated, truth, out_dir)
     for row in per_scan_rows(automated, truth):
-        logger.info("%s: global %.2f / %.2f ml/min/g (%+.1f %%), sectors %s, median |error| %s %%, flags %s",
+        logger.info("%s: global %s / %s ml/min/g (%s %%), sectors %s, median |error| %s %%, flags %s",
                     row["scan"], row["global_auto"], row["global_true"], row["global_error_pct"], row["sectors"],
                     row["sector_median_abs_error_pct"], len(row["flags"]))  # type: ignore[arg-type]
     g, s = comparison.global_mbf, comparison.sector_mbf
