@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,7 +254,7 @@ def refine_on_grid(
     ``tolerance_cells`` (or its damping has grown past 1e6: no descent left).
     ``tolerance_cells = 0`` runs every iteration.
 
-    ``compiled``: the numba version (pixel by pixel, float64 accumulation, both cores) or the
+    ``compiled``: the numba version (pixel by pixel, chunks on a thread pool) or the
     numpy array version (all pixels advance together, the table's dtype); ``None`` picks numba
     when it is installed. The two agree to rounding.
     """
@@ -280,18 +282,36 @@ def refine_on_grid(
     value = np.empty((n_points, table.shape[-1]))
     cost = np.empty(n_points)
     used = np.zeros(n_points, dtype=np.int64)
-    with _COMPILED_LOCK:  # numba's fallback threading layer (workqueue) must not be entered twice
-        _refine_all_c(
-            np.ascontiguousarray(coefficients, dtype=np.float64),
-            np.ascontiguousarray(table.reshape(-1, table.shape[-1]), dtype=np.float32), grid, _strides(grid),
-            np.ascontiguousarray(starts), np.ascontiguousarray(keep), first, rest, centre,
-            np.ascontiguousarray(precision), np.ascontiguousarray(variance), float(tolerance_cells),
-            position, value, cost, used, 256,
-        )
+    arrays = (
+        np.ascontiguousarray(coefficients, dtype=np.float64),
+        np.ascontiguousarray(table.reshape(-1, table.shape[-1]), dtype=np.float32), grid, _strides(grid),
+        np.ascontiguousarray(starts), np.ascontiguousarray(keep), first, rest, centre,
+        np.ascontiguousarray(precision), np.ascontiguousarray(variance), float(tolerance_cells),
+        position, value, cost, used,
+    )
+    # chunks of pixels on a small thread pool (the kernel releases the GIL): many small chunks
+    # balance the load when other processes take one of the cores
+    bounds = list(range(0, n_points, COMPILED_CHUNK)) + [n_points]
+    chunks = list(zip(bounds[:-1], bounds[1:]))
+    if len(chunks) > 1:
+        list(_executor().map(lambda chunk: _refine_chunk_c(*arrays, *chunk), chunks))
+    elif chunks:
+        _refine_chunk_c(*arrays, *chunks[0])
     return GridFit(position, value.astype(table.dtype), cost, used)
 
 
-_COMPILED_LOCK = threading.Lock()
+COMPILED_CHUNK = 512  # pixels per task of the compiled refinement
+_EXECUTOR: list[ThreadPoolExecutor] = []
+_EXECUTOR_GUARD = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The refinement's thread pool (as many threads as CPUs, at most 8), created on first use."""
+    with _EXECUTOR_GUARD:
+        if not _EXECUTOR:
+            workers = max(1, min(os.cpu_count() or 1, 8))
+            _EXECUTOR.append(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="btex-refine"))
+        return _EXECUTOR[0]
 
 
 def _refine_arrays_starts(
@@ -385,9 +405,9 @@ def _penalised_cost(value: np.ndarray, coefficients: np.ndarray, position: np.nd
 # --- compiled refinement (numba, optional) -------------------------------------------------
 # The same Levenberg-Marquardt as ``refine_on_grid``'s array version, one pixel at a time in
 # compiled code: the 2^D corners, value and Jacobian stay in registers/cache instead of
-# [P, 2^D, R] temporaries, and a pixel that has converged costs nothing more. Interpolation
-# is accumulated in float64 from the float32 table (the array version works in the table's
-# dtype), so the two agree to rounding, not bit for bit (tests/test_mapping.py).
+# [P, 2^D, R] temporaries, the Jacobian is computed only where a step is accepted, and a
+# pixel that has converged costs nothing more. Sums in float32 like the array version, in a
+# different order: the two agree to rounding, not bit for bit (tests/test_mapping.py).
 try:
     import numba
 
@@ -591,23 +611,12 @@ def _refine_chunk(coefficients, flat_table, grid, strides, starts, keep, first, 
         out_used[p] = used + spent
 
 
-def _refine_all(coefficients, flat_table, grid, strides, starts, keep, first, iterations, centre, precision,
-                variance, tolerance, out_position, out_value, out_cost, out_used, chunk):  # pragma: no cover
-    n_points = starts.shape[0]
-    n_chunks = (n_points + chunk - 1) // chunk
-    for c in numba.prange(n_chunks):
-        _refine_chunk_c(coefficients, flat_table, grid, strides, starts, keep, first, iterations, centre, precision,
-                        variance, tolerance, out_position, out_value, out_cost, out_used, c * chunk,
-                        min((c + 1) * chunk, n_points))
-
-
 if numba is not None:
     _grid_eval_c = numba.njit(cache=True, nogil=True, fastmath=True)(_grid_eval)
     _lm_run_c = numba.njit(cache=True, nogil=True, fastmath=True)(_lm_run)
     _refine_chunk_c = numba.njit(cache=True, nogil=True)(_refine_chunk)
-    _refine_all_c = numba.njit(cache=True, nogil=True, parallel=True)(_refine_all)
 else:  # pragma: no cover
-    _grid_eval_c = _lm_run_c = _refine_chunk_c = _refine_all_c = None
+    _grid_eval_c = _lm_run_c = _refine_chunk_c = None
 
 
 def warm_compiled_refinement() -> float:
