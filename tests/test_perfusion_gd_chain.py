@@ -15,7 +15,7 @@ from scipy import ndimage
 from perfline.core.gadget import ChainContext
 from perfline.gadgets.mrd_images import image_array
 from perfline.gadgets.perfusion_items import AifSeries, SliceSeries
-from perfline.gadgets.perfusion_recon import PerfusionRecon
+from perfline.gadgets.perfusion_recon import PerfusionRecon, PerfusionReconSettings
 from perfline.server.client import dataset_items, send_dataset
 from perfline.server.testing import running_server
 from perfline.simulator import mrd, truth
@@ -52,6 +52,29 @@ def test_recon_gadget_series_and_time_stamps(scan: tuple[Path, Path], acquisitio
     assert myo.n_pd_frames == 3 and aif.echo_times_ms == (0.76, 1.76)
     np.testing.assert_allclose(myo.time_s, reference.slices[0].time_s, atol=0.004)
     np.testing.assert_allclose(aif.time_s, reference.aif_time_s, atol=0.004)
+
+
+def test_recon_filter_needs_the_noise_scan(acquisitions, caplog: pytest.LogCaptureFixture) -> None:
+    """The low-rank filter is on by default and takes its level from the noise scan; without a
+    noise scan it is off (warning) and the slice equals the unfiltered recon."""
+    header_xml, acqs = acquisitions
+    context = ChainContext(header=xsd.CreateFromDocument(header_xml), header_xml=header_xml)
+
+    def slice_images(settings: PerfusionReconSettings, items: list) -> np.ndarray:
+        return list(PerfusionRecon(settings, context=context).process(iter(items)))[1].data
+
+    filtered = slice_images(PerfusionReconSettings(), acqs)
+    plain = slice_images(PerfusionReconSettings(denoise_threshold=0.0), acqs)
+    body = plain.mean(axis=0) > 0.1 * plain.mean(axis=0).max()
+    change = np.linalg.norm((filtered - plain)[:, body]) / np.linalg.norm(plain[:, body])
+    assert 0.005 < change < 0.1  # it filters, and only the noise-sized part (measured 0.025)
+    no_noise = [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    assert len(no_noise) < len(acqs)
+    with caplog.at_level("WARNING"):
+        without = slice_images(PerfusionReconSettings(prewhiten=False), no_noise)
+    assert "no noise scan" in caplog.text
+    unwhitened = slice_images(PerfusionReconSettings(prewhiten=False, denoise_threshold=0.0), acqs)
+    np.testing.assert_allclose(without, unwhitened, rtol=1e-5, atol=1e-6 * float(unwhitened.max()))
 
 
 def test_chain_returns_gd_images(scan: tuple[Path, Path]) -> None:
