@@ -5,13 +5,16 @@ and shifting the pattern by one line each frame (frame f acquires lines l with
 (l - f) % R == 0), so the time average of R consecutive frames is fully sampled. Coil
 sensitivities come from that time average (TSENSE: Kellman et al., MRM 2001;45:846;
 REFERENCES.md section 1) and every frame is unfolded by regularised SENSE (Pruessmann et al.,
-MRM 1999;42:952). Fully sampled frames are combined with the same sensitivities.
+MRM 1999;42:952). Fully sampled frames are combined with the same sensitivities. Before
+unfolding, the samples may be pre-whitened and PCA-compressed to fewer virtual coils
+(:func:`calibrate`); after it, :func:`local_low_rank_filter` removes the g-factor-amplified
+noise with a threshold set by the known noise level of every pixel.
 
 Conventions (docs/simulator.md): k-space ``[..., coils, ky, kx]`` with the centre at index
 ``n // 2``; image = ``fftshift(ifft2(ifftshift(kspace), norm="ortho"))``; rows = ky (E1),
 cols = kx (E0). The combined image is the sensitivity-weighted combination normalised to the
-root-sum-of-squares of the sensitivities, i.e. the coil shading of a root-sum-of-squares image
-remains (removed downstream by SR / PD).
+root-sum-of-squares of the (unwhitened, physical) coils, i.e. the coil shading of a
+root-sum-of-squares image remains (removed downstream by SR / PD).
 """
 
 from __future__ import annotations
