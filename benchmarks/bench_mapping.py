@@ -85,8 +85,9 @@ def speed(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     aif, series = _slice(args.rows, args.cols, args.frames, rng)
     pixels = args.rows * args.cols
+    refinement = "numba " + flow_fit.numba.__version__ if flow_fit.numba is not None else "numpy arrays (no numba)"
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs); "
-          f"BTEX refinement: {'numba ' + flow_fit.numba.__version__ if flow_fit.numba is not None else 'numpy arrays (numba not installed)'}")
+          f"BTEX refinement: {refinement}")
     start = time.perf_counter()
     residue_table(args.frames, DT, BtexSettings())
     table_s = time.perf_counter() - start
@@ -108,12 +109,14 @@ def speed(args: argparse.Namespace) -> None:
         "btex (default: fast search, two passes with the smoothed-delay prior)":
             (_median_time(lambda: map_btex(series, aif, DT, aif_table=table), args.repeats), pixels),
         "btex (thorough search, two passes)":
-            (_median_time(lambda: map_btex(series, aif, DT, settings=thorough, aif_table=table), args.repeats), pixels),
+            (_median_time(lambda: map_btex(series, aif, DT, settings=thorough, aif_table=table), args.repeats),
+             pixels),
         "btex (default, one pass, free delay)":
             (_median_time(lambda: map_btex(series, aif, DT, delay_smoothing_px=0, aif_table=table), args.repeats),
              pixels),
         f"btex (default) on a myocardium-like ring mask ({int(ring.sum())} px)":
-            (_median_time(lambda: map_btex(series, aif, DT, mask=ring, aif_table=table), args.repeats), int(ring.sum())),
+            (_median_time(lambda: map_btex(series, aif, DT, mask=ring, aif_table=table), args.repeats),
+             int(ring.sum())),
     }
     if flow_fit.numba is not None:  # the same fit with the numpy array refinement, for comparison
         compiled, flow_fit.numba = flow_fit.numba, None

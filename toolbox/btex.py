@@ -8,14 +8,16 @@ then local refinement. Here:
    closed-form Laplace solution) depend only on the time grid, so they are computed once per
    (frames, dt) and cached in memory; each AIF then costs one matrix product, and the delay
    axis is the same curves shifted by linear interpolation.
-2. The table curves are compressed to their leading principal components (``n_components``,
-   relative representation error about 1e-4 at 16); every cost below is computed on the
+2. The table curves are compressed to their leading principal components (``n_components``:
+   12, largest RMS representation error 4e-4 mmol/L); every cost below is computed on the
    pixel's coefficients.
-3. Global search on every other grid point of each axis (one matrix product and an argmin
-   per block of pixels; the 3 best entries start 3 iterations, the best of them goes on), then
-   a Levenberg-Marquardt refinement of the five continuous grid
-   coordinates with the model interpolated multilinearly in the table (analytic Jacobian of
-   the interpolation; along the delay axis the interpolation is exact). The fit RMSE is
+3. Global search on every other grid point of each axis (one matrix product and argmin
+   passes per block of pixels), then a Levenberg-Marquardt refinement of the five continuous
+   grid coordinates with the model interpolated multilinearly in the table (analytic
+   Jacobian of the interpolation; along the delay axis the interpolation is exact): the 3
+   best entries get 2 iterations each, the best goes on, each run stops early once its steps
+   fall below ``tolerance_cells`` (``flow_fit.refine_on_grid``: compiled with numba when
+   installed). ``BtexSettings.thorough()`` is the slower reference search. The fit RMSE is
    measured on the full curves.
 4. Maximum a posteriori, not plain least squares: PS, Vp and Visf get weak Gaussian priors
    at population values (``prior_*``), scaled by each pixel's noise (estimated from its
@@ -46,7 +48,6 @@ from perfline.toolbox.flow_fit import (
     PIXEL_BLOCK,
     FlowMaps,
     grid_value,
-    interpolate_grid,
     prepare_curves,
     refine_on_grid,
     scatter_maps,
@@ -76,7 +77,8 @@ class BtexSettings(BaseModel):
     n_starts: int = Field(3, ge=1, description="best coarse entries refined per pixel")
     coarse_stride: tuple[int, int, int, int, int] = Field(
         (2, 2, 2, 2, 2), description="global search on every k-th grid point of (Fp, PS, Vp, Visf, delay)")
-    start_iterations: int = Field(2, ge=0, description="with several starts: iterations of each before the best goes on")
+    start_iterations: int = Field(
+        2, ge=0, description="with several starts: iterations of each before the best goes on")
     tolerance_cells: float = Field(
         0.02, ge=0, description="stop a pixel's refinement once a step moves it less (grid cells); 0: all iterations")
     prior_weight: float = Field(1.0, ge=0, description="scale of the priors (0: least squares)")

@@ -267,6 +267,9 @@ def refine_on_grid(
         rest = int(iterations) - first
     n_points, n_starts, n_dims = starts.shape
     keep = np.ones((n_points, n_starts), dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    if keep.shape != (n_points, n_starts) or not np.all(np.any(keep, axis=1)):
+        raise ValueError(f"keep must be [P, S] = {(n_points, n_starts)} with a kept start for every pixel, "
+                         f"got shape {keep.shape}")
     centre = np.ascontiguousarray(np.broadcast_to(prior_centre, (n_points, n_dims)), dtype=np.float64)
     precision = np.asarray(prior_precision, dtype=np.float64)
     variance = np.asarray(variance, dtype=np.float64)
