@@ -123,6 +123,7 @@ class BtexSettings(BaseModel):
 
 
 CACHE_DIR_ENV = "PERFLINE_CACHE_DIR"
+SMOOTHED_STEP = 3  # the smoothed series is fitted on every k-th row and column (sigma >= 1 px)
 COARSE_BLOCK_COSTS = PIXEL_BLOCK * 2048  # cost entries per block of the coarse search (about 32 MB)
 
 
@@ -400,18 +401,18 @@ def _smoothed_curves(prepared, sigma_px: float) -> np.ndarray:
 def _smoothed_fit(prepared, settings: BtexSettings, sigma_px: float, aif_table: AifTable) -> np.ndarray:
     """Grid coordinates ``[P, 5]`` of every fitted pixel from a fit of the smoothed series.
 
-    The smoothed series varies slowly, so only every second row and column is fitted; the
-    other pixels get the bilinear interpolation of their fitted neighbours (a normalised
-    convolution with a tent kernel, which respects the edge of the fitted region).
+    The smoothed series varies slowly, so only every ``SMOOTHED_STEP``-th (3rd) row and column
+    is fitted; the other pixels get the bilinear interpolation of their fitted neighbours (a
+    normalised convolution with a tent kernel, which respects the edge of the fitted region).
     """
     smoothed = _smoothed_curves(prepared, sigma_px)
     rows, cols = np.unravel_index(prepared.index, prepared.spatial_shape)
-    step = 2 if sigma_px >= 1.0 else 1
+    step = SMOOTHED_STEP if sigma_px >= 1.0 else 1
     on_grid = (rows % step == 0) & (cols % step == 0)
     if not np.any(on_grid):
         on_grid[:] = True
     fittable, position, _ = _fit_positions(smoothed[on_grid], aif_table, settings, None, 0.25)
-    tent = np.array([0.5, 1.0, 0.5]) if step == 2 else np.array([1.0])
+    tent = 1.0 - np.abs(np.arange(1 - step, step)) / step  # linear interpolation between fitted rows
     kernel = np.outer(tent, tent)
     weights = np.zeros(prepared.spatial_shape)
     weights[rows[on_grid][fittable], cols[on_grid][fittable]] = 1.0
