@@ -155,7 +155,7 @@ def test_fast_btex_path_equals_the_thorough_path():
     compiled when numba is installed) against the first version's search
     (``BtexSettings(n_components=16).thorough()``: 3 iterations per start, all 10 iterations).
     Stated tolerance: per-pixel median difference <= 0.5 %, upper quartile <= 2 %, 90th
-    percentile <= 3 % where Fp <= 3 ml/min/g, global mean <= 1.5 %. Single high-flow pixels
+    percentile <= 3 % where Fp <= 3 ml/min/g, global mean <= 2 %. Single high-flow pixels
     can differ more: there the curve hardly depends on Fp and the two end at different points
     of the flat Fp / Vp / delay valley (docs/mapping.md, weak points)."""
     aif, series, truth = _btex_phantom()
@@ -170,7 +170,7 @@ def test_fast_btex_path_equals_the_thorough_path():
         assert np.median(difference) <= 0.005
         assert np.percentile(difference, 75) <= 0.02
         assert np.percentile(difference[moderate], 90) <= 0.03
-        assert abs(quick.mean() / slow.mean() - 1.0) <= 0.015
+        assert abs(quick.mean() / slow.mean() - 1.0) <= 0.02
 
 
 def _small_table_problem(n_pixels: int = 300):
