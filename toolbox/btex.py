@@ -51,6 +51,7 @@ from perfline.toolbox.flow_fit import (
     prepare_curves,
     refine_on_grid,
     scatter_maps,
+    thread_pool,
     warm_compiled_refinement,
 )
 
@@ -124,7 +125,7 @@ class BtexSettings(BaseModel):
 
 CACHE_DIR_ENV = "PERFLINE_CACHE_DIR"
 SMOOTHED_STEP = 3  # the smoothed series is fitted on every k-th row and column (sigma >= 1 px)
-COARSE_BLOCK_COSTS = PIXEL_BLOCK * 2048  # cost entries per block of the coarse search (about 32 MB)
+COARSE_BLOCK_COSTS = PIXEL_BLOCK * 2048  # cost entries per block of the global search (32 MB)
 
 
 def _cache_dir() -> Path | None:
@@ -267,31 +268,41 @@ def _coarse_search(
         nearest = np.clip(np.rint(np.asarray(delay_centre) / stride[-1]), 0, n_delays - 1).astype(np.int64)
         groups = {int(g): np.flatnonzero(nearest == g) for g in np.unique(nearest)}
     best = np.empty((coefficients.shape[0], n_starts, table.ndim - 1), dtype=np.int64)
+    tasks = []
     for group, pixels in groups.items():
         sub = coarse if group is None else coarse[..., group : group + 1, :]
-        sub_shape = sub.shape[:-1]
         flat = sub.reshape(-1, table.shape[-1]).astype(np.float64)
         flat_penalty = (coarse_penalty if group is None else coarse_penalty[..., group : group + 1]).ravel()
         entries = np.concatenate([-2.0 * flat, np.sum(flat**2, axis=1)[:, None], flat_penalty[:, None]], axis=1)
         entries = np.ascontiguousarray(entries.T, dtype=np.float32)  # [R + 2, E]
-        # blocks of about 1 MB of costs stay in cache for the argmin passes
         block = max(64, COARSE_BLOCK_COSTS // max(flat.shape[0], 1))
-        for start in range(0, pixels.size, block):
-            chosen = pixels[start : start + block]
-            augmented = np.concatenate(
-                [coefficients[chosen], np.ones((chosen.size, 1)), variance[chosen, None]], axis=1
-            ).astype(np.float32)
-            cost = augmented @ entries  # [B, E]
-            index = np.empty((chosen.size, n_starts), dtype=np.int64)
-            rows = np.arange(chosen.size)
-            for k in range(n_starts):
-                index[:, k] = np.argmin(cost, axis=1)
-                if k + 1 < n_starts:
-                    cost[rows, index[:, k]] = np.inf
-            grid_index = np.stack(np.unravel_index(index, sub_shape), axis=-1)
-            if group is not None:
-                grid_index[..., -1] = group
-            best[chosen] = stride * grid_index
+        tasks += [(group, sub.shape[:-1], entries, pixels[start : start + block])
+                  for start in range(0, pixels.size, block)]
+
+    def search(task: tuple) -> None:  # writes disjoint rows of ``best``
+        group, sub_shape, entries, chosen = task
+        augmented = np.concatenate(
+            [coefficients[chosen], np.ones((chosen.size, 1)), variance[chosen, None]], axis=1
+        ).astype(np.float32)
+        cost = augmented @ entries  # [B, E]
+        index = np.empty((chosen.size, n_starts), dtype=np.int64)
+        rows = np.arange(chosen.size)
+        for k in range(n_starts):
+            index[:, k] = np.argmin(cost, axis=1)
+            if k + 1 < n_starts:
+                cost[rows, index[:, k]] = np.inf
+        grid_index = np.stack(np.unravel_index(index, sub_shape), axis=-1)
+        if group is not None:
+            grid_index[..., -1] = group
+        best[chosen] = stride * grid_index
+
+    # the blocks run on the refinement's thread pool (numpy releases the GIL in the product
+    # and the argmin passes)
+    if len(tasks) > 1:
+        list(thread_pool().map(search, tasks))
+    else:
+        for task in tasks:
+            search(task)
     return best
 
 
@@ -383,18 +394,20 @@ def _fit_positions(
     return fittable, fit.position, np.sqrt((outside + inside) / y.shape[1])
 
 
-def _smoothed_curves(prepared, sigma_px: float) -> np.ndarray:
-    """Gaussian-smoothed curves of the fitted pixels (normalised convolution over them)."""
+def _smoothed_curves(prepared, sigma_px: float, subset: np.ndarray) -> np.ndarray:
+    """Gaussian-smoothed curves ``[n, T]`` (float32) of the fitted pixels selected by
+    ``subset`` (normalised convolution over all fitted pixels)."""
     size = int(np.prod(prepared.spatial_shape))
     n_time = prepared.curves.shape[1]
-    image = np.zeros((n_time, size))
+    image = np.zeros((n_time, size), dtype=np.float32)
     image[:, prepared.index] = prepared.curves.T
-    support = np.zeros(size)
+    support = np.zeros(size, dtype=np.float32)
     support[prepared.index] = 1.0
     shape = prepared.spatial_shape
     image = ndi.gaussian_filter(image.reshape(n_time, *shape), (0, sigma_px, sigma_px), mode="nearest")
     weight = ndi.gaussian_filter(support.reshape(shape), sigma_px, mode="nearest")
-    smoothed = image.reshape(n_time, size)[:, prepared.index] / np.maximum(weight.ravel()[prepared.index], 1e-6)
+    wanted = prepared.index[subset]
+    smoothed = image.reshape(n_time, size)[:, wanted] / np.maximum(weight.ravel()[wanted], 1e-6)
     return smoothed.T
 
 
@@ -405,13 +418,13 @@ def _smoothed_fit(prepared, settings: BtexSettings, sigma_px: float, aif_table: 
     is fitted; the other pixels get the bilinear interpolation of their fitted neighbours (a
     normalised convolution with a tent kernel, which respects the edge of the fitted region).
     """
-    smoothed = _smoothed_curves(prepared, sigma_px)
     rows, cols = np.unravel_index(prepared.index, prepared.spatial_shape)
     step = SMOOTHED_STEP if sigma_px >= 1.0 else 1
     on_grid = (rows % step == 0) & (cols % step == 0)
     if not np.any(on_grid):
         on_grid[:] = True
-    fittable, position, _ = _fit_positions(smoothed[on_grid], aif_table, settings, None, 0.25)
+    smoothed = _smoothed_curves(prepared, sigma_px, on_grid)
+    fittable, position, _ = _fit_positions(smoothed, aif_table, settings, None, 0.25)
     tent = 1.0 - np.abs(np.arange(1 - step, step)) / step  # linear interpolation between fitted rows
     kernel = np.outer(tent, tent)
     weights = np.zeros(prepared.spatial_shape)

@@ -297,7 +297,7 @@ def refine_on_grid(
     bounds = list(range(0, n_points, COMPILED_CHUNK)) + [n_points]
     chunks = list(zip(bounds[:-1], bounds[1:]))
     if len(chunks) > 1:
-        list(_executor().map(lambda chunk: _refine_chunk_c(*arrays, *chunk), chunks))
+        list(thread_pool().map(lambda chunk: _refine_chunk_c(*arrays, *chunk), chunks))
     elif chunks:
         _refine_chunk_c(*arrays, *chunks[0])
     return GridFit(position, value.astype(table.dtype), cost, used)
@@ -308,7 +308,7 @@ _EXECUTOR: list[ThreadPoolExecutor] = []
 _EXECUTOR_GUARD = threading.Lock()
 
 
-def _executor() -> ThreadPoolExecutor:
+def thread_pool() -> ThreadPoolExecutor:
     """The refinement's thread pool (as many threads as CPUs, at most 8), created on first use."""
     with _EXECUTOR_GUARD:
         if not _EXECUTOR:
