@@ -94,6 +94,35 @@ def test_lv_smaller_than_a_quarter_of_the_rv_pool_is_found():
     assert np.sum(result.mask & lv) >= 0.9 * result.mask.sum()
 
 
+def test_weak_early_cluster_is_not_the_rv():
+    # rest 2**30 + 6 with coil compression: a large lung cluster enhancing weakly but early was
+    # taken as the RV (the earliest large pool), and its own late pixels as the LV
+    rng = np.random.default_rng(7)
+    series, lv, rv = _phantom(rng)
+    rows, cols = np.mgrid[:48, :48]
+    cluster = (rows >= 36) & (rows < 46) & (cols >= 2) & (cols < 12)  # 100 pixels, 40 % of the RV's rise
+    series[:, cluster] += _bolus(series.shape[0], 8, 2.0, 120.0)[:, None]
+    result = detect_aif(series, settings=AifSettings(core_fraction=0.9))
+    assert np.sum(result.rv_mask & rv) >= 0.5 * result.rv_mask.sum()
+    assert np.sum(result.mask & lv) >= 0.9 * result.mask.sum()
+
+
+def test_merged_ventricles_with_a_late_group_split_twice():
+    # RV, LV and late-arriving pixels in one pool: the first arrival split takes off the late group
+    rng = np.random.default_rng(8)
+    series, lv, rv = _phantom(rng)
+    n = series.shape[0]
+    bridge = np.zeros_like(lv)
+    bridge[23:27, 17:23] = True
+    series[:, bridge & ~lv & ~rv] += _bolus(n, 14, 2.0, 300.0)[:, None]
+    rows, cols = np.mgrid[:48, :48]
+    late = (rows >= 33) & (rows < 38) & (cols >= 22) & (cols < 34) & ~lv  # joined below the LV
+    series[:, late] += _bolus(n, 34, 2.5, 250.0)[:, None]
+    result = detect_aif(series, settings=AifSettings(core_fraction=0.9))
+    assert np.sum(result.mask & lv) >= 0.9 * result.mask.sum()
+    assert 17 <= result.foot <= 21
+
+
 def test_small_core_keeps_the_most_enhancing_pixels():
     rng = np.random.default_rng(5)
     series, lv, _ = _phantom(rng)
