@@ -6,7 +6,8 @@ slices (``idx.slice``), encoding space 1 = the dual-echo AIF (``idx.contrast`` =
 scans flagged ``ACQ_IS_NOISE_MEASUREMENT``. Only the acquired lines are stored (time-interleaved
 acceleration R: frame f holds lines ``(l - f) % R == 0``). At the end of the scan every series is
 reconstructed with TSENSE (``perfline.toolbox.interleaved_recon``; noise pre-whitening and PCA
-coil compression to ``virtual_coils``; both AIF echoes with the same calibration so their ratio
+coil compression of the myocardial series to ``virtual_coils``, the AIF series by default with all
+coils, ``aif_virtual_coils``; both AIF echoes with the same calibration so their ratio
 stays unbiased) and emitted: the AIF first, then the slices. The myocardial series are then
 filtered by a local low-rank (patch-wise temporal PCA) filter whose threshold comes from the
 noise scan and the unfolding's g-factor: it removes most of the noise TSENSE amplifies and keeps
@@ -52,7 +53,11 @@ class PerfusionReconSettings(GadgetSettings):
     regularization: float = Field(1e-3, ge=0.0, le=1.0, description="SENSE Tikhonov lambda (relative)")
     max_frames: int = Field(400, ge=2, le=4096, description="largest repetition index accepted + 1")
     virtual_coils: int = Field(8, ge=0, le=128,
-                               description="PCA coil compression before unfolding (0: keep all coils)")
+                               description="PCA coil compression of the myocardial series before unfolding "
+                               "(0: keep all coils)")
+    aif_virtual_coils: int = Field(
+        0, ge=0, le=128, description="PCA coil compression of the AIF series (0: keep all coils; compression to "
+        "8 picked the wrong blood pool on 2 of 8 held-out rest scans, docs/integration.md)")
     denoise_threshold: float = Field(
         1.0, ge=0.0, le=3.0, description="local low-rank filter of the myocardial series, in noise edges "
         "(0: off); needs the noise scan")
@@ -261,7 +266,7 @@ class PerfusionRecon(Gadget):
         try:
             compact, offsets, accel = compacts[0]
             calibration = calibrate(compact, offsets, accel, whitening=whitening,
-                                    virtual_coils=self.settings.virtual_coils or None)
+                                    virtual_coils=self.settings.aif_virtual_coils or None)
             images = np.stack([reconstruct_compact(c, o, a, calibration=calibration,
                                                    regularization=self.settings.regularization)
                                for c, o, a in compacts])
