@@ -92,8 +92,9 @@ class BtexSettings(BaseModel):
 
     def thorough(self) -> BtexSettings:
         """The same table and priors with the refinement of the first version (3 iterations per
-        start instead of 2, no early stopping): the reference the defaults are checked against
-        (tests/test_mapping.py, docs/mapping.md)."""
+        start instead of 2, no early stopping; with ``n_components=16`` the first version's
+        search): the reference the defaults are checked against (tests/test_mapping.py,
+        docs/mapping.md)."""
         return self.model_copy(update={"n_starts": 3, "coarse_stride": (2, 2, 2, 2, 2), "start_iterations": 3,
                                        "tolerance_cells": 0.0})
 
