@@ -46,6 +46,8 @@ class SliceSeries:
         geometry: position of the slice.
         slice_position_mm: signed position along the slice normal (for basal/mid/apical order).
         stages: names of the processing steps applied so far (for the report and the meta).
+        flags: human-readable problems of the acquisition found on the way (e.g. a scan that
+            ended early); the segmentation passes them on to the report.
     """
 
     slice_index: int
@@ -57,6 +59,7 @@ class SliceSeries:
     pd_image: np.ndarray | None = None
     slice_position_mm: float = 0.0
     stages: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

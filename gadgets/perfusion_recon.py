@@ -198,6 +198,13 @@ class PerfusionRecon(Gadget):
             raise GadgetError(f"{what}: frames {missing[:10]} missing (received {len(buffer.lines)} of "
                               f"{len(expected)})")
         lines_per_frame = [np.array(sorted(buffer.lines[f])) for f in expected]
+        if len(expected) > 2 and lines_per_frame[-1].size < lines_per_frame[-2].size and \
+                len({lines.size for lines in lines_per_frame[:-1]}) == 1:
+            # the stream ended inside the last frame (a scan stopped early): that frame cannot be
+            # reconstructed; the complete frames before it can
+            self.log.warning("%s: the scan ended inside frame %d (%d of %d lines): that frame is dropped",
+                             what, expected[-1], lines_per_frame[-1].size, lines_per_frame[-2].size)
+            expected, lines_per_frame = expected[:-1], lines_per_frame[:-1]
         counts = {lines.size for lines in lines_per_frame}
         if len(counts) != 1:
             raise GadgetError(f"{what}: inconsistent dimensions: frames hold {sorted(counts)} lines")
@@ -243,12 +250,19 @@ class PerfusionRecon(Gadget):
                 denoise_patch_px=self.settings.denoise_patch_px)
         except ReconError as error:
             raise GadgetError(f"{what}: {error}") from error
+        flags = ()
+        limits = getattr(getattr(encoding, "encodingLimits", None), "repetition", None)
+        declared = int(limits.maximum) + 1 if limits is not None and limits.maximum is not None else 0
+        if declared > images.shape[0]:
+            flags = (f"scan ended early: {images.shape[0]} of the {declared} frames the header declares",)
+            self.log.warning("%s: %s", what, flags[0])
         geometry = _geometry(buffer.first, encoding)
         slice_dir = np.asarray(geometry.slice_dir)
         position = float(np.dot(np.asarray(geometry.position), slice_dir)) if np.any(slice_dir) else 0.0
         self.log.info("%s: %d frames, R=%d, %d coils", what, images.shape[0], accel, compact.shape[1])
         return SliceSeries(slice_index=slice_index, data=images, time_s=time_s, units="signal",
-                           n_pd_frames=n_pd, geometry=geometry, slice_position_mm=position, stages=("recon",))
+                           n_pd_frames=n_pd, geometry=geometry, slice_position_mm=position, stages=("recon",),
+                           flags=flags)
 
     def _aif(self, buffers: dict[tuple[int, int], _SeriesBuffer], echoes: list[int], encoding,  # noqa: ANN001
              n_pd: int, whitening: np.ndarray | None, params: dict) -> AifSeries:

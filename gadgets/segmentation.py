@@ -170,4 +170,5 @@ class CnnSegmentation(Gadget):
                       f", flags: {'; '.join(result.flags)}" if result.flags else "")
         return SliceSegmentation(slice_index=series.slice_index, labels=result.labels,
                                  rv_insertion_deg=result.rv_insertion_deg,
-                                 lv_center_rc=result.lv_center_rc, flags=result.flags)
+                                 lv_center_rc=result.lv_center_rc,
+                                 flags=tuple(series.flags) + tuple(result.flags))

@@ -1,7 +1,7 @@
 """Issue 7, bad input through the whole ``perfusion`` chain over a real server.
 
 A missing slice, no AIF series, a stream cut mid-scan (connection dropped without CLOSE) and a
-scan stopped half-way (CLOSE after half of the acquisitions) must each end with a partial
+scan stopped early (CLOSE after 50 % or 80 % of the acquisitions) must each end with a partial
 report that is clearly flagged or with a clear error naming the problem -- within a bounded
 time (never a hang) -- and the server must go on serving the next client.
 
@@ -101,17 +101,23 @@ def test_connection_dropped_mid_scan_ends_the_session(scan, good_file) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_scan_stopped_half_way_is_flagged_or_a_clear_error(scan, good_file) -> None:
-    """CLOSE after half of the acquisitions (the last frame is incomplete)."""
+@pytest.mark.parametrize("fraction", [0.5, 0.8], ids=["before-the-bolus", "after-the-bolus"])
+def test_scan_stopped_early_is_flagged_or_a_clear_error(scan, good_file, fraction: float) -> None:
+    """CLOSE after part of the acquisitions; the last frame is incomplete (it is dropped).
+
+    Stopped at half of the 30 frames, the AIF has no bolus yet: a clear error. Stopped at 80 %
+    the bolus has passed: a report whose slices carry the flag "scan ended early".
+    """
     header_xml, acquisitions = scan
     with running_server() as (host, port):
-        results = send_dataset(iter(acquisitions[: len(acquisitions) // 2]), host, port, "perfusion",
-                               header_xml=header_xml, timeout_s=150)
+        results = send_dataset(iter(acquisitions[: int(len(acquisitions) * fraction)]), host, port,
+                               "perfusion", header_xml=header_xml, timeout_s=150)
         _next_client_is_served(host, port, good_file)
     assert results.closed
-    if results.errors:
-        # the error names the incomplete data
-        assert any("inconsistent dimensions" in e or "incomplete" in e for e in results.errors), results.errors
-    else:
-        report = json.loads(report_from_results(results.texts))
-        assert any("incomplete" in flag or "frames" in flag for flag in report["flags"]), report["flags"]
+    if fraction < 0.6:
+        assert any("no bolus" in error for error in results.errors), results.errors
+        return
+    assert results.ok, results.errors
+    report = json.loads(report_from_results(results.texts))
+    slice_flags = [flag for entry in report["slices"] for flag in entry["flags"]]
+    assert any("scan ended early" in flag and "of the 33 frames" in flag for flag in slice_flags), slice_flags
