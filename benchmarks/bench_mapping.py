@@ -26,12 +26,12 @@ import scipy.ndimage as ndi
 import scipy.optimize
 
 from perfline.commands.map import compute_maps
-from perfline.toolbox import flow_fit
+from perfline.toolbox import grid_refine
 from perfline.toolbox import flow_models as fm
 from perfline.toolbox.array_io import load_array
 from perfline.toolbox.btex import BtexSettings, build_aif_table, map_btex, residue_table
 from perfline.toolbox.fermi import map_fermi
-from perfline.toolbox.flow_fit import warm_compiled_refinement
+from perfline.toolbox.grid_refine import warm_compiled_refinement
 
 QPERF = Path("/work/shared/data/qperf/examples")
 DT = 0.5
@@ -85,7 +85,7 @@ def speed(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     aif, series = _slice(args.rows, args.cols, args.frames, rng)
     pixels = args.rows * args.cols
-    refinement = "numba " + flow_fit.numba.__version__ if flow_fit.numba is not None else "numpy arrays (no numba)"
+    refinement = "numba " + grid_refine.numba.__version__ if grid_refine.numba is not None else "numpy arrays (no numba)"
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs); "
           f"BTEX refinement: {refinement}")
     start = time.perf_counter()
@@ -118,13 +118,13 @@ def speed(args: argparse.Namespace) -> None:
             (_median_time(lambda: map_btex(series, aif, DT, mask=ring, aif_table=table), args.repeats),
              int(ring.sum())),
     }
-    if flow_fit.numba is not None:  # the same fit with the numpy array refinement, for comparison
-        compiled, flow_fit.numba = flow_fit.numba, None
+    if grid_refine.numba is not None:  # the same fit with the numpy array refinement, for comparison
+        compiled, grid_refine.numba = grid_refine.numba, None
         try:
             timings["btex (default, numpy array refinement instead of numba)"] = (
                 _median_time(lambda: map_btex(series, aif, DT, aif_table=table), args.repeats), pixels)
         finally:
-            flow_fit.numba = compiled
+            grid_refine.numba = compiled
     curves = series.reshape(args.frames, -1).T
     sample = rng.choice(pixels, args.sample, replace=False)
     start = time.perf_counter()

@@ -8,7 +8,8 @@ import pytest
 from perfline.toolbox import flow_models as fm
 from perfline.toolbox.btex import BtexSettings, build_aif_table, map_btex
 from perfline.toolbox.fermi import map_fermi
-from perfline.toolbox.flow_fit import FlowMaps, MappingInputError, interpolate_grid, refine_on_grid
+from perfline.toolbox.flow_fit import FlowMaps, MappingInputError
+from perfline.toolbox.grid_refine import interpolate_grid, refine_on_grid
 
 DT = 0.5
 T = 60

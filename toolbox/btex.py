@@ -16,7 +16,7 @@ then local refinement. Here:
    grid coordinates with the model interpolated multilinearly in the table (analytic
    Jacobian of the interpolation; along the delay axis the interpolation is exact): the 3
    best entries get 2 iterations each, the best goes on, each run stops early once its steps
-   fall below ``tolerance_cells`` (``flow_fit.refine_on_grid``: compiled with numba when
+   fall below ``tolerance_cells`` (``grid_refine.refine_on_grid``: compiled with numba when
    installed). ``BtexSettings.thorough()`` is the slower reference search. The fit RMSE is
    measured on the full curves.
 4. Maximum a posteriori, not plain least squares: PS, Vp and Visf get weak Gaussian priors
@@ -44,16 +44,8 @@ import scipy.ndimage as ndi
 from pydantic import BaseModel, ConfigDict, Field
 
 from perfline.toolbox import flow_models
-from perfline.toolbox.flow_fit import (
-    PIXEL_BLOCK,
-    FlowMaps,
-    grid_value,
-    prepare_curves,
-    refine_on_grid,
-    scatter_maps,
-    thread_pool,
-    warm_compiled_refinement,
-)
+from perfline.toolbox.flow_fit import PIXEL_BLOCK, FlowMaps, grid_value, prepare_curves, scatter_maps
+from perfline.toolbox.grid_refine import refine_on_grid, thread_pool, warm_compiled_refinement
 
 logger = logging.getLogger(__name__)
 
