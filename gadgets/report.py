@@ -227,6 +227,10 @@ class AhaReportGadget(Gadget):
                 ps_ml_min_g=flow.ps_ml_min_g, vp=flow.vp, flags=tuple(segmentation.flags)))
         for index in sorted(set(segmentations) - set(maps)):
             extra_flags.append(f"slice {index}: segmented but no flow maps")
+        # acquisition problems found upstream (perfusion-recon: a scan stopped early) concern the
+        # whole report: flagged once at the top and the report marked partial
+        early = sorted({flag for item in slices for flag in item.flags if flag.startswith("scan ended early")})
+        extra_flags.extend(early)
         report = build_report(
             slices, study=study_info_from_context(self.context.header, self.context.parameters),
             settings=ReportSettings(min_sector_pixels=settings.min_sector_pixels,

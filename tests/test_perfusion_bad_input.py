@@ -121,3 +121,4 @@ def test_scan_stopped_early_is_flagged_or_a_clear_error(scan, good_file, fractio
     report = json.loads(report_from_results(results.texts))
     slice_flags = [flag for entry in report["slices"] for flag in entry["flags"]]
     assert any("scan ended early" in flag and "of the 33 frames" in flag for flag in slice_flags), slice_flags
+    assert report["partial"] and any("scan ended early" in flag for flag in report["flags"]), report["flags"]
