@@ -52,17 +52,6 @@ def _simulate(seed: int, kind: str, field: float, out: Path):
     return study, path
 
 
-def _stage_table(texts: list[str]) -> list[dict]:
-    for text in texts:
-        try:
-            data = json.loads(text.rstrip("\x00"))
-        except ValueError:
-            continue
-        if isinstance(data, dict) and "perfline_stage_timings" in data:
-            return data["perfline_stage_timings"]
-    return []
-
-
 def run(args: argparse.Namespace) -> int:
     from perfline.server.client import send_dataset
     from perfline.server.testing import running_server
@@ -95,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             arrival = results.text_times_s[results.texts.index(report_json)] if report_json in results.texts \
                 else max(results.text_times_s)
             rows[kind] = (study_mbf_from_report(report_json), truth_from_simulator(study),
-                          arrival - results.sent_s, _stage_table(results.texts), defects,
+                          arrival - results.sent_s, results.stage_timings(), defects,
                           json.loads(report_json))
 
     print(f"\nperfline demo: patient {patient}, {args.field:g} T, chain {args.chain!r}")
