@@ -104,6 +104,27 @@ def test_server_serves_while_warming_up_and_warms_every_chain(tmp_path):
     RELEASE.set()
 
 
+@pytest.mark.timeout(60)
+def test_running_server_can_wait_for_the_warm_up(tmp_path):
+    """``wait_for_warm_up`` (perfline demo, evaluate --mbf): the context opens only after the
+    warm-up thread has finished."""
+    chain_dir = tmp_path / "chains"
+    chain_dir.mkdir()
+    (chain_dir / "slow.toml").write_text('name = "slow"\ninput = ["image"]\n[[gadgets]]\n'
+                                         'gadget = "test-slow-warm-up"\n[gadgets.settings]\nlabel = "b"\n')
+    WARM_CALLS.clear()
+    RELEASE.clear()
+    releaser = threading.Timer(0.5, RELEASE.set)
+    releaser.start()
+    started = time.perf_counter()
+    with running_server(chain_dir=chain_dir, warm_up=True, wait_for_warm_up=True):
+        waited = time.perf_counter() - started
+        assert WARM_CALLS == [("b", "slow")]
+        assert RELEASE.is_set() and waited >= 0.4
+    releaser.cancel()
+    RELEASE.set()
+
+
 def test_warm_up_is_on_for_serve_and_off_for_test_servers(tmp_path):
     from perfline.cli import build_parser
     from perfline.server.server import MRDServer, ServerSettings

@@ -246,7 +246,7 @@ def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *
 
     automated: list[StudyMbf] = []
     truths: list[StudyMbf] = []
-    with running_server(chain_dir=chain_dir, warm_up=True) as (host, port):
+    with running_server(chain_dir=chain_dir, warm_up=True, wait_for_warm_up=True) as (host, port):
         for index in range(n_studies):
             for scan in scans:
                 study = simulate(index, scan, work_dir / f"study_{index:03d}")

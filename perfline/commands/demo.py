@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     patient = f"demo-{args.seed}"
     rows: dict[str, tuple] = {}
     true_hematocrit: dict[str, float] = {}
-    with running_server(output_dir=out / "reports", warm_up=True) as (host, port):
+    with running_server(output_dir=out / "reports", warm_up=True, wait_for_warm_up=True) as (host, port):
         logger.info("perfline server on %s:%d, reports in %s", host, port, out / "reports")
         for kind in ("stress", "rest"):
             started = time.perf_counter()
