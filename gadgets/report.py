@@ -233,14 +233,7 @@ class AhaReportGadget(Gadget):
         extra_flags.extend(early)
         report = build_report(
             slices, study=study_info_from_context(self.context.header, self.context.parameters),
-            settings=ReportSettings(min_sector_pixels=settings.min_sector_pixels,
-                                    min_wall_thickness_mm=settings.min_wall_thickness_mm,
-                                    max_missing_fit_fraction=settings.max_missing_fit_fraction,
-                                    basal_at=settings.basal_at,
-                                    border_exclusion_px=settings.border_exclusion_px,
-                                    fit_limit_mbf_ml_min_g=settings.fit_limit_mbf_ml_min_g,
-                                    exclude_fit_limit=settings.exclude_fit_limit,
-                                    max_fit_limit_fraction=settings.max_fit_limit_fraction),
+            settings=ReportSettings(**settings.model_dump(include=set(ReportSettings.model_fields))),
             flow_model=next(iter(maps.values())).model)
         aif_summary, aif_flag = None, []
         if aif is None:

@@ -373,7 +373,8 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
         elif not all(math.isfinite(v) for v in item.lv_center_rc):
             slice_flags.append("no LV centre found")
         analysed = _myocardial_core(myocardium, settings.border_exclusion_px)
-        mbf_values = np.asarray(item.mbf_ml_min_g, dtype=np.float64)[analysed]
+        mbf = np.asarray(item.mbf_ml_min_g, dtype=np.float64)
+        mbf_values = mbf[analysed]
         if not failed and not np.isfinite(mbf_values).any():
             slice_flags.append("no MBF fit in the myocardium")
             failed = True
@@ -384,7 +385,8 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
                                    f"{100 * at_limit:.0f} % of the myocardium: segmentation off the myocardium?")
                 failed = True
         if settings.exclude_fit_limit:
-            mbf_values = np.where(mbf_values >= settings.fit_limit_mbf_ml_min_g, np.nan, mbf_values)
+            mbf = np.where(mbf >= settings.fit_limit_mbf_ml_min_g, np.nan, mbf)
+            mbf_values = mbf[analysed]
         mean, median, _ = _stats(mbf_values) if not failed else (None, None, None)
         slice_summaries.append(SliceSummary(
             slice_index=item.slice_index, level=level, slice_position_mm=float(item.slice_position_mm),
@@ -398,10 +400,7 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
             continue
         usable_levels.add(level)
         thickness = sector_wall_thickness_mm(segment_map, item.lv_center_rc, item.pixel_spacing_mm)
-        mbf = np.asarray(item.mbf_ml_min_g, dtype=np.float64)
-        if settings.exclude_fit_limit:
-            mbf = np.where(mbf >= settings.fit_limit_mbf_ml_min_g, np.nan, mbf)
-        all_mbf.append(mbf[analysed])
+        all_mbf.append(mbf_values)
         if item.ps_ml_min_g is not None:
             all_ps.append(np.asarray(item.ps_ml_min_g, dtype=np.float64)[analysed])
         if item.vp is not None:
