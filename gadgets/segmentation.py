@@ -105,12 +105,13 @@ class CnnSegmentation(Gadget):
             yield segmentation
             if not self.settings.image_contours:
                 continue
-            done[segmentation.slice_index] = (segmentation, contour_meta(segmentation))
-            if not done[segmentation.slice_index][1]:
+            meta = contour_meta(segmentation)
+            if not meta:
                 self.log.warning("slice %d: no endo/epi contours for the images",
                                  segmentation.slice_index)
+            done[segmentation.slice_index] = (segmentation, meta)
             for image in held.pop(segmentation.slice_index, []):
-                yield self._annotated(image, *done[segmentation.slice_index])
+                yield self._annotated(image, segmentation, meta)
         for index, images in sorted(held.items()):
             self.log.warning("slice %d: %d image(s) but no series to segment; sent without "
                              "contours", index, len(images))

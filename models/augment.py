@@ -24,9 +24,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
-logger = logging.getLogger(__name__)
+from perfline.toolbox.segmentation_post import LV_BLOOD, MYOCARDIUM, RV_BLOOD
 
-LV_BLOOD, MYOCARDIUM, RV_BLOOD = 1, 2, 3
+logger = logging.getLogger(__name__)
 
 
 class Realism(BaseModel):
