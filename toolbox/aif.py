@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -64,6 +65,15 @@ class AifSettings(BaseModel):
             "fewer core pixels than this: keep this many of the pool's most enhancing pixels instead (a small "
             "blurred pool has few pixels near its 90th percentile; averaging too few adds noise)")
     )
+
+
+class _Pool(NamedTuple):
+    """One connected enhancing pool of the AIF series (``detect_aif``)."""
+
+    label: int            # its label in the connected-component image
+    area: int             # pixels
+    peak_frame: int       # frame of the peak of its mean curve
+    enhancement: float    # 90th percentile of its pixels' enhancement over their 10th time percentile
 
 
 @dataclass(frozen=True)
@@ -239,27 +249,28 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
         area = int(region.sum())
         if area < settings.min_pool_pixels:
             continue
-        mean_curve = smooth[:, region].mean(axis=1)
+        curves = smooth[:, region]
+        mean_curve = curves.mean(axis=1)
         try:  # a blood pool shows a bolus: noise clusters peaking on the first frames do not
             aif_foot_peak(mean_curve, settings=settings)
         except AifError:
             continue
-        curves = smooth[:, region]  # enhancement over the 10th percentile in time (an RV may peak on frame 7)
+        # enhancement over the 10th percentile in time (an RV may peak on frame 7)
         enhancement = curves.max(axis=0) - np.percentile(curves, 10, axis=0)
-        pools.append((label, area, int(np.argmax(mean_curve)), np.argwhere(region).mean(axis=0),
-                      float(np.percentile(enhancement, 90))))
+        pools.append(_Pool(label=label, area=area, peak_frame=int(np.argmax(mean_curve)),
+                           enhancement=float(np.percentile(enhancement, 90))))
     if not pools:
         raise AifError("no enhancing blood pool found in the AIF series")
-    largest = max(pool[1] for pool in pools)
-    large = [pool for pool in pools if pool[1] >= 0.25 * largest]
+    largest = max(pool.area for pool in pools)
+    large = [pool for pool in pools if pool.area >= 0.25 * largest]
     # the RV is blood: among the large pools it enhances about as strongly as the LV; a large
     # lung or liver cluster that peaks early enhances far less (rest 2**30 + 6 with coil
     # compression: 90th-percentile pixel enhancement 0.28 against 0.76 for the ventricles)
-    strongest = max(pool[4] for pool in large)
-    major = [pool for pool in large if pool[4] >= settings.min_blood_enhancement_fraction * strongest]
-    rv = min(major, key=lambda pool: (pool[2], -pool[1]))
-    rv_region = labels == rv[0]
-    lv_candidates = _lv_candidates(smooth, labels, rv, pools, settings)
+    strongest = max(pool.enhancement for pool in large)
+    major = [pool for pool in large if pool.enhancement >= settings.min_blood_enhancement_fraction * strongest]
+    rv = min(major, key=lambda pool: (pool.peak_frame, -pool.area))
+    rv_region = labels == rv.label
+    lv_candidates = _lv_candidates(smooth, labels, rv, rv_region, pools, settings)
     if lv_candidates:
         # the LV: large and close to the RV (the aorta also peaks late but is smaller/farther)
         rv_centre = np.argwhere(rv_region).mean(axis=0)
@@ -278,7 +289,7 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
     return AifResult(mask=lv_mask, rv_mask=rv_mask, curve=curve, foot=foot, peak=peak)
 
 
-def _lv_candidates(smooth: np.ndarray, labels: np.ndarray, rv: tuple, pools: list,
+def _lv_candidates(smooth: np.ndarray, labels: np.ndarray, rv: _Pool, rv_region: np.ndarray, pools: list[_Pool],
                    settings: AifSettings) -> list[tuple[np.ndarray, np.ndarray]]:
     """Possible (LV mask, RV mask) pairs once the earliest major pool ``rv`` is known.
 
@@ -295,7 +306,6 @@ def _lv_candidates(smooth: np.ndarray, labels: np.ndarray, rv: tuple, pools: lis
     against a coherent pool (study seed 2**30 + 5 at rest: a 37-pixel lung cluster split to 5
     pixels against the 42-pixel LV split off the merged ventricles).
     """
-    rv_region = labels == rv[0]
     candidates: list[tuple[np.ndarray, np.ndarray]] = []
     early, late, separation = _arrival_split(smooth, rv_region)
     if separation >= settings.min_split_frames and min(early.sum(), late.sum()) >= settings.min_pool_pixels:
@@ -308,9 +318,10 @@ def _lv_candidates(smooth: np.ndarray, labels: np.ndarray, rv: tuple, pools: lis
                 min(early_2.sum(), late_2.sum()) >= settings.min_pool_pixels:
             candidates.append((late_2, early_2))
     for pool in pools:
-        if not rv[2] + settings.min_peak_separation_frames <= pool[2] <= rv[2] + settings.max_peak_separation_frames:
+        if not (rv.peak_frame + settings.min_peak_separation_frames <= pool.peak_frame
+                <= rv.peak_frame + settings.max_peak_separation_frames):
             continue
-        lv_mask, rv_mask = labels == pool[0], rv_region
+        lv_mask, rv_mask = labels == pool.label, rv_region
         early, late, separation = _arrival_split(smooth, lv_mask)
         if separation >= settings.min_split_frames and late.sum() >= settings.min_pool_pixels:
             lv_mask, rv_mask = late, early
