@@ -22,6 +22,13 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.sum(a & b) / (np.sum(a) + np.sum(b))
 
 
+def _join_ventricles(series: np.ndarray, lv: np.ndarray, rv: np.ndarray) -> None:
+    """Add blood with the RV's timing between RV and LV (in place): both become one pool."""
+    bridge = np.zeros_like(lv)
+    bridge[23:27, 17:23] = True
+    series[:, bridge & ~lv & ~rv] += _bolus(series.shape[0], 14, 2.0, 300.0)[:, None]
+
+
 def _phantom(rng: np.random.Generator, n: int = 70):
     rows, cols = np.mgrid[:48, :48]
     lv = (rows - 26) ** 2 + (cols - 28) ** 2 <= 6**2
@@ -53,9 +60,7 @@ def test_detects_the_later_larger_pool_next_to_the_rv():
 def test_merged_ventricles_are_split_by_peak_time():
     rng = np.random.default_rng(1)
     series, lv, rv = _phantom(rng)
-    bridge = np.zeros_like(lv)
-    bridge[23:27, 17:23] = True  # blood connecting RV and LV: one pool
-    series[:, bridge & ~lv & ~rv] += _bolus(series.shape[0], 14, 2.0, 300.0)[:, None]
+    _join_ventricles(series, lv, rv)
     result = detect_aif(series)
     assert _dice(result.mask, lv) > 0.7
 
@@ -66,9 +71,7 @@ def test_merged_ventricles_win_over_a_late_incoherent_cluster():
     rng = np.random.default_rng(4)
     series, lv, rv = _phantom(rng)
     n = series.shape[0]
-    bridge = np.zeros_like(lv)
-    bridge[23:27, 17:23] = True
-    series[:, bridge & ~lv & ~rv] += _bolus(n, 14, 2.0, 300.0)[:, None]
+    _join_ventricles(series, lv, rv)
     cluster = np.zeros_like(lv)
     cluster[1:11, 1:10] = True  # 90 pixels whose "boluses" arrive at unrelated times
     for r, c in np.argwhere(cluster):
@@ -112,9 +115,7 @@ def test_merged_ventricles_with_a_late_group_split_twice():
     rng = np.random.default_rng(8)
     series, lv, rv = _phantom(rng)
     n = series.shape[0]
-    bridge = np.zeros_like(lv)
-    bridge[23:27, 17:23] = True
-    series[:, bridge & ~lv & ~rv] += _bolus(n, 14, 2.0, 300.0)[:, None]
+    _join_ventricles(series, lv, rv)
     rows, cols = np.mgrid[:48, :48]
     late = (rows >= 33) & (rows < 38) & (cols >= 22) & (cols < 34) & ~lv  # joined below the LV
     series[:, late] += _bolus(n, 34, 2.5, 250.0)[:, None]
