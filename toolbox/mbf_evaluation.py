@@ -344,10 +344,10 @@ def per_scan_rows(automated: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> l
             "sector_max_abs_error_pct": round(float(np.max(sector)), 2) if sector.size else None,
             "rv_insertion_max_error_deg": round(max(angles), 2) if angles else None,
             "flags": list(auto.flags),
-            "segments_auto": [round(float(v), 4) if math.isfinite(v) else None for v in auto_s],
-            "segments_true": [round(float(v), 4) if math.isfinite(v) else None for v in true_s],
-            "rv_insertion_auto_deg": [round(float(v), 2) if math.isfinite(v) else None for v in auto.rv_insertion_deg],
-            "rv_insertion_true_deg": [round(float(v), 2) if math.isfinite(v) else None for v in true.rv_insertion_deg]})
+            "segments_auto": [_finite_or_none(v, 4) for v in auto_s],
+            "segments_true": [_finite_or_none(v, 4) for v in true_s],
+            "rv_insertion_auto_deg": [_finite_or_none(v, 2) for v in auto.rv_insertion_deg],
+            "rv_insertion_true_deg": [_finite_or_none(v, 2) for v in true.rv_insertion_deg]})
     return rows
 
 
