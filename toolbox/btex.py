@@ -404,8 +404,8 @@ def _smoothed_curves(prepared, sigma_px: float, subset: np.ndarray) -> np.ndarra
     return smoothed.T
 
 
-def _smoothed_fit(prepared, settings: BtexSettings, sigma_px: float, aif_table: AifTable) -> np.ndarray:
-    """Grid coordinates ``[P, 5]`` of every fitted pixel from a fit of the smoothed series.
+def _smoothed_delay(prepared, settings: BtexSettings, sigma_px: float, aif_table: AifTable) -> np.ndarray:
+    """Delay (s) of every fitted pixel from a fit of the smoothed series.
 
     The smoothed series varies slowly, so only every ``SMOOTHED_STEP``-th (3rd) row and column
     is fitted; the other pixels get the bilinear interpolation of their fitted neighbours (a
@@ -418,24 +418,21 @@ def _smoothed_fit(prepared, settings: BtexSettings, sigma_px: float, aif_table: 
         on_grid[:] = True
     smoothed = _smoothed_curves(prepared, sigma_px, on_grid)
     fittable, position, _ = _fit_positions(smoothed, aif_table, settings, None, 0.25)
+    fit_rows, fit_cols = rows[on_grid][fittable], cols[on_grid][fittable]
     tent = 1.0 - np.abs(np.arange(1 - step, step)) / step  # linear interpolation between fitted rows
     kernel = np.outer(tent, tent)
     weights = np.zeros(prepared.spatial_shape)
-    weights[rows[on_grid][fittable], cols[on_grid][fittable]] = 1.0
+    weights[fit_rows, fit_cols] = 1.0
+    values = np.zeros(prepared.spatial_shape)
+    values[fit_rows, fit_cols] = position[:, 4]
     spread_weights = ndi.convolve(weights, kernel, mode="constant")
+    filled = ndi.convolve(values, kernel, mode="constant") / np.where(spread_weights > 0, spread_weights, 1.0)
     missing = spread_weights <= 0
     if np.any(missing[rows, cols]):
         # pixels with no fitted neighbour within one step (isolated bits of the mask): nearest
         _, nearest = ndi.distance_transform_edt(weights == 0, return_indices=True)
-    filled = np.empty((rows.size, position.shape[1]))
-    for axis in range(position.shape[1]):
-        values = np.zeros(prepared.spatial_shape)
-        values[rows[on_grid][fittable], cols[on_grid][fittable]] = position[:, axis]
-        spread = ndi.convolve(values, kernel, mode="constant") / np.where(spread_weights > 0, spread_weights, 1.0)
-        if np.any(missing[rows, cols]):
-            spread = np.where(missing, values[nearest[0], nearest[1]], spread)
-        filled[:, axis] = spread[rows, cols]
-    return filled
+        filled = np.where(missing, values[nearest[0], nearest[1]], filled)
+    return filled[rows, cols] * settings.delay_step_s
 
 
 def map_btex(
@@ -469,6 +466,6 @@ def map_btex(
         aif_table = build_aif_table(aif, dt_s, settings)
     delay_prior = None
     if delay_smoothing_px > 0 and len(prepared.spatial_shape) == 2:
-        delay_prior = _smoothed_fit(prepared, settings, delay_smoothing_px, aif_table)[:, 4] * settings.delay_step_s
+        delay_prior = _smoothed_delay(prepared, settings, delay_smoothing_px, aif_table)
     values = fit_btex_curves(prepared.curves, aif, dt_s, settings, delay_prior_s=delay_prior, aif_table=aif_table)
     return scatter_maps(prepared, "btex", **values)
