@@ -171,11 +171,7 @@ def coil_sensitivities(calibration: np.ndarray, *, low_resolution_fraction: floa
     calibration = np.asarray(calibration)
     if calibration.ndim != 3:
         raise ReconError(f"calibration must be [coils, ky, kx], found shape {calibration.shape}")
-    n_ky, n_kx = calibration.shape[1:]
-    ky = (np.arange(n_ky) - n_ky // 2) / (low_resolution_fraction * n_ky)
-    kx = (np.arange(n_kx) - n_kx // 2) / (low_resolution_fraction * n_kx)
-    window = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None, :] ** 2))
-    low_res = centered_ifft(centered_ifft(calibration * window, axis=-2), axis=-1)
+    low_res = _low_resolution_images(calibration, low_resolution_fraction)
     rss = np.sqrt(np.sum(np.abs(low_res) ** 2, axis=0))
     mask = rss > mask_fraction * rss.max()
     maps = np.where(mask, low_res / np.maximum(rss, 1e-30), 0)
@@ -296,7 +292,7 @@ def _low_resolution_images(calibration: np.ndarray, fraction: float) -> np.ndarr
     n_ky, n_kx = calibration.shape[1:]
     ky = (np.arange(n_ky) - n_ky // 2) / (fraction * n_ky)
     kx = (np.arange(n_kx) - n_kx // 2) / (fraction * n_kx)
-    window = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None, :] ** 2)).astype(np.float32)
+    window = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None, :] ** 2))
     return centered_ifft(centered_ifft(calibration * window, axis=-2), axis=-1)
 
 
