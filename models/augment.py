@@ -260,10 +260,19 @@ def elastic_displacement(size: int, spacing_mm: float, rng: np.random.Generator,
     return field * (rng.uniform(*settings.elastic_mm) / spacing_mm / peak)
 
 
+def standard_normal(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Standard normal samples float32 of ``shape``, drawn by torch's generator seeded from
+    ``rng`` (the same distribution as ``rng.standard_normal``, ~4x faster for a crop)."""
+    import torch  # a training dependency
+
+    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    return torch.randn(shape, generator=generator, dtype=torch.float32).numpy()
+
+
 def correlated_noise(shape: tuple[int, ...], sigma_px: float,
                      rng: np.random.Generator) -> np.ndarray:
     """Gaussian noise float32 of unit SD, smoothed in-plane (last two axes) by ``sigma_px``."""
-    noise = rng.standard_normal(size=shape, dtype=np.float32)
+    noise = standard_normal(shape, rng)
     noise = ndimage.gaussian_filter(noise, sigma=(0,) * (len(shape) - 2) + (sigma_px, sigma_px),
                                     truncate=2.0)
     sd = float(noise.std())

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from perfline.models.augment import (Realism, add_structures, correlated_noise,
-                                     elastic_displacement)
+                                     elastic_displacement, standard_normal)
 
 logger = logging.getLogger(__name__)
 
@@ -116,24 +116,67 @@ def resample_frames_to_interval(series: np.ndarray, dt_s: float,
 
 def sample_crop(series: np.ndarray, geometry: CropGeometry, *, n_frames: int = N_FRAMES,
                 shifts_rc: np.ndarray | None = None,
-                displacement: np.ndarray | None = None) -> np.ndarray:
+                displacement: np.ndarray | None = None,
+                engine: str = "scipy") -> np.ndarray:
     """Bilinear crop float32 [n_frames, 176, 176] of the first ``n_frames`` frames, normalised
     by its maximum. Series shorter than ``n_frames`` are padded with their last frame.
 
     ``shifts_rc`` float [frames, 2], input pixels: per-frame translation (residual motion).
     ``displacement`` float [2, 176, 176], input pixels: per-crop-pixel warp (elastic).
+    ``engine``: "scipy" (``ndimage.map_coordinates`` frame by frame, float64 arithmetic) or
+    "torch" (all frames in one ``grid_sample`` call, float32; the same interpolation and the
+    same zero outside the input, ~5x faster; used for training crops).
     """
+    if engine not in ("scipy", "torch"):
+        raise ValueError(f"engine must be 'scipy' or 'torch', got {engine!r}")
     count = min(n_frames, series.shape[0])
     crop = np.empty((n_frames, CROP_SIZE, CROP_SIZE), dtype=np.float32)
     base = geometry.input_coordinates()
     if displacement is not None:
         base = base + displacement
-    for frame in range(count):
-        coordinates = base if shifts_rc is None else base + shifts_rc[frame][:, None, None]
-        crop[frame] = ndimage.map_coordinates(series[frame], coordinates, order=1,
-                                              mode="constant", cval=0.0, prefilter=False)
+    if engine == "torch":
+        crop[:count] = _bilinear_frames_torch(series[:count], base, shifts_rc)
+    else:
+        for frame in range(count):
+            coordinates = base if shifts_rc is None else base + shifts_rc[frame][:, None, None]
+            crop[frame] = ndimage.map_coordinates(series[frame], coordinates, order=1,
+                                                  mode="constant", cval=0.0, prefilter=False)
     crop[count:] = crop[count - 1]
     return normalise_crop(crop)
+
+
+def _bilinear_frames_torch(frames: np.ndarray, base_rc: np.ndarray,
+                           shifts_rc: np.ndarray | None) -> np.ndarray:
+    """Bilinear samples float32 [time, crop, crop] of ``frames`` [time, rows, cols] at the
+    input-pixel coordinates ``base_rc`` [2, crop, crop] (+ ``shifts_rc[t]`` [time, 2] per
+    frame); 0 outside [0, rows - 1] x [0, cols - 1], as ``map_coordinates(order=1,
+    mode="constant")``."""
+    import torch  # a training dependency; inference keeps the scipy path
+
+    count, rows, cols = frames.shape
+    # normalised coordinates, align_corners=True: -1 and +1 are the first and last pixel centres
+    norm = np.array([2.0 / max(rows - 1, 1), 2.0 / max(cols - 1, 1)])
+    base = torch.from_numpy((base_rc * norm[:, None, None] - 1.0).astype(np.float32))
+    shifts_np = (np.zeros((count, 2)) if shifts_rc is None
+                 else np.asarray(shifts_rc, dtype=np.float64)[:count])
+    shifts = torch.from_numpy((shifts_np * norm).astype(np.float32))
+    with torch.no_grad():
+        grid = base.permute(1, 2, 0).flip(-1)[None] + shifts.flip(-1)[:, None, None, :]
+        # map_coordinates' "constant" mode: 0 beyond the outer pixel centres (no ramp to 0);
+        # decided in float64 input pixels, as map_coordinates does
+        low = -np.asarray(base_rc).reshape(2, -1).min(axis=1)
+        high = np.array([rows - 1, cols - 1]) - np.asarray(base_rc).reshape(2, -1).max(axis=1)
+        near_edge = ((shifts_np < low[None] + 1e-9) | (shifts_np > high[None] - 1e-9)).any(axis=1)
+        outside = torch.zeros(grid.shape[:3], dtype=torch.bool)
+        for frame in np.flatnonzero(near_edge):
+            r = base_rc[0] + shifts_np[frame, 0]
+            c = base_rc[1] + shifts_np[frame, 1]
+            outside[frame] = torch.from_numpy((r < 0) | (r > rows - 1) | (c < 0) | (c > cols - 1))
+        sampled = torch.nn.functional.grid_sample(
+            torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))[:, None], grid,
+            mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+        sampled[outside] = 0.0
+    return sampled.numpy()
 
 
 def normalise_crop(crop: np.ndarray, clip: float = 2.0) -> np.ndarray:
@@ -300,7 +343,7 @@ def augmented_sample(slice_, rng: np.random.Generator | None,
     if a.realism.elastic_probability > 0 and rng.random() < a.realism.elastic_probability:
         crop_warp = elastic_displacement(CROP_SIZE, CROP_SPACING_MM, rng, a.realism)
         warp = np.einsum("ij,jrc->irc", geometry.matrix, crop_warp)  # crop -> input pixels
-    crop = sample_crop(frames, geometry, shifts_rc=motion, displacement=warp)
+    crop = sample_crop(frames, geometry, shifts_rc=motion, displacement=warp, engine="torch")
     if a.blur_probability > 0 and rng.random() < a.blur_probability:
         sigma = rng.uniform(*a.blur_mm) / CROP_SPACING_MM
         if sigma > 0:
@@ -312,8 +355,7 @@ def augmented_sample(slice_, rng: np.random.Generator | None,
             sigma = rng.uniform(*a.realism.correlated_noise_mm) / CROP_SPACING_MM
             crop += np.float32(noise_sd) * correlated_noise(crop.shape, sigma, rng)
         else:
-            crop += np.float32(noise_sd) * rng.standard_normal(size=crop.shape,
-                                                               dtype=np.float32)
+            crop += np.float32(noise_sd) * standard_normal(crop.shape, rng)
     labels = crop_labels(slice_.labels, geometry, warp)
     if rng.random() < a.small_fov_probability:
         half = rng.uniform(*a.small_fov_mm, size=2) / (2.0 * CROP_SPACING_MM)

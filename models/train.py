@@ -51,6 +51,9 @@ class TrainSettings(BaseModel):
     time_limit_s: float | None = Field(None, gt=0, description="stop after this wall time")
     simulator_frames: int = Field(64, ge=48)
     init_weights: str | None = Field(None, description="model stem to start from (fine-tuning)")
+    autocast_bf16: bool = Field(False, description="forward pass under bfloat16 autocast "
+                                "(CPU with AMX: ~2x faster steps); weights, optimiser, loss "
+                                "and validation stay float32")
 
 
 class SimulatedSlices(IterableDataset):
@@ -207,7 +210,10 @@ def train(settings: TrainSettings, out_dir: Path, *, resume: bool = False,
         for step in range(settings.steps_per_epoch):
             x, y = next(batches)
             x, y = x.to(torch_device, non_blocking=True), y.to(torch_device, non_blocking=True)
-            loss = segmentation_loss(model(x), y, iou_weight=settings.iou_weight)
+            with torch.autocast(torch_device.type, dtype=torch.bfloat16,
+                                enabled=settings.autocast_bf16):
+                logits = model(x)
+            loss = segmentation_loss(logits.float(), y, iou_weight=settings.iou_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -236,3 +242,48 @@ def train(settings: TrainSettings, out_dir: Path, *, resume: bool = False,
             logger.info("time limit %.0f s reached after epoch %d", settings.time_limit_s, epoch)
             break
     return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m perfline.models.train --settings JSON --out DIR [--resume]
+    [--export-onnx]``: a run from a complete :class:`TrainSettings` JSON (string or file),
+    for the settings that ``perfline train`` has no option for (e.g. ``autocast_bf16``,
+    ``augmentations_per_slice``). Progress is logged every ``--log-every`` steps."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m perfline.models.train",
+                                     description=main.__doc__)
+    parser.add_argument("--settings", required=True,
+                        help="TrainSettings as JSON, or the path of a JSON file")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--export-onnx", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--log-every", type=int, default=20)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    text = args.settings
+    if not text.lstrip().startswith("{"):
+        text = Path(text).read_text()
+    settings = TrainSettings.model_validate_json(text)
+    last = [time.monotonic()]
+
+    def progress(epoch: int, step: int, loss: float) -> None:
+        if (step + 1) % args.log_every == 0:
+            now = time.monotonic()
+            logger.info("epoch %d step %d loss %.4f (%.2f s per step)", epoch, step + 1, loss,
+                        (now - last[0]) / args.log_every)
+            last[0] = now
+
+    best = train(settings, args.out, resume=args.resume, device=args.device, progress=progress)
+    logger.info("best: %s", best)
+    if args.export_onnx:
+        from perfline.models.weights import export_onnx, load_torch_model
+
+        logger.info("exported %s", export_onnx(load_torch_model(args.out / "best"),
+                                                args.out / "best"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

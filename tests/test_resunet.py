@@ -156,3 +156,59 @@ def test_elastic_warp_moves_labels_with_the_image_and_noise_is_correlated():
     for image, truth in ((crop, labels), (warped, warped_labels)):
         bright = image[6] > 0.5 * image[6].max()
         assert bright[truth == 1].mean() > 0.97 and bright[truth == 2].mean() < 0.05
+
+
+def test_torch_standard_normal_is_standard_and_follows_the_numpy_generator():
+    from perfline.models.augment import standard_normal
+
+    first = standard_normal((8, 64, 64), np.random.default_rng(5))
+    assert first.dtype == np.float32 and first.shape == (8, 64, 64)
+    assert abs(first.mean()) < 0.02 and abs(first.std() - 1) < 0.02
+    assert np.array_equal(first, standard_normal((8, 64, 64), np.random.default_rng(5)))
+    assert not np.array_equal(first, standard_normal((8, 64, 64), np.random.default_rng(6)))
+
+
+def test_bf16_autocast_gradients_match_float32():
+    torch.manual_seed(2)
+    model = ResUNet(TINY)
+    x = torch.rand(2, 6, 32, 32)
+    y = torch.randint(0, 4, (2, 32, 32))
+    gradients = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            logits = model(x)
+        assert logits.dtype == (torch.bfloat16 if enabled else torch.float32)
+        segmentation_loss(logits.float(), y).backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    cosine = torch.nn.functional.cosine_similarity(gradients[0], gradients[1], dim=0)
+    assert cosine > 0.98
+
+
+def test_training_run_from_settings_json_writes_best_and_resumes(tmp_path):
+    """Two tiny epochs through ``python -m perfline.models.train`` (bf16 autocast, realism
+    augmentation, simulated studies), then a resumed third epoch."""
+    pytest.importorskip("perfline.simulator")
+    from perfline.models.train import TrainSettings, main
+
+    settings = TrainSettings(
+        network=ResUNetConfig(filters=(4, 8), blocks=(1, 1), stem_stride=2),
+        epochs=2, steps_per_epoch=1, batch_size=2, validation_studies=1, workers=0,
+        autocast_bf16=True, augmentations_per_slice=1, simulator_frames=48,
+        augmentation={"realism": {"papillary_probability": 1, "fat_probability": 1,
+                                  "elastic_probability": 1, "correlated_noise_probability": 1}})
+    out = tmp_path / "run"
+    assert main(["--settings", settings.model_dump_json(), "--out", str(out)]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0, 1]
+    assert all(0 <= entry["val_dice_myo"] <= 1 and np.isfinite(entry["train_loss"])
+               for entry in log)
+    best = json.loads((out / "best.json").read_text())
+    assert best["settings"]["autocast_bf16"] is True
+    assert best["metrics"]["val_dice_myo"] == max(entry["val_dice_myo"] for entry in log)
+    resumed = settings.model_copy(update={"epochs": 3})
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(resumed.model_dump_json())
+    assert main(["--settings", str(settings_file), "--out", str(out), "--resume"]) == 0
+    log = (out / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2]

@@ -224,3 +224,25 @@ def test_separable_crop_and_uncrop_equal_the_reference_resampling(center, frames
     # a rotated crop (training augmentation only) takes the reference path
     rotated = CropGeometry.centred(series.shape[1:], 1.6, center, rotation_deg=20.0)
     assert np.array_equal(crop_series(series, rotated, 48), sample_crop(series, rotated))
+
+
+@pytest.mark.parametrize("center,rotation,scale", [((45.3, 70.8), 20.0, 0.8),
+                                                   ((4.0, 115.0), -35.0, 1.6),
+                                                   ((50.0, 60.0), 0.0, 1.0)],
+                         ids=["inside-rotated", "across-the-edge", "axis-aligned"])
+def test_torch_crop_engine_equals_map_coordinates(center, rotation, scale):
+    """The training crops' grid_sample path: same values as the scipy path (float32 rounding),
+    including exact zeros beyond the input's outer pixel centres."""
+    rng = np.random.default_rng(2)
+    series = rng.random((40, 100, 120), dtype=np.float32) + 0.5
+    geometry = CropGeometry.centred(series.shape[1:], 1.6, center, rotation_deg=rotation,
+                                    scale=scale)
+    shifts = rng.normal(0.0, 1.5, size=(40, 2))
+    warp = rng.normal(0.0, 1.0, size=(2, 176, 176))
+    reference = sample_crop(series, geometry, shifts_rc=shifts, displacement=warp)
+    fast = sample_crop(series, geometry, shifts_rc=shifts, displacement=warp, engine="torch")
+    assert fast.shape == reference.shape == (48, 176, 176)
+    assert np.allclose(fast, reference, atol=5e-5)
+    assert np.array_equal(fast == 0, reference == 0)  # the series is > 0 everywhere inside
+    with pytest.raises(ValueError, match="engine must be"):
+        sample_crop(series, geometry, engine="opencv")
