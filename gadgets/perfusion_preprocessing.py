@@ -54,6 +54,9 @@ class MotionCorrectionSettings(GadgetSettings):
     n_components: int = Field(3, ge=1, le=20, description="KL components besides the mean")
     crop_fraction: float = Field(0.7, ge=0.1, le=1.0,
                                  description="central part of the FOV the field is estimated on")
+    heart_window_px: float = Field(15.0, ge=0.0, le=100.0,
+                                   description="sigma (pixels) of the heart region aligned by edge direction "
+                                               "after the intensity passes; 0 = off; myocardial slices only")
     correct_aif: bool = Field(True, description="also register the AIF series (echo 1 field on both echoes)")
 
 
@@ -71,8 +74,11 @@ class PerfusionMotionCorrection(PureGadget):
         _require_units(item, "signal", self.name)
         if not self.settings.enabled or (isinstance(item, AifSeries) and not self.settings.correct_aif):
             return item
+        # the heart window is sized for the myocardial slices' pixels; the AIF series (48 x 64
+        # pixels of 5.6 mm) keeps the intensity passes (the heart step was not measured on it)
         options = dict(reference_passes=self.settings.reference_passes, kl_passes=self.settings.kl_passes,
-                       n_components=self.settings.n_components, crop_fraction=self.settings.crop_fraction)
+                       n_components=self.settings.n_components, crop_fraction=self.settings.crop_fraction,
+                       heart_window_px=0.0 if isinstance(item, AifSeries) else self.settings.heart_window_px)
         started = time.perf_counter()
         series = item.data[0] if isinstance(item, AifSeries) else item.data
         _require_finite(series, item, "image data")
