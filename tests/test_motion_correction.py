@@ -12,6 +12,7 @@ from perfline.toolbox.motion_correction import (
     MotionCorrectionError,
     contrast_invariant_translation,
     kl_synthetic_frames,
+    locate_heart,
     motion_correct_series,
     register_multiresolution,
     warp_series,
@@ -80,6 +81,36 @@ def test_contrast_invariant_translation_through_a_contrast_change() -> None:
     estimate = contrast_invariant_translation(moved, reference, window)
     # moved[k](x + t) ~ reference(x) for t = s_k
     np.testing.assert_allclose(estimate, shifts, atol=0.15)
+
+
+def test_locate_heart_prefers_the_central_enhancing_blob() -> None:
+    rng = np.random.default_rng(3)
+    n_frames, shape = 40, (120, 160)
+    rows, cols = np.indices(shape)
+    heart = np.exp(-0.5 * ((rows - 50) ** 2 + (cols - 95) ** 2) / 8.0**2)  # 18 px off centre
+    spleen = np.exp(-0.5 * ((rows - 100) ** 2 + (cols - 150) ** 2) / 8.0**2)  # as strong, near the edge
+    enhancement = np.exp(-0.5 * ((np.arange(n_frames) - 15) / 4.0) ** 2)
+    late = np.exp(-0.5 * ((np.arange(n_frames) - 25) / 4.0) ** 2)
+    series = 0.2 + heart[None] * enhancement[:, None, None] + spleen[None] * late[:, None, None]
+    # a thin edge moving by 2 px from frame to frame, near the border
+    edge = (cols[None] > 20 + 2 * (np.arange(n_frames) % 2)[:, None, None]) * 0.5
+    series = series + edge + 0.01 * rng.standard_normal((n_frames,) + shape)
+    row, col = locate_heart(series.astype(np.float32), 30.0)
+    assert np.hypot(row - 50, col - 95) < 3
+
+
+@pytest.mark.parametrize(
+    ("frames", "reference", "window", "match"),
+    [
+        (np.zeros((8, 8)), np.zeros((8, 8)), np.ones((8, 8)), r"\[time, rows, cols\]"),
+        (np.zeros((2, 16, 16)), np.zeros((16, 8)), np.ones((16, 16)), "expected"),
+        (np.zeros((2, 6, 6)), np.zeros((6, 6)), np.ones((6, 6)), "too small"),
+    ],
+    ids=["2d-frames", "reference-shape", "too-small"],
+)
+def test_contrast_invariant_translation_bad_input(frames, reference, window, match) -> None:
+    with pytest.raises(MotionCorrectionError, match=match):
+        contrast_invariant_translation(frames, reference, window)
 
 
 def test_kl_full_rank_is_identity_and_low_rank_is_smooth() -> None:
