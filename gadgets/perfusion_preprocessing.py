@@ -57,6 +57,10 @@ class MotionCorrectionSettings(GadgetSettings):
     heart_window_px: float = Field(15.0, ge=0.0, le=100.0,
                                    description="sigma (pixels) of the heart region aligned by edge direction "
                                                "after the intensity passes; 0 = off; myocardial slices only")
+    still_series_px: float = Field(0.35, ge=0.0, le=5.0,
+                                   description="SR frames left untouched when the estimated heart motion "
+                                               "(RMS over frames and heart pixels, pixels) is under it; 0 = off; "
+                                               "myocardial slices only")
     correct_aif: bool = Field(True, description="also register the AIF series (echo 1 field on both echoes)")
 
 
@@ -74,11 +78,14 @@ class PerfusionMotionCorrection(PureGadget):
         _require_units(item, "signal", self.name)
         if not self.settings.enabled or (isinstance(item, AifSeries) and not self.settings.correct_aif):
             return item
-        # the heart window is sized for the myocardial slices' pixels; the AIF series (48 x 64
-        # pixels of 5.6 mm) keeps the intensity passes (the heart step was not measured on it)
+        # the heart window and the still-series threshold are sized for the myocardial slices'
+        # pixels and their 0.5 px target; the AIF series (48 x 64 pixels of 5.6 mm) keeps the
+        # intensity passes and the per-frame guard (neither was measured on it)
+        aif = isinstance(item, AifSeries)
         options = dict(reference_passes=self.settings.reference_passes, kl_passes=self.settings.kl_passes,
                        n_components=self.settings.n_components, crop_fraction=self.settings.crop_fraction,
-                       heart_window_px=0.0 if isinstance(item, AifSeries) else self.settings.heart_window_px)
+                       still_series_px=0.0 if aif else self.settings.still_series_px,
+                       heart_window_px=0.0 if aif else self.settings.heart_window_px)
         started = time.perf_counter()
         series = item.data[0] if isinstance(item, AifSeries) else item.data
         _require_finite(series, item, "image data")
@@ -92,7 +99,9 @@ class PerfusionMotionCorrection(PureGadget):
                                                   for echo in item.data[1:]])
         else:
             data = result.corrected
-        self.log.info("%s: motion corrected in %.2f s", _label(item), time.perf_counter() - started)
+        self.log.info("%s: %s in %.2f s (estimated motion %.2f px RMS)", _label(item),
+                      "still, left untouched" if result.still_series else "motion corrected",
+                      time.perf_counter() - started, result.heart_motion_px)
         return dataclasses.replace(item, data=data, stages=item.stages + ("moco",))
 
 

@@ -11,6 +11,7 @@ from perfline.simulator.image_study import image_slice
 from perfline.toolbox.motion_correction import (
     MotionCorrectionError,
     contrast_invariant_translation,
+    heart_motion_rms_px,
     kl_synthetic_frames,
     locate_heart,
     motion_correct_series,
@@ -180,6 +181,62 @@ def test_deep_breathing_study_motion_free_not_made_worse(deep_breathing_slice) -
     error_in = np.sqrt(np.mean((still.signal - clean.signal)[:, mask] ** 2))
     error_out = np.sqrt(np.mean((result.corrected - clean.signal)[:, mask] ** 2))
     assert error_out <= 1.02 * error_in
+
+
+@pytest.mark.parametrize("seed", [141, 154], ids=["seed141", "seed154"])
+def test_motion_free_twin_of_a_deep_breathing_study_not_made_worse(seed: int) -> None:
+    # benchmark studies whose motion-free series the per-frame guard alone let through (heart
+    # error x 1.109: two bolus-arrival frames moved 0.7 px by the heart translation; x 1.604:
+    # 12 frames with 0.44-0.58 px fields from the intensity passes)
+    study = st.sample_study(seed, n_slices=3, n_frames=60, flow_model="fermi")
+    still = image_slice(study, 1, motion=False)
+    clean = image_slice(study, 1, motion=False, noise=False)
+    mask = still.labels > 0
+    result = motion_correct_series(still.signal, n_pd_frames=still.n_pd_frames)
+    error_in = np.sqrt(np.mean((still.signal - clean.signal)[:, mask] ** 2))
+    error_out = np.sqrt(np.mean((result.corrected - clean.signal)[:, mask] ** 2))
+    assert error_out <= error_in * (1 + 1e-6)
+    assert result.heart_motion_px < 0.35
+
+
+def _translated_texture(shifts: np.ndarray) -> np.ndarray:
+    """float32 [frames, 96, 96] smooth random texture, frame k moved by ``shifts[k]`` (row, col) px."""
+    rng = np.random.default_rng(4)
+    image = 1.0 + ndimage.gaussian_filter(rng.standard_normal((96, 96)), 3).astype(np.float32) * 20
+    field = np.broadcast_to(-shifts.T[:, :, None, None], (2, len(shifts), 96, 96)).astype(np.float32)
+    noise = 0.01 * rng.standard_normal((len(shifts), 96, 96)).astype(np.float32)
+    return warp_series(np.repeat(image[None], len(shifts), axis=0), field) + noise
+
+
+@pytest.mark.parametrize(("amplitude_px", "still"), [(0.1, True), (0.6, False)], ids=["0.1px", "0.6px"])
+def test_still_series_decision_follows_the_estimated_motion(amplitude_px: float, still: bool) -> None:
+    rng = np.random.default_rng(5)
+    shifts = amplitude_px * rng.standard_normal((24, 2))  # true RMS motion 0.12 / 0.75 px
+    series = _translated_texture(shifts)
+    result = motion_correct_series(series)
+    true_rms = float(np.sqrt(np.mean(np.sum((shifts - shifts.mean(axis=0)) ** 2, axis=1))))
+    assert result.heart_motion_px == pytest.approx(true_rms, abs=0.15)
+    assert result.still_series is still
+    if still:
+        np.testing.assert_array_equal(result.corrected, series)
+        assert not result.displacement_px.any()
+    else:
+        assert np.abs(result.displacement_px).max() > 1.0
+    off = motion_correct_series(series, still_series_px=0.0)
+    assert off.still_series is False
+
+
+def test_heart_motion_rms_px_of_known_translations() -> None:
+    shifts = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    field = np.broadcast_to(shifts.T[:, :, None, None], (2, 4, 5, 6)).astype(np.float32) + 7.0  # common offset
+    weight = np.zeros((5, 6))
+    weight[2, 3] = 2.0
+    expected = np.sqrt(np.mean(np.sum((shifts - shifts.mean(axis=0)) ** 2, axis=1)))
+    assert heart_motion_rms_px(field, weight) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(MotionCorrectionError, match=r"\[2, time, rows, cols\]"):
+        heart_motion_rms_px(field[0], weight)
+    with pytest.raises(MotionCorrectionError, match="sums to zero"):
+        heart_motion_rms_px(field, np.zeros((5, 6)))
 
 
 @pytest.mark.parametrize(
