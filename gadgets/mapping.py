@@ -146,6 +146,12 @@ class FlowMapSettings(GadgetSettings):
         "(blood fraction b adds b (1 - Hct) to Vp) is fitted as Vp, not as flow"))
     vp_steps: int = Field(11, ge=3, le=40, description="BTEX Vp grid points")
     prior_vp_sd: float = Field(0.1, gt=0.0, description="BTEX Vp prior SD (centre 0.07), ml/ml")
+    coarse_stride: tuple[int, int, int, int, int] = Field((2, 2, 2, 1, 2), description=(
+        "BTEX global search on every k-th grid point of (Fp, PS, Vp, Visf, delay): every Visf point (the "
+        "toolbox default, every second, starts noisy rest pixels between Visf 0.1 / 0.25 / 0.4 and the "
+        "refinement stays in a far basin: rest MBF +15 % with the TRUE AIF and tissue curves, "
+        "docs/integration.md); the pixel fit then searches the one delay next to its smoothed-fit delay"))
+    n_starts: int = Field(3, ge=1, le=16, description="BTEX: best entries of the global search refined per pixel")
     use_segmentation: bool = Field(True, description=(
         "wait for each slice's SliceSegmentation and fit only the dilated heart (off: full field of view)"))
     mask_labels: tuple[int, ...] = Field((2,), description=(
@@ -291,7 +297,8 @@ class FlowMap(Gadget):
 
 
 def _btex_settings(settings: FlowMapSettings) -> BtexSettings:
-    return BtexSettings(vp_range=settings.vp_range, vp_steps=settings.vp_steps, prior_vp_sd=settings.prior_vp_sd)
+    return BtexSettings(vp_range=settings.vp_range, vp_steps=settings.vp_steps, prior_vp_sd=settings.prior_vp_sd,
+                        coarse_stride=settings.coarse_stride, n_starts=settings.n_starts)
 
 
 def _plasma_on(time_s: np.ndarray, aif: AifCurve) -> np.ndarray:
