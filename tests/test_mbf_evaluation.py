@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from perfline.toolbox.mbf_evaluation import (
-    EvaluationError, StudyMbf, agreement, angle_difference_deg, bland_altman_plot, compare_mbf,
+    EvaluationError, StudyMbf, agreement, angle_difference_deg, bland_altman_plot, compare_mbf, global_from_sectors,
     per_scan_rows, report_from_results, study_mbf_from_report, write_evaluation,
 )
 
@@ -110,6 +110,32 @@ def test_report_json_to_study():
     assert any("missing levels: mid" in flag for flag in study.flags)
     with pytest.raises(EvaluationError, match="no report JSON"):
         report_from_results(["ERROR something", "{}"])
+
+
+def test_global_is_the_pixel_weighted_mean_of_sector_medians():
+    # a defect in 2 of the 6 mid sectors: the median over all pixels is the normal value, the
+    # target (mean MBF of the myocardium) lies between; the sectors are homogeneous
+    from perfline.toolbox.aha import aha_segment_map
+    from perfline.toolbox.aha_report import SliceAnalysis, build_report
+
+    shape = (64, 64)
+    rows, cols = np.indices(shape)
+    radius = np.hypot(rows - 32, cols - 32)
+    labels = np.where((radius >= 8) & (radius < 14), 2, np.where(radius < 8, 1, 0)).astype(np.uint8)
+    segments = aha_segment_map(labels == 2, (32.0, 32.0), 120.0, "mid")
+    mbf = np.where(np.isin(segments, (7, 8)), 1.0, 3.0).astype(np.float32)
+    report = build_report([SliceAnalysis(slice_index=0, mbf_ml_min_g=mbf, labels=labels, lv_center_rc=(32.0, 32.0),
+                                         rv_insertion_deg=120.0)], levels=["mid"])
+    study = study_mbf_from_report(report.model_dump_json())
+    counts = np.array([s.n_pixels for s in report.segments[6:12]], dtype=np.float64)
+    expected = (counts[:2].sum() * 1.0 + counts[2:].sum() * 3.0) / counts.sum()
+    assert report.global_values.mbf_median_ml_min_g == pytest.approx(3.0)
+    assert study.global_mbf == pytest.approx(expected)
+    assert 1.5 < study.global_mbf < 2.7
+    assert study_mbf_from_report(report.model_dump_json(), statistic="mean").global_mbf == pytest.approx(
+        report.global_values.mbf_mean_ml_min_g)
+    assert np.isnan(global_from_sectors(np.full(16, np.nan), np.ones(16)))
+    assert global_from_sectors(np.r_[2.0, np.nan, 4.0], np.r_[1, 5, 3]) == pytest.approx(3.5)
 
 
 def test_truth_from_simulator():
