@@ -436,9 +436,17 @@ def heart_motion_rms_px(displacement_px: np.ndarray, weight: np.ndarray) -> floa
     total = float(weight.sum())
     if not total > 0:
         raise MotionCorrectionError("weight sums to zero")
-    centred = field - field.mean(axis=1, keepdims=True)
-    per_frame = np.einsum("ftrc,rc->t", centred**2, weight / total)
-    return float(np.sqrt(np.mean(per_frame)))
+    weight = weight / total
+    return _motion_about_mean(field, weight, np.einsum("ftrc,rc->t", field**2, weight))
+
+
+def _motion_about_mean(field: np.ndarray, weight: np.ndarray, frame_squares: np.ndarray) -> float:
+    """:func:`heart_motion_rms_px` from the per-frame weighted squares ``sum_x w |u_t|^2`` [time]
+    (already computed for the still-frame guard): ``mean_t |u_t - mean u|^2 = mean_t |u_t|^2 -
+    |mean u|^2`` pixel by pixel, so only the temporal mean field is new work."""
+    mean_field = field.mean(axis=1)
+    spread = float(np.mean(frame_squares, dtype=np.float64)) - float(np.einsum("krc,rc->", mean_field**2, weight))
+    return float(np.sqrt(max(spread, 0.0)))
 
 
 def _estimate_field(series: np.ndarray, n_pd_frames: int, *, reference_passes: int, kl_passes: int,
@@ -592,8 +600,9 @@ def motion_correct_series(series: np.ndarray, *, n_pd_frames: int = 0, reference
                                     levels=levels, iterations=iterations, window_px=window_px,
                                     smoothing_px=smoothing_px, crop_fraction=crop_fraction,
                                     heart_window_px=heart_window_px)
-    heart_motion = heart_motion_rms_px(field[:, n_pd_frames:], weight)
-    still = np.sqrt(np.einsum("ftrc,rc->t", field**2, weight)) < min_displacement_px
+    frame_squares = np.einsum("ftrc,rc->t", field**2, weight)
+    heart_motion = _motion_about_mean(field[:, n_pd_frames:], weight, frame_squares[n_pd_frames:])
+    still = np.sqrt(frame_squares) < min_displacement_px
     still_series = heart_motion < still_series_px
     if still_series:
         still[n_pd_frames:] = True
