@@ -14,6 +14,9 @@ box-filtered least-squares windows, field smoothing and a 2 x 2 block-average py
 ([time, rows, cols]), which is what makes it fast enough inline (measured against demons in
 docs/preprocessing.md). Intensity-based passes are followed by a contrast-invariant
 translation of the heart region (normalised gradient fields, Haber & Modersitzki, 2006).
+A series whose estimated heart motion is under a fraction of the 0.5 px residual target, and
+single frames with sub-pixel fields, are left as they came (a motion-free series comes out
+identical to the input).
 
 Displacements are in pixels, float32 [2, time, rows, cols] = (row, col) components, and
 define a backward map: ``corrected[t, y] = frame[t, y + u[:, t, y]]``.
@@ -42,7 +45,8 @@ class MotionCorrectionResult:
         corrected: float32 [time, rows, cols] registered series.
         displacement_px: float32 [2, time, rows, cols] backward map (row, col) in pixels.
         heart_motion_px: estimated motion of the saturation-recovery frames, pixels:
-            :func:`heart_motion_rms_px` of the field before any frame was left untouched.
+            :func:`heart_motion_rms_px` of the field before any frame was left untouched, over
+            the located heart (over the whole image when the heart translation does not run).
         still_series: True if the saturation-recovery frames were all left untouched because
             ``heart_motion_px`` was under the stillness threshold.
     """
