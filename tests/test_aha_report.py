@@ -116,6 +116,25 @@ def test_global_mean_and_median_over_pixels():
     assert report.global_values.vp_mean == pytest.approx(0.07)
 
 
+def test_headline_global_is_the_pixel_weighted_mean_of_segment_medians():
+    # a defect in 4 of the 16 segments with a noisy pixel in every segment: the pooled median is the
+    # normal value, the pooled mean is pulled by the noisy pixels; the headline global estimates the
+    # myocardial mean from the segment medians
+    values = {seg: (1.0 if seg in (1, 7, 8, 13) else 3.0) for seg in range(1, 17)}
+    slices = three_slices(values=values)
+    for item in slices:
+        rows, cols = np.nonzero(item.labels == 2)
+        item.mbf_ml_min_g[rows[::40], cols[::40]] = 50.0
+    report = build_report(slices, settings=ReportSettings(border_exclusion_px=0, exclude_fit_limit=False))
+    counts = np.array([s.n_pixels for s in report.segments], dtype=np.float64)
+    medians = np.array([s.mbf_median_ml_min_g for s in report.segments])
+    expected = float(np.dot(counts, medians) / counts.sum())
+    assert report.global_values.mbf_ml_min_g == pytest.approx(expected)
+    assert 1.5 < report.global_values.mbf_ml_min_g < 2.9
+    assert report.global_values.mbf_median_ml_min_g == pytest.approx(3.0)
+    assert report.global_values.mbf_mean_ml_min_g > report.global_values.mbf_ml_min_g + 0.3
+
+
 def test_border_pixels_are_left_out_of_the_statistics():
     import scipy.ndimage as ndi
 
@@ -223,6 +242,7 @@ def test_reserve_and_json_round_trip():
     combined = with_reserve(rest, stress)
     assert combined.reserve is not None and combined.reserve.global_mpr == pytest.approx(4.0)
     assert all(s.mpr == pytest.approx(4.0) for s in combined.reserve.segments)
+    assert combined.reserve.stress_global_mbf_ml_min_g == pytest.approx(stress.global_values.mbf_ml_min_g)
     restored = PerfusionReport.model_validate_json(combined.model_dump_json())
     assert restored == combined
     with pytest.raises(ReportInputError, match="same patient"):

@@ -32,7 +32,7 @@ from perfline.toolbox.aha import LEVELS, SEGMENT_NAMES, TERRITORIES, SliceLevel,
 
 logger = logging.getLogger(__name__)
 
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "1.1"  # 1.1: global_values.mbf_ml_min_g, reserve from segment medians
 MYOCARDIUM_LABEL = 2
 SEGMENTS_OF_LEVEL: dict[str, tuple[int, ...]] = {
     "basal": tuple(range(1, 7)), "mid": tuple(range(7, 13)), "apical": tuple(range(13, 17)),
@@ -130,11 +130,20 @@ class SliceSummary(BaseModel):
 
 
 class GlobalValues(BaseModel):
-    """Pooled over all myocardial pixels of all usable slices."""
+    """Global values of all usable slices.
+
+    ``mbf_ml_min_g`` is the headline global MBF (the value validated against the simulator's
+    truth, docs/integration.md): the pixel-weighted mean of the 16 segment medians. It estimates
+    the mean MBF of the myocardium; the pixel median (``mbf_median_ml_min_g``) does not when a
+    defect makes the distribution bimodal, and the pixel mean (``mbf_mean_ml_min_g``) is moved by
+    single noisy fits. Mean and median over all pooled pixels are kept for reference.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     n_pixels: int = 0
+    mbf_ml_min_g: float | None = Field(None, description="global MBF: pixel-weighted mean of the segment "
+                                                         "medians, ml/min/g")
     mbf_mean_ml_min_g: float | None = None
     mbf_median_ml_min_g: float | None = None
     ps_mean_ml_min_g: float | None = None
@@ -142,7 +151,8 @@ class GlobalValues(BaseModel):
 
 
 class ReserveSegment(BaseModel):
-    """Myocardial perfusion reserve of one segment: MPR = stress MBF / rest MBF (means)."""
+    """Myocardial perfusion reserve of one segment: MPR = stress MBF / rest MBF (segment medians,
+    the values of the bull's-eye)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -299,6 +309,19 @@ def _myocardial_core(myocardium: np.ndarray, border_px: int) -> np.ndarray:
     return core if core.any() else myocardium
 
 
+def weighted_segment_mean(values: Sequence[float | None], n_pixels: Sequence[int]) -> float | None:
+    """Pixel-weighted mean of per-segment values (ml/min/g; None where a segment has no value).
+
+    With the segment medians this is the report's global MBF: each segment is nearly homogeneous,
+    so its median estimates its mean and the weighted mean estimates the myocardial mean.
+    """
+    pairs = [(float(v), float(n)) for v, n in zip(values, n_pixels) if v is not None and np.isfinite(v) and n > 0]
+    if not pairs:
+        return None
+    weights = np.array([n for _, n in pairs])
+    return float(np.dot([v for v, _ in pairs], weights) / weights.sum())
+
+
 def _mean_or_none(values: list[np.ndarray]) -> float | None:
     if not values:
         return None
@@ -430,7 +453,9 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
                                            mbf_mean_ml_min_g=mean, mbf_median_ml_min_g=median))
     pooled_mbf = np.concatenate(all_mbf) if all_mbf else np.zeros(0)
     g_mean, g_median, _ = _stats(pooled_mbf)
-    global_values = GlobalValues(n_pixels=int(np.isfinite(pooled_mbf).sum()), mbf_mean_ml_min_g=g_mean,
+    headline = weighted_segment_mean([seg.mbf_median_ml_min_g for seg in segments], [seg.n_pixels for seg in segments])
+    global_values = GlobalValues(n_pixels=int(np.isfinite(pooled_mbf).sum()), mbf_ml_min_g=headline,
+                                 mbf_mean_ml_min_g=g_mean,
                                  mbf_median_ml_min_g=g_median, ps_mean_ml_min_g=_mean_or_none(all_ps),
                                  vp_mean=_mean_or_none(all_vp))
     missing = [level for level in LEVELS if level not in usable_levels]
@@ -444,7 +469,7 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
                              territories=territories, global_values=global_values, missing_levels=missing,
                              flags=report_flags, partial=partial)
     logger.info("report %s (%s): global MBF %s ml/min/g, %d slices, flags %s", study.study_id or "-",
-                study.scan, None if g_mean is None else round(g_mean, 3), len(slices), report_flags)
+                study.scan, None if headline is None else round(headline, 3), len(slices), report_flags)
     return report
 
 
@@ -476,7 +501,8 @@ def _segment_values(seg: int, entry: dict[str, list], usable_levels: set[str],
 
 
 def perfusion_reserve(stress: PerfusionReport, rest: PerfusionReport) -> ReserveReport:
-    """Myocardial perfusion reserve per segment and globally: stress MBF / rest MBF (means).
+    """Myocardial perfusion reserve per segment and globally: stress MBF / rest MBF, from the
+    segment medians (the bull's-eye values) and the headline global MBF (``mbf_ml_min_g``).
 
     Segments where either value is missing or rest MBF is not positive get ``mpr = None``.
     """
@@ -490,13 +516,13 @@ def perfusion_reserve(stress: PerfusionReport, rest: PerfusionReport) -> Reserve
     segments = []
     for s, r in zip(stress.segments, rest.segments):
         segments.append(ReserveSegment(segment=s.segment, territory=s.territory,
-                                       stress_mbf_ml_min_g=s.mbf_mean_ml_min_g, rest_mbf_ml_min_g=r.mbf_mean_ml_min_g,
-                                       mpr=ratio(s.mbf_mean_ml_min_g, r.mbf_mean_ml_min_g)))
+                                       stress_mbf_ml_min_g=s.mbf_median_ml_min_g, rest_mbf_ml_min_g=r.mbf_median_ml_min_g,
+                                       mpr=ratio(s.mbf_median_ml_min_g, r.mbf_median_ml_min_g)))
     return ReserveReport(stress_study_id=stress.study.study_id, rest_study_id=rest.study.study_id,
                          stress_created_utc=stress.study.created_utc, rest_created_utc=rest.study.created_utc,
-                         segments=segments, stress_global_mbf_ml_min_g=stress.global_values.mbf_mean_ml_min_g,
-                         rest_global_mbf_ml_min_g=rest.global_values.mbf_mean_ml_min_g,
-                         global_mpr=ratio(stress.global_values.mbf_mean_ml_min_g, rest.global_values.mbf_mean_ml_min_g))
+                         segments=segments, stress_global_mbf_ml_min_g=stress.global_values.mbf_ml_min_g,
+                         rest_global_mbf_ml_min_g=rest.global_values.mbf_ml_min_g,
+                         global_mpr=ratio(stress.global_values.mbf_ml_min_g, rest.global_values.mbf_ml_min_g))
 
 
 def with_reserve(report: PerfusionReport, other: PerfusionReport) -> PerfusionReport:

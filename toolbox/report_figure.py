@@ -115,7 +115,8 @@ def _table_rows(report: PerfusionReport) -> tuple[list[str], list[list[str]], li
         rows.append(["all", "global", "", _fmt(r.stress_global_mbf_ml_min_g), _fmt(r.rest_global_mbf_ml_min_g),
                      _fmt(r.global_mpr), ""])
     else:
-        rows.append(["all", "global", "", _fmt(g.mbf_mean_ml_min_g), _fmt(g.mbf_median_ml_min_g), ""])
+        # the median column holds the headline global MBF (pixel-weighted mean of the segment medians)
+        rows.append(["all", "global", "", _fmt(g.mbf_mean_ml_min_g), _fmt(g.mbf_ml_min_g), ""])
     colours.append("white")
     return header, rows, colours
 
@@ -206,8 +207,8 @@ def render_report(report: PerfusionReport, *, slice_maps: Sequence[SliceMapView]
             table[row_index, len(header) - 1].set_text_props(color="#b00000")
     table.auto_set_column_width(list(range(len(header))))
     g = report.global_values
-    summary = (f"global MBF: mean {_fmt(g.mbf_mean_ml_min_g)}, median {_fmt(g.mbf_median_ml_min_g)} ml/min/g"
-               f"   ({g.n_pixels} pixels)")
+    summary = (f"global MBF {_fmt(g.mbf_ml_min_g)} ml/min/g (pixel-weighted mean of the segment medians; "
+               f"all {g.n_pixels} pixels: mean {_fmt(g.mbf_mean_ml_min_g)}, median {_fmt(g.mbf_median_ml_min_g)})")
     if report.reserve is not None:
         summary += f"   global MPR {_fmt(report.reserve.global_mpr)}"
     territory_text = "   ".join(f"{t.territory} {_fmt(t.mbf_median_ml_min_g)}" for t in report.territories)
