@@ -1,0 +1,358 @@
+"""Where the end-to-end MBF error of the ``perfusion`` chain comes from (issue 7).
+
+The chain is run in-process (no server) up to ``cnn-segmentation`` on simulated studies and its
+intermediates are cached per scan (``prepare``: the uniform-grid Gd series of each slice, the AIF
+curve, the CNN labels, LV centre and RV insertion). ``attribute`` then refits the BTEX maps
+(the ``flow-map`` gadget's settings) with each input swapped for the simulator's truth:
+
+- AIF: the chain's ``AifCurve`` or the true LV blood Gd (``simulator.study.aif_gd_truth``)
+  resampled onto the same grid (plasma = blood / (1 - Hct) either way, the study's hematocrit);
+- tissue curves: the chain's Gd series or the true fraction-weighted tissue Gd of the phantom
+  (``slice_phantom(...).gd``, noise-free, no blur), resampled onto the same grid and shifted by the
+  integer offset between the motion-corrected series and the phantom's reference position;
+- mask: the CNN labels (LV centre, RV insertion) or the phantom's labels (shifted the same way);
+- "true+noise": the true tissue Gd plus white noise of the SD measured on the chain's curves
+  (second differences, ``btex.noise_sd``), which separates the fit at the chain's noise from the
+  chain's tissue-curve errors;
+
+and summarises every combination as ``perfline evaluate --mbf`` does (``toolbox.aha_report.build_report``:
+sector medians without the border ring and the fit-limit pixels; global = their pixel-weighted mean,
+``mbf_evaluation.study_mbf_from_report``), against its target (``truth_from_simulator``: mean true
+MBF per AHA segment / of the myocardium). The "oracle" columns apply the same pixel selection and
+statistic to the TRUE MBF map, which isolates the pixel selection / statistic from the fit.
+
+    python benchmarks/mbf_error_sources.py prepare --first-seed 1073741824 --studies 8
+    python benchmarks/mbf_error_sources.py attribute --first-seed 1073741824 --studies 8
+    python benchmarks/mbf_error_sources.py attribute --chain-only --global-statistic report-median \
+        --flow-map '{"coarse_stride": [2, 2, 2, 2, 2], "n_starts": 3}'    # the chain before 2026-11-26 21:00
+
+``prepare`` caches under ``--cache`` (default ``/tmp/mbf_error_sources``, about 1-2 MB per scan;
+the simulated MRD file of a scan, about 40 MB, is deleted unless ``--keep-mrd``); about 15-35 s
+per scan on this 2-core machine. ``attribute`` takes about 20 s per scan (9 fits of 3 slices).
+Needs only the package (no server). Results and their reading: docs/integration.md (fourth pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from perfline.gadgets.mapping import FlowMapSettings
+
+logger = logging.getLogger("mbf_error_sources")
+
+KINDS = ("stress", "rest")
+DEFAULT_CACHE = Path("/tmp/mbf_error_sources")
+CHAIN_UNTIL = "flow-map"  # the chain is run up to (not including) this gadget
+
+
+# ------------------------------------------------------------------------------ prepare
+def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False) -> Path:
+    """Run the ``perfusion`` chain up to ``flow-map`` on one simulated scan; cache its intermediates (npz)."""
+    import ismrmrd
+
+    from perfline.core.chain import resolve_chain
+    from perfline.core.gadget import ChainContext
+    from perfline.core.runtime import run_gadgets
+    from perfline.gadgets.perfusion_items import AifCurve, SliceSegmentation, SliceSeries
+    from perfline.server.client import dataset_items
+    from perfline.simulator.mrd import write_kspace
+    from perfline.simulator.study import sample_study
+
+    out = cache / f"{seed}_{kind}.npz"
+    if out.is_file():
+        return out
+    study = sample_study(seed, kind=kind)
+    mrd = cache / "mrd" / f"{seed}_{kind}.h5"
+    mrd.parent.mkdir(parents=True, exist_ok=True)
+    if not mrd.is_file():
+        write_kspace(study, str(mrd))
+    xml, items = dataset_items(str(mrd))
+    header = ismrmrd.xsd.CreateFromDocument(xml)
+    parameters = {"scan": kind, "hematocrit": round(float(study.bolus.hematocrit), 4)}
+    spec = resolve_chain("perfusion")
+    gadgets = spec.instantiate(ChainContext(header=header, header_xml=xml, parameters=parameters))
+    names = [g.gadget.name for g in spec.gadgets]
+    started = time.perf_counter()
+    outputs = run_gadgets(gadgets[: names.index(CHAIN_UNTIL)], items)
+    arrays: dict[str, np.ndarray] = {"hematocrit": np.array(parameters["hematocrit"])}
+    for item in outputs:
+        if isinstance(item, SliceSeries) and item.units == "gd_mmol_l":
+            n_pd = item.n_pd_frames
+            arrays[f"gd{item.slice_index}"] = np.asarray(item.data[n_pd:], dtype=np.float32)
+            arrays[f"time{item.slice_index}"] = np.asarray(item.time_s[n_pd:], dtype=np.float64)
+        elif isinstance(item, SliceSegmentation):
+            arrays[f"labels{item.slice_index}"] = np.asarray(item.labels, dtype=np.uint8)
+            arrays[f"rvi{item.slice_index}"] = np.array(item.rv_insertion_deg)
+            arrays[f"lvc{item.slice_index}"] = np.array(item.lv_center_rc, dtype=np.float64)
+        elif isinstance(item, AifCurve):
+            arrays["aif_time"] = np.asarray(item.time_s, dtype=np.float64)
+            arrays["aif_blood"] = np.asarray(item.blood_gd_mmol_l, dtype=np.float64)
+            arrays["aif_foot"] = np.array(item.foot_index)
+            arrays["aif_mask"] = np.asarray(item.mask, dtype=bool)
+    np.savez_compressed(out, **arrays)
+    if not keep_mrd:
+        mrd.unlink()
+    logger.info("seed %d %s: chain to %s in %.1f s -> %s", seed, kind, CHAIN_UNTIL, time.perf_counter() - started, out)
+    return out
+
+
+
+# ------------------------------------------------------------------------------ truth
+@dataclass(frozen=True)
+class ScanInputs:
+    """Chain and true inputs of one scan on the chain's uniform grid ``grid_s`` [T] (s).
+
+    Series are ``[time, rows, cols]`` Gd (mmol/L); masks/labels ``[rows, cols]``; the truth
+    is shifted onto the motion-corrected grid of the chain (``shift_rc``, pixels).
+    """
+
+    seed: int
+    kind: str
+    grid_s: np.ndarray
+    hematocrit: float
+    chain_aif: np.ndarray         # blood Gd, baseline subtracted, zero before its foot
+    true_aif: np.ndarray          # blood Gd of the simulator's LV
+    chain_gd: list[np.ndarray]
+    true_gd: list[np.ndarray]
+    cnn: list[tuple[np.ndarray, tuple[float, float], float]]   # labels, LV centre, RV insertion
+    true: list[tuple[np.ndarray, tuple[float, float], float]]
+    true_mbf: list[np.ndarray]    # true pixel MBF, NaN outside the true myocardium
+    levels: tuple[str, ...]
+    shift_rc: list[tuple[int, int]]
+    truth: object                 # StudyMbf of truth_from_simulator
+
+
+def _best_shift(chain: np.ndarray, truth: np.ndarray, region: np.ndarray, radius: int = 4) -> tuple[int, int]:
+    """Integer (rows, cols) shift of ``truth`` that best matches ``chain`` (correlation inside ``region``)."""
+    best, best_score = (0, 0), -np.inf
+    a = chain[region] - chain[region].mean()
+    for dr in range(-radius, radius + 1):
+        for dc in range(-radius, radius + 1):
+            b = np.roll(truth, (dr, dc), axis=(0, 1))[region]
+            b = b - b.mean()
+            score = float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)
+            if score > best_score:
+                best, best_score = (dr, dc), score
+    return best
+
+
+def load_scan(seed: int, kind: str, cache: Path) -> ScanInputs:
+    """Cached chain intermediates of one scan and the simulator's truth on the same grid."""
+    import scipy.ndimage as ndi
+
+    from perfline.simulator import study as simulated
+    from perfline.toolbox.mbf_evaluation import truth_from_simulator
+    from perfline.toolbox.resample import resample_series
+
+    data = np.load(cache / f"{seed}_{kind}.npz")
+    study = simulated.sample_study(seed, kind=kind)
+    grid = data["time0"]
+    aif_time, aif_blood = simulated.aif_gd_truth(study)
+    true_aif = np.interp(grid, aif_time, aif_blood)
+    chain_aif = np.interp(grid, data["aif_time"], data["aif_blood"])
+    chain_aif[grid < data["aif_time"][int(data["aif_foot"])]] = 0.0
+    chain_gd, true_gd, cnn, true, true_mbf, shifts = [], [], [], [], [], []
+    for index in range(study.n_slices):
+        phantom = simulated.slice_phantom(study, index)
+        gd = data[f"gd{index}"].astype(np.float64)
+        if not np.allclose(data[f"time{index}"], grid):
+            raise ValueError(f"seed {seed} {kind}: slice {index} is not on the grid of slice 0")
+        truth_gd = resample_series(phantom.gd.astype(np.float64), phantom.time_s, grid)
+        labels = phantom.anatomy.labels
+        region = ndi.binary_dilation(labels > 0, iterations=8)
+        shift = _best_shift(gd.mean(axis=0), truth_gd.mean(axis=0), region)
+        roll = lambda a: np.roll(a, shift, axis=(-2, -1))  # noqa: E731
+        centre = phantom.anatomy.lv_center_rc
+        chain_gd.append(gd)
+        true_gd.append(roll(truth_gd))
+        cnn.append((data[f"labels{index}"], tuple(data[f"lvc{index}"]), float(data[f"rvi{index}"])))
+        true.append((roll(labels).astype(np.uint8), (centre[0] + shift[0], centre[1] + shift[1]),
+                     float(phantom.anatomy.rv_insertion_deg)))
+        true_mbf.append(roll(phantom.mbf.astype(np.float64)))
+        shifts.append(shift)
+    return ScanInputs(seed=seed, kind=kind, grid_s=grid, hematocrit=float(data["hematocrit"]), chain_aif=chain_aif,
+                      true_aif=true_aif, chain_gd=chain_gd, true_gd=true_gd, cnn=cnn, true=true, true_mbf=true_mbf,
+                      levels=tuple(study.levels), shift_rc=shifts, truth=truth_from_simulator(study))
+
+
+# ------------------------------------------------------------------------------ attribution
+def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: float, mask: np.ndarray,
+              table_cache: dict, flow_map: FlowMapSettings) -> np.ndarray:
+    """MBF map (ml/min/g) [rows, cols] of one slice as ``flow-map`` fits it (BTEX with the gadget's
+    ``flow_map`` settings, tissue baseline = mean before the AIF foot)."""
+    from perfline.gadgets.mapping import _btex_settings
+    from perfline.toolbox.aif import aif_foot_peak
+    from perfline.toolbox.btex import build_aif_table, map_btex
+
+    settings = _btex_settings(flow_map)
+    plasma = blood_aif / (1.0 - hematocrit)
+    key = plasma.tobytes()
+    if key not in table_cache:
+        table_cache[key] = build_aif_table(plasma, dt_s, settings)
+    foot, _ = aif_foot_peak(blood_aif)
+    tissue = gd - gd[: max(foot, 1)].mean(axis=0)
+    maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=1.5,
+                    aif_table=table_cache[key])
+    return maps.mbf_ml_min_g.astype(np.float64)
+
+
+def summarise(mbf: list[np.ndarray], segmentation: list[tuple[np.ndarray, tuple[float, float], float]],
+              levels: tuple[str, ...], global_statistic: str = "sectors") -> tuple[float, np.ndarray]:
+    """(global, [16] sector) MBF as ``perfline evaluate --mbf`` takes them from the report
+    (``build_report`` defaults: sector medians without the border ring and the fit-limit pixels,
+    failing slices dropped; ``study_mbf_from_report``: global from the sector medians), or with
+    ``global_statistic="report-median"`` the report's global median (the evaluation before 2026-11-26 21:00)."""
+    from perfline.toolbox.aha_report import SliceAnalysis, build_report
+    from perfline.toolbox.mbf_evaluation import study_mbf_from_report
+
+    slices = [SliceAnalysis(slice_index=i, mbf_ml_min_g=m, labels=labels, lv_center_rc=centre, rv_insertion_deg=rvi)
+              for i, (m, (labels, centre, rvi)) in enumerate(zip(mbf, segmentation))]
+    report = build_report(slices, levels=list(levels))
+    study = study_mbf_from_report(report.model_dump())
+    value = study.global_mbf
+    if global_statistic == "report-median":
+        median = report.global_values.mbf_median_ml_min_g
+        value = np.nan if median is None else median
+    return value, np.asarray(study.segment_mbf, dtype=np.float64)
+
+
+COMBINATIONS = [  # (AIF, tissue Gd, mask)
+    ("chain", "chain", "cnn"), ("true", "chain", "cnn"), ("chain", "true", "cnn"), ("true", "true", "cnn"),
+    ("chain", "chain", "true"), ("true", "chain", "true"), ("chain", "true", "true"), ("true", "true", "true"),
+    ("true", "true+noise", "true"),
+]
+
+
+def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMapSettings,
+                   global_statistic: str = "sectors",
+                   combinations: Sequence[tuple[str, str, str]] = COMBINATIONS) -> dict[str, object]:
+    """Global / sector errors (%) of every combination and the oracle statistic for one scan."""
+    from perfline.toolbox.btex import noise_sd
+
+    dt_s = float(np.mean(np.diff(scan.grid_s)))
+    truth_global = float(scan.truth.global_mbf)
+    truth_sectors = np.asarray(scan.truth.segment_mbf, dtype=np.float64)
+    tables: dict = {}
+    row: dict[str, object] = {"seed": scan.seed, "kind": scan.kind, "truth": truth_global,
+                              "shift": [list(s) for s in scan.shift_rc]}
+
+    def errors(name: str, global_value: float, sectors: np.ndarray) -> None:
+        paired = np.isfinite(sectors) & np.isfinite(truth_sectors)
+        row[name] = 100.0 * (global_value / truth_global - 1.0)
+        row[name + " sectors"] = float(np.mean(np.abs(sectors[paired] / truth_sectors[paired] - 1.0)) * 100.0)
+        row[name + " sector bias"] = float(np.mean(sectors[paired] - truth_sectors[paired]))
+
+    # inputs: AIF area and tissue-curve area against the truth
+    row["aif area"] = 100.0 * (scan.chain_aif.sum() / scan.true_aif.sum() - 1.0)
+    row["aif peak"] = 100.0 * (scan.chain_aif.max() / scan.true_aif.max() - 1.0)
+    chain_sum = true_sum = 0.0
+    before = slice(0, max(int(np.argmax(scan.true_aif > 0.05 * scan.true_aif.max())), 1))  # before the bolus foot
+    for gd, tgd, (labels, _, _) in zip(scan.chain_gd, scan.true_gd, scan.cnn):
+        core = _core(labels == 2)
+        # after the baseline subtraction flow-map does (the chain's Gd has a constant offset of
+        # 0.01-0.1 mmol/L before the bolus, larger at 1.5 T)
+        chain_sum += (gd[:, core] - gd[before][:, core].mean(axis=0)).sum()
+        true_sum += (tgd[:, core] - tgd[before][:, core].mean(axis=0)).sum()
+    row["tissue area (cnn core)"] = 100.0 * (chain_sum / true_sum - 1.0)
+    row["tissue baseline"] = float(np.mean([gd[before][:, _core(labels == 2)].mean()
+                                            for gd, (labels, _, _) in zip(scan.chain_gd, scan.cnn)]))
+    for source, segmentation in (("cnn", scan.cnn), ("true", scan.true)):
+        errors(f"oracle {source}", *summarise(scan.true_mbf, segmentation, scan.levels, global_statistic))
+    noise = float(np.median(np.concatenate([noise_sd(gd[:, labels == 2].T) for gd, (labels, _, _)
+                                            in zip(scan.chain_gd, scan.cnn)])))
+    row["tissue noise sd"] = noise
+    for aif_name, gd_name, mask_name in combinations:
+        aif = scan.chain_aif if aif_name == "chain" else scan.true_aif
+        segmentation = scan.cnn if mask_name == "cnn" else scan.true
+        maps = []
+        for index, (labels, _, _) in enumerate(segmentation):
+            gd = scan.chain_gd[index] if gd_name == "chain" else scan.true_gd[index]
+            if gd_name == "true+noise":
+                gd = gd + rng.normal(0.0, noise, gd.shape)
+            maps.append(fit_slice(gd, aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map))
+        errors(f"{aif_name} AIF / {gd_name} Gd / {mask_name} mask",
+               *summarise(maps, segmentation, scan.levels, global_statistic))
+    return row
+
+
+def _core(myocardium: np.ndarray) -> np.ndarray:
+    import scipy.ndimage as ndi
+
+    core = ndi.binary_erosion(myocardium)
+    return core if core.any() else myocardium
+
+
+def attribute(seeds: range, cache: Path, json_path: Path | None, flow_map: FlowMapSettings,
+              global_statistic: str, combinations: Sequence[tuple[str, str, str]]) -> int:
+    """Print the per-scan table of global errors (%) and the mean signed / absolute error per scan kind."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in seeds:
+        for kind in KINDS:
+            started = time.perf_counter()
+            rows.append(attribute_scan(load_scan(seed, kind, cache), rng, flow_map, global_statistic, combinations))
+            logger.info("seed %d %s: %.1f s", seed, kind, time.perf_counter() - started)
+    columns = ["oracle cnn", "oracle true"] + [f"{a} AIF / {g} Gd / {m} mask" for a, g, m in combinations]
+    print("global MBF error, % (auto / truth - 1); AIF area, tissue area (CNN core without its border ring, "
+          "baseline-subtracted) in % against the truth; tissue baseline: chain Gd before the bolus, mmol/L")
+    header = ["scan", "truth", "aif area", "tissue area (cnn core)", "tissue baseline"] + columns
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join([f"{row['seed'] - 2**30} {row['kind']}", f"{row['truth']:.2f}"] +
+                         [f"{row[c]:+.3f}" if c == "tissue baseline" else f"{row[c]:+.1f}" for c in header[2:]]))
+    for kind in KINDS + ("all",):
+        chosen = [r for r in rows if kind in ("all", r["kind"])]
+        for stat, fn in (("mean", np.mean), ("mean abs", lambda v: np.mean(np.abs(v)))):
+            print(" | ".join([f"{kind} {stat}", ""] + [f"{fn([r[c] for r in chosen]):+.3f}" if c == "tissue baseline"
+                                                       else f"{fn([r[c] for r in chosen]):+.1f}" for c in header[2:]]))
+        print(" | ".join([f"{kind} sectors mean abs", "", "", "", ""] +
+                         [f"{np.mean([r[c + ' sectors'] for r in chosen]):.1f}" for c in columns]))
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=1, default=float))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("prepare", "attribute"))
+    parser.add_argument("--first-seed", type=int, default=2**30)
+    parser.add_argument("--studies", type=int, default=8)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--keep-mrd", action="store_true", help="prepare: keep the simulated MRD files")
+    parser.add_argument("--json", type=Path, default=None, help="attribute: also write the rows as JSON")
+    parser.add_argument("--flow-map", default="{}", help=(
+        "attribute: flow-map settings to change, JSON (e.g. '{\"coarse_stride\": [2, 2, 2, 2, 2], \"n_starts\": 3}')"))
+    parser.add_argument("--global-statistic", choices=("sectors", "report-median"), default="sectors", help=(
+        "attribute: global MBF as perfline evaluate --mbf takes it (pixel-weighted sector medians) or the "
+        "report's global median (before 2026-11-26)"))
+    parser.add_argument("--chain-only", action="store_true", help="attribute: only the chain's own inputs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in ("perfline", "numba", "openvino"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    seeds = range(args.first_seed, args.first_seed + args.studies)
+    if args.command == "prepare":
+        for seed in seeds:
+            for kind in KINDS:
+                prepare_scan(seed, kind, args.cache, keep_mrd=args.keep_mrd)
+        return 0
+    from perfline.gadgets.mapping import FlowMapSettings
+
+    flow_map = FlowMapSettings(**json.loads(args.flow_map))
+    combinations = COMBINATIONS[:1] if args.chain_only else COMBINATIONS
+    return attribute(seeds, args.cache, args.json, flow_map, args.global_statistic, combinations)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
