@@ -131,6 +131,10 @@ def test_global_is_the_pixel_weighted_mean_of_sector_medians():
     expected = (counts[:2].sum() * 1.0 + counts[2:].sum() * 3.0) / counts.sum()
     assert report.global_values.mbf_median_ml_min_g == pytest.approx(3.0)
     assert study.global_mbf == pytest.approx(expected)
+    assert study.global_mbf == pytest.approx(report.global_values.mbf_ml_min_g)
+    older = json.loads(report.model_dump_json())
+    older["global_values"]["mbf_ml_min_g"] = None  # a schema-1.0 report: computed from its sectors
+    assert study_mbf_from_report(older).global_mbf == pytest.approx(expected)
     assert 1.5 < study.global_mbf < 2.7
     assert study_mbf_from_report(report.model_dump_json(), statistic="mean").global_mbf == pytest.approx(
         report.global_values.mbf_mean_ml_min_g)

@@ -200,7 +200,8 @@ def study_mbf_from_report(report_json: str | dict, statistic: str = "median") ->
     """StudyMbf of a report JSON produced by ``perfline.toolbox.aha_report`` (missing -> NaN).
 
     ``statistic="median"`` (default) takes the report's per-sector medians and, as global MBF,
-    their pixel-weighted mean (:func:`global_from_sectors`; the sectors' ``n_pixels``);
+    their pixel-weighted mean: the report's headline ``global_values.mbf_ml_min_g`` (schema 1.1),
+    for older reports computed here (:func:`global_from_sectors`; the sectors' ``n_pixels``);
     ``"mean"`` takes the report's per-sector and global means over the myocardial pixels. The
     median is the default because single pixel-wise BTEX fits (noise, residual partial volume)
     move a sector mean by tens of per cent; the truth it is compared with is the mean of the true
@@ -217,7 +218,9 @@ def study_mbf_from_report(report_json: str | dict, statistic: str = "median") ->
     field = f"mbf_{statistic}_ml_min_g"
     segments = np.array([np.nan if getattr(s, field) is None else getattr(s, field) for s in report.segments])
     if statistic == "median":
-        global_mbf = global_from_sectors(segments, np.array([s.n_pixels for s in report.segments]))
+        headline = report.global_values.mbf_ml_min_g  # the report's own global (schema >= 1.1), same value
+        global_mbf = headline if headline is not None else \
+            global_from_sectors(segments, np.array([s.n_pixels for s in report.segments]))
     else:
         value = report.global_values.mbf_mean_ml_min_g
         global_mbf = np.nan if value is None else value
