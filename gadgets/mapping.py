@@ -214,7 +214,7 @@ class FlowMap(Gadget):
                      if spec.gadget.name == "temporal-resample"]
         if not intervals:
             return None
-        spent = warm_residue_tables(intervals[-1], _btex_settings(settings), stop=stop)
+        spent = warm_residue_tables(intervals[-1], _table_settings(settings), stop=stop)
         return "BTEX residue tables " + ", ".join(f"{n} samples {s:.1f} s" for n, s in spent.items()) + \
             f" (dt {intervals[-1]:g} s)"
 
@@ -296,9 +296,16 @@ class FlowMap(Gadget):
                         delay_s=maps.delay_s, fit_rmse_mmol_l=maps.fit_rmse)
 
 
+def _table_settings(settings: FlowMapSettings) -> BtexSettings:
+    """Grid and priors of flow-map's BTEX fit: what its tables depend on (the residue tables on the
+    grid only, ``btex.residue_table``), so the warm-up prepares them with these."""
+    return BtexSettings(vp_range=settings.vp_range, vp_steps=settings.vp_steps, prior_vp_sd=settings.prior_vp_sd)
+
+
 def _btex_settings(settings: FlowMapSettings) -> BtexSettings:
-    return BtexSettings(vp_range=settings.vp_range, vp_steps=settings.vp_steps, prior_vp_sd=settings.prior_vp_sd,
-                        coarse_stride=settings.coarse_stride, n_starts=settings.n_starts)
+    """The whole BTEX fit of flow-map: grid, priors and global search."""
+    return _table_settings(settings).model_copy(update={"coarse_stride": settings.coarse_stride,
+                                                        "n_starts": settings.n_starts})
 
 
 def _plasma_on(time_s: np.ndarray, aif: AifCurve) -> np.ndarray:

@@ -230,3 +230,20 @@ def test_interpolate_grid_value_and_jacobian():
         inside = np.floor(shifted[:, axis]) == np.floor(points[:, axis])  # same cell: linear
         numeric = (interpolate_grid(table, shifted)[0] - value) / step
         np.testing.assert_allclose(jacobian[inside, :, axis], numeric[inside], rtol=1e-5, atol=1e-6)
+
+
+def test_residue_table_is_shared_by_settings_with_the_same_grid(monkeypatch):
+    # the residues depend on the grid only: flow-map's search settings (or priors) must reuse the
+    # table the server's warm-up built, not build a second copy
+    from perfline.toolbox import btex
+
+    monkeypatch.setenv(btex.CACHE_DIR_ENV, "")  # memory only
+    small = BtexSettings(fp_steps=3, ps_steps=3, vp_steps=3, visf_steps=3)
+    before = btex._padded_residue_table.cache_info().misses
+    first = btex.residue_table(16, DT, small)
+    searched = small.model_copy(update={"coarse_stride": (2, 2, 2, 1, 2), "n_starts": 5, "prior_vp_sd": 0.1})
+    second = btex.residue_table(16, DT, searched)
+    assert np.shares_memory(first, second)
+    assert btex._padded_residue_table.cache_info().misses == before + 1
+    assert btex.grid_settings(searched) == btex.grid_settings(small)
+    assert btex.grid_settings(small.model_copy(update={"vp_steps": 4})) != btex.grid_settings(small)

@@ -178,10 +178,20 @@ def residue_table(n_samples: int, dt_s: float, settings: BtexSettings) -> np.nda
     if n_samples < 1:
         raise flow_models.FlowModelError(f"the residue table needs at least one sample, got {n_samples}")
     n_padded = int(2 ** np.ceil(np.log2(n_samples)))
+    grid = grid_settings(settings)  # search or prior settings must not make a second copy of the table
     # one builder per table: a fit that needs the table while a warm-up builds it waits for it
-    with _table_lock(n_padded, float(dt_s), settings):
-        table = _padded_residue_table(n_padded, float(dt_s), settings)
+    with _table_lock(n_padded, float(dt_s), grid):
+        table = _padded_residue_table(n_padded, float(dt_s), grid)
     return table[..., :n_samples]
+
+
+GRID_FIELDS = ("fp_range_ml_min_g", "fp_steps", "ps_range_ml_min_g", "ps_steps", "vp_range", "vp_steps",
+               "visf_range", "visf_steps")
+
+
+def grid_settings(settings: BtexSettings) -> BtexSettings:
+    """``settings`` with everything but the table grid at its default: the key of the residue tables."""
+    return BtexSettings(**{name: getattr(settings, name) for name in GRID_FIELDS})
 
 
 _TABLE_LOCKS: dict[tuple[int, float, BtexSettings], threading.Lock] = {}
