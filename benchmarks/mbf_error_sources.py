@@ -26,7 +26,7 @@ statistic to the TRUE MBF map, which isolates the pixel selection / statistic fr
     python benchmarks/mbf_error_sources.py attribute --chain-only --global-statistic report-median \
         --flow-map '{"coarse_stride": [2, 2, 2, 2, 2], "n_starts": 3}'    # the chain before 2026-11-26 21:00
 
-``prepare`` caches under ``--cache`` (default ``/tmp/mbf_error_sources``, about 1-2 MB per scan;
+``prepare`` caches under ``--cache`` (default ``/tmp/mbf_error_sources``, 8-19 MB per scan;
 the simulated MRD file of a scan, about 40 MB, is deleted unless ``--keep-mrd``); about 15-35 s
 per scan on this 2-core machine. ``attribute`` takes about 20 s per scan (9 fits of 3 slices).
 Needs only the package (no server). Results and their reading: docs/integration.md (fourth pass).
