@@ -25,6 +25,7 @@ statistic to the TRUE MBF map, which isolates the pixel selection / statistic fr
     python benchmarks/mbf_error_sources.py attribute --first-seed 1073741824 --studies 8
     python benchmarks/mbf_error_sources.py attribute --chain-only --global-statistic report-median \
         --flow-map '{"coarse_stride": [2, 2, 2, 2, 2], "n_starts": 3}'    # the chain before 2026-11-26 21:00
+    python benchmarks/mbf_error_sources.py aif-tail --first-seed 1073741824 --studies 8   # cached AIF vs truth
 
 ``prepare`` caches under ``--cache`` (default ``/tmp/mbf_error_sources``, 8-19 MB per scan;
 the simulated MRD file of a scan, about 40 MB, is deleted unless ``--keep-mrd``); about 15-35 s
@@ -322,9 +323,41 @@ def attribute(seeds: range, cache: Path, json_path: Path | None, flow_map: FlowM
     return 0
 
 
+def aif_tail(seeds: range, cache: Path) -> int:
+    """Print the cached chain AIF's late tail, peak and area against the simulator's LV blood Gd.
+
+    Tail = mean of the last 10 grid samples. Two references: the truth itself, and the truth minus
+    its own mean over the chain's baseline frames (1 .. foot), i.e. with the baseline convention of
+    ``aif-extract``: the simulator's LV blood holds 0.02-0.08 mmol/L before the bolus foot (the
+    plateau term of ``simulator.dynamics._blood_curve`` starts before the foot), which the chain's
+    baseline subtraction removes from the AIF and ``flow-map``'s from the tissue curves.
+    """
+    from perfline.simulator import study as simulated
+
+    rows = []
+    print("scan | tail / truth | tail / (truth - its pre-foot mean) | peak / truth | area / truth")
+    for seed in seeds:
+        for kind in KINDS:
+            data = np.load(cache / f"{seed}_{kind}.npz")
+            aif_time, aif_blood = simulated.aif_gd_truth(simulated.sample_study(seed, kind=kind))
+            truth = np.interp(data["aif_time"], aif_time, aif_blood)
+            chain = np.asarray(data["aif_blood"], dtype=np.float64)
+            foot = int(data["aif_foot"])
+            pre_foot = float(truth[min(1, foot): foot + 1].mean())
+            row = (chain[-10:].mean() / truth[-10:].mean(), chain[-10:].mean() / (truth[-10:].mean() - pre_foot),
+                   chain.max() / truth.max(), chain.sum() / truth.sum())
+            rows.append(row)
+            print(f"{seed - 2**30} {kind} | " + " | ".join(f"{value:.3f}" for value in row))
+    values = np.asarray(rows)
+    for name, column in zip(("tail / truth", "tail / (truth - pre-foot)", "peak / truth", "area / truth"), values.T):
+        print(f"{name}: mean {column.mean():.3f}, SD {column.std():.3f}, range {column.min():.2f} .. {column.max():.2f}, "
+              f"mean |x - 1| {np.abs(column - 1).mean():.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("prepare", "attribute"))
+    parser.add_argument("command", choices=("prepare", "attribute", "aif-tail"))
     parser.add_argument("--first-seed", type=int, default=2**30)
     parser.add_argument("--studies", type=int, default=8)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -347,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             for kind in KINDS:
                 prepare_scan(seed, kind, args.cache, keep_mrd=args.keep_mrd)
         return 0
+    if args.command == "aif-tail":
+        return aif_tail(seeds, args.cache)
     from perfline.gadgets.mapping import FlowMapSettings
 
     flow_map = FlowMapSettings(**json.loads(args.flow_map))
