@@ -212,3 +212,25 @@ def test_training_run_from_settings_json_writes_best_and_resumes(tmp_path):
     assert main(["--settings", str(settings_file), "--out", str(out), "--resume"]) == 0
     log = (out / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
+
+
+def test_perfline_train_options_and_settings_file(tmp_path):
+    """`perfline train --bf16 --augmentations-per-slice N` reach TrainSettings; a bad --settings
+    file is refused with a message instead of a traceback."""
+    import argparse
+
+    from perfline.commands.train import _settings_from_options, add_parser, run
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--out", str(tmp_path), "--bf16", "--augmentations-per-slice", "2",
+                              "--filters", "4", "8", "--blocks", "1", "1"])
+    settings = _settings_from_options(args)
+    assert settings.autocast_bf16 is True and settings.augmentations_per_slice == 2
+    assert tuple(settings.network.filters) == (4, 8)
+    default = _settings_from_options(parser.parse_args(["train", "--out", str(tmp_path)]))
+    assert default.autocast_bf16 is False and default.augmentations_per_slice == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"epochs": "many"}')
+    assert run(parser.parse_args(["train", "--out", str(tmp_path / "o"), "--settings", str(bad)])) == 2
+    assert not (tmp_path / "o").exists()

@@ -35,6 +35,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="start from these weights (fine-tuning), e.g. models/resunet_perfusion")
     parser.add_argument("--augmentation", default="{}", metavar="JSON",
                         help='overrides of the augmentation ranges, e.g. \'{"scale": [0.8, 1.6]}\'')
+    parser.add_argument("--bf16", action="store_true",
+                        help="forward pass under bfloat16 autocast (AMX CPUs and GPUs: about 2x faster steps)")
+    parser.add_argument("--augmentations-per-slice", type=int, default=None, metavar="N",
+                        help="training samples drawn per simulated slice (default 3)")
+    parser.add_argument("--settings", type=Path, default=None, metavar="JSON",
+                        help="complete TrainSettings JSON (as stored in a model sidecar under 'settings'); "
+                             "replaces every training option above")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--export-onnx", action="store_true",
@@ -51,23 +58,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from tqdm import tqdm
 
-    from perfline.models.resunet import ResUNetConfig
     from perfline.models.train import TrainSettings, train
     from perfline.models.weights import export_onnx, load_torch_model
 
-    network = ResUNetConfig.paper() if args.paper else ResUNetConfig()
-    overrides = {key: value for key, value in (("filters", args.filters),
-                 ("blocks", args.blocks), ("stem_stride", args.stem_stride)) if value}
-    if overrides:
-        network = ResUNetConfig(**{**network.model_dump(), **overrides})
-    settings = TrainSettings(network=network, epochs=args.epochs,
-                             steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                             workers=args.workers, validation_studies=args.validation_studies,
-                             time_limit_s=args.time_limit, seed=args.seed,
-                             learning_rate=args.learning_rate,
-                             lr_halving_epochs=args.lr_halving_epochs,
-                             init_weights=args.init_weights,
-                             augmentation=json.loads(args.augmentation))
+    if args.settings is not None:
+        try:
+            settings = TrainSettings.model_validate_json(args.settings.read_text())
+        except (OSError, ValueError) as error:
+            logger.error("--settings %s: expected a TrainSettings JSON file: %s", args.settings, error)
+            return 2
+    else:
+        settings = _settings_from_options(args)
     bar = tqdm(total=settings.epochs * settings.steps_per_epoch, unit="step",
                dynamic_ncols=True)
 
@@ -83,3 +84,27 @@ def run(args: argparse.Namespace) -> int:
         model = load_torch_model(args.out / "best")
         print(f"exported {export_onnx(model, args.out / 'best')}")
     return 0
+
+
+def _settings_from_options(args: argparse.Namespace):  # noqa: ANN202 - TrainSettings (torch import deferred)
+    """TrainSettings from the command-line options."""
+    from perfline.models.resunet import ResUNetConfig as config_type
+    from perfline.models.train import TrainSettings as settings_type
+
+    network = config_type.paper() if args.paper else config_type()
+    overrides = {key: value for key, value in (("filters", args.filters),
+                 ("blocks", args.blocks), ("stem_stride", args.stem_stride)) if value}
+    if overrides:
+        network = config_type(**{**network.model_dump(), **overrides})
+    settings = settings_type(network=network, epochs=args.epochs,
+                             steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                             workers=args.workers, validation_studies=args.validation_studies,
+                             time_limit_s=args.time_limit, seed=args.seed,
+                             learning_rate=args.learning_rate,
+                             lr_halving_epochs=args.lr_halving_epochs,
+                             init_weights=args.init_weights,
+                             augmentation=json.loads(args.augmentation),
+                             autocast_bf16=args.bf16,
+                             **({} if args.augmentations_per_slice is None else
+                                {"augmentations_per_slice": args.augmentations_per_slice}))
+    return settings
