@@ -287,10 +287,10 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
 
 
 def _core(myocardium: np.ndarray) -> np.ndarray:
-    import scipy.ndimage as ndi
+    """The myocardium without its border ring, as the report analyses it."""
+    from perfline.toolbox.aha_report import _myocardial_core
 
-    core = ndi.binary_erosion(myocardium)
-    return core if core.any() else myocardium
+    return _myocardial_core(myocardium, 1)
 
 
 def attribute(seeds: range, cache: Path, json_path: Path | None, flow_map: FlowMapSettings,

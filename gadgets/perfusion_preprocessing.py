@@ -87,14 +87,14 @@ class PerfusionMotionCorrection(PureGadget):
                        still_series_px=0.0 if aif else self.settings.still_series_px,
                        heart_window_px=0.0 if aif else self.settings.heart_window_px)
         started = time.perf_counter()
-        series = item.data[0] if isinstance(item, AifSeries) else item.data
+        series = item.data[0] if aif else item.data
         _require_finite(series, item, "image data")
         try:
             with single_threaded_blas():
                 result = motion_correction.motion_correct_series(series, n_pd_frames=item.n_pd_frames, **options)
         except motion_correction.MotionCorrectionError as error:
             raise GadgetError(f"{_label(item)}: {error}") from error
-        if isinstance(item, AifSeries):
+        if aif:
             data = np.stack([result.corrected] + [motion_correction.warp_series(echo, result.displacement_px)
                                                   for echo in item.data[1:]])
         else:

@@ -244,6 +244,15 @@ def train(settings: TrainSettings, out_dir: Path, *, resume: bool = False,
     return best
 
 
+def load_settings(source: str | Path) -> TrainSettings:
+    """:class:`TrainSettings` from a JSON string or the path of a JSON file (e.g. a sidecar's
+    ``settings``); raises ``OSError`` or pydantic's ``ValidationError`` (a ``ValueError``)."""
+    text = str(source)
+    if not text.lstrip().startswith("{"):
+        text = Path(text).read_text()
+    return TrainSettings.model_validate_json(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m perfline.models.train --settings JSON --out DIR [--resume]
     [--export-onnx]``: a run from a complete :class:`TrainSettings` JSON (string or file),
@@ -262,10 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=20)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    text = args.settings
-    if not text.lstrip().startswith("{"):
-        text = Path(text).read_text()
-    settings = TrainSettings.model_validate_json(text)
+    settings = load_settings(args.settings)
     last = [time.monotonic()]
 
     def progress(epoch: int, step: int, loss: float) -> None:

@@ -179,21 +179,20 @@ def bland_altman_plot(auto: np.ndarray, truth: np.ndarray, path: str | Path, *, 
 
 
 def global_from_sectors(values: np.ndarray, n_pixels: np.ndarray) -> float:
-    """Global MBF as the pixel-weighted mean of sector values (NaN where no sector has a value).
+    """Global MBF as the pixel-weighted mean of sector values, NaN where no sector has a value:
+    :func:`perfline.toolbox.aha_report.weighted_segment_mean` (the report's headline statistic)
+    for reports written before schema 1.1.
 
     ``values`` [16] sector MBF (ml/min/g, NaN where missing), ``n_pixels`` [16] the pixels each
-    value summarises. The global target is the MEAN MBF of the myocardium, i.e. the pixel-weighted
-    mean of the sector means; a sector is nearly homogeneous, so its median estimates its mean,
-    whereas the median over the whole myocardium does not estimate the global mean when a defect
-    makes the MBF distribution bimodal (stress reference studies: +6.8 % on the TRUE pixel MBF,
-    +1-23 % per scan; weighted sector medians -0.7 %, docs/integration.md).
+    value summarises. The global target is the MEAN MBF of the myocardium; the median over the
+    whole myocardium does not estimate it when a defect makes the distribution bimodal (stress
+    reference studies: +6.8 % on the TRUE pixel MBF; weighted sector medians -0.7 %,
+    docs/integration.md).
     """
-    values = np.asarray(values, dtype=np.float64)
-    weights = np.asarray(n_pixels, dtype=np.float64)
-    used = np.isfinite(values) & (weights > 0)
-    if not used.any():
-        return float("nan")
-    return float(np.sum(values[used] * weights[used]) / np.sum(weights[used]))
+    from perfline.toolbox.aha_report import weighted_segment_mean
+
+    value = weighted_segment_mean(list(np.asarray(values, dtype=np.float64)), list(np.asarray(n_pixels)))
+    return float("nan") if value is None else value
 
 
 def study_mbf_from_report(report_json: str | dict, statistic: str = "median") -> StudyMbf:

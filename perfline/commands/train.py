@@ -58,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from tqdm import tqdm
 
-    from perfline.models.train import TrainSettings, train
+    from perfline.models.train import load_settings, train
     from perfline.models.weights import export_onnx, load_torch_model
 
     if args.settings is not None:
         try:
-            settings = TrainSettings.model_validate_json(args.settings.read_text())
+            settings = load_settings(args.settings)
         except (OSError, ValueError) as error:
             logger.error("--settings %s: expected a TrainSettings JSON file: %s", args.settings, error)
             return 2
@@ -88,23 +88,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _settings_from_options(args: argparse.Namespace):  # noqa: ANN202 - TrainSettings (torch import deferred)
     """TrainSettings from the command-line options."""
-    from perfline.models.resunet import ResUNetConfig as config_type
-    from perfline.models.train import TrainSettings as settings_type
+    from perfline.models.resunet import ResUNetConfig
+    from perfline.models.train import TrainSettings
 
-    network = config_type.paper() if args.paper else config_type()
+    network = ResUNetConfig.paper() if args.paper else ResUNetConfig()
     overrides = {key: value for key, value in (("filters", args.filters),
                  ("blocks", args.blocks), ("stem_stride", args.stem_stride)) if value}
     if overrides:
-        network = config_type(**{**network.model_dump(), **overrides})
-    settings = settings_type(network=network, epochs=args.epochs,
-                             steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                             workers=args.workers, validation_studies=args.validation_studies,
-                             time_limit_s=args.time_limit, seed=args.seed,
-                             learning_rate=args.learning_rate,
-                             lr_halving_epochs=args.lr_halving_epochs,
-                             init_weights=args.init_weights,
-                             augmentation=json.loads(args.augmentation),
-                             autocast_bf16=args.bf16,
-                             **({} if args.augmentations_per_slice is None else
-                                {"augmentations_per_slice": args.augmentations_per_slice}))
-    return settings
+        network = ResUNetConfig(**{**network.model_dump(), **overrides})
+    return TrainSettings(network=network, epochs=args.epochs,
+                         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                         workers=args.workers, validation_studies=args.validation_studies,
+                         time_limit_s=args.time_limit, seed=args.seed,
+                         learning_rate=args.learning_rate,
+                         lr_halving_epochs=args.lr_halving_epochs,
+                         init_weights=args.init_weights,
+                         augmentation=json.loads(args.augmentation),
+                         autocast_bf16=args.bf16,
+                         **({} if args.augmentations_per_slice is None else
+                            {"augmentations_per_slice": args.augmentations_per_slice}))
