@@ -4,7 +4,9 @@
   trigger makes a frame last two RR intervals. Time 0 is the first R wave.
 - Blood curves (mmol/L, whole blood): gamma-variate first pass with recirculation and a slow
   plateau (Kellman et al. JCMR 2017 give LV peaks of 3.5 +/- 1.2 stress, 4.4 +/- 1.2 rest);
-  the RV bolus arrives one pulmonary transit time earlier, higher and narrower.
+  the RV bolus arrives one pulmonary transit time earlier, higher and narrower. Every blood
+  curve is causal: zero before its own foot (no residual Gd of an earlier dose is modelled,
+  rest scans included), so every tissue curve driven by it is zero before it too.
 - Myocardium: the shared flow models (:mod:`perfline.toolbox.flow_models`), Fermi or BTEX,
   driven by the plasma AIF ``Cp = Cb / (1 - Hct)`` of the LV blood.
 - Other tissues: extended Tofts model (plasma volume + extravascular leakage) with slow
@@ -146,12 +148,33 @@ def dispersed_box(time_s: np.ndarray, foot_s: float, duration_s: float, time_to_
     return response / _box_response_max(duration_s, time_to_peak_s, shape)
 
 
+PLATEAU_SHAPE = 2.5         # gamma shape of the plateau's mixing-time distribution
+PLATEAU_SCALE_PER_RISE = 0.7  # its scale, in units of the bolus rise (injection + time to peak)
+
+
+def plateau_fraction(time_from_foot_s: np.ndarray, rise_s: float) -> np.ndarray:
+    """Fraction (0-1) of the dose mixed into the whole blood volume, ``time_from_foot_s`` after the foot.
+
+    The cumulative distribution of a gamma-distributed mixing time (shape ``PLATEAU_SHAPE``, scale
+    ``PLATEAU_SCALE_PER_RISE * rise_s``): the regularised lower incomplete gamma function
+    ``P(2.5, t / (0.7 rise))``. Causal: exactly 0 at and before the foot (no Gd can be in the blood
+    before it arrives), rising as ``t**2.5`` from it (value and slope continuous), 0.66 at
+    2 rise, 0.87 at 3 rise, 0.985 at 5 rise. Until 2026-11-26 the plateau was the logistic
+    ``1 / (1 + exp(-(t - 1.5 rise) / (0.8 rise)))``, 0.13 at the foot and non-zero long before it;
+    this form is within 0.02 of it from 1.5 rise on (least-squares shape 2.52 / scale 0.70 rise),
+    so the late levels are unchanged.
+    """
+    x = np.clip(np.asarray(time_from_foot_s, dtype=np.float64), 0.0, None) / (PLATEAU_SCALE_PER_RISE * rise_s)
+    return scipy.special.gammainc(PLATEAU_SHAPE, x)
+
+
 def _blood_curve(time_s: np.ndarray, foot_s: float, peak: float, ttp: float, bolus: BolusParameters) -> np.ndarray:
+    """Whole-blood Gd (mmol/L): first pass + recirculation + plateau x slow washout, all zero before ``foot_s``."""
     first = dispersed_box(time_s, foot_s, bolus.injection_duration_s, ttp, bolus.gamma_shape)
     rise = bolus.injection_duration_s + ttp
     recirculation = dispersed_box(time_s, foot_s + bolus.recirculation_delay_s, bolus.injection_duration_s,
                                   2.5 * ttp, bolus.gamma_shape)
-    plateau = 1.0 / (1.0 + np.exp(-(time_s - foot_s - 1.5 * rise) / (0.8 * rise)))
+    plateau = plateau_fraction(time_s - foot_s, rise)
     washout = np.exp(-np.clip(time_s - foot_s, 0, None) / 400.0)
     return peak * (first + bolus.recirculation_ratio * recirculation + bolus.plateau_ratio * plateau * washout)
 

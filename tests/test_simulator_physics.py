@@ -131,3 +131,80 @@ def test_dual_echo_aif_recovers_blood_gd_after_t2star_correction():
     # uncorrected echo 1 underestimates the peak (the reason for the dual echo)
     uncorrected = lut.to_gd(s1[study.n_pd_frames:] / s1[:study.n_pd_frames].mean())
     assert uncorrected.max() < 0.99 * expected.max()
+
+
+def _feet_s(bolus: dynamics.BolusParameters) -> dict[str, float]:
+    """Foot of each blood curve (s), as ``dynamics.blood_curves`` places them."""
+    return {"lv": bolus.lv_foot_s, "rv": bolus.lv_foot_s - bolus.rv_lead_s,
+            "aorta": bolus.lv_foot_s + bolus.aorta_delay_s, "pulmonary": bolus.lv_foot_s - 0.5 * bolus.rv_lead_s}
+
+
+@pytest.mark.parametrize("kind", ["stress", "rest"])
+def test_blood_curves_are_causal_and_continuous(kind):
+    """No Gd in any blood curve before its own foot (rest scans have no residual dose either);
+    the curves rise from 0 continuously: on a 5 ms grid no step exceeds a slope of 5 peaks per s."""
+    for seed in range(8):
+        bolus = st.sample_study(seed, kind=kind).bolus
+        fine = np.arange(0.0, 70.0, 0.005)
+        blood = dynamics.blood_curves(fine, bolus)
+        for name, foot in _feet_s(bolus).items():
+            curve = blood[name]
+            assert np.all(curve[fine <= foot] == 0.0), (seed, name)
+            assert curve[fine > foot + 0.5].min() > 0.0, (seed, name)
+            # continuity: 5 ms steps at most 2.5 % of the peak (a jump, e.g. a plateau switched
+            # on at the foot, would be 12-22 % of it)
+            assert np.abs(np.diff(curve)).max() < 0.025 * curve.max(), (seed, name)
+            # and smooth at the foot: 0.1 s after it the curve is still under 1 % of its peak
+            assert curve[np.searchsorted(fine, foot + 0.1)] < 0.01 * curve.max(), (seed, name)
+
+
+def test_plateau_is_causal_and_keeps_the_late_level_of_the_former_logistic():
+    rise = 4.0
+    t = np.linspace(-20.0, 80.0, 10001)
+    plateau = dynamics.plateau_fraction(t, rise)
+    assert np.all(plateau[t <= 0] == 0.0)
+    assert np.all(np.diff(plateau) >= 0.0) and plateau[-1] == pytest.approx(1.0, abs=1e-6)
+    former = 1.0 / (1.0 + np.exp(-(t - 1.5 * rise) / (0.8 * rise)))
+    late = t >= 1.5 * rise
+    assert np.abs(plateau[late] - former[late]).max() < 0.02
+    # the logistic was the reason for this change: 0.13 of the plateau already at the foot
+    assert former[np.searchsorted(t, 0.0)] > 0.1
+
+
+def test_late_blood_level_is_the_plateau():
+    """Long after the first pass and the recirculation only the plateau is left:
+    peak x plateau_ratio x exp(-(t - foot) / 400 s)."""
+    for seed in range(6):
+        bolus = st.sample_study(seed).bolus
+        t = bolus.lv_foot_s + np.array([60.0, 90.0, 120.0])
+        lv = dynamics.blood_curves(t, bolus)["lv"]
+        expected = bolus.lv_peak_mmol_l * bolus.plateau_ratio * np.exp(-(t - bolus.lv_foot_s) / 400.0)
+        assert np.allclose(lv, expected, rtol=0.01), seed
+
+
+@pytest.mark.parametrize("kind", ["stress", "rest"])
+def test_tissue_curves_are_causal_and_reach_the_linear_steady_state(kind):
+    """Myocardium (BTEX) and the Tofts tissues are zero before their feeding blood curve's foot
+    (+ the myocardial delay); on the slow plateau the BTEX tissue approaches its steady state
+    (vp + visf) Cp (the plateau washes out with 400 s, so it lags by a few %)."""
+    study = st.sample_study(21, kind=kind, flow_model="btex")
+    bolus, tissue = study.bolus, study.tissue
+    fine = dynamics.fine_grid(bolus.lv_foot_s + 200.0)
+    lv = dynamics.blood_curves(fine, bolus)["lv"]
+    myocardium = dynamics.MyocardialCurves(tissue, lv, bolus.hematocrit)
+    curves = dynamics.tissue_curves_fine(fine, bolus, myocardium, study.perfusion.normal_mbf_ml_min_g)
+    myo = myocardium.curves(np.array([study.perfusion.normal_mbf_ml_min_g]))[0]
+    # the flow models take the AIF as linear between fine-grid samples, which spreads the first
+    # non-zero AIF sample over the grid step before it: exactly 0 up to one step before the foot
+    onset = bolus.lv_foot_s + tissue.delay_s
+    assert np.all(myo[fine <= onset - dynamics.FINE_DT_S] == 0.0)
+    assert np.all(np.abs(myo[fine <= onset]) < 1e-4 * myo.max())
+    assert myo.max() > 0.1
+    feet = _feet_s(bolus)
+    for name, (_, _, _, feed) in dynamics._TOFTS.items():
+        assert np.all(curves[name][fine <= feet[feed]] == 0.0), name
+        assert curves[name][-1] > 0.0, name
+    plasma = lv / (1.0 - bolus.hematocrit)
+    late = fine >= bolus.lv_foot_s + 150.0
+    ratio = myo[late] / plasma[late]
+    assert np.all(ratio > tissue.vp + tissue.visf) and np.all(ratio < 1.08 * (tissue.vp + tissue.visf))
