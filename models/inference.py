@@ -104,15 +104,32 @@ def _is_axis_aligned(geometry: CropGeometry) -> bool:
     return geometry.matrix[0, 1] == 0.0 and geometry.matrix[1, 0] == 0.0
 
 
-def crop_series(series: np.ndarray, geometry: CropGeometry, n_frames: int) -> np.ndarray:
+PADDINGS = ("zeros", "edge")
+# close open myocardial rings along rays (toolbox/segmentation_post.close_ring_along_rays);
+# the decision is in docs/segmentation.md "QPerf-format phantom"
+CLOSE_RING = False
+
+
+def crop_series(series: np.ndarray, geometry: CropGeometry, n_frames: int, *,
+                padding: str = "zeros") -> np.ndarray:
     """Normalised crop float32 [n_frames, 176, 176] of series [time, rows, cols]: the same as
     ``perfline.models.data.sample_crop`` (shorter series padded with the last frame),
-    computed separably when the crop is not rotated (always so at inference)."""
+    computed separably when the crop is not rotated (always so at inference).
+
+    ``padding``: what the crop holds beyond the series' edge: "zeros" (as in training) or
+    "edge" (the nearest edge pixel's curve, for series cropped tightly around the heart)."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     if not _is_axis_aligned(geometry):
+        if padding == "edge":
+            raise ValueError("edge padding needs an axis-aligned crop")
         return sample_crop(series, geometry, n_frames=n_frames)
     steps = np.arange(CROP_SIZE, dtype=np.float64)
     rows = geometry.matrix[0, 0] * steps + geometry.offset[0]
     cols = geometry.matrix[1, 1] * steps + geometry.offset[1]
+    if padding == "edge":
+        rows = np.clip(rows, 0.0, series.shape[1] - 1.0)
+        cols = np.clip(cols, 0.0, series.shape[2] - 1.0)
     count = min(n_frames, series.shape[0])
     crop = np.empty((n_frames, CROP_SIZE, CROP_SIZE), dtype=np.float32)
     crop[:count] = separable_bilinear(series[:count], rows, cols)
@@ -245,14 +262,22 @@ class Segmenter:
     else torch), or one of "openvino", "onnxruntime", "torch" (an explicit runtime that
     fails to load raises). ``threads``: intra-op threads (default 1). ``cache_dir``: where
     OpenVINO keeps compiled models on disk (None: none; the process still keeps them in
-    memory, see :class:`OpenVinoNetwork`).
+    memory, see :class:`OpenVinoNetwork`). ``padding``: the crop beyond the series' edge,
+    "zeros" (as trained) or "edge" (see :func:`crop_series`). ``close_ring``: an open
+    myocardial ring is closed along rays from the LV centre when that succeeds
+    (``perfline.toolbox.segmentation_post.close_ring_along_rays``); closed rings are unchanged.
     """
 
     def __init__(self, stem: Path = DEFAULT_MODEL, *, runtime: str = "auto",
                  threads: int | None = None,
-                 cache_dir: Path | None = DEFAULT_CACHE_DIR) -> None:
+                 cache_dir: Path | None = DEFAULT_CACHE_DIR, padding: str = "zeros",
+                 close_ring: bool = CLOSE_RING) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        self.padding = padding
+        self.close_ring = bool(close_ring)
         started = time.perf_counter()
         self.stem = Path(stem)
         self.sidecar = read_sidecar(self.stem)
@@ -337,7 +362,8 @@ class Segmenter:
                        centers: list[tuple[float, float]]) -> list[np.ndarray]:
         """Crop probabilities [4, 176, 176] for each centre (one batched network call)."""
         crops = np.stack([crop_series(series, CropGeometry.centred(
-            series.shape[1:], pixel_spacing_mm, center), self.n_frames) for center in centers])
+            series.shape[1:], pixel_spacing_mm, center), self.n_frames, padding=self.padding)
+            for center in centers])
         return list(self.predict(crops))
 
     @staticmethod
@@ -382,7 +408,7 @@ class Segmenter:
                 center = refined
                 crop = self._probabilities(series, pixel_spacing_mm, [center])[0]
         probabilities = uncrop(crop, self._geometry(series, pixel_spacing_mm, center))
-        return self._finish(probabilities, center)
+        return self._finish(probabilities, center, close_ring=self.close_ring)
 
     @staticmethod
     def _geometry(series: np.ndarray, pixel_spacing_mm: float,
@@ -390,8 +416,9 @@ class Segmenter:
         return CropGeometry.centred(series.shape[1:], pixel_spacing_mm, center)
 
     @staticmethod
-    def _finish(probabilities: np.ndarray, center: tuple[float, float]) -> SliceSegmentation:
-        clean: PostProcessed = postprocess(probabilities)
+    def _finish(probabilities: np.ndarray, center: tuple[float, float], *,
+                close_ring: bool = False) -> SliceSegmentation:
+        clean: PostProcessed = postprocess(probabilities, close_ring=close_ring)
         flags = [f"not found: {name}" for name in clean.missing]
         if clean.empty:
             flags.insert(0, "empty: no LV blood pool or myocardium found")

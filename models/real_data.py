@@ -3,6 +3,11 @@ tuned on): myocardium Dice per DAUGS slice (signal units, one pixel spacing fixe
 and the closed-ring check on both QPerf examples (Gd units), drawn into one PNG.
 
     python -m perfline.models.real_data --data /work/shared/data --png docs/segmentation_real.png
+
+:func:`qperf_format` gives a phantom slice the documented format of the QPerf examples (data
+README only: Gd cropped tightly around the LV, clamped at 6.004 mmol/L, 0.5 s grid, pixel
+spacing 1.8-2.1 mm), so that their failure modes can be studied on held-out phantoms with known
+labels (``perfline evaluate --format qperf``) instead of on the two real examples.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from perfline.models.data import resample_frames_to_interval
 from perfline.models.inference import SliceSegmentation, Segmenter
@@ -27,6 +34,76 @@ DAUGS_FRAME_INTERVAL_S = 1.0
 QPERF_PIXEL_SPACING_MM = 1.9
 QPERF_FRAME_INTERVAL_S = 0.5
 DAUGS_LABELS = {1: 2, 3: 1}  # DAUGS 1 myocardium, 3 LV blood pool -> ours 2, 1
+# documented format of the QPerf examples (../shared/data/README.md), [rows, cols] and frames
+QPERF_CLAMP_MMOL_L = 6.004
+QPERF_MATRIX = {"stress": (40, 37), "rest": (51, 47)}
+QPERF_FRAMES = {"stress": 59, "rest": 68}
+
+
+@dataclass(frozen=True)
+class QPerfFormatSlice:
+    """A phantom slice in the QPerf examples' format.
+
+    series: float32 [time, rows, cols] Gd (mmol/L) on a ``frame_interval_s`` grid from the first
+    SR frame, clamped; labels: uint8 [rows, cols] truth on the same grid (nearest neighbour);
+    pixel_spacing_mm: the grid's true spacing (the segmentation is told the nominal one);
+    lv_center_rc: true LV centre in the new pixels.
+    """
+
+    series: np.ndarray
+    labels: np.ndarray
+    pixel_spacing_mm: float
+    frame_interval_s: float
+    lv_center_rc: tuple[float, float]
+
+
+def qperf_format(gd: np.ndarray, time_s: np.ndarray, labels: np.ndarray,
+                 pixel_spacing_mm: float, lv_center_rc: tuple[float, float], *,
+                 matrix: tuple[int, int], spacing_mm: float, n_frames: int,
+                 offset_rc: tuple[float, float] = (0.0, 0.0),
+                 clamp_mmol_l: float = QPERF_CLAMP_MMOL_L,
+                 frame_interval_s: float = QPERF_FRAME_INTERVAL_S) -> QPerfFormatSlice:
+    """Resample a Gd series to the QPerf examples' documented format.
+
+    Args:
+        gd: float [time, rows, cols] Gd, mmol/L, one frame per SR acquisition.
+        time_s: float [time] acquisition times of those frames, s (irregular).
+        labels: uint8 [rows, cols] truth on the same grid.
+        pixel_spacing_mm: square pixel size of ``gd``.
+        lv_center_rc: LV centre (row, col) in ``gd`` pixels.
+        matrix: (rows, cols) of the output, e.g. ``QPERF_MATRIX["stress"]`` (40 x 37).
+        spacing_mm: output pixel size (QPerf: 1.8-2.1 mm, not recorded).
+        n_frames: output frames (at most those inside the acquisition are kept).
+        offset_rc: LV position relative to the matrix centre, output pixels (the real crops
+            are "around the LV", not exactly centred).
+        clamp_mmol_l: values above are set to it (QPerf: 6.004 mmol/L).
+        frame_interval_s: output frame interval from the first frame (QPerf: 0.5 s).
+
+    Bilinear in space and linear in time; labels nearest neighbour; outside the input grid 0.
+    """
+    gd = np.asarray(gd, dtype=np.float32)
+    times = np.asarray(time_s, dtype=np.float64) - float(time_s[0])
+    count = min(int(n_frames), int(np.floor(times[-1] / frame_interval_s)) + 1)
+    grid_t = frame_interval_s * np.arange(count)
+    upper = np.clip(np.searchsorted(times, grid_t, side="right"), 1, len(times) - 1)
+    weight = ((grid_t - times[upper - 1]) / (times[upper] - times[upper - 1])).astype(np.float32)
+    weight = np.clip(weight, 0.0, 1.0)[:, None, None]
+    frames = gd[upper - 1] * (1 - weight) + gd[upper] * weight
+    step = spacing_mm / pixel_spacing_mm
+    half = (np.asarray(matrix, dtype=np.float64) - 1.0) / 2.0
+    origin = np.asarray(lv_center_rc, dtype=np.float64) - step * (half + np.asarray(offset_rc))
+    rows = origin[0] + step * np.arange(matrix[0])
+    cols = origin[1] + step * np.arange(matrix[1])
+    coordinates = np.stack(np.meshgrid(rows, cols, indexing="ij"))
+    series = np.stack([ndimage.map_coordinates(frame, coordinates, order=1, mode="constant",
+                                               cval=0.0, prefilter=False) for frame in frames])
+    np.minimum(series, np.float32(clamp_mmol_l), out=series)
+    out_labels = ndimage.map_coordinates(np.asarray(labels), coordinates, order=0,
+                                         mode="constant", cval=0).astype(np.uint8)
+    center = (float(half[0] + offset_rc[0]), float(half[1] + offset_rc[1]))
+    return QPerfFormatSlice(series=series.astype(np.float32), labels=out_labels,
+                            pixel_spacing_mm=float(spacing_mm),
+                            frame_interval_s=float(frame_interval_s), lv_center_rc=center)
 
 
 def _load_mat(path: Path, variable: str) -> np.ndarray:

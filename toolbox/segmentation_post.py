@@ -6,6 +6,12 @@ is kept (Xue et al. 2020 App. E3 / QPerf, REFERENCES.md §5). Thresholds >= 0.5 
 classes disjoint because the probabilities of a pixel sum to 1.
 
 Labels: 0 background, 1 LV blood pool, 2 myocardium, 3 RV blood pool (docs/conventions.md).
+
+Ring closing (optional, ``postprocess(..., close_ring=True)``): when the myocardium does not
+enclose the LV blood pool, the myocardium probability is followed along rays from the blood
+pool's centroid and each ray's wall is taken with a threshold relative to that ray's own
+peak (:func:`close_ring_along_rays`), as QPerf's ring-based post-processing does; kept only if
+the ring then closes.
 """
 
 from __future__ import annotations
@@ -73,11 +79,75 @@ def is_closed_ring(labels: np.ndarray) -> bool:
     return not (blood_regions & set(np.unique(edge)))
 
 
-def postprocess(probabilities: np.ndarray) -> PostProcessed:
+def close_ring_along_rays(labels: np.ndarray, myocardium_probability: np.ndarray, *,
+                          n_rays: int = 360, relative_threshold: float = 0.5,
+                          min_peak: float = 0.1, step_px: float = 0.5) -> np.ndarray | None:
+    """Labels uint8 [rows, cols] whose myocardium closes around the LV blood pool, or None.
+
+    From the LV blood pool's centroid, ``n_rays`` rays (equal angles) sample
+    ``myocardium_probability`` (float [rows, cols], 0-1; bilinear, every ``step_px`` pixels)
+    beyond the last blood-pool pixel of the ray, to the image edge. On each ray the wall is the
+    contiguous run around the ray's probability peak that stays above ``relative_threshold``
+    x peak (an adaptive threshold: a faint but clear wall on one side counts as much as a
+    strong one on the other). Run pixels not claimed by another class become myocardium; the
+    largest 8-connected myocardium component is kept and enclosed unclaimed pixels become LV
+    blood pool. None when a ray's peak is below ``min_peak`` (no wall there), a ray reaches
+    the edge inside the blood pool, or the ring still does not close.
+    """
+    labels = np.asarray(labels)
+    probability = np.asarray(myocardium_probability, dtype=np.float64)
+    blood = labels == LV_BLOOD
+    if not blood.any():
+        return None
+    center = np.array(ndimage.center_of_mass(blood))
+    rows, cols = labels.shape
+    angles = np.linspace(0.0, 2.0 * np.pi, int(n_rays), endpoint=False)
+    radii = np.arange(0.0, float(np.hypot(rows, cols)), step_px)
+    ray_r = center[0] - radii[None, :] * np.sin(angles)[:, None]
+    ray_c = center[1] + radii[None, :] * np.cos(angles)[:, None]
+    pixel_r, pixel_c = np.rint(ray_r).astype(int), np.rint(ray_c).astype(int)
+    inside = (pixel_r >= 0) & (pixel_r < rows) & (pixel_c >= 0) & (pixel_c < cols)
+    values = ndimage.map_coordinates(probability, [ray_r, ray_c], order=1, mode="constant",
+                                     cval=0.0, prefilter=False)
+    on_blood = np.zeros_like(inside)
+    on_blood[inside] = blood[pixel_r[inside], pixel_c[inside]]
+    wall = np.zeros(labels.shape, dtype=bool)
+    for ray in range(len(angles)):
+        last_inside = int(np.flatnonzero(inside[ray]).max())
+        blood_steps = np.flatnonzero(on_blood[ray, : last_inside + 1])
+        start = int(blood_steps.max()) + 1 if blood_steps.size else 0
+        if start > last_inside:
+            return None
+        profile = values[ray, start: last_inside + 1]
+        peak = int(np.argmax(profile))
+        if profile[peak] < min_peak:
+            return None
+        above = profile > relative_threshold * profile[peak]
+        low = peak - int(np.argmin(above[peak::-1])) + 1 if not above[:peak + 1].all() else 0
+        high = peak + (int(np.argmin(above[peak:])) if not above[peak:].all()
+                       else len(profile) - peak)
+        steps = np.arange(start + low, start + high)
+        wall[pixel_r[ray, steps], pixel_c[ray, steps]] = True
+    closed = labels.copy()
+    closed[wall & (closed == 0)] = MYOCARDIUM
+    components, count = ndimage.label(closed == MYOCARDIUM, structure=_EIGHT_CONNECTED)
+    if count > 1:
+        sizes = np.bincount(components.ravel())[1:]
+        closed[(closed == MYOCARDIUM) & (components != 1 + int(np.argmax(sizes)))] = 0
+    enclosed = ndimage.binary_fill_holes(np.isin(closed, (LV_BLOOD, MYOCARDIUM)))
+    closed[enclosed & (closed == 0)] = LV_BLOOD
+    return closed if is_closed_ring(closed) else None
+
+
+def postprocess(probabilities: np.ndarray, *, close_ring: bool = False,
+                ring_relative_threshold: float = 0.5,
+                ring_min_peak: float = 0.1) -> PostProcessed:
     """Clean label map from class probabilities float [classes, rows, cols] (classes 0-3).
 
     Each foreground class keeps one connected component; holes inside the myocardial ring that
-    no class claims are given to the LV blood pool.
+    no class claims are given to the LV blood pool. ``close_ring``: an open ring is closed by
+    :func:`close_ring_along_rays` (with ``ring_relative_threshold``, ``ring_min_peak``) when
+    that succeeds; closed rings are never changed.
     """
     probabilities = np.asarray(probabilities, dtype=np.float32)
     if probabilities.ndim != 3 or probabilities.shape[0] != 4:
@@ -95,8 +165,16 @@ def postprocess(probabilities: np.ndarray) -> PostProcessed:
     if labels.any():
         enclosed = ndimage.binary_fill_holes(np.isin(labels, (LV_BLOOD, MYOCARDIUM)))
         labels[enclosed & (labels == 0)] = LV_BLOOD if (labels == LV_BLOOD).any() else 0
+    closed_ring = is_closed_ring(labels)
+    if close_ring and not closed_ring and (labels == MYOCARDIUM).any():
+        closed = close_ring_along_rays(labels, probabilities[MYOCARDIUM],
+                                       relative_threshold=ring_relative_threshold,
+                                       min_peak=ring_min_peak)
+        if closed is not None:
+            logger.info("segmentation: open myocardial ring closed along rays")
+            labels, closed_ring = closed, True
     result = PostProcessed(labels=labels, thresholds=thresholds, missing=tuple(missing),
-                           closed_ring=is_closed_ring(labels))
+                           closed_ring=closed_ring)
     if missing:
         logger.info("segmentation: not found: %s", ", ".join(missing))
     return result

@@ -3,6 +3,12 @@
 Study seeds start at ``TEST_SEED_START`` (never drawn for training or validation); kinds
 alternate stress/rest and field strengths 1.5/3 T. ``--mbf`` hands over to the MBF evaluation
 (``perfline.toolbox.mbf_evaluation``, the report engineer's module).
+
+``--format qperf`` gives each Gd slice the documented format of the QPerf examples
+(``perfline.models.real_data.qperf_format``: resampled to 1.8 / 1.9 / 2.1 mm in turn, cropped to
+40 x 37 (stress) or 51 x 47 (rest) pixels around the LV with a random offset of up to
+``--qperf-offset`` pixels, clamped at 6.004 mmol/L, 0.5 s grid) and segments it as the real
+examples are (told 1.9 mm, 0.5 s resampled to 1 s); metrics on that grid at its true spacing.
 """
 
 from __future__ import annotations
@@ -45,6 +51,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=None, help="model stem (default: the shipped model for --units)")
     parser.add_argument("--runtime", choices=("auto", "onnxruntime", "torch"), default="auto")
     parser.add_argument("--json", type=Path, default=None, help="write per-slice metrics here")
+    parser.add_argument("--padding", choices=("zeros", "edge"), default="zeros",
+                        help="crop beyond the series' edge: zeros or the edge pixels' curves")
+    parser.add_argument("--ring-closing", choices=("on", "off"), default=None,
+                        help="close open myocardial rings along rays (toolbox/segmentation_post; "
+                             "default: the Segmenter's)")
+    parser.add_argument("--format", choices=("plain", "qperf"), default="plain",
+                        help="qperf: the QPerf examples' format (small crop around the LV, "
+                             "clamped Gd, 0.5 s grid; Gd units only)")
+    parser.add_argument("--qperf-spacings", type=float, nargs="+", default=[1.8, 1.9, 2.1],
+                        help="--format qperf: true pixel spacings (mm), used in turn per study")
+    parser.add_argument("--qperf-matrix", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
+                        help="--format qperf: crop size (default 40 37 stress, 51 47 rest)")
+    parser.add_argument("--qperf-offset", type=float, default=3.0,
+                        help="--format qperf: max LV offset from the crop centre, pixels")
     parser.add_argument("--out", type=Path, default=None,
                         help="--mbf only: output folder of the MBF evaluation")
     parser.add_argument("--no-lab-hematocrit", dest="lab_hematocrit", action="store_false",
@@ -61,14 +81,21 @@ def run(args: argparse.Namespace) -> int:
         return int(mbf_evaluation.run(args))
     from tqdm import tqdm
 
-    from perfline.models.data import TEST_SEED_START
+    from perfline.models.data import TEST_SEED_START, resample_frames_to_interval
     from perfline.models.inference import Segmenter
+    from perfline.models.real_data import (QPERF_FRAMES, QPERF_MATRIX, QPERF_PIXEL_SPACING_MM,
+                                           qperf_format)
     from perfline.models.weights import default_model
     from perfline.simulator import simulate_image_study
     from perfline.toolbox.rv_insertion import rv_insertion_deg
     from perfline.toolbox.seg_metrics import slice_metrics, summarize
+    from perfline.toolbox.segmentation_post import is_closed_ring
 
-    segmenter = Segmenter(args.model or default_model(args.units), runtime=args.runtime)
+    if args.format == "qperf" and args.units != "gd":
+        raise SystemExit("--format qperf needs --units gd (the QPerf examples are Gd)")
+    ring = {} if args.ring_closing is None else {"close_ring": args.ring_closing == "on"}
+    segmenter = Segmenter(args.model or default_model(args.units), runtime=args.runtime,
+                          padding=args.padding, **ring)
     first = TEST_SEED_START if args.first_seed is None else args.first_seed
     records = []
     for index in tqdm(range(args.studies), unit="study", dynamic_ncols=True):
@@ -78,20 +105,41 @@ def run(args: argparse.Namespace) -> int:
         for number, slice_ in enumerate(simulate_image_study(seed, kind=kind,
                                                              field_strength_t=field)):
             series = slice_.gd if args.units == "gd" else slice_.signal[slice_.n_pd_frames:]
-            result = segmenter.segment(np.asarray(series), slice_.pixel_spacing_mm,
-                                       center_rc=slice_.lv_center_rc
-                                       if args.center == "truth" else None)
-            metrics = slice_metrics(result.labels, slice_.labels, slice_.pixel_spacing_mm,
+            truth, spacing, center, told = (slice_.labels, slice_.pixel_spacing_mm,
+                                            slice_.lv_center_rc, slice_.pixel_spacing_mm)
+            extra = {}
+            if args.format == "qperf":
+                rng = np.random.default_rng([seed, number])
+                spacing = args.qperf_spacings[index % len(args.qperf_spacings)]
+                formatted = qperf_format(
+                    series, slice_.time_s[slice_.n_pd_frames:], slice_.labels,
+                    slice_.pixel_spacing_mm, slice_.lv_center_rc,
+                    matrix=tuple(args.qperf_matrix or QPERF_MATRIX[kind]), spacing_mm=spacing,
+                    n_frames=QPERF_FRAMES[kind],
+                    offset_rc=tuple(rng.uniform(-args.qperf_offset, args.qperf_offset, 2)))
+                series = resample_frames_to_interval(formatted.series,
+                                                     formatted.frame_interval_s)
+                truth, center, told = (formatted.labels, formatted.lv_center_rc,
+                                       QPERF_PIXEL_SPACING_MM)
+                extra = {"spacing_mm": spacing, "matrix": list(truth.shape)}
+            result = segmenter.segment(np.asarray(series), told,
+                                       center_rc=center if args.center == "truth" else None)
+            metrics = slice_metrics(result.labels, truth, spacing,
                                     auto_rv_insertion_deg=result.rv_insertion_deg,
                                     manual_rv_insertion_deg=slice_.rv_insertion_deg)
             records.append({"seed": seed, "slice": number, "kind": kind, "field_t": field,
                             "level": slice_.level, "flags": list(result.flags),
+                            "closed_ring": bool(result.closed_ring),
+                            "closed_ring_in_truth": bool(is_closed_ring(truth)),
+                            "rv_found": bool((result.labels == 3).any()),
+                            "rv_in_truth": bool((truth == 3).any()), **extra,
                             "truth_labels_rv_insertion_deg": _safe(rv_insertion_deg,
                                                                    slice_.labels),
                             **dataclasses.asdict(metrics)})
     print(f"{len(records)} slices from {args.studies} held-out studies (seeds {first}.."
-          f"{first + args.studies - 1}), units {args.units}, centre {args.center}, runtime "
-          f"{segmenter.runtime}")
+          f"{first + args.studies - 1}), units {args.units}, format {args.format}, centre "
+          f"{args.center}, runtime {segmenter.runtime}, padding {args.padding}, ring closing "
+          f"{'on' if segmenter.close_ring else 'off'}")
     print(f"{'metric':28s} {'mean':>8s} {'SD':>8s} {'5%':>8s} {'95%':>8s}   n")
     summary = {}
     for key, name, unit in ROWS:
@@ -101,6 +149,19 @@ def run(args: argparse.Namespace) -> int:
               f"{stats['sd']:8.3f} {stats['p05']:8.3f} {stats['p95']:8.3f}   {stats['n']}")
     flagged = sum(bool(record["flags"]) for record in records)
     print(f"flagged slices: {flagged} of {len(records)}")
+    for key, name in (("closed_ring", "closed myocardial ring"), ("rv_found", "RV found")):
+        found = sum(record[key] for record in records)
+        summary[key + "_rate"] = found / len(records)
+        print(f"{name}: {found} of {len(records)} ({100.0 * found / len(records):.1f} %)")
+    closed = [record for record in records if record["closed_ring_in_truth"]]
+    if len(closed) < len(records):
+        found = sum(record["closed_ring"] for record in closed)
+        print(f"closed ring where the truth's ring is closed in the image: {found} of "
+              f"{len(closed)}")
+    with_rv = [record for record in records if record["rv_in_truth"]]
+    if with_rv:
+        found = sum(record["rv_found"] for record in with_rv)
+        print(f"RV found where the truth has RV in the image: {found} of {len(with_rv)}")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "slices": records}, indent=1))
     return 0

@@ -1,0 +1,93 @@
+"""Small-field-of-view segmentation: the QPerf-format phantom (``qperf_format``), ring closing
+along rays (``close_ring_along_rays``) and the crop padding modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perfline.models.data import CropGeometry
+from perfline.models.inference import crop_series
+from perfline.models.real_data import QPERF_CLAMP_MMOL_L, qperf_format
+from perfline.toolbox.seg_metrics import dice
+from perfline.toolbox.segmentation_post import (MYOCARDIUM, close_ring_along_rays,
+                                                is_closed_ring, postprocess)
+
+
+def ring_probabilities(shape=(40, 37), center=(19.0, 18.0), faint=0.25, faint_side=True):
+    """Probabilities [4, rows, cols] of an LV disc (radius 9 px) and a myocardial annulus
+    (9-14 px) that is confident (0.9) on the right and ``faint`` on the left half, as a network
+    gives near the edge of a tight crop; and the true annulus."""
+    rows, cols = np.indices(shape, dtype=np.float64)
+    radius = np.hypot(rows - center[0], cols - center[1])
+    blood = radius < 9
+    annulus = (radius >= 9) & (radius < 14)
+    left = cols < center[1] - 3
+    probabilities = np.zeros((4, *shape), dtype=np.float32)
+    probabilities[1][blood] = 0.9
+    probabilities[2][annulus] = np.where(left[annulus], faint if faint_side else 0.0, 0.9)
+    probabilities[0] = 1.0 - probabilities[1:].sum(axis=0)
+    return probabilities, annulus
+
+
+def test_faint_wall_on_one_side_is_closed_along_rays():
+    probabilities, annulus = ring_probabilities()
+    plain = postprocess(probabilities)
+    assert not plain.closed_ring  # the QPerf threshold rule keeps only the confident half
+    closed = postprocess(probabilities, close_ring=True)
+    assert closed.closed_ring and is_closed_ring(closed.labels)
+    assert dice(closed.labels == MYOCARDIUM, annulus) > 0.9
+    assert dice(plain.labels == MYOCARDIUM, annulus) < 0.75
+
+
+def test_no_wall_at_all_on_one_side_stays_open():
+    probabilities, _ = ring_probabilities(faint_side=False)
+    assert close_ring_along_rays(postprocess(probabilities).labels, probabilities[2]) is None
+    result = postprocess(probabilities, close_ring=True)
+    assert not result.closed_ring and result.labels[19, 2] != MYOCARDIUM
+
+
+def test_closed_rings_are_never_changed():
+    probabilities, _ = ring_probabilities(faint=0.9)
+    plain = postprocess(probabilities)
+    assert plain.closed_ring
+    assert np.array_equal(postprocess(probabilities, close_ring=True).labels, plain.labels)
+
+
+def test_qperf_format_crops_clamps_and_resamples():
+    rows, cols = np.indices((144, 192), dtype=np.float64)
+    center = (70.0, 100.0)
+    radius = np.hypot(rows - center[0], cols - center[1])
+    labels = ((radius < 10) * 1 + ((radius >= 10) & (radius < 15)) * 2).astype(np.uint8)
+    time_s = np.cumsum(np.full(40, 0.8))
+    # blood rises linearly to 9 mmol/L (above the 6.004 clamp), myocardium 0.04 per s
+    gd = ((labels == 1) * 0.3 * time_s[:, None, None]
+          + (labels == 2) * 0.04 * time_s[:, None, None]).astype(np.float32)
+    out = qperf_format(gd, time_s, labels, 1.875, center, matrix=(40, 37), spacing_mm=1.5,
+                       n_frames=59, offset_rc=(2.0, -1.0))
+    duration = time_s[-1] - time_s[0]
+    assert out.series.shape == (min(59, int(duration / 0.5) + 1), 40, 37)
+    assert out.labels.shape == (40, 37) and out.series.max() == pytest.approx(QPERF_CLAMP_MMOL_L)
+    # 0.5 s grid from the first frame: frame 3 is 1.5 s after it
+    myocardium = out.labels == 2
+    expected = 0.04 * (time_s[0] + 1.5)
+    assert np.median(out.series[3][myocardium]) == pytest.approx(expected, rel=0.05)
+    # LV disc of radius 10 px at 1.875 mm is 12.5 px at 1.5 mm, centred at the offset centre
+    assert (out.labels == 1).sum() == pytest.approx(np.pi * 12.5 ** 2, rel=0.06)
+    found = np.mean(np.nonzero(out.labels == 1), axis=1)
+    assert np.allclose(found, out.lv_center_rc, atol=0.3)
+    assert np.allclose(out.lv_center_rc, (19.5 + 2.0, 18.0 - 1.0))
+
+
+@pytest.mark.parametrize("padding,outside", [("zeros", 0.0), ("edge", 1.0)],
+                         ids=["zeros", "edge"])
+def test_crop_padding_beyond_the_series(padding, outside):
+    series = np.zeros((20, 30, 30), dtype=np.float32)
+    series[:, :, -1] = 1.0  # bright last column: edge padding repeats it to the right
+    series[:, 15, 15] = 2.0
+    geometry = CropGeometry.centred(series.shape[1:], 2.0, (15.0, 15.0))
+    crop = crop_series(series, geometry, 48, padding=padding)
+    # the series spans 60 mm of the 176 mm crop; crop pixel (88, 170) is far right of it
+    assert crop[0, 88, 170] == pytest.approx(outside)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        crop_series(series, geometry, 48, padding="reflect")
