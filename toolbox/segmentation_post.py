@@ -111,23 +111,23 @@ def close_ring_along_rays(labels: np.ndarray, myocardium_probability: np.ndarray
                                      cval=0.0, prefilter=False)
     on_blood = np.zeros_like(inside)
     on_blood[inside] = blood[pixel_r[inside], pixel_c[inside]]
+    step = np.arange(radii.size)[None, :]
+    last_inside = inside.sum(axis=1) - 1  # a ray leaves the image once: a prefix is inside
+    start = np.where(on_blood, step, -1).max(axis=1) + 1  # first step beyond the blood pool
+    if (start > last_inside).any():
+        return None
+    in_range = (step >= start[:, None]) & (step <= last_inside[:, None])
+    profile = np.where(in_range, values, -np.inf)
+    peak = np.argmax(profile, axis=1)
+    peak_value = profile[np.arange(len(angles)), peak]
+    if (peak_value < min_peak).any():
+        return None
+    below = ~(in_range & (values > relative_threshold * peak_value[:, None]))
+    low = np.where(below & (step < peak[:, None]), step, -1).max(axis=1) + 1
+    high = np.where(below & (step > peak[:, None]), step, radii.size).min(axis=1)
+    run = (step >= low[:, None]) & (step < high[:, None])
     wall = np.zeros(labels.shape, dtype=bool)
-    for ray in range(len(angles)):
-        last_inside = int(np.flatnonzero(inside[ray]).max())
-        blood_steps = np.flatnonzero(on_blood[ray, : last_inside + 1])
-        start = int(blood_steps.max()) + 1 if blood_steps.size else 0
-        if start > last_inside:
-            return None
-        profile = values[ray, start: last_inside + 1]
-        peak = int(np.argmax(profile))
-        if profile[peak] < min_peak:
-            return None
-        above = profile > relative_threshold * profile[peak]
-        low = peak - int(np.argmin(above[peak::-1])) + 1 if not above[:peak + 1].all() else 0
-        high = peak + (int(np.argmin(above[peak:])) if not above[peak:].all()
-                       else len(profile) - peak)
-        steps = np.arange(start + low, start + high)
-        wall[pixel_r[ray, steps], pixel_c[ray, steps]] = True
+    wall[pixel_r[run], pixel_c[run]] = True
     closed = labels.copy()
     closed[wall & (closed == 0)] = MYOCARDIUM
     components, count = ndimage.label(closed == MYOCARDIUM, structure=_EIGHT_CONNECTED)
