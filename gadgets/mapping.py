@@ -9,6 +9,13 @@
   the ratio through the same (monotonic) table first. The blood -> plasma hematocrit is the
   setting, or the client's measured value (JSON parameter ``{"hematocrit": 0.40}``, 0.2-0.7)
   for that connection; the value used travels in the ``AifCurve`` (and the report JSON).
+  With ``lv_hint`` (default) and ``cnn-segmentation`` before it, the AIF series waits for the
+  first ``SliceSegmentation`` with an LV centre: that centre, mapped to scanner coordinates
+  with its slice's geometry and projected into the AIF image plane, and the radius of the CNN's
+  LV blood pool tell ``detect_aif`` where the LV is (the pool there is taken; none: the core of
+  the enhancing pixels there). Slices and segmentations pass on at once (flow-map holds the
+  slices until the AIF arrives); no segmentation with an LV by the end of the stream (a chain
+  without the CNN, or no LV found): the dynamics-only detection, as before.
 - ``flow-map``: ``AifCurve`` + Gd slices (``SliceSeries``, units ``gd_mmol_l``) -> ``FlowMaps``
   per slice (and the ``AifCurve`` and ``SliceSegmentation`` passed on for the report). Slices
   that arrive before the AIF wait for it. With ``use_segmentation`` (default), a slice also waits for its
@@ -24,8 +31,10 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import ismrmrd
@@ -35,10 +44,13 @@ from pydantic import Field
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
 from perfline.gadgets.mrd_images import make_image
-from perfline.gadgets.perfusion_items import AifCurve, AifSeries, FlowMaps, SliceSegmentation, SliceSeries
+from perfline.gadgets.perfusion_items import (
+    AifCurve, AifSeries, FlowMaps, ImageGeometry, SliceSegmentation, SliceSeries,
+)
 from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import (
-    AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif, magnitude_floor_corrected_curve,
+    AIF_SOURCE_HINT_REGION, AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif,
+    magnitude_floor_corrected_curve,
 )
 from perfline.toolbox.btex import AifTable, BtexSettings, build_aif_table, map_btex, warm_residue_tables
 from perfline.toolbox.fermi import map_fermi
@@ -76,27 +88,113 @@ class AifExtractSettings(GadgetSettings):
     lv_core_fraction: float = Field(0.9, ge=0.0, lt=1.0, description=(
         "LV pixels averaged: enhancement >= this fraction of the pool's 90th percentile (0: whole pool); "
         "the low-resolution LV pool is blurred, its rim underestimates the blood Gd"))
+    lv_hint: bool = Field(True, description=(
+        "wait for the first SliceSegmentation with an LV centre (cnn-segmentation before aif-extract) and take "
+        "the AIF pool at that LV, projected into the AIF plane; none by the end of the stream: dynamics only"))
+    lv_hint_max_distance_mm: float = Field(20.0, gt=0.0, description=(
+        "the dynamics-only AIF pool is kept when its centre lies within this in-plane distance of the CNN's LV "
+        "(aha-report's max_aif_lv_distance_mm flag)"))
+
+
+@dataclass(frozen=True)
+class LvHint:
+    """Where the CNN found the LV: ``point_mm`` scanner coordinates (float64 [3]) of its centre,
+    ``radius_mm`` the radius of a disc of its blood-pool area (None: no blood-pool pixels),
+    ``slice_index`` the myocardial slice it comes from."""
+
+    point_mm: np.ndarray
+    radius_mm: float | None
+    slice_index: int
+
+
+def image_point_mm(geometry: ImageGeometry, shape: tuple[int, ...], row: float, col: float) -> np.ndarray:
+    """Scanner coordinates (mm, float64 [3]) of the point at (row, col) of an image of ``shape`` [rows, cols].
+
+    MRD convention: ``position`` is the centre of the image; columns run along ``read_dir``, rows
+    along ``phase_dir``; pixel centres sit at (index - (n - 1) / 2) spacings from the centre
+    (the same mapping as aha-report's ``pixel_position_mm``).
+    """
+    row_mm, col_mm = geometry.pixel_spacing_mm
+    return (np.asarray(geometry.position, dtype=np.float64)
+            + (col - (shape[1] - 1) / 2.0) * col_mm * np.asarray(geometry.read_dir, dtype=np.float64)
+            + (row - (shape[0] - 1) / 2.0) * row_mm * np.asarray(geometry.phase_dir, dtype=np.float64))
+
+
+def image_rc_of_point(geometry: ImageGeometry, shape: tuple[int, ...], point_mm: np.ndarray) -> tuple[float, float]:
+    """(row, col) in pixels of the orthogonal projection of a scanner point (mm [3]) into the
+    plane of an image of ``shape`` [rows, cols]: the inverse of :func:`image_point_mm` in plane
+    (the offset along the slice normal, e.g. the gap between parallel short-axis slices, drops)."""
+    row_mm, col_mm = geometry.pixel_spacing_mm
+    offset = np.asarray(point_mm, dtype=np.float64) - np.asarray(geometry.position, dtype=np.float64)
+    read = np.asarray(geometry.read_dir, dtype=np.float64)
+    phase = np.asarray(geometry.phase_dir, dtype=np.float64)
+    col = float(np.dot(offset, read) / np.dot(read, read)) / col_mm + (shape[1] - 1) / 2.0
+    row = float(np.dot(offset, phase) / np.dot(phase, phase)) / row_mm + (shape[0] - 1) / 2.0
+    return row, col
+
+
+def lv_hint_of(segmentation: SliceSegmentation, geometry: ImageGeometry) -> LvHint | None:
+    """The CNN's LV of one slice in scanner coordinates, or None when it found no LV centre."""
+    if not all(math.isfinite(v) for v in segmentation.lv_center_rc):
+        return None
+    labels = np.asarray(segmentation.labels)
+    point = image_point_mm(geometry, labels.shape, *segmentation.lv_center_rc)
+    area_mm2 = float(np.count_nonzero(labels == 1)) * geometry.pixel_spacing_mm[0] * geometry.pixel_spacing_mm[1]
+    radius = math.sqrt(area_mm2 / math.pi) if area_mm2 > 0 else None
+    return LvHint(point_mm=point, radius_mm=radius, slice_index=segmentation.slice_index)
 
 
 @register_gadget
 class AifExtract(Gadget):
-    """Find the LV blood pool in the AIF Gd series and emit the AIF curve."""
+    """Find the LV blood pool in the AIF Gd series and emit the AIF curve; slices and their
+    segmentations pass on (their LV centre guides the AIF pool, ``lv_hint``)."""
 
     name = "aif-extract"
     Settings = AifExtractSettings
-    accepts = (AifSeries,)
-    produces = (AifCurve,)
+    accepts = (AifSeries, SliceSeries, SliceSegmentation)
+    produces = (AifCurve, SliceSeries, SliceSegmentation)
     settings: AifExtractSettings
 
-    def process(self, items: Iterator[AifSeries]) -> Iterator[AifCurve]:
+    def process(self, items: Iterator[Any]) -> Iterator[Any]:
         self._hematocrit = hematocrit_from_parameters(self.context.parameters, self.settings.hematocrit)
         if self._hematocrit != self.settings.hematocrit:
             self.log.info("hematocrit %.3f from the client's parameters (setting %.3f)", self._hematocrit,
                           self.settings.hematocrit)
-        for series in items:
-            yield self._extract(series)
+        waiting: list[AifSeries] = []  # AIF series held for the CNN's LV
+        geometries: dict[int, ImageGeometry] = {}
+        hint: LvHint | None = None
+        for item in items:
+            if isinstance(item, AifSeries):
+                if self.settings.lv_hint and hint is None:
+                    waiting.append(item)
+                else:
+                    yield self._extract(item, hint)
+                continue
+            yield item
+            if isinstance(item, SliceSeries):
+                geometries[item.slice_index] = item.geometry
+            elif hint is None and self.settings.lv_hint and item.slice_index in geometries:
+                hint = lv_hint_of(item, geometries[item.slice_index])
+                if hint is not None:
+                    for series in waiting:
+                        yield self._extract(series, hint)
+                    waiting.clear()
+        for series in waiting:
+            self.log.warning("no segmentation with an LV centre arrived: AIF pool chosen by its dynamics alone")
+            yield self._extract(series, None)
 
-    def _extract(self, series: AifSeries) -> AifCurve:
+    def _hint_rc(self, series: AifSeries, shape: tuple[int, int], hint: LvHint | None) -> tuple[float, float] | None:
+        """The hint as (row, col) of the AIF image, None when it falls outside the image."""
+        if hint is None:
+            return None
+        row, col = image_rc_of_point(series.geometry, shape, hint.point_mm)
+        if not (-0.5 <= row <= shape[0] - 0.5 and -0.5 <= col <= shape[1] - 0.5):
+            self.log.warning("the CNN's LV (slice %d) projects to (%.1f, %.1f), outside the %d x %d AIF image: "
+                             "AIF pool chosen by its dynamics alone", hint.slice_index, row, col, *shape)
+            return None
+        return row, col
+
+    def _extract(self, series: AifSeries, hint: LvHint | None) -> AifCurve:
         if series.units not in ("gd_mmol_l", "sr_over_pd"):
             raise GadgetError(f"aif-extract needs the AIF in units 'gd_mmol_l' or 'sr_over_pd', got units "
                               f"{series.units!r}: put surface-coil-correction (and gd-conversion) before it")
@@ -117,9 +215,15 @@ class AifExtract(Gadget):
         ratio = table.to_ratio(frames) if (table is not None and series.units == "gd_mmol_l") else frames
         time_s = np.asarray(series.time_s[first:], dtype=np.float64)
         body = body_mask(series.pd_image) if series.pd_image is not None else None
-        settings = AifSettings(core_fraction=self.settings.lv_core_fraction)
+        row_mm, col_mm = series.geometry.pixel_spacing_mm
+        pixel_mm = math.sqrt(row_mm * col_mm)
+        settings = AifSettings(core_fraction=self.settings.lv_core_fraction,
+                               hint_max_distance_px=self.settings.lv_hint_max_distance_mm / pixel_mm)
+        hint_rc = self._hint_rc(series, frames.shape[1:], hint)
+        radius_px = hint.radius_mm / pixel_mm if (hint_rc is not None and hint and hint.radius_mm) else None
         try:
-            detected = detect_aif(ratio, body=body, settings=settings)
+            detected = detect_aif(ratio, body=body, settings=settings, lv_hint_rc=hint_rc,
+                                  lv_hint_radius_px=radius_px)
             if table is None:
                 blood = detected.curve
             else:
@@ -132,6 +236,12 @@ class AifExtract(Gadget):
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
         blood = baseline_subtract(blood, foot)
+        if hint_rc is not None and hint is not None:
+            self.log.info("AIF: CNN's LV of slice %d at (%.1f, %.1f) of the AIF image, radius %s px; pool: %s",
+                          hint.slice_index, hint_rc[0], hint_rc[1],
+                          f"{radius_px:.1f}" if radius_px is not None else "unknown", detected.source)
+        if detected.source == AIF_SOURCE_HINT_REGION:
+            self.log.warning("AIF from the CNN's LV region of the AIF image: no enhancing blood pool was found there")
         self.log.info("AIF: %d LV pixels, foot %.1f s, peak %.2f mmol/L at %.1f s, hematocrit %.3f",
                       int(detected.mask.sum()), grid_s[foot], blood[peak], grid_s[peak], self._hematocrit)
         return AifCurve(time_s=grid_s, blood_gd_mmol_l=blood, hematocrit=self._hematocrit,

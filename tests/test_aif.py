@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perfline.toolbox.aif import AifError, AifSettings, aif_foot_peak, baseline_subtract, blood_to_plasma, detect_aif
+from perfline.toolbox.aif import (
+    AIF_SOURCE_HINT_REGION, AIF_SOURCE_POOL_AT_HINT, AIF_SOURCE_POOLS, AIF_SOURCE_POOLS_AT_HINT, AifError, AifSettings,
+    aif_foot_peak, baseline_subtract, blood_to_plasma, body_mask, detect_aif,
+)
 
 AIF_DATA = Path("/work/shared/data/qperf/aif_detection")
 
@@ -136,6 +139,110 @@ def test_small_core_keeps_the_most_enhancing_pixels():
     result = detect_aif(series, settings=AifSettings(core_fraction=0.99, min_core_pixels=few + 6))
     assert result.mask.sum() == few + 6 and np.all(lv[result.mask])
     assert np.hypot(*(np.argwhere(result.mask).mean(axis=0) - (26, 28))) < 2.0
+
+
+LV_CENTRE, LV_RADIUS = (26.0, 28.0), 6.0  # of _phantom
+
+
+def _with_decoy(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_phantom plus a larger pool below the RV with the LV's timing (168 pixels against the LV's
+    113, as far from the RV as the LV): the dynamics-only score prefers it (fresh study
+    2**30 + 105, reference study 2: the AIF from another structure)."""
+    series, lv, _ = _phantom(rng)
+    rows, cols = np.mgrid[:48, :48]
+    decoy = (rows >= 33) & (rows < 45) & (cols >= 6) & (cols < 20)
+    series[:, decoy] += _bolus(series.shape[0], 20, 2.5, 250.0)[:, None]
+    return series, lv, decoy
+
+
+def test_decoy_pool_wins_without_the_hint_and_loses_with_it():
+    series, lv, decoy = _with_decoy(np.random.default_rng(11))
+    settings = AifSettings(core_fraction=0.9)
+    old = detect_aif(series, settings=settings)
+    assert old.source == AIF_SOURCE_POOLS
+    assert np.sum(old.mask & decoy) >= 0.9 * old.mask.sum()  # the failure the hint fixes
+    hinted = detect_aif(series, settings=settings, lv_hint_rc=LV_CENTRE, lv_hint_radius_px=LV_RADIUS)
+    assert hinted.source == AIF_SOURCE_POOL_AT_HINT
+    assert hinted.mask.sum() >= 8 and np.all(lv[hinted.mask])
+    assert 17 <= hinted.foot <= 21 and 22 <= hinted.peak <= 27
+    # a hint off by 1.5 pixels (projection between slices) still finds the LV
+    shifted = detect_aif(series, settings=settings, lv_hint_rc=(27.0, 29.2), lv_hint_radius_px=LV_RADIUS)
+    assert np.all(lv[shifted.mask])
+
+
+def test_hint_agreeing_with_the_dynamics_keeps_their_pool():
+    series, lv, _ = _phantom(np.random.default_rng(12))
+    settings = AifSettings(core_fraction=0.9)
+    old = detect_aif(series, settings=settings)
+    hinted = detect_aif(series, settings=settings, lv_hint_rc=LV_CENTRE, lv_hint_radius_px=LV_RADIUS)
+    assert hinted.source == AIF_SOURCE_POOLS_AT_HINT
+    np.testing.assert_array_equal(hinted.mask, old.mask)  # the LV disc holds the whole core
+
+
+def test_lv_merged_with_a_brighter_aorta_keeps_the_lv_part():
+    # reference study 2: a small LV pool merged with the aorta, whose pixels enhance more
+    rng = np.random.default_rng(13)
+    series, lv, _ = _phantom(rng)
+    n = series.shape[0]
+    rows, cols = np.mgrid[:48, :48]
+    aorta = (rows - 26) ** 2 + (cols - 40) ** 2 <= 4**2
+    bridge = (rows >= 25) & (rows <= 27) & (cols > 33) & (cols < 37)
+    series[:, aorta | bridge] += _bolus(n, 21, 2.5, 400.0)[:, None]
+    settings = AifSettings(core_fraction=0.9)
+    old = detect_aif(series, settings=settings)
+    assert np.sum(old.mask & aorta) >= 0.5 * old.mask.sum()
+    hinted = detect_aif(series, settings=settings, lv_hint_rc=LV_CENTRE, lv_hint_radius_px=LV_RADIUS)
+    assert np.sum(hinted.mask & lv) >= 0.9 * hinted.mask.sum()
+
+
+def test_no_enhancing_pool_at_the_hint_takes_the_lv_region():
+    # the LV fails the pool criteria (no washout: a slow infusion), a decoy pool passes them
+    rng = np.random.default_rng(14)
+    series, lv, decoy = _with_decoy(rng)
+    n = series.shape[0]
+    x = np.clip(np.arange(n) - 20.0, 0.0, None)
+    series[:, lv] -= _bolus(n, 20, 2.5, 250.0)[:, None]
+    series[:, lv] += (250.0 * (1.0 - np.exp(-x / 4.0)))[:, None]
+    settings = AifSettings(core_fraction=0.9)
+    assert np.sum(detect_aif(series, settings=settings).mask & decoy) > 0
+    hinted = detect_aif(series, settings=settings, lv_hint_rc=LV_CENTRE, lv_hint_radius_px=LV_RADIUS)
+    assert hinted.source == AIF_SOURCE_HINT_REGION
+    assert hinted.mask.sum() >= 8 and np.all(lv[hinted.mask])
+    assert 18 <= hinted.foot <= 22
+
+
+def test_lv_outside_the_body_mask_is_found_with_the_hint():
+    # fresh study 2**30 + 105: the body mask missed the heart; the CNN's LV widens it
+    series, lv, decoy = _with_decoy(np.random.default_rng(15))
+    body = np.zeros(lv.shape, dtype=bool)
+    body[30:, :] = True  # the decoy's half only
+    hinted = detect_aif(series, body=body, settings=AifSettings(core_fraction=0.9), lv_hint_rc=LV_CENTRE,
+                        lv_hint_radius_px=LV_RADIUS)
+    assert hinted.mask.sum() >= 8 and np.all(lv[hinted.mask])
+
+
+@pytest.mark.parametrize("hint, match", [((60.0, 10.0), "outside the AIF image"), ((np.nan, 3.0), "finite")],
+                         ids=["outside", "nan"])
+def test_bad_hint_is_a_clear_error(hint, match):
+    series, _, _ = _phantom(np.random.default_rng(16))
+    with pytest.raises(AifError, match=match):
+        detect_aif(series, lv_hint_rc=hint)
+
+
+def test_body_mask_closes_a_thin_broken_wall():
+    # a faint body wall that the threshold breaks into pieces, a bright organ at the bottom
+    rows, cols = np.mgrid[:48, :64]
+    ellipse = ((rows - 24) / 21.0) ** 2 + ((cols - 32) / 29.0) ** 2
+    image = np.where(ellipse <= 1.0, 0.35, 0.0)  # soft tissue and lung: dark inside
+    image[(ellipse > 0.8) & (ellipse <= 1.0)] = 1.0  # the wall
+    image[(ellipse > 0.8) & (ellipse <= 1.0) & (np.abs(cols - 32) < 2)] = 0.3  # two gaps
+    image[((rows - 34) / 6.0) ** 2 + ((cols - 22) / 10.0) ** 2 <= 1] = 1.2  # liver
+    image[((rows - 18) / 5.0) ** 2 + ((cols - 38) / 5.0) ** 2 <= 1] = 0.9  # heart
+    image += np.random.default_rng(17).normal(0.0, 0.03, image.shape)
+    body = body_mask(image)
+    inside = ellipse <= 0.8
+    assert body[inside].mean() > 0.97
+    assert body[ellipse > 1.3].mean() < 0.02
 
 
 def test_foot_and_peak_of_a_clean_curve():

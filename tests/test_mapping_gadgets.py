@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from perfline.core.gadget import GadgetError
-from perfline.gadgets.mapping import AifExtract, FlowMap, FlowMapSettings
+from perfline.gadgets.mapping import (
+    AifExtract, AifExtractSettings, FlowMap, FlowMapSettings, image_point_mm, image_rc_of_point,
+)
 from perfline.gadgets.perfusion_items import (
     AifCurve, AifSeries, FlowMaps, ImageGeometry, SliceSegmentation, SliceSeries,
 )
@@ -78,6 +80,86 @@ def test_maps_only_the_dilated_heart_once_the_segmentation_arrives():
     mbf = outputs[2].mbf_ml_min_g
     assert np.isfinite(mbf).sum() == 5 and np.isfinite(mbf[2, 1:4]).all() and np.isfinite(mbf[1:4, 2]).all()
     assert abs(np.nanmedian(mbf) / 2.0 - 1) < 0.1
+
+
+AIF_GEOMETRY = ImageGeometry(field_of_view_mm=(192.0, 192.0, 10.0), position=(0.0, 0.0, -15.0),
+                             pixel_spacing_mm=(6.0, 6.0))
+# the myocardial slice: 3 mm pixels, 25 mm from the AIF slice along the normal, centre shifted in plane
+SLICE_GEOMETRY = ImageGeometry(field_of_view_mm=(192.0, 192.0, 8.0), position=(6.0, -3.0, 10.0),
+                               pixel_spacing_mm=(3.0, 3.0))
+
+
+def _aif_series_with_decoy() -> AifSeries:
+    """_aif_series on 6 mm pixels plus a larger pool with the LV's timing below the RV, which the
+    dynamics-only detection takes for the LV (fresh study 2**30 + 105)."""
+    series = _aif_series()
+    gd = np.array(series.data[0], dtype=np.float64)
+    rows, cols = np.mgrid[:32, :32]
+    decoy = (rows >= 22) & (rows < 32) & (cols >= 2) & (cols < 14)
+    gd[:, decoy] += _blood(series.time_s)[:, None]
+    return AifSeries(data=gd[None].astype(np.float32), time_s=series.time_s, echo_times_ms=(1.0,),
+                     units="gd_mmol_l", n_pd_frames=0, geometry=AIF_GEOMETRY)
+
+
+def _myocardial_slice_and_segmentation(index: int, lv_center_rc: tuple[float, float]):
+    labels = np.zeros((64, 64), dtype=np.uint8)
+    if np.all(np.isfinite(lv_center_rc)):
+        rows, cols = np.mgrid[:64, :64]
+        labels[np.hypot(rows - lv_center_rc[0], cols - lv_center_rc[1]) <= 7] = 1  # 21 mm: the AIF LV's radius
+    series = SliceSeries(slice_index=index, data=np.zeros((N, 64, 64), np.float32), time_s=DT * np.arange(N),
+                         units="gd_mmol_l", n_pd_frames=0, geometry=SLICE_GEOMETRY)
+    return series, SliceSegmentation(slice_index=index, labels=labels, rv_insertion_deg=120.0,
+                                     lv_center_rc=lv_center_rc)
+
+
+def test_image_points_project_back_into_an_oblique_plane():
+    read = np.array([0.8, 0.6, 0.0])
+    phase = np.array([-0.36, 0.48, 0.8])
+    geometry = ImageGeometry(field_of_view_mm=(100.0, 80.0, 8.0), position=(10.0, -20.0, 30.0),
+                             read_dir=tuple(read), phase_dir=tuple(phase), slice_dir=tuple(np.cross(read, phase)),
+                             pixel_spacing_mm=(2.0, 2.5))
+    point = image_point_mm(geometry, (40, 40), 12.5, 30.0)
+    assert image_rc_of_point(geometry, (40, 40), point) == pytest.approx((12.5, 30.0))
+    # a point off the plane projects onto its foot
+    normal = np.asarray(geometry.slice_dir)
+    assert image_rc_of_point(geometry, (40, 40), point + 25.0 * normal) == pytest.approx((12.5, 30.0))
+    # the AIF LV centre (row 16, col 18 of the 6 mm AIF grid) seen from the 3 mm myocardial slice
+    lv = image_point_mm(AIF_GEOMETRY, (32, 32), 16.0, 18.0)
+    assert image_rc_of_point(SLICE_GEOMETRY, (64, 64), lv) == pytest.approx((33.5, 34.5))
+
+
+def test_aif_waits_for_the_cnn_lv_and_takes_the_pool_there():
+    aif_series = _aif_series_with_decoy()
+    slice_0, no_lv = _myocardial_slice_and_segmentation(0, (np.nan, np.nan))  # the CNN found no LV here
+    slice_1, with_lv = _myocardial_slice_and_segmentation(1, (33.5, 34.5))
+    outputs = list(AifExtract().process(iter([aif_series, slice_0, no_lv, slice_1, with_lv])))
+    # nothing lost, slices and segmentations pass at once, the AIF follows the first LV centre
+    assert [type(item) for item in outputs] == [SliceSeries, SliceSegmentation, SliceSeries, SliceSegmentation,
+                                                AifCurve]
+    aif = outputs[-1]
+    assert aif.mask[16, 18] and aif.mask.sum() >= 8
+    rows, cols = np.nonzero(aif.mask)
+    assert np.all(np.hypot(rows - 16, cols - 18) <= 5)
+    assert abs(aif.blood_gd_mmol_l.max() - 5.0) < 0.3
+
+
+def test_aif_without_a_cnn_lv_uses_the_dynamics_alone():
+    aif_series = _aif_series_with_decoy()
+    slice_0, no_lv = _myocardial_slice_and_segmentation(0, (np.nan, np.nan))
+    # no segmentation at all (a chain without the CNN): the AIF comes at the end of the stream
+    outputs = list(AifExtract().process(iter([aif_series, slice_0])))
+    assert [type(item) for item in outputs] == [SliceSeries, AifCurve]
+    decoy_choice = outputs[-1].mask
+    assert decoy_choice[22:, :14].sum() >= 0.9 * decoy_choice.sum()  # the decoy: what the hint fixes above
+    # the CNN found no LV on any slice: the same, after the segmentations
+    outputs = list(AifExtract().process(iter([aif_series, slice_0, no_lv])))
+    assert [type(item) for item in outputs] == [SliceSeries, SliceSegmentation, AifCurve]
+    np.testing.assert_array_equal(outputs[-1].mask, decoy_choice)
+    # lv_hint off: the AIF at once, before anything else
+    _, with_lv = _myocardial_slice_and_segmentation(0, (33.5, 34.5))
+    outputs = list(AifExtract(AifExtractSettings(lv_hint=False)).process(iter([aif_series, slice_0, with_lv])))
+    assert [type(item) for item in outputs] == [AifCurve, SliceSeries, SliceSegmentation]
+    np.testing.assert_array_equal(outputs[0].mask, decoy_choice)
 
 
 def test_errors_name_the_gadget_and_the_problem():

@@ -50,6 +50,8 @@ def test_report_arrives_with_global_mbf_near_the_truth(scan) -> None:
     assert results.ok, results.errors
     report = json.loads(report_from_results(results.texts))
     assert report["aif"]["hematocrit"] == pytest.approx(hematocrit)
+    # the AIF comes from the CNN's LV (aif-extract after cnn-segmentation): no AIF-LV distance flag
+    assert not any("AIF pool centre" in flag for flag in report["flags"]), report["flags"]
     measured = study_mbf_from_report(report)
     expected = truth_from_simulator(study)
     reference = truth.read_truth(str(truth_path), load_series=False)
