@@ -3,6 +3,9 @@
 Thin adapter of :class:`perfline.models.inference.Segmenter` (runtime chosen and logged there:
 OpenVINO bf16, else ONNX Runtime fp32, else torch): every ``SliceSeries`` passes on unchanged
 (the flow-map gadget needs it) and a ``SliceSegmentation`` on the slice's own grid follows it.
+In the ``perfusion`` chain this gadget runs before ``aif-extract``, which takes the AIF pool at
+the LV centre of the first segmentation that has one (the slice's geometry places it in the AIF
+image); the AIF series passes through here untouched.
 The frames from the first saturation-recovery frame are used; a series sampled far from one
 frame per second is resampled to it (the training data's rate). Slices where nothing is found
 are flagged, not fatal.
