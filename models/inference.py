@@ -107,7 +107,7 @@ def _is_axis_aligned(geometry: CropGeometry) -> bool:
 PADDINGS = ("zeros", "edge")
 # close open myocardial rings along rays (toolbox/segmentation_post.close_ring_along_rays);
 # the decision is in docs/segmentation.md "QPerf-format phantom"
-CLOSE_RING = False
+CLOSE_RING = True
 
 
 def crop_series(series: np.ndarray, geometry: CropGeometry, n_frames: int, *,

@@ -91,3 +91,38 @@ def test_crop_padding_beyond_the_series(padding, outside):
     assert crop[0, 88, 170] == pytest.approx(outside)
     with pytest.raises(ValueError, match="padding must be one of"):
         crop_series(series, geometry, 48, padding="reflect")
+
+
+# development seeds of the QPerf-format study (docs/segmentation.md): 40 x 37 crops at a true
+# 1.5 mm told 1.9 mm, whose true ring is closed in the crop but whose QPerf-rule ring was open
+OPEN_RING_SLICES = ((2 ** 30 + 3005, 1, "rest", 1.5), (2 ** 30 + 3007, 0, "rest", 3.0),
+                    (2 ** 30 + 3012, 1, "stress", 1.5), (2 ** 30 + 3013, 1, "rest", 1.5))
+
+
+def test_shipped_model_closes_open_rings_of_tight_phantom_crops():
+    from perfline.models.data import resample_frames_to_interval
+    from perfline.models.inference import Segmenter
+    from perfline.models.real_data import QPERF_FRAMES
+    from perfline.models.weights import default_model
+    from perfline.simulator import simulate_image_study
+
+    segmenter = Segmenter(default_model("gd"))
+    assert segmenter.close_ring  # shipped default
+    closed_without, closed_with, dice_gain = 0, 0, []
+    for seed, number, kind, field in OPEN_RING_SLICES:
+        slice_ = simulate_image_study(seed, kind=kind, field_strength_t=field)[number]
+        offset = np.random.default_rng([seed, number]).uniform(-3, 3, 2)
+        formatted = qperf_format(slice_.gd, slice_.time_s[slice_.n_pd_frames:], slice_.labels,
+                                 slice_.pixel_spacing_mm, slice_.lv_center_rc, matrix=(40, 37),
+                                 spacing_mm=1.5, n_frames=QPERF_FRAMES[kind],
+                                 offset_rc=tuple(offset))
+        assert is_closed_ring(formatted.labels)
+        result = segmenter.segment(resample_frames_to_interval(formatted.series, 0.5), 1.9)
+        without = postprocess(result.probabilities)
+        closed_without += without.closed_ring
+        closed_with += result.closed_ring
+        truth = formatted.labels == MYOCARDIUM
+        dice_gain.append(dice(result.labels == MYOCARDIUM, truth)
+                         - dice(without.labels == MYOCARDIUM, truth))
+    assert closed_with >= 3 and closed_with >= closed_without + 2
+    assert min(dice_gain) > -0.01
