@@ -126,3 +126,21 @@ def test_shipped_model_closes_open_rings_of_tight_phantom_crops():
                          - dice(without.labels == MYOCARDIUM, truth))
     assert closed_with >= 3 and closed_with >= closed_without + 2
     assert min(dice_gain) > -0.01
+
+
+def test_evaluate_command_in_qperf_format(tmp_path, capsys):
+    import json
+
+    from perfline.cli import main
+
+    out = tmp_path / "qperf.json"
+    assert main(["evaluate", "--format", "qperf", "--studies", "2", "--first-seed",
+                 str(2 ** 30 + 3000), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "format qperf" in printed and "closed myocardial ring:" in printed
+    slices = json.loads(out.read_text())["slices"]
+    assert [tuple(record["matrix"]) for record in slices] == [(40, 37)] * 3 + [(51, 47)] * 3
+    assert [record["spacing_mm"] for record in slices] == [1.8] * 3 + [1.9] * 3
+    assert all(record["dice"] > 0.8 for record in slices)
+    with pytest.raises(SystemExit, match="--units gd"):
+        main(["evaluate", "--format", "qperf", "--units", "signal", "--studies", "1"])
