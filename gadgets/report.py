@@ -44,8 +44,10 @@ from perfline.gadgets.mrd_images import Contour as MrdContour
 from perfline.gadgets.mrd_images import make_image
 from perfline.gadgets.perfusion_items import AifCurve, FlowMaps, ImageGeometry, SliceSegmentation
 from perfline.toolbox.aha_report import (
-    AifSummary, PerfusionReport, ReportSettings, SliceAnalysis, StudyInfo, build_report, with_reserve,
+    AifSummary, PerfusionReport, ReportSettings, SliceAnalysis, StudyInfo, assign_slice_levels, build_report,
+    place_rv_insertions, with_reserve,
 )
+from perfline.toolbox.rv_insertion import PlacementSettings
 from perfline.toolbox.sector_contours import Contour, ContourError, border_contours, sector_contours
 
 
@@ -75,6 +77,17 @@ class AhaReportSettings(GadgetSettings):
         "MBF statistics leave out pixels at the fit limit (no estimate: the optimum lies outside the fit's grid)"))
     max_fit_limit_fraction: float = Field(0.5, gt=0, le=1, description=(
         "a slice with more analysed myocardial pixels at the fit limit fails (segmentation off the myocardium)"))
+    rv_placement: bool = Field(True, description=(
+        "place the anterior RV insertion from each slice's RV arc, checked across the slices (a slice that "
+        "disagrees or has no RV takes the others' value, flagged); false: the segmentation's insertion as is"))
+    rv_tip_correction_deg: float = Field(PlacementSettings.tip_correction_deg, ge=0, le=10, description=(
+        "move the RV arc's anterior end this far clockwise (the segmentation stops short of the thin RV wedge)"))
+    rv_max_basal_mid_deg: float = Field(PlacementSettings.max_basal_mid_deg, gt=0, description=(
+        "basal / mid slices whose RV insertions differ by more disagree"))
+    rv_apical_tie_deg: float = Field(PlacementSettings.apical_tie_deg, gt=0, description=(
+        "an apical slice decides between disagreeing basal / mid slices when its prediction lies this close to one"))
+    rv_max_apical_deg: float = Field(PlacementSettings.max_apical_deg, gt=0, description=(
+        "an apical RV insertion this far from the basal / mid slices' prediction takes the prediction"))
 
 
 class ReportStore:
@@ -231,10 +244,15 @@ class AhaReportGadget(Gadget):
         # whole report: flagged once at the top and the report marked partial
         early = sorted({flag for item in slices for flag in item.flags if flag.startswith("scan ended early")})
         extra_flags.extend(early)
+        levels = assign_slice_levels([item.slice_position_mm for item in slices], basal_at=settings.basal_at)
+        if settings.rv_placement:
+            slices = place_rv_insertions(slices, levels, PlacementSettings(
+                tip_correction_deg=settings.rv_tip_correction_deg, max_basal_mid_deg=settings.rv_max_basal_mid_deg,
+                apical_tie_deg=settings.rv_apical_tie_deg, max_apical_deg=settings.rv_max_apical_deg))
         report = build_report(
             slices, study=study_info_from_context(self.context.header, self.context.parameters),
             settings=ReportSettings(**settings.model_dump(include=set(ReportSettings.model_fields))),
-            flow_model=next(iter(maps.values())).model)
+            flow_model=next(iter(maps.values())).model, levels=levels)
         aif_summary, aif_flag = None, []
         if aif is None:
             # informational only: the maps exist, so an AIF was used upstream; it just did not
@@ -279,9 +297,11 @@ class AhaReportGadget(Gadget):
 
         report = self._with_reserve(self._report(maps, segmentations, aif))
         levels = {s.slice_index: s.level for s in report.slices}
+        insertions = {s.slice_index: s.rv_insertion_deg for s in report.slices}
         map_images, views = [], []
         for image_index, (index, flow) in enumerate(sorted(maps.items())):
-            contours = self._contours(segmentations.get(index), levels.get(index), flow.mbf_ml_min_g.shape)
+            contours = self._contours(segmentations.get(index), levels.get(index), flow.mbf_ml_min_g.shape,
+                                      insertions.get(index))
             map_images.extend(self._map_images(flow, contours, image_index))
             views.append(SliceMapView(f"slice {index} ({levels.get(index, '?')})", flow.mbf_ml_min_g, contours))
         figure = render_report(report, slice_maps=views)
@@ -300,15 +320,16 @@ class AhaReportGadget(Gadget):
             yield TextItem(write_problem)
 
     def _contours(self, segmentation: SliceSegmentation | None, level: str | None,
-                  shape: tuple[int, ...]) -> list[Contour]:
+                  shape: tuple[int, ...], rv_insertion_deg: float | None) -> list[Contour]:
+        """Border and sector contours of one slice, sectors from the report's RV insertion."""
         if segmentation is None or level is None or segmentation.labels.shape != shape \
-                or not math.isfinite(segmentation.rv_insertion_deg) \
+                or rv_insertion_deg is None or not math.isfinite(rv_insertion_deg) \
                 or not all(math.isfinite(v) for v in segmentation.lv_center_rc):
             return []
         myocardium = segmentation.labels == 2
         try:
             found = border_contours(myocardium, segmentation.lv_center_rc) + \
-                sector_contours(myocardium, segmentation.lv_center_rc, segmentation.rv_insertion_deg, level)
+                sector_contours(myocardium, segmentation.lv_center_rc, rv_insertion_deg, level)
         except ContourError as error:
             self.log.warning("slice %d: no contours: %s", segmentation.slice_index, error)
             return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -66,8 +67,22 @@ def test_compare_mbf_pairs_and_missing():
     assert result.global_mbf.n == 12
     assert result.sector_mbf.mean_abs_relative_error_pct < 3.0
     assert result.rv_insertion_abs_error_deg_max == pytest.approx(2.0)
+    assert result.rv_insertion_within_5_deg_fraction == pytest.approx(1.0) and result.n_rv_insertion_slices == 36
     with pytest.raises(EvaluationError, match="12 automated and 11"):
         compare_mbf([a for a, _ in pairs], [t for _, t in pairs][:11])
+
+
+def test_rv_insertion_within_5_deg_counts_missing_slices_as_outside():
+    segments = np.full(16, 2.0)
+    truth = [StudyMbf(2.0, segments, rv_insertion_deg=(120.0, 120.0, 140.0, 100.0)),
+             StudyMbf(2.0, segments, rv_insertion_deg=(10.0, math.nan))]
+    auto = [StudyMbf(2.0, segments, rv_insertion_deg=(124.0, 126.0, math.nan, 100.0)),
+            StudyMbf(2.0, segments, rv_insertion_deg=(356.0, 30.0))]
+    result = compare_mbf(auto, truth)
+    # within: 124 vs 120, 100 vs 100; outside: 126 vs 120 (6), missing vs 140, 356 vs 10 (14); no truth: left out
+    assert result.n_rv_insertion_slices == 5
+    assert result.rv_insertion_within_5_deg_fraction == pytest.approx(2 / 5)
+    assert result.rv_insertion_abs_error_deg_max == pytest.approx(14.0)
 
 
 def test_outputs_written(tmp_path):
@@ -107,6 +122,7 @@ def test_report_json_to_study():
     assert study.segment_mbf[0] == pytest.approx(2.0) and study.segment_mbf[13] == pytest.approx(3.0)
     assert np.all(np.isnan(study.segment_mbf[6:12]))
     assert study.rv_insertion_deg == (120.0, 120.0)
+    assert all(math.isnan(v) for v in study.rv_insertion_own_deg)  # no placement ran: no own insertion
     assert any("missing levels: mid" in flag for flag in study.flags)
     with pytest.raises(EvaluationError, match="no report JSON"):
         report_from_results(["ERROR something", "{}"])

@@ -263,3 +263,38 @@ def test_nan_centre_gives_no_contours_but_a_report():
     report = PerfusionReport.model_validate_json(texts[0].text)
     assert report.slices[0].failed and report.partial
     assert "no LV centre found" in report.slices[0].flags
+
+
+def labels_with_rv(anterior_deg: float, inferior_deg: float) -> np.ndarray:
+    """The ring of ``labels()`` with an RV blood pool over anterior..inferior (counter-clockwise)."""
+    rows, cols = np.indices(SHAPE)
+    radius = np.hypot(rows - CENTER[0], cols - CENTER[1])
+    angle = np.degrees(np.arctan2(-(rows - CENTER[0]), cols - CENTER[1])) % 360
+    out = labels()
+    inside = (angle - anterior_deg) % 360 <= (inferior_deg - anterior_deg) % 360
+    out[inside & (radius >= 15) & (radius < 22)] = 3
+    return out
+
+
+def test_rv_insertion_placed_across_slices_and_used_for_the_contours():
+    # mid's RV reaches 30 degrees further anterior than basal's and the apical's prediction:
+    # mid takes basal's insertion (flagged); the segmentation's own value (40 deg) is ignored
+    arcs = {0: (120.0, 240.0), 1: (90.0, 240.0), 2: (140.0, 215.0)}
+    item_list = [i for i in items(2.5) if not isinstance(i, SliceSegmentation)]
+    item_list += [SliceSegmentation(slice_index=k, labels=labels_with_rv(*arc), rv_insertion_deg=40.0,
+                                    lv_center_rc=CENTER) for k, arc in arcs.items()]
+    images, texts = split(run(item_list))
+    report = PerfusionReport.model_validate_json(texts[0].text)
+    basal, mid, apical = report.slices
+    assert basal.rv_insertion_source == "own" and apical.rv_insertion_source == "own"
+    assert abs(basal.rv_insertion_deg - (basal.rv_insertion_own_deg or 0.0)) < 1e-9
+    assert abs(((basal.rv_insertion_own_deg or 0.0) + 2.0 - 120.0 + 180) % 360 - 180) < 3.0  # arc end - 2 deg
+    assert mid.rv_insertion_source == "other slices" and mid.rv_insertion_deg == pytest.approx(basal.rv_insertion_deg)
+    assert abs(((mid.rv_insertion_own_deg or 0.0) + 2.0 - 90.0 + 180) % 360 - 180) < 3.0
+    assert any("disagrees" in flag for flag in mid.flags)
+    # the mid slice's sector outlines start from the placed insertion, not from its own arc
+    meta = ismrmrd.Meta.deserialize(images[3].attribute_string)  # slice 1's Flow_Map (3 maps per slice)
+    _, _, points = parse_roi_meta(list(meta["GT_ROI_segment_08"]), fire=False)  # mid anteroseptal: a in [0, 60)
+    angles = np.degrees(np.arctan2(-(points[:, 1] - CENTER[0]), points[:, 0] - CENTER[1])) % 360
+    relative = (angles - mid.rv_insertion_deg) % 360
+    assert np.all((relative < 62.0) | (relative > 358.0))

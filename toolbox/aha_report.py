@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -29,10 +29,13 @@ import scipy.ndimage as ndi
 from pydantic import BaseModel, ConfigDict, Field
 
 from perfline.toolbox.aha import LEVELS, SEGMENT_NAMES, TERRITORIES, SliceLevel, aha_segment_map, pixel_angles_deg, territory_of
+from perfline.toolbox.rv_insertion import InsertionNotFoundError, PlacementSettings, SliceRv, place_insertions, rv_arc
 
 logger = logging.getLogger(__name__)
 
-REPORT_SCHEMA_VERSION = "1.1"  # 1.1: global_values.mbf_ml_min_g, reserve from segment medians
+# 1.1: global_values.mbf_ml_min_g, reserve from segment medians
+# 1.2: slices[].rv_insertion_own_deg and rv_insertion_source (cross-slice RV insertion placement)
+REPORT_SCHEMA_VERSION = "1.2"
 MYOCARDIUM_LABEL = 2
 SEGMENTS_OF_LEVEL: dict[str, tuple[int, ...]] = {
     "basal": tuple(range(1, 7)), "mid": tuple(range(7, 13)), "apical": tuple(range(13, 17)),
@@ -120,7 +123,13 @@ class SliceSummary(BaseModel):
     slice_index: int
     level: SliceLevel
     slice_position_mm: float
-    rv_insertion_deg: float | None
+    rv_insertion_deg: float | None = Field(description="anterior RV insertion the sectors start from, degrees")
+    rv_insertion_own_deg: float | None = Field(None, description=(
+        "the slice's own anterior RV insertion before the cross-slice check (None: no RV found)"))
+    rv_insertion_source: Literal["own", "other slices", "mean of slices", "none", "given"] = Field(
+        "given", description="where rv_insertion_deg comes from: the slice's own RV arc, the other slices "
+                             "(own disagreed or missing), the mean of disagreeing basal / mid slices, none, "
+                             "or given as is by the segmentation (no cross-slice placement)")
     lv_center_rc: tuple[float, float] | None
     n_myocardium_pixels: int
     mbf_mean_ml_min_g: float | None = None
@@ -226,6 +235,8 @@ class SliceAnalysis:
         labels: uint8 [rows, cols] (2 = myocardium, docs/conventions.md).
         lv_center_rc: LV centre (row, col) in pixels.
         rv_insertion_deg: anterior RV insertion, degrees; NaN when not found.
+        rv_insertion_own_deg, rv_insertion_source: set by :func:`place_rv_insertions` (the slice's
+            own insertion before the cross-slice check, and where ``rv_insertion_deg`` comes from).
         slice_position_mm: signed position along the slice normal.
         pixel_spacing_mm: (row, col) spacing.
         ps_ml_min_g, vp: optional maps of the same shape.
@@ -242,6 +253,52 @@ class SliceAnalysis:
     ps_ml_min_g: np.ndarray | None = None
     vp: np.ndarray | None = None
     flags: tuple[str, ...] = ()
+    rv_insertion_own_deg: float = math.nan
+    rv_insertion_source: str = "given"
+
+
+def place_rv_insertions(slices: Sequence[SliceAnalysis], levels: Sequence[SliceLevel],
+                        settings: PlacementSettings | None = None) -> list[SliceAnalysis]:
+    """The slices with their anterior RV insertion placed from their labels, across the scan.
+
+    Each slice's own insertion is the anterior end of the main (4-connected) RV component's arc
+    about its LV centre (``rv_insertion.rv_arc``), or the given ``rv_insertion_deg`` when its
+    labels hold no RV or it has no LV centre; ``rv_insertion.place_insertions`` then checks the
+    slices against each other (basal / mid share the insertion, the apical arc the direction).
+    A replaced insertion is flagged on its slice.
+
+    Args:
+        slices: the scan's slices (any order).
+        levels: level of each slice, in the same order (``assign_slice_levels``).
+        settings: placement parameters (``rv_insertion.PlacementSettings``).
+
+    Returns:
+        Copies of ``slices`` (same order) with ``rv_insertion_deg``, ``rv_insertion_own_deg``,
+        ``rv_insertion_source`` and the flags updated; slices without myocardium unchanged.
+    """
+    if len(levels) != len(slices):
+        raise ReportInputError(f"got {len(levels)} levels for {len(slices)} slices")
+    offered = []
+    for item, level in zip(slices, levels):
+        arc = None
+        if all(math.isfinite(v) for v in item.lv_center_rc):
+            try:
+                arc = rv_arc(np.asarray(item.labels), item.lv_center_rc)
+            except InsertionNotFoundError:
+                arc = None
+        offered.append(SliceRv(level=level, arc=arc, given_deg=float(item.rv_insertion_deg)))
+    placed = place_insertions(offered, settings)
+    result = []
+    for item, placement in zip(slices, placed):
+        if not np.any(np.asarray(item.labels) == MYOCARDIUM_LABEL):
+            result.append(item)  # nothing to sector: the slice fails for its own reason
+            continue
+        flags = item.flags + ((placement.flag,) if placement.flag else ())
+        if placement.flag:
+            logger.warning("slice %d: %s", item.slice_index, placement.flag)
+        result.append(replace(item, rv_insertion_deg=placement.insertion_deg, rv_insertion_own_deg=placement.own_deg,
+                              rv_insertion_source=placement.source, flags=flags))
+    return result
 
 
 def assign_slice_levels(slice_positions_mm: Sequence[float], *,
@@ -414,6 +471,8 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
         slice_summaries.append(SliceSummary(
             slice_index=item.slice_index, level=level, slice_position_mm=float(item.slice_position_mm),
             rv_insertion_deg=float(item.rv_insertion_deg) if math.isfinite(item.rv_insertion_deg) else None,
+            rv_insertion_own_deg=float(item.rv_insertion_own_deg) if math.isfinite(item.rv_insertion_own_deg) else None,
+            rv_insertion_source=item.rv_insertion_source,  # type: ignore[arg-type]
             lv_center_rc=(float(item.lv_center_rc[0]), float(item.lv_center_rc[1]))
             if all(math.isfinite(v) for v in item.lv_center_rc) else None,
             n_myocardium_pixels=int(myocardium.sum()), mbf_mean_ml_min_g=mean, mbf_median_ml_min_g=median,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class StudyMbf:
         global_mbf: global (all myocardium) MBF.
         segment_mbf: float [16], segments 1..16, NaN where not measured.
         rv_insertion_deg: per slice anterior RV insertion (optional, for the sector placement).
+        rv_insertion_own_deg: per slice, the slice's own insertion before the report's cross-slice
+            check (automated side, report schema >= 1.2; NaN where none).
         label: which scan this is (e.g. "study 3 rest sim-1073741827"), for the per-scan table.
         flags: the report's flags (automated side only).
     """
@@ -48,6 +50,7 @@ class StudyMbf:
     global_mbf: float
     segment_mbf: np.ndarray
     rv_insertion_deg: tuple[float, ...] = ()
+    rv_insertion_own_deg: tuple[float, ...] = ()
     label: str = ""
     flags: tuple[str, ...] = ()
 
@@ -78,6 +81,10 @@ class MbfComparison(BaseModel):
     sector_mbf: AgreementStats
     rv_insertion_abs_error_deg_mean: float | None = None
     rv_insertion_abs_error_deg_max: float | None = None
+    rv_insertion_within_5_deg_fraction: float | None = Field(None, description=(
+        "fraction of slices with a true insertion whose automated insertion lies within 5 degrees (issue 7's "
+        "sector placement criterion); a slice without an automated insertion counts as outside"))
+    n_rv_insertion_slices: int = 0
     n_studies: int
     n_missing_sectors: int
 
@@ -137,11 +144,15 @@ def compare_mbf(auto: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> MbfCompa
     ok = np.isfinite(global_auto) & np.isfinite(global_truth)
     errors = [angle_difference_deg(a, t) for sa, st in zip(auto, truth)
               for a, t in zip(sa.rv_insertion_deg, st.rv_insertion_deg) if math.isfinite(a) and math.isfinite(t)]
+    with_truth = [float(angle_difference_deg(a, t)) if math.isfinite(a) else math.inf for sa, st in zip(auto, truth)
+                  for a, t in zip(sa.rv_insertion_deg, st.rv_insertion_deg) if math.isfinite(t)]
     return MbfComparison(
         global_mbf=agreement(global_auto[ok], global_truth[ok]),
         sector_mbf=agreement(auto_segments[paired], truth_segments[paired]),
         rv_insertion_abs_error_deg_mean=float(np.mean(errors)) if errors else None,
         rv_insertion_abs_error_deg_max=float(np.max(errors)) if errors else None,
+        rv_insertion_within_5_deg_fraction=float(np.mean(np.array(with_truth) <= 5.0)) if with_truth else None,
+        n_rv_insertion_slices=len(with_truth),
         n_studies=len(auto),
         n_missing_sectors=int((~np.isfinite(auto_segments) & np.isfinite(truth_segments)).sum()),
     )
@@ -224,7 +235,8 @@ def study_mbf_from_report(report_json: str | dict, statistic: str = "median") ->
         value = report.global_values.mbf_mean_ml_min_g
         global_mbf = np.nan if value is None else value
     insertions = tuple(np.nan if s.rv_insertion_deg is None else s.rv_insertion_deg for s in report.slices)
-    return StudyMbf(global_mbf=global_mbf, segment_mbf=segments, rv_insertion_deg=insertions,
+    own = tuple(np.nan if s.rv_insertion_own_deg is None else s.rv_insertion_own_deg for s in report.slices)
+    return StudyMbf(global_mbf=global_mbf, segment_mbf=segments, rv_insertion_deg=insertions, rv_insertion_own_deg=own,
                     flags=tuple(report.flags))
 
 
@@ -373,6 +385,7 @@ def per_scan_rows(automated: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> l
             "segments_auto": [_finite_or_none(v, 4) for v in auto_s],
             "segments_true": [_finite_or_none(v, 4) for v in true_s],
             "rv_insertion_auto_deg": [_finite_or_none(v, 2) for v in auto.rv_insertion_deg],
+            "rv_insertion_own_deg": [_finite_or_none(v, 2) for v in auto.rv_insertion_own_deg],
             "rv_insertion_true_deg": [_finite_or_none(v, 2) for v in true.rv_insertion_deg]})
     return rows
 
@@ -424,5 +437,9 @@ def run(args: argparse.Namespace) -> int:
                 g.bias, *g.limits_of_agreement, g.p_value, g.mean_abs_relative_error_pct)
     logger.info("sector MBF: bias %+.3f ml/min/g, 95%% limits %+.3f/%+.3f, P=%s, mean |error| %.2f %%",
                 s.bias, *s.limits_of_agreement, s.p_value, s.mean_abs_relative_error_pct)
+    if comparison.rv_insertion_within_5_deg_fraction is not None:
+        logger.info("RV insertion: mean |error| %.2f deg, max %.1f deg, %.0f %% of %d slices within 5 deg",
+                    comparison.rv_insertion_abs_error_deg_mean or math.nan, comparison.rv_insertion_abs_error_deg_max
+                    or math.nan, 100 * comparison.rv_insertion_within_5_deg_fraction, comparison.n_rv_insertion_slices)
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
     return 0

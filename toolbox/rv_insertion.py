@@ -6,11 +6,31 @@ separates its two ends. Following docs/conventions.md, the anterior insertion is
 which the arc runs counter-clockwise (as displayed) across the septum to the inferior
 insertion, i.e. the first RV angle after the gap going counter-clockwise.
 Angles: degrees in [0, 360), ``atan2(-(r - r0), c - c0)``.
+
+The RV is the largest **4-connected** component of label 3, the simulator's definition of its
+truth (``simulator/anatomy.py`` keeps that component of the rendered RV); a CNN mask kept as one
+8-connected component can carry a diagonal one-pixel chain along the LV epicardium that moves
+the arc's end by 10-20 degrees (docs/report.md, "RV insertion").
+
+For the report (``place_insertions``) the slices of one scan are placed together: each slice's
+own anterior insertion (arc end, moved ``tip_correction_deg`` clockwise because a segmentation of
+the blurred, motion-corrected series stops short of the thin RV wedge) is checked against what
+the other slices predict (basal and mid share the insertion; the apical arc shares the mid-
+direction of the basal / mid arcs and is ``apical_width_ratio`` as wide). A slice that disagrees
+with the consistent majority, or whose RV was not found, takes the others' prediction; basal
+and mid slices that disagree with no slice to decide take their weighted mean. Every such
+slice is flagged.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
+from scipy import ndimage
 
 from perfline.toolbox.aha import pixel_angles_deg
 
@@ -31,18 +51,54 @@ def lv_center_rc(labels: np.ndarray) -> tuple[float, float]:
     raise InsertionNotFoundError("no LV blood pool or myocardium (labels 1, 2) in the label map")
 
 
-def rv_arc_deg(labels: np.ndarray, center_rc: tuple[float, float] | None = None
-               ) -> tuple[float, float]:
-    """(anterior, inferior) ends of the RV arc seen from the LV centre, degrees in [0, 360).
+def main_rv_mask(labels: np.ndarray) -> np.ndarray:
+    """bool [rows, cols]: the largest 4-connected component of the RV blood pool (label 3).
+
+    Ties go to the component found first in row-major order. All false when there is no RV.
+    """
+    rv = np.asarray(labels) == RV_BLOOD
+    parts, count = ndimage.label(rv)
+    if count <= 1:
+        return rv
+    return parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+
+
+@dataclass(frozen=True)
+class RvArc:
+    """The RV blood pool seen from the LV centre: its anterior and inferior ends, degrees [0, 360).
+
+    The arc runs counter-clockwise (as displayed) from ``anterior_deg`` to ``inferior_deg``.
+    """
+
+    anterior_deg: float
+    inferior_deg: float
+    n_pixels: int
+
+    @property
+    def width_deg(self) -> float:
+        """Angular width of the arc, degrees [0, 360)."""
+        return (self.inferior_deg - self.anterior_deg) % 360.0
+
+    @property
+    def mid_deg(self) -> float:
+        """Direction of the arc's middle (the RV direction), degrees [0, 360)."""
+        return (self.anterior_deg + self.width_deg / 2.0) % 360.0
+
+
+def rv_arc(labels: np.ndarray, center_rc: tuple[float, float] | None = None) -> RvArc:
+    """Arc of the main RV component (:func:`main_rv_mask`) about the LV centre.
 
     Args:
         labels: uint8 [rows, cols] label map (3 = RV blood pool).
         center_rc: LV centre (row, col) in pixels; the LV blood-pool centroid if None.
+
+    Raises:
+        InsertionNotFoundError: no RV (or, with ``center_rc`` None, no LV) in the labels.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"expected labels [rows, cols], got shape {labels.shape}")
-    rv = labels == RV_BLOOD
+    rv = main_rv_mask(labels)
     if not rv.any():
         raise InsertionNotFoundError("no RV blood pool (label 3) in the label map")
     center = lv_center_rc(labels) if center_rc is None else center_rc
@@ -51,9 +107,203 @@ def rv_arc_deg(labels: np.ndarray, center_rc: tuple[float, float] | None = None
     widest = int(np.argmax(gaps))
     anterior = angles[(widest + 1) % angles.size]
     inferior = angles[widest]
-    return float(anterior % 360.0), float(inferior % 360.0)
+    return RvArc(anterior_deg=float(anterior % 360.0), inferior_deg=float(inferior % 360.0),
+                 n_pixels=int(rv.sum()))
+
+
+def rv_arc_deg(labels: np.ndarray, center_rc: tuple[float, float] | None = None
+               ) -> tuple[float, float]:
+    """(anterior, inferior) ends of the RV arc seen from the LV centre, degrees in [0, 360).
+
+    Args:
+        labels: uint8 [rows, cols] label map (3 = RV blood pool).
+        center_rc: LV centre (row, col) in pixels; the LV blood-pool centroid if None.
+    """
+    arc = rv_arc(labels, center_rc)
+    return arc.anterior_deg, arc.inferior_deg
 
 
 def rv_insertion_deg(labels: np.ndarray, center_rc: tuple[float, float] | None = None) -> float:
     """Anterior RV insertion direction, degrees in [0, 360) (docs/conventions.md)."""
-    return rv_arc_deg(labels, center_rc)[0]
+    return rv_arc(labels, center_rc).anterior_deg
+
+
+# ----------------------------------------------------------------------------- placement
+def angle_difference_deg(a: float, b: float) -> float:
+    """Signed smallest difference a - b, degrees in [-180, 180)."""
+    return (a - b + 180.0) % 360.0 - 180.0
+
+
+def circular_mean_deg(angles: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """Weighted circular mean, degrees [0, 360)."""
+    radians = np.radians(np.asarray(angles, dtype=np.float64))
+    w = np.ones(radians.size) if weights is None else np.asarray(weights, dtype=np.float64)
+    return float(np.degrees(math.atan2(float(np.dot(w, np.sin(radians))), float(np.dot(w, np.cos(radians))))) % 360.0)
+
+
+@dataclass(frozen=True)
+class PlacementSettings:
+    """Parameters of :func:`place_insertions` (set on simulated studies, docs/report.md).
+
+    Attributes:
+        tip_correction_deg: the own anterior insertion is the arc's anterior end moved this far
+            clockwise (the segmentation stops short of the thin RV wedge at the insertion).
+        max_basal_mid_deg: largest disagreement between two basal / mid slices' insertions that
+            still counts as agreement (the phantom's truth: SD 2.3, at most 6 degrees).
+        apical_tie_deg: when basal / mid slices disagree, an apical slice decides for the one
+            whose insertion lies within this of its prediction, if the other's does not.
+        max_apical_deg: an apical slice whose insertion lies farther than this from the
+            prediction of the basal / mid slices takes that prediction (the phantom's truth
+            alone scatters with SD 6.5, up to 22 degrees, around the prediction).
+        apical_width_ratio: apical RV arc width / basal or mid arc width (phantom: 0.63 +/- 0.06).
+    """
+
+    tip_correction_deg: float = 2.0
+    max_basal_mid_deg: float = 10.0
+    apical_tie_deg: float = 15.0
+    max_apical_deg: float = 30.0
+    apical_width_ratio: float = 0.63
+
+
+@dataclass(frozen=True)
+class SliceRv:
+    """What one slice offers for the placement: its RV arc (None: no RV), or only an insertion
+    angle from upstream (``given_deg``, used when there is no arc); and its level."""
+
+    level: str
+    arc: RvArc | None = None
+    given_deg: float = math.nan
+
+
+@dataclass(frozen=True)
+class PlacedInsertion:
+    """Anterior RV insertion of one slice after the cross-slice check.
+
+    ``own_deg`` is the slice's own estimate (NaN when it has none), ``insertion_deg`` the one
+    used (NaN when no slice offers one), ``source`` one of "own", "other slices",
+    "mean of slices", "none"; ``flag`` says why it is not the slice's own.
+    """
+
+    insertion_deg: float
+    own_deg: float
+    source: str
+    flag: str | None = None
+
+
+def _own_insertion(item: SliceRv, settings: PlacementSettings) -> float:
+    if item.arc is not None:
+        return (item.arc.anterior_deg - settings.tip_correction_deg) % 360.0
+    return float(item.given_deg) if math.isfinite(item.given_deg) else math.nan
+
+
+def _apical_to_basal(item: SliceRv, own: float, settings: PlacementSettings) -> float:
+    """Basal / mid insertion predicted from an apical slice (same arc middle, wider arc)."""
+    assert item.arc is not None
+    offset = angle_difference_deg(own, item.arc.anterior_deg)  # keeps the tip correction
+    return (item.arc.mid_deg - item.arc.width_deg / (2.0 * settings.apical_width_ratio) + offset) % 360.0
+
+
+def _basal_to_apical(item: SliceRv, own: float, settings: PlacementSettings) -> float:
+    """Apical insertion predicted from a basal / mid slice (same arc middle, narrower arc)."""
+    assert item.arc is not None
+    offset = angle_difference_deg(own, item.arc.anterior_deg)
+    return (item.arc.mid_deg - settings.apical_width_ratio * item.arc.width_deg / 2.0 + offset) % 360.0
+
+
+def _agreeing_groups(indices: list[int], own: list[float], tolerance: float) -> list[tuple[int, ...]]:
+    """The largest subsets of ``indices`` whose insertions agree pairwise within ``tolerance``."""
+    for size in range(len(indices), 0, -1):
+        groups = [group for group in itertools.combinations(indices, size)
+                  if all(abs(angle_difference_deg(own[i], own[j])) <= tolerance
+                         for i, j in itertools.combinations(group, 2))]
+        if groups:
+            return groups
+    return []
+
+
+def place_insertions(slices: Sequence[SliceRv], settings: PlacementSettings | None = None
+                     ) -> list[PlacedInsertion]:
+    """Anterior RV insertion of every slice of one scan, checked across its slices.
+
+    Basal and mid slices share the insertion (the phantom's truth: SD 2.3 degrees between
+    them). Among them the largest group agreeing pairwise within ``max_basal_mid_deg`` keeps
+    its own values; the others take the group's circular mean. When groups tie (two slices
+    that disagree), an apical slice decides: its prediction of the basal / mid insertion (its arc
+    middle minus half its width / ``apical_width_ratio``) within ``apical_tie_deg`` of exactly one
+    group; otherwise every tied slice takes the mean of the tied slices. An apical slice keeps
+    its own insertion unless it lies more than ``max_apical_deg`` from the prediction of the
+    basal / mid slices (their arc middle minus ``apical_width_ratio`` times half their width).
+    A slice without an RV takes the prediction of the others. Every replaced value is flagged.
+
+    Args:
+        slices: one entry per slice of the scan, any order; ``level`` "basal", "mid" or "apical".
+        settings: tolerances and corrections (defaults: :class:`PlacementSettings`).
+
+    Returns:
+        One :class:`PlacedInsertion` per input slice, in input order.
+    """
+    settings = settings or PlacementSettings()
+    own = [_own_insertion(item, settings) for item in slices]
+    apical = [i for i, item in enumerate(slices) if item.level == "apical" and math.isfinite(own[i])]
+    basal_mid = [i for i, item in enumerate(slices) if item.level != "apical" and math.isfinite(own[i])]
+    value: dict[int, float] = {}
+    flags: dict[int, str] = {}
+    sources: dict[int, str] = {}
+
+    # basal / mid: the largest agreeing group, an apical slice breaking ties
+    groups = _agreeing_groups(basal_mid, own, settings.max_basal_mid_deg)
+    apical_votes = [_apical_to_basal(slices[i], own[i], settings) for i in apical if slices[i].arc is not None]
+    if len(groups) > 1 and apical_votes:
+        vote = circular_mean_deg(apical_votes)
+        near = [g for g in groups
+                if abs(angle_difference_deg(circular_mean_deg([own[i] for i in g]), vote)) <= settings.apical_tie_deg]
+        if len(near) == 1:
+            groups = near
+    kept = set.intersection(*(set(g) for g in groups)) if groups else set()
+    for i in basal_mid:
+        if i in kept:
+            value[i], sources[i] = own[i], "own"
+        elif len(groups) == 1:
+            value[i] = circular_mean_deg([own[j] for j in groups[0]])
+            sources[i] = "other slices"
+            flags[i] = (f"RV insertion {own[i]:.0f} deg disagrees with the other basal / mid slice(s): "
+                        f"{value[i]:.0f} deg from them is used")
+        else:
+            tied = sorted(set.union(*(set(g) for g in groups)))
+            value[i] = circular_mean_deg([own[j] for j in tied])
+            sources[i] = "mean of slices"
+            flags[i] = (f"RV insertion {own[i]:.0f} deg disagrees with another basal / mid slice and no slice "
+                        f"decides: their mean {value[i]:.0f} deg is used")
+    consensus = [i for i in basal_mid if sources.get(i) == "own"] or basal_mid
+
+    # apical: kept unless far from what the basal / mid arcs predict
+    apical_predictions = [_basal_to_apical(slices[i], own[i], settings) for i in consensus
+                          if slices[i].arc is not None]
+    apical_prediction = circular_mean_deg(apical_predictions) if apical_predictions else math.nan
+    for i in apical:
+        if math.isfinite(apical_prediction) and \
+                abs(angle_difference_deg(own[i], apical_prediction)) > settings.max_apical_deg:
+            value[i], sources[i] = apical_prediction, "other slices"
+            flags[i] = (f"RV insertion {own[i]:.0f} deg is more than {settings.max_apical_deg:g} deg from the "
+                        f"{apical_prediction:.0f} deg the basal / mid slices predict: that is used")
+        else:
+            value[i], sources[i] = own[i], "own"
+
+    # slices without an RV
+    basal_mid_values = [value[i] for i in basal_mid]
+    for i, item in enumerate(slices):
+        if i in value:
+            continue
+        if item.level == "apical":
+            fill = apical_prediction if math.isfinite(apical_prediction) else \
+                (circular_mean_deg([value[j] for j in apical]) if apical else math.nan)
+        elif basal_mid_values:
+            fill = circular_mean_deg(basal_mid_values)
+        else:
+            fill = circular_mean_deg(apical_votes) if apical_votes else math.nan
+        if math.isfinite(fill):
+            value[i], sources[i] = fill, "other slices"
+            flags[i] = f"RV not found: insertion {fill:.0f} deg from the other slices"
+        else:
+            value[i], sources[i] = math.nan, "none"
+    return [PlacedInsertion(value[i], own[i], sources[i], flags.get(i)) for i in range(len(slices))]

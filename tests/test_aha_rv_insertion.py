@@ -1,0 +1,162 @@
+"""RV insertion placement: the main RV component, the arc, and the cross-slice check (synthetic label maps)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from perfline.toolbox.aha_report import SliceAnalysis, place_rv_insertions
+from perfline.toolbox.rv_insertion import (
+    InsertionNotFoundError, PlacementSettings, RvArc, SliceRv, angle_difference_deg, circular_mean_deg,
+    main_rv_mask, place_insertions, rv_arc, rv_insertion_deg,
+)
+
+SHAPE = (96, 96)
+CENTER = (48.0, 48.0)
+ENDO, EPI = 11.0, 17.0
+NO_TIP = PlacementSettings(tip_correction_deg=0.0)  # exact angles in the rule tests
+
+
+def heart_labels(rv_from_deg: float | None, rv_to_deg: float | None, *, rv_depth: float = 8.0) -> np.ndarray:
+    """LV blood pool, myocardial ring and an RV blood pool filling the angles rv_from..rv_to
+    (counter-clockwise) just outside the epicardium."""
+    rows, cols = np.indices(SHAPE)
+    radius = np.hypot(rows - CENTER[0], cols - CENTER[1])
+    angle = np.degrees(np.arctan2(-(rows - CENTER[0]), cols - CENTER[1])) % 360
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[radius < ENDO] = 1
+    labels[(radius >= ENDO) & (radius < EPI)] = 2
+    if rv_from_deg is not None and rv_to_deg is not None:
+        inside = (angle - rv_from_deg) % 360 <= (rv_to_deg - rv_from_deg) % 360
+        labels[inside & (radius >= EPI + 1) & (radius < EPI + 1 + rv_depth)] = 3
+    return labels
+
+
+def arc(anterior: float, inferior: float) -> RvArc:
+    return RvArc(anterior_deg=anterior % 360, inferior_deg=inferior % 360, n_pixels=100)
+
+
+def test_arc_ends_width_and_middle_across_zero():
+    found = rv_arc(heart_labels(300.0, 60.0), CENTER)
+    assert abs(angle_difference_deg(found.anterior_deg, 300.0)) < 3.0
+    assert abs(angle_difference_deg(found.inferior_deg, 60.0)) < 3.0
+    assert found.width_deg == pytest.approx(120.0, abs=5.0)
+    assert abs(angle_difference_deg(found.mid_deg, 0.0)) < 3.0
+    assert circular_mean_deg([350.0, 10.0]) == pytest.approx(0.0, abs=1e-9) or \
+        circular_mean_deg([350.0, 10.0]) == pytest.approx(360.0, abs=1e-9)
+
+
+def test_diagonal_one_pixel_chain_is_not_part_of_the_rv():
+    # the simulator's truth keeps the largest 4-connected RV component; a CNN mask kept as one
+    # 8-connected component can carry a diagonal chain along the epicardium (reference study 6)
+    labels = heart_labels(120.0, 240.0)
+    clean_insertion = rv_insertion_deg(labels, CENTER)
+    rv_rows, rv_cols = np.nonzero(labels == 3)
+    angles = np.degrees(np.arctan2(-(rv_rows - CENTER[0]), rv_cols - CENTER[1])) % 360
+    start = int(np.argmin(np.abs(angles - clean_insertion)))
+    r, c = int(rv_rows[start]), int(rv_cols[start])
+    chained = labels.copy()
+    for _ in range(8):  # diagonal steps up-right (clockwise about the LV centre at ~120 degrees)
+        r, c = r - 1, c + 1
+        assert labels[r, c] == 0 and not any(labels[r + dr, c + dc] == 3 for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)))
+        chained[r, c] = 3
+    chain_end = math.degrees(math.atan2(-(r - CENTER[0]), c - CENTER[1])) % 360
+    assert angle_difference_deg(clean_insertion, chain_end) > 10.0  # the chain reaches > 10 degrees further
+    assert main_rv_mask(chained).sum() == (labels == 3).sum()      # the chain is dropped
+    assert abs(angle_difference_deg(rv_insertion_deg(chained, CENTER), clean_insertion)) < 1e-9
+
+
+def test_simulator_truth_rv_is_one_four_connected_component():
+    # the definition change must leave the simulator's truth (computed by the same function) alone
+    from perfline.simulator import anatomy, study
+
+    for seed in (11, 12):
+        parameters = study.sample_study(seed)
+        for level in parameters.levels:
+            sl = anatomy.render_slice(parameters.anatomy, level, study.MYO_SHAPE, study.MYO_PIXEL_MM,
+                                      include_body=False)
+            assert np.array_equal(main_rv_mask(sl.labels), sl.labels == 3)
+
+
+def test_no_rv_raises():
+    with pytest.raises(InsertionNotFoundError, match="RV"):
+        rv_arc(heart_labels(None, None), CENTER)
+
+
+def test_consistent_slices_keep_their_own_insertion_with_the_tip_correction():
+    slices = [SliceRv("basal", arc(120, 250)), SliceRv("mid", arc(122, 250)), SliceRv("apical", arc(145, 225))]
+    placed = place_insertions(slices, PlacementSettings(tip_correction_deg=2.0))
+    assert [p.source for p in placed] == ["own"] * 3
+    assert [p.flag for p in placed] == [None] * 3
+    assert [round(p.insertion_deg, 6) for p in placed] == [118.0, 120.0, 143.0]
+
+
+def test_basal_outlier_takes_the_mid_value_when_the_apical_agrees_with_mid():
+    # reference study 5 stress: basal arc reaches 20 degrees too far anterior
+    slices = [SliceRv("basal", arc(93, 226)), SliceRv("mid", arc(112, 225)), SliceRv("apical", arc(133, 202))]
+    placed = place_insertions(slices, NO_TIP)
+    assert placed[0].source == "other slices" and placed[0].insertion_deg == pytest.approx(112.0)
+    assert "disagrees" in placed[0].flag
+    assert placed[0].own_deg == pytest.approx(93.0)
+    assert [p.source for p in placed[1:]] == ["own", "own"]
+
+
+def test_majority_of_basal_and_mid_slices_wins():
+    slices = [SliceRv("basal", arc(100, 230)), SliceRv("basal", arc(103, 230)), SliceRv("mid", arc(70, 230))]
+    placed = place_insertions(slices, NO_TIP)
+    assert [p.source for p in placed] == ["own", "own", "other slices"]
+    assert placed[2].insertion_deg == pytest.approx(101.5, abs=0.01)
+
+
+def test_disagreeing_basal_and_mid_without_a_decider_take_their_mean():
+    # reference study 6 rest: the apical prediction lies between the two
+    slices = [SliceRv("basal", arc(82, 223)), SliceRv("mid", arc(69, 223)), SliceRv("apical", arc(101, 190))]
+    placed = place_insertions(slices, NO_TIP)
+    assert [p.source for p in placed] == ["mean of slices", "mean of slices", "own"]
+    assert placed[0].insertion_deg == pytest.approx(75.5) and placed[1].insertion_deg == pytest.approx(75.5)
+    # two slices alone: the mean as well
+    placed = place_insertions(slices[:2], NO_TIP)
+    assert [p.source for p in placed] == ["mean of slices"] * 2
+
+
+def test_apical_far_from_the_prediction_is_replaced_and_a_near_one_is_kept():
+    basal, mid = SliceRv("basal", arc(100, 240)), SliceRv("mid", arc(100, 240))
+    # prediction: middle 170 minus 0.63 x 70 = 125.9 degrees
+    far = place_insertions([basal, mid, SliceRv("apical", arc(170, 230))], NO_TIP)[2]
+    assert far.source == "other slices" and far.insertion_deg == pytest.approx(125.9, abs=0.01)
+    near = place_insertions([basal, mid, SliceRv("apical", arc(140, 200))], NO_TIP)[2]
+    assert near.source == "own" and near.insertion_deg == pytest.approx(140.0)
+
+
+def test_slice_without_rv_takes_the_others_value():
+    placed = place_insertions([SliceRv("basal", arc(100, 240)), SliceRv("mid", None), SliceRv("apical", None)], NO_TIP)
+    assert placed[1].source == "other slices" and placed[1].insertion_deg == pytest.approx(100.0)
+    assert placed[2].insertion_deg == pytest.approx(125.9, abs=0.01)
+    assert "RV not found" in placed[1].flag and math.isnan(placed[1].own_deg)
+    nothing = place_insertions([SliceRv("mid", None)], NO_TIP)[0]
+    assert nothing.source == "none" and math.isnan(nothing.insertion_deg)
+
+
+def test_given_insertion_is_used_without_labels_rv():
+    placed = place_insertions([SliceRv("mid", None, given_deg=120.0)], PlacementSettings(tip_correction_deg=2.0))
+    assert placed[0].insertion_deg == pytest.approx(120.0) and placed[0].source == "own"
+
+
+def test_report_slices_placed_from_their_label_maps():
+    mbf = np.ones(SHAPE, np.float32)
+    slices = [SliceAnalysis(slice_index=i, mbf_ml_min_g=mbf, labels=labels, lv_center_rc=CENTER,
+                            rv_insertion_deg=given)
+              for i, (labels, given) in enumerate([(heart_labels(120.0, 240.0), 120.0),
+                                                   (heart_labels(90.0, 240.0), 90.0),
+                                                   (heart_labels(140.0, 210.0), 140.0),
+                                                   (np.zeros(SHAPE, np.uint8), math.nan)])]
+    placed = place_rv_insertions(slices, ["basal", "mid", "apical", "mid"], PlacementSettings(tip_correction_deg=1.0))
+    assert placed[0].rv_insertion_source == "own"
+    assert abs(angle_difference_deg(placed[0].rv_insertion_deg, 119.0)) < 3.0
+    # mid arc reaches 30 degrees further anterior than basal's; the apical arc decides for basal
+    assert placed[1].rv_insertion_source == "other slices"
+    assert placed[1].rv_insertion_deg == pytest.approx(placed[0].rv_insertion_deg)
+    assert any("disagrees" in flag for flag in placed[1].flags)
+    assert placed[3] is slices[3]  # no myocardium: left alone, it fails for its own reason
