@@ -10,7 +10,7 @@ import pytest
 from perfline.toolbox.aha_report import SliceAnalysis, place_rv_insertions
 from perfline.toolbox.rv_insertion import (
     InsertionNotFoundError, PlacementSettings, RvArc, SliceRv, angle_difference_deg, circular_mean_deg,
-    main_rv_mask, place_insertions, rv_arc, rv_insertion_deg,
+    drop_rv_extension, enhancing_rv_mask, main_rv_mask, place_insertions, rv_arc, rv_insertion_deg,
 )
 
 SHAPE = (96, 96)
@@ -160,3 +160,51 @@ def test_report_slices_placed_from_their_label_maps():
     assert placed[1].rv_insertion_deg == pytest.approx(placed[0].rv_insertion_deg)
     assert any("disagrees" in flag for flag in placed[1].flags)
     assert placed[3] is slices[3]  # no myocardium: left alone, it fails for its own reason
+
+
+def enhancement_series(labels: np.ndarray, peaks: dict[int, float], n_frames: int = 40) -> np.ndarray:
+    """float [time, rows, cols]: a first-pass bolus (peak at frame 12) scaled per pixel class."""
+    t = np.arange(n_frames, dtype=np.float64)
+    bolus = np.where(t > 5, ((t - 5) / 7) ** 2 * np.exp(2 - 2 * (t - 5) / 7), 0.0)
+    scale = np.zeros(labels.shape)
+    for label, peak in peaks.items():
+        scale[labels == label] = peak
+    return bolus[:, None, None] * scale[None]
+
+
+def test_non_enhancing_band_merged_into_the_rv_is_dropped():
+    # fresh study 2**30 + 107: a thin band along the anterior epicardium, 8 % of the RV's
+    # enhancement, merged into the RV mask moved the insertion by 25-41 degrees
+    labels = heart_labels(120.0, 240.0)
+    rows, cols = np.indices(SHAPE)
+    radius = np.hypot(rows - CENTER[0], cols - CENTER[1])
+    angle = np.degrees(np.arctan2(-(rows - CENTER[0]), cols - CENTER[1])) % 360
+    band = (angle >= 70.0) & (angle < 121.0) & (radius >= EPI) & (radius < EPI + 2.5) & (labels == 0)
+    series = enhancement_series(np.where(band, 9, labels), {1: 4.0, 2: 0.6, 3: 5.0, 9: 0.4})
+    merged = labels.copy()
+    merged[band] = 3
+    assert angle_difference_deg(rv_insertion_deg(labels, CENTER), rv_insertion_deg(merged, CENTER)) > 40.0
+    cleaned, shift = drop_rv_extension(merged, series, CENTER)
+    assert shift > 40.0
+    assert abs(angle_difference_deg(rv_insertion_deg(cleaned, CENTER), rv_insertion_deg(labels, CENTER))) < 1.0
+    assert np.array_equal(cleaned == 3, labels == 3)
+
+
+def test_partial_volume_wedge_of_a_correct_rv_is_kept():
+    # the thin RV wedge at the insertion enhances weakly (partial volume) but is RV: a trim that
+    # moves the insertion by less than min_shift_deg leaves the labels alone
+    labels = heart_labels(120.0, 240.0)
+    rows, cols = np.indices(SHAPE)
+    angle = np.degrees(np.arctan2(-(rows - CENTER[0]), cols - CENTER[1])) % 360
+    wedge = (labels == 3) & (angle < 128.0)
+    series = enhancement_series(np.where(wedge, 9, labels), {1: 4.0, 2: 0.6, 3: 5.0, 9: 1.0})
+    trimmed = np.where((labels == 3) & ~enhancing_rv_mask(labels, series), 0, labels)
+    would_move = angle_difference_deg(rv_insertion_deg(trimmed, CENTER), rv_insertion_deg(labels, CENTER))
+    assert 2.0 < would_move < 15.0  # the weak wedge would be trimmed, moving the end a few degrees ...
+    cleaned, shift = drop_rv_extension(labels, series, CENTER)
+    assert shift == 0.0 and np.array_equal(cleaned, labels)  # ... so the labels are left alone
+
+
+def test_rv_mask_check_rejects_a_series_of_another_shape():
+    with pytest.raises(ValueError, match="expected series"):
+        enhancing_rv_mask(heart_labels(120.0, 240.0), np.zeros((10, 5, 5)))
