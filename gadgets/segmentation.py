@@ -31,6 +31,7 @@ from pydantic import Field
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
 from perfline.gadgets.perfusion_items import SliceSegmentation, SliceSeries
+from perfline.toolbox.rv_insertion import drop_rv_extension, rv_insertion_deg
 
 _UNITS = {"gd_mmol_l": "gd", "signal": "signal"}
 FLAGS_META_KEY = "PERFLINE_SegmentationFlags"
@@ -168,11 +169,17 @@ class CnnSegmentation(Gadget):
             result = segmenters[units].segment(frames, float(spacing[0]))
         except (SeriesError, ValueError) as error:
             raise GadgetError(f"cnn-segmentation, slice {series.slice_index}: {error}") from error
+        labels, insertion, flags = result.labels, result.rv_insertion_deg, tuple(result.flags)
+        if math.isfinite(insertion):
+            # an RV mask running on along tissue that does not enhance like RV blood (docs/report.md)
+            labels, shift = drop_rv_extension(result.labels, frames, result.lv_center_rc)
+            if shift:
+                insertion = rv_insertion_deg(labels, result.lv_center_rc)
+                flags += (f"RV mask ran {shift:.0f} deg along non-enhancing tissue: trimmed",)
         self.log.info("slice %d: myocardium %d px, RV insertion %.1f deg%s",
-                      series.slice_index, int((result.labels == 2).sum()),
-                      result.rv_insertion_deg,
-                      f", flags: {'; '.join(result.flags)}" if result.flags else "")
-        return SliceSegmentation(slice_index=series.slice_index, labels=result.labels,
-                                 rv_insertion_deg=result.rv_insertion_deg,
+                      series.slice_index, int((labels == 2).sum()), insertion,
+                      f", flags: {'; '.join(flags)}" if flags else "")
+        return SliceSegmentation(slice_index=series.slice_index, labels=labels,
+                                 rv_insertion_deg=insertion,
                                  lv_center_rc=result.lv_center_rc,
-                                 flags=tuple(series.flags) + tuple(result.flags))
+                                 flags=tuple(series.flags) + flags)
