@@ -144,6 +144,12 @@ def lv_hint_of(segmentation: SliceSegmentation, geometry: ImageGeometry) -> LvHi
     return LvHint(point_mm=point, radius_mm=radius, slice_index=segmentation.slice_index)
 
 
+def _require_aif_units(series: AifSeries) -> None:
+    if series.units not in ("gd_mmol_l", "sr_over_pd"):
+        raise GadgetError(f"aif-extract needs the AIF in units 'gd_mmol_l' or 'sr_over_pd', got units "
+                          f"{series.units!r}: put surface-coil-correction (and gd-conversion) before it")
+
+
 @register_gadget
 class AifExtract(Gadget):
     """Find the LV blood pool in the AIF Gd series and emit the AIF curve; slices and their
@@ -165,6 +171,7 @@ class AifExtract(Gadget):
         hint: LvHint | None = None
         for item in items:
             if isinstance(item, AifSeries):
+                _require_aif_units(item)  # at once, not after the wait
                 if self.settings.lv_hint and hint is None:
                     waiting.append(item)
                 else:
@@ -195,9 +202,7 @@ class AifExtract(Gadget):
         return row, col
 
     def _extract(self, series: AifSeries, hint: LvHint | None) -> AifCurve:
-        if series.units not in ("gd_mmol_l", "sr_over_pd"):
-            raise GadgetError(f"aif-extract needs the AIF in units 'gd_mmol_l' or 'sr_over_pd', got units "
-                              f"{series.units!r}: put surface-coil-correction (and gd-conversion) before it")
+        _require_aif_units(series)
         table = None
         if self.context.header is not None:
             try:

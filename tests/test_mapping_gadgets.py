@@ -168,6 +168,10 @@ def test_errors_name_the_gadget_and_the_problem():
                       n_pd_frames=0, geometry=GEOMETRY)
     with pytest.raises(GadgetError, match="units 'gd_mmol_l'"):
         list(AifExtract().process(iter([wrong])))
+    # while the AIF waits for the CNN's LV, a wrong AIF series fails on arrival, not at the end
+    outputs = AifExtract().process(iter([wrong, _slice(0, 1.0)]))
+    with pytest.raises(GadgetError, match="units 'gd_mmol_l'"):
+        next(outputs)
     with pytest.raises(GadgetError, match="no AIF curve"):
         list(FlowMap().process(iter([_slice(0, 1.0)])))
 
