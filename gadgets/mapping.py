@@ -250,7 +250,8 @@ class AifExtract(Gadget):
         self.log.info("AIF: %d LV pixels, foot %.1f s, peak %.2f mmol/L at %.1f s, hematocrit %.3f",
                       int(detected.mask.sum()), grid_s[foot], blood[peak], grid_s[peak], self._hematocrit)
         return AifCurve(time_s=grid_s, blood_gd_mmol_l=blood, hematocrit=self._hematocrit,
-                        foot_index=foot, peak_index=peak, mask=detected.mask, geometry=series.geometry)
+                        foot_index=foot, peak_index=peak, mask=detected.mask, geometry=series.geometry,
+                        source=detected.source)
 
 
 class FlowMapSettings(GadgetSettings):

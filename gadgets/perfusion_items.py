@@ -94,6 +94,7 @@ class AifCurve:
         hematocrit: used for blood -> plasma (Cp = Cb / (1 - Hct)).
         foot_index, peak_index: bolus foot and peak on ``time_s``.
         mask: bool [rows, cols] LV blood-pool pixels on the AIF grid.
+        source: how aif-extract chose those pixels (``toolbox.aif.AifResult.source``).
     """
 
     time_s: np.ndarray
@@ -103,6 +104,7 @@ class AifCurve:
     peak_index: int
     mask: np.ndarray
     geometry: ImageGeometry
+    source: str = "pools"
 
     @property
     def plasma_gd_mmol_l(self) -> np.ndarray:

@@ -47,6 +47,7 @@ from perfline.toolbox.aha_report import (
     AifSummary, PerfusionReport, ReportSettings, SliceAnalysis, StudyInfo, assign_slice_levels, build_report,
     place_rv_insertions, with_reserve,
 )
+from perfline.toolbox.aif import AIF_SOURCE_HINT_REGION
 from perfline.toolbox.rv_insertion import PlacementSettings
 from perfline.toolbox.sector_contours import Contour, ContourError, border_contours, sector_contours
 
@@ -274,6 +275,9 @@ class AhaReportGadget(Gadget):
                     aif_flag.append(f"AIF pool centre {distance:.0f} mm from the LV centre of the myocardial slices "
                                     f"(more than {settings.max_aif_lv_distance_mm:g} mm): the AIF may come from "
                                     "another structure, MBF unreliable")
+            if aif.source == AIF_SOURCE_HINT_REGION:
+                aif_flag.append("AIF from the CNN's LV region of the AIF image: no enhancing blood pool was found "
+                                "there, MBF may be unreliable")
         return report.model_copy(update={"aif": aif_summary, "flags": report.flags + extra_flags + aif_flag,
                                          "partial": report.partial or bool(extra_flags)})
 

@@ -298,3 +298,16 @@ def test_rv_insertion_placed_across_slices_and_used_for_the_contours():
     angles = np.degrees(np.arctan2(-(points[:, 1] - CENTER[0]), points[:, 0] - CENTER[1])) % 360
     relative = (angles - mid.rv_insertion_deg) % 360
     assert np.all((relative < 62.0) | (relative > 358.0))
+
+
+def test_aif_from_the_lv_hint_region_is_flagged():
+    # aif-extract found no enhancing pool at the CNN's LV and took the disc's most enhancing pixels
+    from perfline.toolbox.aif import AIF_SOURCE_HINT_REGION, AIF_SOURCE_POOL_AT_HINT
+
+    pooled = [replace(i, source=AIF_SOURCE_POOL_AT_HINT) if isinstance(i, AifCurve) else i for i in items(2.0)]
+    report = PerfusionReport.model_validate_json(split(run(pooled))[1][0].text)
+    assert not any("LV region of the AIF image" in f for f in report.flags)
+    REPORT_STORE.clear()
+    hinted = [replace(i, source=AIF_SOURCE_HINT_REGION) if isinstance(i, AifCurve) else i for i in items(2.0)]
+    report = PerfusionReport.model_validate_json(split(run(hinted))[1][0].text)
+    assert any("AIF from the CNN's LV region of the AIF image" in f for f in report.flags)
