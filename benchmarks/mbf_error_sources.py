@@ -122,7 +122,8 @@ class ScanInputs:
     grid_s: np.ndarray
     hematocrit: float
     chain_aif: np.ndarray         # blood Gd, baseline subtracted, zero before its foot
-    true_aif: np.ndarray          # blood Gd of the simulator's LV
+    true_aif: np.ndarray          # blood Gd of the simulator's LV (its AIF frames, linear onto the grid)
+    true_aif_samples: tuple[np.ndarray, np.ndarray]  # (AIF frame times s, LV blood Gd) as acquired
     chain_gd: list[np.ndarray]
     true_gd: list[np.ndarray]
     cnn: list[tuple[np.ndarray, tuple[float, float], float]]   # labels, LV centre, RV insertion
@@ -182,24 +183,30 @@ def load_scan(seed: int, kind: str, cache: Path) -> ScanInputs:
         true_mbf.append(roll(phantom.mbf.astype(np.float64)))
         shifts.append(shift)
     return ScanInputs(seed=seed, kind=kind, grid_s=grid, hematocrit=float(data["hematocrit"]), chain_aif=chain_aif,
-                      true_aif=true_aif, chain_gd=chain_gd, true_gd=true_gd, cnn=cnn, true=true, true_mbf=true_mbf,
+                      true_aif=true_aif, true_aif_samples=(aif_time, aif_blood), chain_gd=chain_gd, true_gd=true_gd, cnn=cnn, true=true, true_mbf=true_mbf,
                       levels=tuple(study.levels), shift_rc=shifts, truth=truth_from_simulator(study))
 
 
 # ------------------------------------------------------------------------------ attribution
 def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: float, mask: np.ndarray,
-              table_cache: dict, flow_map: FlowMapSettings) -> np.ndarray:
+              table_cache: dict, flow_map: FlowMapSettings, *,
+              fine_blood_aif: tuple[np.ndarray, int] | None = None) -> np.ndarray:
     """MBF map (ml/min/g) [rows, cols] of one slice as ``flow-map`` fits it (BTEX with the gadget's
-    ``flow_map`` settings, tissue baseline = mean before the AIF foot)."""
+    ``flow_map`` settings, tissue baseline = mean before the AIF foot). ``fine_blood_aif`` = (blood
+    AIF on a k times finer grid, k): the table is built from it (``btex.build_aif_table(upsample=k)``)."""
     from perfline.gadgets.mapping import _btex_settings
     from perfline.toolbox.aif import aif_foot_peak
     from perfline.toolbox.btex import build_aif_table, map_btex
 
     settings = _btex_settings(flow_map)
     plasma = blood_aif / (1.0 - hematocrit)
-    key = plasma.tobytes()
+    key = plasma.tobytes() if fine_blood_aif is None else (fine_blood_aif[0].tobytes(), fine_blood_aif[1])
     if key not in table_cache:
-        table_cache[key] = build_aif_table(plasma, dt_s, settings)
+        if fine_blood_aif is None:
+            table_cache[key] = build_aif_table(plasma, dt_s, settings)
+        else:
+            table_cache[key] = build_aif_table(fine_blood_aif[0] / (1.0 - hematocrit), dt_s, settings,
+                                               upsample=fine_blood_aif[1])
     foot, _ = aif_foot_peak(blood_aif)
     tissue = gd - gd[: max(foot, 1)].mean(axis=0)
     maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=1.5,
@@ -236,9 +243,14 @@ COMBINATIONS = [  # (AIF, tissue Gd, mask)
 
 def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMapSettings,
                    global_statistic: str = "sectors",
-                   combinations: Sequence[tuple[str, str, str]] = COMBINATIONS) -> dict[str, object]:
-    """Global / sector errors (%) of every combination and the oracle statistic for one scan."""
-    from perfline.toolbox.btex import noise_sd
+                   combinations: Sequence[tuple[str, str, str]] = COMBINATIONS,
+                   aif_upsample: int = 1) -> dict[str, object]:
+    """Global / sector errors (%) of every combination and the oracle statistic for one scan.
+
+    ``aif_upsample = k > 1``: the TRUE AIF's table is built from its acquired samples by a cubic
+    spline on a k times finer grid (``btex.aif_on_fine_grid``, ``build_aif_table(upsample=k)``)
+    instead of their linear interpolation onto the grid (the chain's cached AIF has no samples)."""
+    from perfline.toolbox.btex import aif_on_fine_grid, noise_sd
 
     dt_s = float(np.mean(np.diff(scan.grid_s)))
     truth_global = float(scan.truth.global_mbf)
@@ -272,15 +284,19 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
     noise = float(np.median(np.concatenate([noise_sd(gd[:, labels == 2].T) for gd, (labels, _, _)
                                             in zip(scan.chain_gd, scan.cnn)])))
     row["tissue noise sd"] = noise
+    fine_true = None
+    if aif_upsample > 1:
+        fine_true = (aif_on_fine_grid(*scan.true_aif_samples, scan.grid_s, aif_upsample), aif_upsample)
     for aif_name, gd_name, mask_name in combinations:
         aif = scan.chain_aif if aif_name == "chain" else scan.true_aif
+        fine = fine_true if aif_name == "true" else None
         segmentation = scan.cnn if mask_name == "cnn" else scan.true
         maps = []
         for index, (labels, _, _) in enumerate(segmentation):
             gd = scan.chain_gd[index] if gd_name == "chain" else scan.true_gd[index]
             if gd_name == "true+noise":
                 gd = gd + rng.normal(0.0, noise, gd.shape)
-            maps.append(fit_slice(gd, aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map))
+            maps.append(fit_slice(gd, aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map, fine_blood_aif=fine))
         errors(f"{aif_name} AIF / {gd_name} Gd / {mask_name} mask",
                *summarise(maps, segmentation, scan.levels, global_statistic))
     return row
@@ -294,14 +310,15 @@ def _core(myocardium: np.ndarray) -> np.ndarray:
 
 
 def attribute(seeds: range, cache: Path, json_path: Path | None, flow_map: FlowMapSettings,
-              global_statistic: str, combinations: Sequence[tuple[str, str, str]]) -> int:
+              global_statistic: str, combinations: Sequence[tuple[str, str, str]], aif_upsample: int = 1) -> int:
     """Print the per-scan table of global errors (%) and the mean signed / absolute error per scan kind."""
     rng = np.random.default_rng(0)
     rows = []
     for seed in seeds:
         for kind in KINDS:
             started = time.perf_counter()
-            rows.append(attribute_scan(load_scan(seed, kind, cache), rng, flow_map, global_statistic, combinations))
+            rows.append(attribute_scan(load_scan(seed, kind, cache), rng, flow_map, global_statistic, combinations,
+                                       aif_upsample))
             logger.info("seed %d %s: %.1f s", seed, kind, time.perf_counter() - started)
     columns = ["oracle cnn", "oracle true"] + [f"{a} AIF / {g} Gd / {m} mask" for a, g, m in combinations]
     print("global MBF error, % (auto / truth - 1); AIF area, tissue area (CNN core without its border ring, "
@@ -369,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         "attribute: global MBF as perfline evaluate --mbf takes it (pixel-weighted sector medians) or the "
         "report's global median (before 2026-11-26)"))
     parser.add_argument("--chain-only", action="store_true", help="attribute: only the chain's own inputs")
+    parser.add_argument("--true-aif-only", action="store_true", help=(
+        "attribute: only the rows with the true AIF (true AIF with chain Gd / CNN mask, true Gd, true + noise)"))
+    parser.add_argument("--aif-upsample", type=int, default=1, help=(
+        "attribute: build the TRUE AIF's BTEX table from its acquired samples, cubic spline on a k times finer "
+        "grid (btex.aif_on_fine_grid); 1 = linear onto the grid, as the chain"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("perfline", "numba", "openvino"):
@@ -386,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
 
     flow_map = FlowMapSettings(**json.loads(args.flow_map))
     combinations = COMBINATIONS[:1] if args.chain_only else COMBINATIONS
-    return attribute(seeds, args.cache, args.json, flow_map, args.global_statistic, combinations)
+    if args.true_aif_only:
+        combinations = [c for c in COMBINATIONS if c[0] == "true" and c in (
+            ("true", "chain", "cnn"), ("true", "true", "true"), ("true", "true+noise", "true"))]
+    return attribute(seeds, args.cache, args.json, flow_map, args.global_statistic, combinations, args.aif_upsample)
 
 
 if __name__ == "__main__":
