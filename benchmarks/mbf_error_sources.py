@@ -345,9 +345,10 @@ def aif_tail(seeds: range, cache: Path) -> int:
 
     Tail = mean of the last 10 grid samples. Two references: the truth itself, and the truth minus
     its own mean over the chain's baseline frames (1 .. foot), i.e. with the baseline convention of
-    ``aif-extract``: the simulator's LV blood holds 0.02-0.08 mmol/L before the bolus foot (the
-    plateau term of ``simulator.dynamics._blood_curve`` starts before the foot), which the chain's
-    baseline subtraction removes from the AIF and ``flow-map``'s from the tissue curves.
+    ``aif-extract``. Until 2026-11-26 22:20 (``2e11cff``) the simulator's LV blood held 0.02-0.08
+    mmol/L before the bolus foot (a logistic plateau term), which the chain's baseline subtraction
+    removes; its blood curves are causal now, so the two references differ only where the chain's
+    foot lies after the true one (the last baseline frame then holds some Gd).
     """
     from perfline.simulator import study as simulated
 
