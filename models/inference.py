@@ -48,7 +48,10 @@ class SliceSegmentation:
     labels: uint8 [rows, cols] (0 bg, 1 LV blood, 2 myocardium, 3 RV);
     probabilities: float32 [4, rows, cols]; lv_center_rc in input pixels;
     rv_insertion_deg: anterior RV insertion (docs/conventions.md), NaN when no RV was found;
-    flags: human-readable problems (empty slice, open ring, missing class).
+    flags: human-readable problems (empty slice, open ring, missing class);
+    pixel_spacing_mm: the spacing the labels were segmented at (the given one, or the one the
+    spacing search chose); spacing_search: per assumed spacing tried (mm, closed ring, wall
+    thickness mm) when the search was asked for (only the nominal row when its ring closed).
     """
 
     labels: np.ndarray
@@ -58,6 +61,8 @@ class SliceSegmentation:
     closed_ring: bool
     empty: bool
     flags: tuple[str, ...]
+    pixel_spacing_mm: float = float("nan")
+    spacing_search: tuple[tuple[float, bool, float], ...] = ()
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -108,6 +113,14 @@ PADDINGS = ("zeros", "edge")
 # close open myocardial rings along rays (toolbox/segmentation_post.close_ring_along_rays);
 # the decision is in docs/segmentation.md "QPerf-format phantom"
 CLOSE_RING = True
+# assumed-spacing factors of the label-free spacing search (``Segmenter.segment(...,
+# spacing_factors=...)``), for series whose pixel spacing is not recorded: nominal x 0.7 .. 1.2
+# in steps of 0.1 (true spacings 1.33-2.28 mm for a nominal 1.9 mm; docs/segmentation.md,
+# "Pixel spacing unknown")
+SPACING_FACTORS = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
+# expected myocardial wall thickness, mm: the middle of the physiological 6-12 mm (set before
+# any measurement; the spacing search's tie-break among assumed spacings that close the ring)
+WALL_THICKNESS_MM = 9.0
 
 
 def crop_series(series: np.ndarray, geometry: CropGeometry, n_frames: int, *,
@@ -375,22 +388,105 @@ class Segmenter:
         return float((probabilities[1] + probabilities[2])[near].sum()) * CROP_SPACING_MM ** 2
 
     def segment(self, series: np.ndarray, pixel_spacing_mm: float, *,
-                center_rc: tuple[float, float] | None = None) -> SliceSegmentation:
+                center_rc: tuple[float, float] | None = None,
+                spacing_factors: tuple[float, ...] | None = None) -> SliceSegmentation:
         """Segment one slice.
 
         Args:
             series: float [time, rows, cols], Gd (mmol/L) or signal intensity, starting at the
                 first saturation-recovery frame; at least 16 frames (shorter than 48 is padded
                 with the last frame).
-            pixel_spacing_mm: square pixel size of the series.
+            pixel_spacing_mm: square pixel size of the series, mm (the nominal one when
+                ``spacing_factors`` is given).
             center_rc: LV centre (row, col) in pixels if known (e.g. from the AIF series).
                 Otherwise the candidates of :func:`lv_center_candidates` are all segmented,
                 the one whose crop centre holds the most LV and myocardium is kept, and the
                 crop is re-centred on the CNN's LV centroid for the final pass.
+            spacing_factors: for a series whose pixel spacing is NOT known (e.g. QPerf-style
+                crops without a header): the slice is segmented at the nominal spacing, then at
+                ``pixel_spacing_mm`` x each factor (one batched network call, same LV centre),
+                and :meth:`choose_spacing` keeps one label-free; the other spacings are only
+                tried when the ring is open at the nominal one. None (default): no search,
+                the spacing is taken as given (the chain: spacing from the MRD header).
         """
         series = check_series(series)
         if not pixel_spacing_mm > 0:
             raise ValueError(f"pixel spacing must be > 0 mm, got {pixel_spacing_mm}")
+        probabilities, center = self._probabilities_at(series, float(pixel_spacing_mm),
+                                                       center_rc)
+        if spacing_factors is None:
+            return self._finish(probabilities, center, close_ring=self.close_ring,
+                                pixel_spacing_mm=float(pixel_spacing_mm))
+        factors = sorted({round(float(f), 6) for f in spacing_factors} | {1.0})
+        if not all(f > 0 for f in factors):
+            raise ValueError(f"spacing factors must be > 0, got {spacing_factors}")
+        nominal = float(pixel_spacing_mm)
+        candidates = {nominal: probabilities}
+        first = postprocess(probabilities, close_ring=self.close_ring)
+        others = [nominal * f for f in factors if f != 1.0]
+        if not first.closed_ring and not first.empty and others:
+            # one batched network call for all other assumed spacings, same LV centre (pixels)
+            crops = np.stack([crop_series(series, self._geometry(series, s, center),
+                                          self.n_frames, padding=self.padding) for s in others])
+            for spacing, crop in zip(others, self.predict(crops)):
+                candidates[spacing] = uncrop(crop, self._geometry(series, spacing, center))
+        chosen, table = self.choose_spacing(list(candidates.items()), nominal_mm=nominal,
+                                            close_ring=self.close_ring)
+        if len(table) > 1:
+            logger.info("spacing search (nominal %.3f mm, ring open): %s -> %.3f mm", nominal,
+                        ", ".join(f"{s:.2f} mm closed={c} wall={w:.1f} mm"
+                                  for s, c, w in table), chosen)
+        return self._finish(candidates[chosen], center, close_ring=self.close_ring,
+                            pixel_spacing_mm=chosen, spacing_search=tuple(table))
+
+    @staticmethod
+    def choose_spacing(candidates: list[tuple[float, np.ndarray]], *, nominal_mm: float,
+                       close_ring: bool = CLOSE_RING,
+                       wall_thickness_mm: float = WALL_THICKNESS_MM
+                       ) -> tuple[float, list[tuple[float, bool, float]]]:
+        """Label-free choice among segmentations of one slice at different assumed spacings.
+
+        Args:
+            candidates: (assumed spacing mm, probabilities float [4, rows, cols] on the input
+                grid) per spacing; all on the same grid; ``nominal_mm`` among them.
+            nominal_mm: the stated spacing.
+            wall_thickness_mm: the expected myocardial wall thickness (mm).
+
+        Rule (docs/segmentation.md, "Pixel spacing unknown"): the nominal spacing is kept when
+        its post-processed myocardial ring is closed (so the search never changes a closed
+        ring); otherwise, among the candidates whose ring closes, the one whose mean wall
+        thickness in its assumed mm, (sqrt((LV + myocardium area) / pi) - sqrt(LV area / pi))
+        x spacing, is nearest ``wall_thickness_mm`` (the middle of the physiological 6-12 mm);
+        the nominal one when none closes. The network's confidence was not used: on the
+        phantom it rises monotonically with the assumed spacing (a smaller heart, more
+        certain background) whatever the true spacing.
+
+        Returns: (chosen spacing mm, [(spacing mm, closed ring, wall thickness mm)] in input
+        order).
+        """
+        table = []
+        for spacing, probabilities in candidates:
+            clean = postprocess(probabilities, close_ring=close_ring)
+            blood = float((clean.labels == 1).sum())
+            heart = blood + float((clean.labels == 2).sum())
+            wall = (np.sqrt(heart / np.pi) - np.sqrt(blood / np.pi)) * float(spacing)
+            table.append((float(spacing), bool(clean.closed_ring), float(wall)))
+        nominal = [row for row in table if row[0] == nominal_mm]
+        if not nominal:
+            raise ValueError(f"the nominal spacing {nominal_mm} mm is not among the candidates")
+        if nominal[0][1]:
+            return nominal_mm, table
+        closed = [row for row in table if row[1]]
+        if not closed:
+            return nominal_mm, table
+        best = min(closed, key=lambda row: (abs(row[2] - wall_thickness_mm),
+                                            abs(np.log(row[0] / nominal_mm))))
+        return best[0], table
+
+    def _probabilities_at(self, series: np.ndarray, pixel_spacing_mm: float,
+                          center_rc: tuple[float, float] | None
+                          ) -> tuple[np.ndarray, tuple[float, float]]:
+        """Probabilities [4, rows, cols] on the input grid and the crop's LV centre (pixels)."""
         if center_rc is not None:
             center = (float(center_rc[0]), float(center_rc[1]))
             crop = self._probabilities(series, pixel_spacing_mm, [center])[0]
@@ -407,8 +503,7 @@ class Segmenter:
             if refined is not None and np.hypot(*np.subtract(refined, center)) > 1.0:
                 center = refined
                 crop = self._probabilities(series, pixel_spacing_mm, [center])[0]
-        probabilities = uncrop(crop, self._geometry(series, pixel_spacing_mm, center))
-        return self._finish(probabilities, center, close_ring=self.close_ring)
+        return uncrop(crop, self._geometry(series, pixel_spacing_mm, center)), center
 
     @staticmethod
     def _geometry(series: np.ndarray, pixel_spacing_mm: float,
@@ -417,7 +512,8 @@ class Segmenter:
 
     @staticmethod
     def _finish(probabilities: np.ndarray, center: tuple[float, float], *,
-                close_ring: bool = False) -> SliceSegmentation:
+                close_ring: bool = False, pixel_spacing_mm: float = float("nan"),
+                spacing_search: tuple = ()) -> SliceSegmentation:
         clean: PostProcessed = postprocess(probabilities, close_ring=close_ring)
         flags = [f"not found: {name}" for name in clean.missing]
         if clean.empty:
@@ -436,4 +532,6 @@ class Segmenter:
         return SliceSegmentation(labels=clean.labels, probabilities=probabilities,
                                  lv_center_rc=(float(center[0]), float(center[1])),
                                  rv_insertion_deg=insertion, closed_ring=clean.closed_ring,
-                                 empty=clean.empty, flags=tuple(flags))
+                                 empty=clean.empty, flags=tuple(flags),
+                                 pixel_spacing_mm=float(pixel_spacing_mm),
+                                 spacing_search=tuple(spacing_search))

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from perfline.models.data import resample_frames_to_interval
-from perfline.models.inference import SliceSegmentation, Segmenter
+from perfline.models.inference import SPACING_FACTORS, SliceSegmentation, Segmenter
 from perfline.models.weights import default_model
 from perfline.toolbox.seg_metrics import dice
 
@@ -33,6 +33,10 @@ DAUGS_PIXEL_SPACING_MM = 1.2
 DAUGS_FRAME_INTERVAL_S = 1.0
 QPERF_PIXEL_SPACING_MM = 1.9
 QPERF_FRAME_INTERVAL_S = 0.5
+# QPerf only (spacing not recorded): the label-free spacing search of Segmenter.segment
+# (docs/segmentation.md, "Pixel spacing unknown": decided by the phantom rule before the real
+# run). DAUGS keeps its stated 1.2 mm; the chain knows its spacing from the MRD header.
+QPERF_SPACING_SEARCH = False
 DAUGS_LABELS = {1: 2, 3: 1}  # DAUGS 1 myocardium, 3 LV blood pool -> ours 2, 1
 # documented format of the QPerf examples (../shared/data/README.md), [rows, cols] and frames
 QPERF_CLAMP_MMOL_L = 6.004
@@ -130,15 +134,19 @@ def evaluate_daugs(segmenter: Segmenter, folder: Path) -> list[dict]:
     return results
 
 
-def evaluate_qperf(segmenter: Segmenter, folder: Path) -> list[dict]:
-    """Both QPerf examples (Gd, 0.5 s frames): result and whether the ring is closed."""
+def evaluate_qperf(segmenter: Segmenter, folder: Path, *,
+                   spacing_search: bool = QPERF_SPACING_SEARCH) -> list[dict]:
+    """Both QPerf examples (Gd, 0.5 s frames): result and whether the ring is closed;
+    ``spacing_search``: nominal 1.9 mm searched over ``SPACING_FACTORS`` when the ring is open."""
     results = []
     for name in ("perf_data", "perf_data_stress"):
         data = _load_mat(folder / f"{name}.mat", "data").astype(np.float32)
         series = resample_frames_to_interval(np.moveaxis(data, 2, 0), QPERF_FRAME_INTERVAL_S)
-        result = segmenter.segment(series, QPERF_PIXEL_SPACING_MM)
+        result = segmenter.segment(series, QPERF_PIXEL_SPACING_MM,
+                                   spacing_factors=SPACING_FACTORS if spacing_search else None)
         results.append({"name": name, "series": series, "result": result,
-                        "closed_ring": result.closed_ring})
+                        "closed_ring": result.closed_ring,
+                        "pixel_spacing_mm": result.pixel_spacing_mm})
     return results
 
 
@@ -184,7 +192,8 @@ def make_figure(daugs: list[dict], qperf: list[dict], png: Path) -> None:
               truth=item["truth"])
     for axis, item in zip(axes[len(daugs):], qperf):
         _draw(axis, _peak_image(item["series"]), item["result"],
-              f"QPerf {item['name']}\nclosed ring: {item['closed_ring']}")
+              f"QPerf {item['name']} ({item['pixel_spacing_mm']:.2f} mm)\n"
+              f"closed ring: {item['closed_ring']}")
     figure.suptitle("CNN (red LV, green myocardium, blue RV, orange RV insertion); "
                     "DAUGS truth dashed yellow", fontsize=8)
     figure.tight_layout()
@@ -203,18 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gd-model", type=Path, default=None,
                         help="model stem for the QPerf Gd series (overrides --model)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
+    parser.add_argument("--qperf-spacing-search", choices=("on", "off"), default=None,
+                        help="QPerf examples only: label-free pixel spacing search (default: "
+                             f"{'on' if QPERF_SPACING_SEARCH else 'off'}, by the phantom rule)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     signal_model = args.signal_model or args.model or default_model("signal")
     gd_model = args.gd_model or args.model or default_model("gd")
     daugs = evaluate_daugs(Segmenter(signal_model), args.data / "daugs")
-    qperf = evaluate_qperf(Segmenter(gd_model), args.data / "qperf" / "examples")
+    search = (QPERF_SPACING_SEARCH if args.qperf_spacing_search is None
+              else args.qperf_spacing_search == "on")
+    qperf = evaluate_qperf(Segmenter(gd_model), args.data / "qperf" / "examples",
+                           spacing_search=search)
     summary = {
         "daugs_pixel_spacing_mm": DAUGS_PIXEL_SPACING_MM,
         "daugs": {item["name"]: {"dice_myocardium": round(item["dice_myocardium"], 4),
                                  "dice_lv_blood": round(item["dice_lv_blood"], 4),
                                  "flags": list(item["result"].flags)} for item in daugs},
+        "qperf_spacing_search": search,
         "qperf": {item["name"]: {"closed_ring": item["closed_ring"],
+                                 "pixel_spacing_mm": round(item["pixel_spacing_mm"], 3),
                                  "rv_insertion_deg": round(item["result"].rv_insertion_deg, 1),
                                  "flags": list(item["result"].flags)} for item in qperf},
     }

@@ -65,6 +65,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="--format qperf: crop size (default 40 37 stress, 51 47 rest)")
     parser.add_argument("--qperf-offset", type=float, default=3.0,
                         help="--format qperf: max LV offset from the crop centre, pixels")
+    parser.add_argument("--spacing-search", choices=("on", "off"), default="off",
+                        help="--format qperf: pixel spacing treated as unknown, the Segmenter's "
+                             "label-free search over nominal x models.inference.SPACING_FACTORS")
     parser.add_argument("--out", type=Path, default=None,
                         help="--mbf only: output folder of the MBF evaluation")
     parser.add_argument("--no-lab-hematocrit", dest="lab_hematocrit", action="store_false",
@@ -93,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format == "qperf" and args.units != "gd":
         raise SystemExit("--format qperf needs --units gd (the QPerf examples are Gd)")
+    if args.spacing_search == "on" and args.format != "qperf":
+        raise SystemExit("--spacing-search on needs --format qperf (the plain phantom's spacing "
+                         "is known, as the chain's is from the MRD header)")
+    from perfline.models.inference import SPACING_FACTORS
+    search = SPACING_FACTORS if args.spacing_search == "on" else None
     ring = {} if args.ring_closing is None else {"close_ring": args.ring_closing == "on"}
     segmenter = Segmenter(args.model or default_model(args.units), runtime=args.runtime,
                           padding=args.padding, **ring)
@@ -123,7 +131,11 @@ def run(args: argparse.Namespace) -> int:
                                        QPERF_PIXEL_SPACING_MM)
                 extra = {"spacing_mm": spacing, "matrix": list(truth.shape)}
             result = segmenter.segment(np.asarray(series), told,
-                                       center_rc=center if args.center == "truth" else None)
+                                       center_rc=center if args.center == "truth" else None,
+                                       spacing_factors=search)
+            if search is not None:
+                extra["chosen_spacing_mm"] = result.pixel_spacing_mm
+                extra["spacing_search"] = [list(row) for row in result.spacing_search]
             metrics = slice_metrics(result.labels, truth, spacing,
                                     auto_rv_insertion_deg=result.rv_insertion_deg,
                                     manual_rv_insertion_deg=slice_.rv_insertion_deg)
@@ -139,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(records)} slices from {args.studies} held-out studies (seeds {first}.."
           f"{first + args.studies - 1}), units {args.units}, format {args.format}, centre "
           f"{args.center}, runtime {segmenter.runtime}, padding {args.padding}, ring closing "
-          f"{'on' if segmenter.close_ring else 'off'}")
+          f"{'on' if segmenter.close_ring else 'off'}, spacing search {args.spacing_search}")
     print(f"{'metric':28s} {'mean':>8s} {'SD':>8s} {'5%':>8s} {'95%':>8s}   n")
     summary = {}
     for key, name, unit in ROWS:
@@ -158,6 +170,13 @@ def run(args: argparse.Namespace) -> int:
         found = sum(record["closed_ring"] for record in closed)
         print(f"closed ring where the truth's ring is closed in the image: {found} of "
               f"{len(closed)}")
+    if search is not None:
+        for spacing in sorted({record["spacing_mm"] for record in records}):
+            chosen = [record["chosen_spacing_mm"] for record in records
+                      if record["spacing_mm"] == spacing]
+            values, counts = np.unique(np.round(chosen, 3), return_counts=True)
+            print(f"true {spacing} mm (told {QPERF_PIXEL_SPACING_MM} mm): chosen spacing "
+                  + ", ".join(f"{v:g} mm x{c}" for v, c in zip(values, counts)))
     with_rv = [record for record in records if record["rv_in_truth"]]
     if with_rv:
         found = sum(record["rv_found"] for record in with_rv)

@@ -19,7 +19,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "the input grid and prints the anterior RV insertion angle.")
     parser.add_argument("series", help="array file (.npy, .mat as PATH:VARIABLE, ...), "
                                        "[rows, cols, time]")
-    parser.add_argument("--pixel-spacing", type=float, required=True, metavar="MM")
+    parser.add_argument("--pixel-spacing", type=float, required=True, metavar="MM",
+                        help="pixel size, mm (with --spacing-search: the nominal value)")
+    parser.add_argument("--spacing-search", action="store_true",
+                        help="the pixel spacing is not known (e.g. a crop without a header): "
+                             "when the ring is open at --pixel-spacing, also try it x "
+                             "0.7-1.2 and keep a spacing that closes the ring "
+                             "(docs/segmentation.md, 'Pixel spacing unknown')")
     parser.add_argument("--dt", type=float, required=True, metavar="S",
                         help="frame interval, s (series far from 1 frame/s are resampled)")
     parser.add_argument("--units", choices=("gd", "signal"), default="gd",
@@ -37,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from perfline.models.data import SeriesError, resample_frames_to_interval
-    from perfline.models.inference import Segmenter
+    from perfline.models.inference import SPACING_FACTORS, Segmenter
     from perfline.models.weights import default_model
     from perfline.toolbox.array_io import load_array  # the mapping engineer's loader
 
@@ -50,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     series = resample_frames_to_interval(series, args.dt)
     segmenter = Segmenter(args.model or default_model(args.units), runtime=args.runtime)
     result = segmenter.segment(series, args.pixel_spacing,
-                               center_rc=tuple(args.center) if args.center else None)
+                               center_rc=tuple(args.center) if args.center else None,
+                               spacing_factors=SPACING_FACTORS if args.spacing_search else None)
     np.save(args.out, result.labels)
     counts = np.bincount(result.labels.ravel(), minlength=4)
     print(f"labels written to {args.out} ({args.units} units, runtime {segmenter.runtime}): "
@@ -58,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
           f"closed ring: {result.closed_ring}")
     print(f"LV centre (row, col): {result.lv_center_rc[0]:.1f}, {result.lv_center_rc[1]:.1f}")
     print(f"RV insertion (anterior): {result.rv_insertion_deg:.1f} deg")
+    if args.spacing_search:
+        tried = ", ".join(f"{spacing:.2f} mm ({'closed' if closed else 'open'})"
+                          for spacing, closed, _ in result.spacing_search)
+        print(f"pixel spacing used: {result.pixel_spacing_mm:.3f} mm (nominal "
+              f"{args.pixel_spacing:g} mm; tried {tried})")
     for flag in result.flags:
         print(f"flag: {flag}")
     return 1 if result.empty else 0
