@@ -36,7 +36,7 @@ QPERF_FRAME_INTERVAL_S = 0.5
 # QPerf only (spacing not recorded): the label-free spacing search of Segmenter.segment
 # (docs/segmentation.md, "Pixel spacing unknown": decided by the phantom rule before the real
 # run). DAUGS keeps its stated 1.2 mm; the chain knows its spacing from the MRD header.
-QPERF_SPACING_SEARCH = False
+QPERF_SPACING_SEARCH = True
 DAUGS_LABELS = {1: 2, 3: 1}  # DAUGS 1 myocardium, 3 LV blood pool -> ours 2, 1
 # documented format of the QPerf examples (../shared/data/README.md), [rows, cols] and frames
 QPERF_CLAMP_MMOL_L = 6.004
