@@ -72,6 +72,10 @@ class AhaReportSettings(GadgetSettings):
     max_aif_lv_distance_mm: float = Field(20.0, gt=0, description=(
         "flag the report when the AIF pool's centre lies farther, in the slice plane, from the LV centre the CNN "
         "found in the myocardial slices (median over slices): the AIF was probably taken from another structure"))
+    min_aif_lv_radius_px: float = Field(3.0, ge=0, description=(
+        "flag the report when the LV blood pool (the CNN's largest LV cross-section, as an equivalent circle) "
+        "has a radius under this many AIF pixels: the low-resolution, blurred AIF pool is then mostly "
+        "partial volume and its curve unreliable (0: never)"))
     fit_limit_mbf_ml_min_g: float = Field(5.9, gt=0, description=(
         "MBF at or above this value is the top of the flow fit's grid (BTEX: 6.0 ml/min/g)"))
     exclude_fit_limit: bool = Field(True, description=(
@@ -186,6 +190,26 @@ def aif_lv_distance_mm(aif: AifCurve, maps: dict[int, FlowMaps],
     return float(np.median(distances)) if distances else None
 
 
+def lv_radius_in_aif_pixels(aif: AifCurve, maps: dict[int, FlowMaps],
+                            segmentations: dict[int, SliceSegmentation]) -> float | None:
+    """Radius of the CNN's largest LV blood-pool cross-section, as a circle of equal area, in AIF pixels.
+
+    The area is counted on each myocardial slice's grid (label 1, mm^2 from its pixel spacing); the
+    largest slice is used (the AIF slice is usually basal). None when no slice has an LV pixel.
+    """
+    areas_mm2 = []
+    for index, segmentation in segmentations.items():
+        flow = maps.get(index)
+        if flow is None:
+            continue
+        rows_mm, cols_mm = flow.geometry.pixel_spacing_mm
+        areas_mm2.append(float(np.count_nonzero(np.asarray(segmentation.labels) == 1)) * rows_mm * cols_mm)
+    if not areas_mm2 or max(areas_mm2) <= 0:
+        return None
+    aif_spacing_mm = float(np.sqrt(np.prod(aif.geometry.pixel_spacing_mm)))
+    return float(np.sqrt(max(areas_mm2) / np.pi)) / aif_spacing_mm
+
+
 def slice_position_mm(geometry: ImageGeometry) -> float:
     """Position of the slice centre along its own normal (mm)."""
     return float(np.dot(np.asarray(geometry.position, dtype=np.float64), np.asarray(geometry.slice_dir, dtype=np.float64)))
@@ -275,6 +299,11 @@ class AhaReportGadget(Gadget):
                     aif_flag.append(f"AIF pool centre {distance:.0f} mm from the LV centre of the myocardial slices "
                                     f"(more than {settings.max_aif_lv_distance_mm:g} mm): the AIF may come from "
                                     "another structure, MBF unreliable")
+            radius_px = lv_radius_in_aif_pixels(aif, maps, segmentations)
+            if radius_px is not None and radius_px < settings.min_aif_lv_radius_px:
+                aif_flag.append(f"small LV: blood-pool radius {radius_px:.1f} AIF pixels (under "
+                                f"{settings.min_aif_lv_radius_px:g}): the AIF pool is mostly partial volume, "
+                                "the AIF and so every MBF value may be off")
             if aif.source == AIF_SOURCE_HINT_REGION:
                 aif_flag.append("AIF from the CNN's LV region of the AIF image: no enhancing blood pool was found "
                                 "there, MBF may be unreliable")

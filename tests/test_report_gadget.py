@@ -311,3 +311,19 @@ def test_aif_from_the_lv_hint_region_is_flagged():
     hinted = [replace(i, source=AIF_SOURCE_HINT_REGION) if isinstance(i, AifCurve) else i for i in items(2.0)]
     report = PerfusionReport.model_validate_json(split(run(hinted))[1][0].text)
     assert any("AIF from the CNN's LV region of the AIF image" in f for f in report.flags)
+
+
+def test_small_lv_for_the_aif_resolution_is_flagged():
+    # the fixture's LV blood pool: radius 9 px of 1.875 mm (16.9 mm); an AIF grid of 5 mm pixels sees a
+    # radius of 3.4 pixels (fine), one of 7.5 mm pixels 2.25 pixels (flagged: mostly partial volume)
+    def with_aif_spacing(spacing_mm: float) -> list:
+        aif_geometry = ImageGeometry(field_of_view_mm=(360.0, 270.0, 10.0), position=(0.0, 0.0, -10.0),
+                                     pixel_spacing_mm=(spacing_mm, spacing_mm))
+        return [replace(i, geometry=aif_geometry) if isinstance(i, AifCurve) else i for i in items(2.0)]
+
+    fine = PerfusionReport.model_validate_json(split(run(with_aif_spacing(5.0)))[1][0].text)
+    assert not any("small LV" in f for f in fine.flags)
+    REPORT_STORE.clear()
+    small = PerfusionReport.model_validate_json(split(run(with_aif_spacing(7.5)))[1][0].text)
+    flag = next(f for f in small.flags if "small LV" in f)
+    assert "radius 2.2 AIF pixels" in flag or "radius 2.3 AIF pixels" in flag
