@@ -134,10 +134,11 @@ def image_rc_of_point(geometry: ImageGeometry, shape: tuple[int, ...], point_mm:
 
 
 def lv_hint_of(segmentation: SliceSegmentation, geometry: ImageGeometry) -> LvHint | None:
-    """The CNN's LV of one slice in scanner coordinates, or None when it found no LV centre."""
-    if not all(math.isfinite(v) for v in segmentation.lv_center_rc):
-        return None
+    """The CNN's LV of one slice in scanner coordinates, or None when it found no LV blood pool (an
+    empty slice keeps the crop centre as its ``lv_center_rc``: a guess, not an LV)."""
     labels = np.asarray(segmentation.labels)
+    if not all(math.isfinite(v) for v in segmentation.lv_center_rc) or not np.any(labels == 1):
+        return None
     point = image_point_mm(geometry, labels.shape, *segmentation.lv_center_rc)
     area_mm2 = float(np.count_nonzero(labels == 1)) * geometry.pixel_spacing_mm[0] * geometry.pixel_spacing_mm[1]
     radius = math.sqrt(area_mm2 / math.pi) if area_mm2 > 0 else None

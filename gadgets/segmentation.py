@@ -170,8 +170,9 @@ class CnnSegmentation(Gadget):
         except (SeriesError, ValueError) as error:
             raise GadgetError(f"cnn-segmentation, slice {series.slice_index}: {error}") from error
         labels, insertion, flags = result.labels, result.rv_insertion_deg, tuple(result.flags)
-        if math.isfinite(insertion):
-            # an RV mask running on along tissue that does not enhance like RV blood (docs/report.md)
+        if math.isfinite(insertion) and units == "gd":
+            # an RV mask running on along tissue that does not enhance like RV blood (docs/report.md;
+            # its 25 % enhancement threshold was set on Gd series, so signal-unit slices are left as they are)
             labels, shift = drop_rv_extension(result.labels, frames, result.lv_center_rc)
             if shift:
                 insertion = rv_insertion_deg(labels, result.lv_center_rc)

@@ -208,3 +208,18 @@ def test_partial_volume_wedge_of_a_correct_rv_is_kept():
 def test_rv_mask_check_rejects_a_series_of_another_shape():
     with pytest.raises(ValueError, match="expected series"):
         enhancing_rv_mask(heart_labels(120.0, 240.0), np.zeros((10, 5, 5)))
+
+
+def test_failed_slice_with_an_rv_does_not_vote():
+    # a mid slice with RV labels but no LV or myocardium (a failed segmentation keeps the crop centre):
+    # the good basal slice keeps its own insertion instead of being averaged with the failed one
+    mbf = np.ones(SHAPE, np.float32)
+    failed = np.where(heart_labels(150.0, 250.0) == 3, 3, 0).astype(np.uint8)
+    slices = [SliceAnalysis(slice_index=0, mbf_ml_min_g=mbf, labels=heart_labels(100.0, 220.0), lv_center_rc=CENTER,
+                            rv_insertion_deg=100.0),
+              SliceAnalysis(slice_index=1, mbf_ml_min_g=mbf, labels=failed, lv_center_rc=CENTER,
+                            rv_insertion_deg=150.0)]
+    placed = place_rv_insertions(slices, ["basal", "mid"], NO_TIP)
+    assert placed[0].rv_insertion_source == "own"
+    assert abs(angle_difference_deg(placed[0].rv_insertion_deg, 100.0)) < 3.0
+    assert placed[1] is slices[1]

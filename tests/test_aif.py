@@ -295,3 +295,11 @@ def test_real_aif_series_lv_found(example):
     # measured: 0.69, 0.76, 0.90 (docs/mapping.md); the bound only guards against regressions
     assert _dice(result.mask, manual_lv) > 0.6
     assert result.peak > result.foot
+
+
+def test_hint_on_the_last_half_pixel_is_inside():
+    series, _, _ = _phantom(np.random.default_rng(17))
+    rows, cols = series.shape[1:]
+    # the corner holds no blood: a clear AifError about its curve, not an IndexError from the disc
+    with pytest.raises(AifError, match="LV hint region"):
+        detect_aif(series, lv_hint_rc=(rows - 0.5, cols - 0.5), lv_hint_radius_px=2.0)

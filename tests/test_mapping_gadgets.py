@@ -155,6 +155,12 @@ def test_aif_without_a_cnn_lv_uses_the_dynamics_alone():
     outputs = list(AifExtract().process(iter([aif_series, slice_0, no_lv])))
     assert [type(item) for item in outputs] == [SliceSeries, SliceSegmentation, AifCurve]
     np.testing.assert_array_equal(outputs[-1].mask, decoy_choice)
+    # an empty slice keeps the crop's centre (finite) but has no LV pixel: not a hint either
+    empty = SliceSegmentation(slice_index=0, labels=np.zeros((64, 64), np.uint8), rv_insertion_deg=float("nan"),
+                              lv_center_rc=(40.0, 12.0))
+    outputs = list(AifExtract().process(iter([aif_series, slice_0, empty])))
+    assert [type(item) for item in outputs] == [SliceSeries, SliceSegmentation, AifCurve]
+    np.testing.assert_array_equal(outputs[-1].mask, decoy_choice)
     # lv_hint off: the AIF at once, before anything else
     _, with_lv = _myocardial_slice_and_segmentation(0, (33.5, 34.5))
     outputs = list(AifExtract(AifExtractSettings(lv_hint=False)).process(iter([aif_series, slice_0, with_lv])))

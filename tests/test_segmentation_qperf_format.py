@@ -106,7 +106,7 @@ def test_shipped_model_closes_open_rings_of_tight_phantom_crops():
     from perfline.models.weights import default_model
     from perfline.simulator import simulate_image_study
 
-    segmenter = Segmenter(default_model("gd"))
+    segmenter = Segmenter(default_model("gd"), runtime="onnxruntime")  # fp32 on every CPU
     assert segmenter.close_ring  # shipped default
     closed_without, closed_with, dice_gain = 0, 0, []
     for seed, number, kind, field in OPEN_RING_SLICES:
@@ -135,7 +135,7 @@ def test_evaluate_command_in_qperf_format(tmp_path, capsys):
 
     out = tmp_path / "qperf.json"
     assert main(["evaluate", "--format", "qperf", "--studies", "2", "--first-seed",
-                 str(2 ** 30 + 3000), "--json", str(out)]) == 0
+                 str(2 ** 30 + 3000), "--runtime", "onnxruntime", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "format qperf" in printed and "closed myocardial ring:" in printed
     slices = json.loads(out.read_text())["slices"]
@@ -144,3 +144,10 @@ def test_evaluate_command_in_qperf_format(tmp_path, capsys):
     assert all(record["dice"] > 0.8 for record in slices)
     with pytest.raises(SystemExit, match="--units gd"):
         main(["evaluate", "--format", "qperf", "--units", "signal", "--studies", "1"])
+
+
+def test_evaluate_mbf_rejects_the_segmentation_options():
+    from perfline.cli import main
+
+    with pytest.raises(SystemExit, match="--ring-closing apply to the segmentation evaluation"):
+        main(["evaluate", "--mbf", "--studies", "2", "--ring-closing", "off"])

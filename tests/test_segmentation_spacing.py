@@ -72,7 +72,7 @@ def qperf_phantom_slice(seed, number, kind, field, spacing_mm, matrix):
 def segmenter():
     from perfline.models.weights import default_model
 
-    return Segmenter(default_model("gd"))
+    return Segmenter(default_model("gd"), runtime="onnxruntime")  # fp32 on every CPU
 
 
 def test_search_closes_a_phantom_ring_shown_at_a_wrong_spacing(segmenter):
@@ -112,7 +112,7 @@ def test_segment_command_with_spacing_search(tmp_path, capsys):
     np.save(tmp_path / "series.npy", np.moveaxis(formatted.series, 0, 2))  # [rows, cols, time]
     out = tmp_path / "labels.npy"
     assert main(["segment", str(tmp_path / "series.npy"), "--pixel-spacing", "1.9", "--dt",
-                 "0.5", "--spacing-search", "--out", str(out)]) == 0
+                 "0.5", "--spacing-search", "--runtime", "onnxruntime", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "closed ring: True" in printed
     used = float(printed.split("pixel spacing used:")[1].split("mm")[0])

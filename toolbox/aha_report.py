@@ -281,12 +281,15 @@ def place_rv_insertions(slices: Sequence[SliceAnalysis], levels: Sequence[SliceL
     offered = []
     for item, level in zip(slices, levels):
         arc = None
-        if all(math.isfinite(v) for v in item.lv_center_rc):
+        # a slice without myocardium (failed segmentation: its centre is the crop's guess) does not vote
+        has_myocardium = bool(np.any(np.asarray(item.labels) == MYOCARDIUM_LABEL))
+        if has_myocardium and all(math.isfinite(v) for v in item.lv_center_rc):
             try:
                 arc = rv_arc(np.asarray(item.labels), item.lv_center_rc)
             except InsertionNotFoundError:
                 arc = None
-        offered.append(SliceRv(level=level, arc=arc, given_deg=float(item.rv_insertion_deg)))
+        offered.append(SliceRv(level=level, arc=arc,
+                               given_deg=float(item.rv_insertion_deg) if has_myocardium else math.nan))
     placed = place_insertions(offered, settings)
     result = []
     for item, placement in zip(slices, placed):

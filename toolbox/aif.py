@@ -384,7 +384,7 @@ def _lv_disc(shape: tuple[int, ...], hint_rc: tuple[float, float], radius_px: fl
         raise AifError(f"the LV hint radius must be positive, got {radius_px}")
     rows, cols = np.mgrid[: shape[0], : shape[1]]
     disc = np.hypot(rows - row, cols - col) <= radius + settings.hint_margin_px
-    disc[int(round(row)), int(round(col))] = True  # never empty
+    disc[min(int(round(row)), shape[0] - 1), min(int(round(col)), shape[1] - 1)] = True  # never empty
     return disc
 
 

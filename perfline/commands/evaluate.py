@@ -81,6 +81,15 @@ def run(args: argparse.Namespace) -> int:
     if args.mbf:
         from perfline.toolbox import mbf_evaluation
 
+        # the chain's segmentation runs with its own settings: say so rather than ignore an option
+        ignored = [name for name, given in (("--padding", args.padding != "zeros"),
+                                            ("--ring-closing", args.ring_closing is not None),
+                                            ("--format", args.format != "plain"),
+                                            ("--spacing-search", args.spacing_search != "off")) if given]
+        if ignored:
+            raise SystemExit(f"{', '.join(ignored)} apply to the segmentation evaluation, not to --mbf "
+                             "(the chain's cnn-segmentation uses its own settings)")
+
         return int(mbf_evaluation.run(args))
     from tqdm import tqdm
 
