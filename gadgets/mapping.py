@@ -45,7 +45,7 @@ from pydantic import Field
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
 from perfline.gadgets.mrd_images import make_image
 from perfline.gadgets.perfusion_items import (
-    AifCurve, AifSeries, FlowMaps, ImageGeometry, SliceSegmentation, SliceSeries,
+    AifCurve, AifSeries, FlowMaps, ImageGeometry, SliceSegmentation, SliceSeries, image_point_mm, image_rc_of_point,
 )
 from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import (
@@ -105,32 +105,6 @@ class LvHint:
     point_mm: np.ndarray
     radius_mm: float | None
     slice_index: int
-
-
-def image_point_mm(geometry: ImageGeometry, shape: tuple[int, ...], row: float, col: float) -> np.ndarray:
-    """Scanner coordinates (mm, float64 [3]) of the point at (row, col) of an image of ``shape`` [rows, cols].
-
-    MRD convention: ``position`` is the centre of the image; columns run along ``read_dir``, rows
-    along ``phase_dir``; pixel centres sit at (index - (n - 1) / 2) spacings from the centre
-    (the same mapping as aha-report's ``pixel_position_mm``).
-    """
-    row_mm, col_mm = geometry.pixel_spacing_mm
-    return (np.asarray(geometry.position, dtype=np.float64)
-            + (col - (shape[1] - 1) / 2.0) * col_mm * np.asarray(geometry.read_dir, dtype=np.float64)
-            + (row - (shape[0] - 1) / 2.0) * row_mm * np.asarray(geometry.phase_dir, dtype=np.float64))
-
-
-def image_rc_of_point(geometry: ImageGeometry, shape: tuple[int, ...], point_mm: np.ndarray) -> tuple[float, float]:
-    """(row, col) in pixels of the orthogonal projection of a scanner point (mm [3]) into the
-    plane of an image of ``shape`` [rows, cols]: the inverse of :func:`image_point_mm` in plane
-    (the offset along the slice normal, e.g. the gap between parallel short-axis slices, drops)."""
-    row_mm, col_mm = geometry.pixel_spacing_mm
-    offset = np.asarray(point_mm, dtype=np.float64) - np.asarray(geometry.position, dtype=np.float64)
-    read = np.asarray(geometry.read_dir, dtype=np.float64)
-    phase = np.asarray(geometry.phase_dir, dtype=np.float64)
-    col = float(np.dot(offset, read) / np.dot(read, read)) / col_mm + (shape[1] - 1) / 2.0
-    row = float(np.dot(offset, phase) / np.dot(phase, phase)) / row_mm + (shape[0] - 1) / 2.0
-    return row, col
 
 
 def lv_hint_of(segmentation: SliceSegmentation, geometry: ImageGeometry) -> LvHint | None:

@@ -42,7 +42,7 @@ from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_g
 from perfline.core.items import TextItem
 from perfline.gadgets.mrd_images import Contour as MrdContour
 from perfline.gadgets.mrd_images import make_image
-from perfline.gadgets.perfusion_items import AifCurve, FlowMaps, ImageGeometry, SliceSegmentation
+from perfline.gadgets.perfusion_items import AifCurve, FlowMaps, ImageGeometry, SliceSegmentation, image_point_mm
 from perfline.toolbox.aha_report import (
     AifSummary, PerfusionReport, ReportSettings, SliceAnalysis, StudyInfo, assign_slice_levels, build_report,
     place_rv_insertions, with_reserve,
@@ -150,19 +150,6 @@ def study_info_from_context(header: Any, parameters: dict[str, Any]) -> StudyInf
                      field_strength_t=float(field) if field is not None else None)
 
 
-def pixel_position_mm(geometry: ImageGeometry, shape: tuple[int, ...], row: float, col: float) -> np.ndarray:
-    """Scanner coordinates (mm, float64 [3]) of the point at (row, col) of an image of ``shape`` [rows, cols].
-
-    MRD convention: ``position`` is the centre of the image; columns run along ``read_dir``, rows
-    along ``phase_dir``; pixel centres sit at (index - (n - 1) / 2) spacings from the centre.
-    """
-    rows, cols = shape[0], shape[1]
-    row_mm, col_mm = geometry.pixel_spacing_mm
-    return (np.asarray(geometry.position, dtype=np.float64)
-            + (col - (cols - 1) / 2.0) * col_mm * np.asarray(geometry.read_dir, dtype=np.float64)
-            + (row - (rows - 1) / 2.0) * row_mm * np.asarray(geometry.phase_dir, dtype=np.float64))
-
-
 def aif_lv_distance_mm(aif: AifCurve, maps: dict[int, FlowMaps],
                        segmentations: dict[int, SliceSegmentation]) -> float | None:
     """In-plane distance (mm) between the AIF pool's centre and the CNN's LV centre (median over slices).
@@ -176,13 +163,13 @@ def aif_lv_distance_mm(aif: AifCurve, maps: dict[int, FlowMaps],
     if not mask.any():
         return None
     centre_rc = np.argwhere(mask).mean(axis=0)
-    aif_point = pixel_position_mm(aif.geometry, mask.shape, float(centre_rc[0]), float(centre_rc[1]))
+    aif_point = image_point_mm(aif.geometry, mask.shape, float(centre_rc[0]), float(centre_rc[1]))
     distances = []
     for index, segmentation in segmentations.items():
         flow = maps.get(index)
         if flow is None or not all(math.isfinite(v) for v in segmentation.lv_center_rc):
             continue
-        lv_point = pixel_position_mm(flow.geometry, flow.mbf_ml_min_g.shape, *segmentation.lv_center_rc)
+        lv_point = image_point_mm(flow.geometry, flow.mbf_ml_min_g.shape, *segmentation.lv_center_rc)
         normal = np.asarray(flow.geometry.slice_dir, dtype=np.float64)
         normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
         offset = aif_point - lv_point
