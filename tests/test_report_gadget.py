@@ -321,9 +321,12 @@ def test_small_lv_for_the_aif_resolution_is_flagged():
                                      pixel_spacing_mm=(spacing_mm, spacing_mm))
         return [replace(i, geometry=aif_geometry) if isinstance(i, AifCurve) else i for i in items(2.0)]
 
-    fine = PerfusionReport.model_validate_json(split(run(with_aif_spacing(5.0)))[1][0].text)
+    fine = PerfusionReport.model_validate_json(split(run(with_aif_spacing(5.0), min_aif_lv_radius_px=3.0))[1][0].text)
     assert not any("small LV" in f for f in fine.flags)
     REPORT_STORE.clear()
-    small = PerfusionReport.model_validate_json(split(run(with_aif_spacing(7.5)))[1][0].text)
+    off = PerfusionReport.model_validate_json(split(run(with_aif_spacing(7.5)))[1][0].text)
+    assert not any("small LV" in f for f in off.flags)  # off by default
+    REPORT_STORE.clear()
+    small = PerfusionReport.model_validate_json(split(run(with_aif_spacing(7.5), min_aif_lv_radius_px=3.0))[1][0].text)
     flag = next(f for f in small.flags if "small LV" in f)
     assert "radius 2.2 AIF pixels" in flag or "radius 2.3 AIF pixels" in flag
