@@ -1,6 +1,7 @@
 """Where the end-to-end MBF error of the ``perfusion`` chain comes from (issue 7).
 
-The chain is run in-process (no server) up to ``cnn-segmentation`` on simulated studies and its
+The chain is run in-process (no server) up to ``flow-map`` (so through ``cnn-segmentation`` and
+``aif-extract``) on simulated studies and its
 intermediates are cached per scan (``prepare``: the uniform-grid Gd series of each slice, the AIF
 curve, the CNN labels, LV centre and RV insertion). ``attribute`` then refits the BTEX maps
 (the ``flow-map`` gadget's settings) with each input swapped for the simulator's truth:
@@ -215,16 +216,21 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
 
 
 def summarise(mbf: list[np.ndarray], segmentation: list[tuple[np.ndarray, tuple[float, float], float]],
-              levels: tuple[str, ...], global_statistic: str = "sectors") -> tuple[float, np.ndarray]:
+              levels: tuple[str, ...], global_statistic: str = "sectors", *,
+              place_rv: bool = False) -> tuple[float, np.ndarray]:
     """(global, [16] sector) MBF as ``perfline evaluate --mbf`` takes them from the report
     (``build_report`` defaults: sector medians without the border ring and the fit-limit pixels,
     failing slices dropped; ``study_mbf_from_report``: global from the sector medians), or with
-    ``global_statistic="report-median"`` the report's global median (the evaluation before 2026-11-26 21:00)."""
-    from perfline.toolbox.aha_report import SliceAnalysis, build_report
+    ``global_statistic="report-median"`` the report's global median (the evaluation before 2026-11-26 21:00).
+    ``place_rv``: the RV insertions placed across the slices as ``aha-report`` does since 2026-11-26
+    (``place_rv_insertions``, default settings; for the CNN's labels; the true labels keep the truth's)."""
+    from perfline.toolbox.aha_report import SliceAnalysis, build_report, place_rv_insertions
     from perfline.toolbox.mbf_evaluation import study_mbf_from_report
 
     slices = [SliceAnalysis(slice_index=i, mbf_ml_min_g=m, labels=labels, lv_center_rc=centre, rv_insertion_deg=rvi)
               for i, (m, (labels, centre, rvi)) in enumerate(zip(mbf, segmentation))]
+    if place_rv:
+        slices = place_rv_insertions(slices, list(levels))
     report = build_report(slices, levels=list(levels))
     study = study_mbf_from_report(report.model_dump())
     value = study.global_mbf
@@ -280,7 +286,8 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
     row["tissue baseline"] = float(np.mean([gd[before][:, _core(labels == 2)].mean()
                                             for gd, (labels, _, _) in zip(scan.chain_gd, scan.cnn)]))
     for source, segmentation in (("cnn", scan.cnn), ("true", scan.true)):
-        errors(f"oracle {source}", *summarise(scan.true_mbf, segmentation, scan.levels, global_statistic))
+        errors(f"oracle {source}", *summarise(scan.true_mbf, segmentation, scan.levels, global_statistic,
+                                              place_rv=source == "cnn"))
     noise = float(np.median(np.concatenate([noise_sd(gd[:, labels == 2].T) for gd, (labels, _, _)
                                             in zip(scan.chain_gd, scan.cnn)])))
     row["tissue noise sd"] = noise
@@ -298,7 +305,7 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
                 gd = gd + rng.normal(0.0, noise, gd.shape)
             maps.append(fit_slice(gd, aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map, fine_blood_aif=fine))
         errors(f"{aif_name} AIF / {gd_name} Gd / {mask_name} mask",
-               *summarise(maps, segmentation, scan.levels, global_statistic))
+               *summarise(maps, segmentation, scan.levels, global_statistic, place_rv=mask_name == "cnn"))
     return row
 
 
