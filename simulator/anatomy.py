@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
+from perfline.toolbox.rv_insertion import main_rv_mask
 from perfline.toolbox.rv_insertion import rv_insertion_deg as _rv_insertion_from_labels
 
 # tissue classes with their own signal curve; "myocardium" is the LV wall with per-pixel MBF
@@ -348,10 +348,7 @@ def render_slice(anatomy: AnatomyParameters, level: str, shape: tuple[int, int],
     labels[f_endo >= 0.5] = 1
     # the thin RV wedges at the insertion points can break into pixel-sized islands: keep the
     # main cavity (islands become background, as a manual contour would leave them)
-    rv_parts, n_parts = ndimage.label(labels == 3)
-    if n_parts > 1:
-        largest = 1 + int(np.argmax(np.bincount(rv_parts.ravel())[1:]))
-        labels[(rv_parts > 0) & (rv_parts != largest)] = 0
+    labels[(labels == 3) & ~main_rv_mask(labels)] = 0
     rows_idx, cols_idx = np.nonzero(labels == 1)
     center_rc = (float(rows_idx.mean()), float(cols_idx.mean())) if rows_idx.size else (
         (rows - 1) / 2 - (cy - window_center_xy_mm[1]) / px, (cols - 1) / 2 + (cx - window_center_xy_mm[0]) / px)

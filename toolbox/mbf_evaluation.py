@@ -26,6 +26,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
+from perfline.toolbox.rv_insertion import angle_difference_deg as signed_difference_deg
+
 logger = logging.getLogger(__name__)
 
 
@@ -118,9 +120,9 @@ def agreement(auto: np.ndarray, truth: np.ndarray) -> AgreementStats:
 
 
 def angle_difference_deg(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
-    """Absolute smallest difference between angles in degrees, in [0, 180]."""
-    d = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) % 360.0
-    return np.minimum(d, 360.0 - d)
+    """Absolute smallest difference between angles in degrees, in [0, 180] (the absolute value
+    of ``rv_insertion.angle_difference_deg``)."""
+    return np.abs(signed_difference_deg(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)))
 
 
 def compare_mbf(auto: Sequence[StudyMbf], truth: Sequence[StudyMbf]) -> MbfComparison:

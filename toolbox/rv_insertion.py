@@ -55,16 +55,22 @@ def lv_center_rc(labels: np.ndarray) -> tuple[float, float]:
     raise InsertionNotFoundError("no LV blood pool or myocardium (labels 1, 2) in the label map")
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """bool [rows, cols]: the largest 4-connected component of ``mask`` (ties: the first in
+    row-major order); ``mask`` itself when it has at most one component."""
+    mask = np.asarray(mask, dtype=bool)
+    parts, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    return parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+
+
 def main_rv_mask(labels: np.ndarray) -> np.ndarray:
     """bool [rows, cols]: the largest 4-connected component of the RV blood pool (label 3).
 
     Ties go to the component found first in row-major order. All false when there is no RV.
     """
-    rv = np.asarray(labels) == RV_BLOOD
-    parts, count = ndimage.label(rv)
-    if count <= 1:
-        return rv
-    return parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+    return largest_component(np.asarray(labels) == RV_BLOOD)
 
 
 @dataclass(frozen=True)
@@ -133,8 +139,8 @@ def rv_insertion_deg(labels: np.ndarray, center_rc: tuple[float, float] | None =
 
 
 # ----------------------------------------------------------------------------- placement
-def angle_difference_deg(a: float, b: float) -> float:
-    """Signed smallest difference a - b, degrees in [-180, 180)."""
+def angle_difference_deg(a: float | np.ndarray, b: float | np.ndarray) -> float | np.ndarray:
+    """Signed smallest difference a - b, degrees in [-180, 180) (elementwise for arrays)."""
     return (a - b + 180.0) % 360.0 - 180.0
 
 
@@ -355,10 +361,7 @@ def enhancing_rv_mask(labels: np.ndarray, series: np.ndarray, *, min_peak_fracti
     keep = np.zeros_like(rv)
     keep[rv] = curves[window].mean(axis=0) >= min_peak_fraction * reference_peak
     keep |= core
-    parts, count = ndimage.label(keep)
-    if count > 1:
-        keep = parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
-    return keep
+    return largest_component(keep)
 
 
 def drop_rv_extension(labels: np.ndarray, series: np.ndarray, center_rc: tuple[float, float], *,
