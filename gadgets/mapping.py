@@ -54,6 +54,7 @@ from perfline.toolbox.aif import (
 )
 from perfline.toolbox.btex import AifTable, BtexSettings, build_aif_table, map_btex, warm_residue_tables
 from perfline.toolbox.fermi import map_fermi
+from perfline.toolbox.rv_insertion import lv_equivalent_radius_mm
 from perfline.toolbox.flow_fit import MappingInputError
 from perfline.toolbox.flow_models import FlowModelError
 from perfline.toolbox.resample import resample_to_uniform
@@ -114,9 +115,8 @@ def lv_hint_of(segmentation: SliceSegmentation, geometry: ImageGeometry) -> LvHi
     if not all(math.isfinite(v) for v in segmentation.lv_center_rc) or not np.any(labels == 1):
         return None
     point = image_point_mm(geometry, labels.shape, *segmentation.lv_center_rc)
-    area_mm2 = float(np.count_nonzero(labels == 1)) * geometry.pixel_spacing_mm[0] * geometry.pixel_spacing_mm[1]
-    radius = math.sqrt(area_mm2 / math.pi) if area_mm2 > 0 else None
-    return LvHint(point_mm=point, radius_mm=radius, slice_index=segmentation.slice_index)
+    return LvHint(point_mm=point, radius_mm=lv_equivalent_radius_mm(labels, geometry.pixel_spacing_mm),
+                  slice_index=segmentation.slice_index)
 
 
 def _require_aif_units(series: AifSeries) -> None:
@@ -177,7 +177,7 @@ class AifExtract(Gadget):
         return row, col
 
     def _extract(self, series: AifSeries, hint: LvHint | None) -> AifCurve:
-        _require_aif_units(series)
+        """The AIF curve of ``series`` (units checked on arrival by ``process``)."""
         table = None
         if self.context.header is not None:
             try:
@@ -200,7 +200,7 @@ class AifExtract(Gadget):
         settings = AifSettings(core_fraction=self.settings.lv_core_fraction,
                                hint_max_distance_px=self.settings.lv_hint_max_distance_mm / pixel_mm)
         hint_rc = self._hint_rc(series, frames.shape[1:], hint)
-        radius_px = hint.radius_mm / pixel_mm if (hint_rc is not None and hint and hint.radius_mm) else None
+        radius_px = hint.radius_mm / pixel_mm if (hint_rc is not None and hint.radius_mm) else None
         try:
             detected = detect_aif(ratio, body=body, settings=settings, lv_hint_rc=hint_rc,
                                   lv_hint_radius_px=radius_px)
@@ -216,7 +216,7 @@ class AifExtract(Gadget):
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
         blood = baseline_subtract(blood, foot)
-        if hint_rc is not None and hint is not None:
+        if hint_rc is not None:
             self.log.info("AIF: CNN's LV of slice %d at (%.1f, %.1f) of the AIF image, radius %s px; pool: %s",
                           hint.slice_index, hint_rc[0], hint_rc[1],
                           f"{radius_px:.1f}" if radius_px is not None else "unknown", detected.source)

@@ -48,7 +48,7 @@ from perfline.toolbox.aha_report import (
     place_rv_insertions, with_reserve,
 )
 from perfline.toolbox.aif import AIF_SOURCE_HINT_REGION
-from perfline.toolbox.rv_insertion import PlacementSettings
+from perfline.toolbox.rv_insertion import PlacementSettings, lv_equivalent_radius_mm
 from perfline.toolbox.sector_contours import Contour, ContourError, border_contours, sector_contours
 
 
@@ -185,17 +185,12 @@ def lv_radius_in_aif_pixels(aif: AifCurve, maps: dict[int, FlowMaps],
     The area is counted on each myocardial slice's grid (label 1, mm^2 from its pixel spacing); the
     largest slice is used (the AIF slice is usually basal). None when no slice has an LV pixel.
     """
-    areas_mm2 = []
-    for index, segmentation in segmentations.items():
-        flow = maps.get(index)
-        if flow is None:
-            continue
-        rows_mm, cols_mm = flow.geometry.pixel_spacing_mm
-        areas_mm2.append(float(np.count_nonzero(np.asarray(segmentation.labels) == 1)) * rows_mm * cols_mm)
-    if not areas_mm2 or max(areas_mm2) <= 0:
+    radii_mm = [lv_equivalent_radius_mm(segmentation.labels, maps[index].geometry.pixel_spacing_mm)
+                for index, segmentation in segmentations.items() if index in maps]
+    radii_mm = [radius for radius in radii_mm if radius is not None]
+    if not radii_mm:
         return None
-    aif_spacing_mm = float(np.sqrt(np.prod(aif.geometry.pixel_spacing_mm)))
-    return float(np.sqrt(max(areas_mm2) / np.pi)) / aif_spacing_mm
+    return max(radii_mm) / float(np.sqrt(np.prod(aif.geometry.pixel_spacing_mm)))
 
 
 def slice_position_mm(geometry: ImageGeometry) -> float:

@@ -512,7 +512,7 @@ class Segmenter:
 
     @staticmethod
     def _finish(probabilities: np.ndarray, center: tuple[float, float], *,
-                close_ring: bool = False, pixel_spacing_mm: float = float("nan"),
+                close_ring: bool, pixel_spacing_mm: float = float("nan"),
                 spacing_search: tuple = ()) -> SliceSegmentation:
         clean: PostProcessed = postprocess(probabilities, close_ring=close_ring)
         flags = [f"not found: {name}" for name in clean.missing]

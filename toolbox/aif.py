@@ -396,11 +396,10 @@ def _hint_choice(smooth: np.ndarray, labels: np.ndarray, pools: list[_Pool],
     if chosen is not None:
         lv_mask, rv_mask = chosen
         distance = float(np.linalg.norm(np.argwhere(lv_mask).mean(axis=0) - np.asarray(hint_rc, dtype=np.float64)))
-        inside = lv_mask & disc
-        if distance <= settings.hint_max_distance_px and inside.sum() >= settings.min_pool_pixels:
-            return inside, rv_mask & ~disc, AIF_SOURCE_POOLS_AT_HINT
-        if distance <= settings.hint_max_distance_px:  # near, but too few pixels inside the disc: keep it whole
-            return lv_mask, rv_mask & ~disc, AIF_SOURCE_POOLS_AT_HINT
+        if distance <= settings.hint_max_distance_px:
+            inside = lv_mask & disc  # too few pixels inside the disc: the near pool is kept whole
+            kept = inside if inside.sum() >= settings.min_pool_pixels else lv_mask
+            return kept, rv_mask & ~disc, AIF_SOURCE_POOLS_AT_HINT
         logger.warning("AIF: the dynamics-only LV choice lies %.1f px from the CNN's LV (more than %.1f px): "
                        "taking the pool at the LV instead", distance, settings.hint_max_distance_px)
     overlaps = [(int(np.sum((labels == pool.label) & disc)), pool) for pool in pools]

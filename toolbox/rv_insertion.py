@@ -65,6 +65,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
 
 
+def lv_equivalent_radius_mm(labels: np.ndarray, pixel_spacing_mm: tuple[float, float]) -> float | None:
+    """Radius (mm) of a disc with the area of the LV blood pool (label 1) of ``labels`` [rows, cols]
+    on a grid of ``pixel_spacing_mm`` (row, col); None when there is no LV pixel."""
+    area_mm2 = float(np.count_nonzero(np.asarray(labels) == LV_BLOOD)) * pixel_spacing_mm[0] * pixel_spacing_mm[1]
+    return math.sqrt(area_mm2 / math.pi) if area_mm2 > 0 else None
+
+
 def main_rv_mask(labels: np.ndarray) -> np.ndarray:
     """bool [rows, cols]: the largest 4-connected component of the RV blood pool (label 3).
 
