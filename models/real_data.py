@@ -24,6 +24,7 @@ from scipy import ndimage
 from perfline.models.data import resample_frames_to_interval
 from perfline.models.inference import SPACING_FACTORS, SliceSegmentation, Segmenter
 from perfline.models.weights import default_model
+from perfline.toolbox.resample import resample_series, uniform_grid
 from perfline.toolbox.seg_metrics import dice
 
 logger = logging.getLogger(__name__)
@@ -86,13 +87,9 @@ def qperf_format(gd: np.ndarray, time_s: np.ndarray, labels: np.ndarray,
     Bilinear in space and linear in time; labels nearest neighbour; outside the input grid 0.
     """
     gd = np.asarray(gd, dtype=np.float32)
-    times = np.asarray(time_s, dtype=np.float64) - float(time_s[0])
-    count = min(int(n_frames), int(np.floor(times[-1] / frame_interval_s)) + 1)
-    grid_t = frame_interval_s * np.arange(count)
-    upper = np.clip(np.searchsorted(times, grid_t, side="right"), 1, len(times) - 1)
-    weight = ((grid_t - times[upper - 1]) / (times[upper] - times[upper - 1])).astype(np.float32)
-    weight = np.clip(weight, 0.0, 1.0)[:, None, None]
-    frames = gd[upper - 1] * (1 - weight) + gd[upper] * weight
+    times = np.asarray(time_s, dtype=np.float64)
+    grid_s = uniform_grid(times, frame_interval_s)[: int(n_frames)]
+    frames = resample_series(gd, times, grid_s)
     step = spacing_mm / pixel_spacing_mm
     half = (np.asarray(matrix, dtype=np.float64) - 1.0) / 2.0
     origin = np.asarray(lv_center_rc, dtype=np.float64) - step * (half + np.asarray(offset_rc))
