@@ -280,6 +280,14 @@ class Augmentation(BaseModel):
                                          description="zero the crop outside a random box "
                                                      "(series cropped tightly around the LV)")
     small_fov_mm: tuple[float, float] = (90.0, 150.0)
+    tight_fov_probability: float = Field(0.0, ge=0, le=1,
+                                         description="zero the crop outside a box sized to the "
+                                                     "heart (a series cropped to the LV, the "
+                                                     "heart filling it: QPerf's exported maps)")
+    tight_fov_ratio: tuple[float, float] = Field((0.9, 1.8), description="box half-size over the "
+                                                 "epicardial equivalent radius, per axis")
+    tight_fov_offset: float = Field(0.25, ge=0, description="+/- box centre offset from the LV "
+                                    "centre, as a fraction of the box half-size")
     realism: Realism = Field(default_factory=Realism, description="anatomical structures, "
                              "elastic warp and correlated noise (perfline.models.augment)")
 
@@ -357,7 +365,9 @@ def augmented_sample(slice_, rng: np.random.Generator | None,
         else:
             crop += np.float32(noise_sd) * standard_normal(crop.shape, rng)
     labels = crop_labels(slice_.labels, geometry, warp)
-    if rng.random() < a.small_fov_probability:
+    if a.tight_fov_probability > 0 and rng.random() < a.tight_fov_probability:
+        _zero_outside_heart_box(crop, labels, rng, a)
+    elif rng.random() < a.small_fov_probability:
         half = rng.uniform(*a.small_fov_mm, size=2) / (2.0 * CROP_SPACING_MM)
         middle = (CROP_SIZE - 1) / 2.0 - shift * spacing / CROP_SPACING_MM
         low = np.clip(np.round(middle - half).astype(int), 0, CROP_SIZE)
@@ -368,6 +378,28 @@ def augmented_sample(slice_, rng: np.random.Generator | None,
         labels[outside] = 0
         normalise_crop(crop)
     return crop, labels
+
+
+def _zero_outside_heart_box(crop: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                            a: Augmentation) -> None:
+    """Zero ``crop`` [time, rows, cols] and ``labels`` [rows, cols] (in place, then renormalise)
+    outside a box around the LV whose half-sizes are ``tight_fov_ratio`` times the epicardial
+    equivalent radius (LV blood pool + myocardium area); the box may cut into the ring, as a
+    tight export crop around the LV does. No heart in the crop: nothing is changed."""
+    heart = (labels == 1) | (labels == 2)
+    if not heart.any():
+        return
+    radius = np.sqrt(heart.sum() / np.pi)
+    middle = np.asarray(ndimage.center_of_mass(heart))
+    half = radius * rng.uniform(*a.tight_fov_ratio, size=2)
+    middle = middle + rng.uniform(-a.tight_fov_offset, a.tight_fov_offset, size=2) * half
+    low = np.clip(np.round(middle - half).astype(int), 0, CROP_SIZE)
+    high = np.clip(np.round(middle + half).astype(int), 0, CROP_SIZE)
+    outside = np.ones(labels.shape, dtype=bool)
+    outside[low[0]:high[0], low[1]:high[1]] = False
+    crop[:, outside] = 0.0
+    labels[outside] = 0
+    normalise_crop(crop)
 
 
 def is_validation_study(seed: int, validation_fraction: float = 0.125) -> bool:

@@ -158,6 +158,28 @@ def test_elastic_warp_moves_labels_with_the_image_and_noise_is_correlated():
         assert bright[truth == 1].mean() > 0.97 and bright[truth == 2].mean() < 0.05
 
 
+def test_tight_field_of_view_is_sized_to_the_heart_and_zeroes_image_and_labels_together():
+    from perfline.models.data import Augmentation, augmented_sample
+
+    plain = dict(scale=(1, 1), rotation_deg=0, center_shift_mm=0, motion_mm=0,
+                 start_frame_shift=(0, 0), frame_interval=(1, 1), gamma=(1, 1), shading=0,
+                 noise_sd=(0, 0), signal_units_probability=0, small_fov_probability=0)
+    slice_ = _ring_phantom()  # epicardium radius 18 px of 1.5 mm = 27 mm = 27 crop pixels
+    full, full_labels = augmented_sample(slice_, np.random.default_rng(2), Augmentation(**plain))
+    tight = Augmentation(**plain, tight_fov_probability=1, tight_fov_ratio=(1.2, 1.2),
+                         tight_fov_offset=0)
+    crop, labels = augmented_sample(slice_, np.random.default_rng(2), tight)
+    inside = np.abs(crop).max(axis=0) > 0
+    rows, cols = np.nonzero(inside)
+    # the box is 2 x 1.2 x the equivalent epicardial radius (about 27 crop pixels) on each axis
+    for extent in (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1):
+        assert 2 * 1.2 * 24 < extent < 2 * 1.2 * 30
+    assert not np.any(labels[~inside]) and np.any(full_labels[~inside] == 3)  # RV cut away
+    assert np.array_equal(labels[inside], full_labels[inside])
+    assert (labels == 2).sum() == (full_labels == 2).sum()  # the whole ring stays at 1.2
+    assert np.isclose(crop.max(), full.max(), rtol=0.1)  # renormalised to the box's maximum
+
+
 def test_torch_standard_normal_is_standard_and_follows_the_numpy_generator():
     from perfline.models.augment import standard_normal
 
