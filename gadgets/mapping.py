@@ -52,7 +52,10 @@ from perfline.toolbox.aif import (
     AIF_SOURCE_HINT_REGION, AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif,
     magnitude_floor_corrected_curve,
 )
-from perfline.toolbox.btex import AifTable, BtexSettings, build_aif_table, map_btex, warm_residue_tables
+from perfline.toolbox.btex import (
+    AifTable, BtexSettings, aif_on_fine_grid, build_aif_table, fine_table_curves, map_btex, sampled_aif_table,
+    WARM_LENGTHS, tissue_sampling, warm_residue_tables,
+)
 from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.rv_insertion import lv_equivalent_radius_mm
 from perfline.toolbox.flow_fit import MappingInputError
@@ -213,9 +216,13 @@ class AifExtract(Gadget):
             blood = np.asarray(blood, dtype=np.float64)
             grid_s, blood = resample_to_uniform(blood, time_s, self.settings.interval_s)
             foot, peak = aif_foot_peak(blood)
+            samples = self._acquired_curve(series, table, detected.mask, detected.foot)
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
-        blood = baseline_subtract(blood, foot)
+        subtracted = baseline_subtract(blood, foot)
+        if samples is not None:  # the same baseline (of the grid curve) off the acquired samples
+            samples = (samples[0], samples[1] - (blood - subtracted)[0])
+        blood = subtracted
         if hint_rc is not None:
             self.log.info("AIF: CNN's LV of slice %d at (%.1f, %.1f) of the AIF image, radius %s px; pool: %s",
                           hint.slice_index, hint_rc[0], hint_rc[1],
@@ -226,7 +233,25 @@ class AifExtract(Gadget):
                       int(detected.mask.sum()), grid_s[foot], blood[peak], grid_s[peak], self._hematocrit)
         return AifCurve(time_s=grid_s, blood_gd_mmol_l=blood, hematocrit=self._hematocrit,
                         foot_index=foot, peak_index=peak, mask=detected.mask, geometry=series.geometry,
-                        source=detected.source)
+                        source=detected.source, sample_time_s=None if samples is None else samples[0],
+                        sample_blood_gd_mmol_l=None if samples is None else samples[1])
+
+    @staticmethod
+    def _acquired_curve(series: AifSeries, table: Any, mask: np.ndarray,
+                        foot: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(acquisition times [frames], LV blood Gd [frames]) of the series before resampling, from the
+        same pixels and the same ratio / floor / table steps as the grid curve; None without them."""
+        if series.acquired_time_s is None or series.acquired_data is None:
+            return None
+        time_s = np.asarray(series.acquired_time_s, dtype=np.float64)
+        frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
+        if table is None:
+            return time_s, frames[:, mask].mean(axis=1)
+        ratio = table.to_ratio(frames) if series.units == "gd_mmol_l" else frames
+        # the floor's baseline frames: those acquired up to the grid curve's foot frame
+        last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
+        curve = magnitude_floor_corrected_curve(ratio, mask, slice(1, max(last, 2)), float(table.to_ratio(0.0)))
+        return time_s, np.asarray(table.to_gd(curve), dtype=np.float64)
 
 
 class FlowMapSettings(GadgetSettings):
@@ -248,6 +273,12 @@ class FlowMapSettings(GadgetSettings):
     mask_labels: tuple[int, ...] = Field((2,), description=(
         "segmentation labels fitted (1 LV pool, 2 myocardium, 3 RV); the report needs the myocardium only and "
         "every extra pixel costs fit time"))
+    aif_upsample: int = Field(1, ge=1, le=8, description=(
+        "BTEX table: 1 = the AIF on the fit grid, linear between samples (hat weights); k > 1 = the AIF's "
+        "acquired samples (AifCurve.sample_*) through a cubic spline on a k times finer grid, the convolution "
+        "and delays there, and the table curves sampled at each slice's acquisition times and interpolated "
+        "onto the grid as temporal-resample does (one table per slice; docs/mapping.md, 'The per-slice "
+        "sampled table'); without acquired samples the grid AIF is used as for 1"))
     heart_mask_px: int = Field(0, ge=0, le=64, description=(
         "dilation of the labelled region, pixels (0: the CNN myocardium exactly; dilating it mixes blood into "
         "the smoothed delay pre-fit of the border pixels: rest MBF +2 to +10 % on the demo phantom)"))
@@ -268,7 +299,8 @@ class FlowMap(Gadget):
         slices: dict[int, SliceSeries] = {}
         masks: dict[int, np.ndarray] = {}
         use_masks = self.settings.use_segmentation
-        self._tables: dict[tuple[bytes, float], AifTable] = {}
+        self._tables: dict[tuple[bytes, ...], AifTable] = {}
+        self._fine_curves: dict[tuple[bytes, bytes], np.ndarray] = {}
         self._warming: threading.Thread | None = None
         for item in items:
             if isinstance(item, AifCurve):
@@ -305,9 +337,15 @@ class FlowMap(Gadget):
                      if spec.gadget.name == "temporal-resample"]
         if not intervals:
             return None
-        spent = warm_residue_tables(intervals[-1], _table_settings(settings), stop=stop)
+        dt_s = intervals[-1]
+        if settings.aif_upsample > 1:  # the fine grid's tables for the acquired-sample AIF
+            dt_s /= settings.aif_upsample
+            spent = warm_residue_tables(dt_s, _table_settings(settings), stop=stop,
+                                        lengths=tuple(settings.aif_upsample * n for n in WARM_LENGTHS))
+        else:
+            spent = warm_residue_tables(dt_s, _table_settings(settings), stop=stop)
         return "BTEX residue tables " + ", ".join(f"{n} samples {s:.1f} s" for n, s in spent.items()) + \
-            f" (dt {intervals[-1]:g} s)"
+            f" (dt {dt_s:g} s)"
 
     def _btex_settings(self) -> BtexSettings:
         return _btex_settings(self.settings)
@@ -322,17 +360,71 @@ class FlowMap(Gadget):
             self._tables[key] = build_aif_table(plasma, dt_s, self._btex_settings())
         return self._tables[key]
 
+    def _uses_samples(self, aif: AifCurve) -> bool:
+        return (self.settings.model == "btex" and self.settings.aif_upsample > 1
+                and aif.sample_time_s is not None and aif.sample_blood_gd_mmol_l is not None)
+
+    def _fine_table_curves(self, aif: AifCurve, grid_s: np.ndarray) -> np.ndarray:
+        """Zero-delay table curves of the AIF's acquired samples on the fine grid of ``grid_s`` (once per scan)."""
+        key = (np.asarray(aif.sample_blood_gd_mmol_l).tobytes(), grid_s.tobytes())
+        if key not in self._fine_curves:
+            upsample = self.settings.aif_upsample
+            plasma = aif_on_fine_grid(aif.sample_time_s, np.asarray(aif.sample_blood_gd_mmol_l) /
+                                      (1.0 - aif.hematocrit), grid_s, upsample)
+            fine_t = grid_s[0] + (grid_s[1] - grid_s[0]) / upsample * np.arange(plasma.size)
+            plasma[fine_t < aif.time_s[aif.foot_index]] = 0.0  # as on the grid: zero before the foot
+            fine_dt = float(grid_s[1] - grid_s[0]) / upsample
+            self._fine_curves[key] = fine_table_curves(plasma, fine_dt, self._btex_settings())
+        return self._fine_curves[key]
+
+    def _sampled_settings(self, dt_s: float) -> BtexSettings:
+        """The BTEX settings with the sampled table: delay nodes on the fine grid's step (at most 0.25 s).
+
+        The delay is a linear-interpolation shift on the fine grid, piecewise linear in the delay
+        between multiples of the fine step; the refinement interpolates linearly between delay nodes,
+        so nodes at that step make the delay axis exact (0.25 s nodes on a 0.125 s grid read Fp 3-3.5
+        +3-4 % high on the table's own curves, docs/mapping.md)."""
+        settings = self._btex_settings()
+        fine_dt = dt_s / self.settings.aif_upsample
+        step = fine_dt * max(1, math.floor(settings.delay_step_s / fine_dt + 1e-9))
+        # the global search keeps its delay spacing (every second 0.25 s node: 0.5 s)
+        stride = list(settings.coarse_stride)
+        stride[4] = max(1, round(stride[4] * settings.delay_step_s / step))
+        return settings.model_copy(update={"delay_step_s": step, "coarse_stride": tuple(stride)})
+
+    def _sampled_table(self, aif: AifCurve, grid_s: np.ndarray, acquired_s: np.ndarray | None) -> AifTable:
+        """The slice's table: the AIF's fine table curves sampled as the slice was (cached per sampling)."""
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
+        sampling_key = b"" if acquired_s is None else np.asarray(acquired_s, dtype=np.float64).tobytes()
+        key = (np.asarray(aif.sample_blood_gd_mmol_l).tobytes(), grid_s.tobytes(), sampling_key)
+        if key not in self._tables:
+            upsample = self.settings.aif_upsample
+            curves = self._fine_table_curves(aif, grid_s)
+            sampling = tissue_sampling(grid_s, acquired_s, upsample)
+            dt_s = float(grid_s[1] - grid_s[0])
+            self._tables[key] = sampled_aif_table(curves, dt_s / upsample, sampling, self._sampled_settings(dt_s))
+            self.log.debug("sampled BTEX table (AIF upsampled %dx, %s acquisition times)", upsample,
+                           "grid" if acquired_s is None else f"{np.size(acquired_s)}")
+        return self._tables[key]
+
     def _start_warming(self, aif: AifCurve) -> None:
-        """Build the BTEX table of the AIF's grid in the background while the slices are segmented."""
+        """Build the BTEX table of the AIF's grid (with ``aif_upsample`` > 1: the fine table curves of its
+        acquired samples) in the background while the slices are segmented."""
         if self.settings.model != "btex" or aif.time_s.size < 2:
             return
-        plasma = _plasma_on(np.asarray(aif.time_s, dtype=np.float64), aif)
+        grid_s = np.asarray(aif.time_s, dtype=np.float64)
+        plasma = _plasma_on(grid_s, aif)
         dt_s = float(np.mean(np.diff(aif.time_s)))
         key = (plasma.tobytes(), round(dt_s, 6))
 
         def build() -> None:
             try:
-                self._tables[key] = build_aif_table(plasma, dt_s, self._btex_settings())
+                if self._uses_samples(aif):
+                    self._fine_table_curves(aif, grid_s)
+                else:
+                    self._tables[key] = build_aif_table(plasma, dt_s, self._btex_settings())
             except (MappingInputError, FlowModelError, ValueError) as error:  # the slice fit reports it
                 self.log.warning("BTEX table warm-up failed: %s", error)
 
@@ -369,7 +461,11 @@ class FlowMap(Gadget):
         if self.settings.model == "btex":
             kwargs["delay_smoothing_px"] = self.settings.delay_smoothing_px
             kwargs["settings"] = self._btex_settings()
-            kwargs["aif_table"] = self._aif_table(plasma, dt_s)
+            if self._uses_samples(aif):
+                kwargs["settings"] = self._sampled_settings(dt_s)
+                kwargs["aif_table"] = self._sampled_table(aif, time_s, series.acquired_time_s)
+            else:
+                kwargs["aif_table"] = self._aif_table(plasma, dt_s)
         if mask is not None:
             if mask.shape != tissue.shape[1:]:
                 raise GadgetError(f"flow-map, slice {series.slice_index}: segmentation shape {mask.shape} differs "

@@ -73,6 +73,9 @@ class SliceSeries:
         stages: names of the processing steps applied so far (for the report and the meta).
         flags: human-readable problems of the acquisition found on the way (e.g. a scan that
             ended early); the segmentation passes them on to the report.
+        acquired_time_s: float64 [frames] acquisition times (s) of the frames before
+            ``temporal-resample`` put them on the uniform grid ``time_s`` (None: not resampled).
+            ``flow-map`` models the linear interpolation between them (docs/mapping.md).
     """
 
     slice_index: int
@@ -85,6 +88,7 @@ class SliceSeries:
     slice_position_mm: float = 0.0
     stages: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
+    acquired_time_s: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,9 @@ class AifSeries:
         time_s: float64 [time].
         echo_times_ms: TE of each echo.
         n_pd_frames: PD frames at the start of ``time``.
+        acquired_time_s, acquired_data: float64 [frames] acquisition times (s) and float32
+            [1, frames, rows, cols] Gd of the series before ``temporal-resample`` (None: not
+            resampled); ``aif-extract`` takes the AIF at these times as well.
     """
 
     data: np.ndarray
@@ -107,6 +114,8 @@ class AifSeries:
     geometry: ImageGeometry
     pd_image: np.ndarray | None = None
     stages: tuple[str, ...] = ()
+    acquired_time_s: np.ndarray | None = None
+    acquired_data: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,10 @@ class AifCurve:
         foot_index, peak_index: bolus foot and peak on ``time_s``.
         mask: bool [rows, cols] LV blood-pool pixels on the AIF grid.
         source: how aif-extract chose those pixels (``toolbox.aif.AifResult.source``).
+        sample_time_s, sample_blood_gd_mmol_l: float64 [frames] the same LV blood Gd (same
+            pixels, same baseline subtracted) at the AIF's acquisition times, once per heartbeat,
+            before resampling (None when the series came without them): ``flow-map`` interpolates
+            them smoothly for its BTEX table (docs/mapping.md).
     """
 
     time_s: np.ndarray
@@ -130,6 +143,8 @@ class AifCurve:
     mask: np.ndarray
     geometry: ImageGeometry
     source: str = "pools"
+    sample_time_s: np.ndarray | None = None
+    sample_blood_gd_mmol_l: np.ndarray | None = None
 
     @property
     def plasma_gd_mmol_l(self) -> np.ndarray:

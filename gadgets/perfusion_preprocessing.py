@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import ismrmrd
 import numpy as np
@@ -282,7 +282,15 @@ class TemporalResample(Gadget):
                     data = resample.resample_series(item.data, item.time_s, grid)
             except ValueError as error:
                 raise GadgetError(f"{_label(item)}: {error}") from error
-            yield dataclasses.replace(item, data=data, time_s=grid.copy(), stages=item.stages + ("resample",))
+            # the acquisition times (and the AIF's acquired frames) go on: flow-map models the sampling
+            acquired_time_s = np.asarray(item.time_s, dtype=np.float64).copy()
+            if item.acquired_time_s is not None:
+                acquired_time_s = item.acquired_time_s
+            extra: dict[str, Any] = {"acquired_time_s": acquired_time_s}
+            if isinstance(item, AifSeries) and item.acquired_data is None:
+                extra["acquired_data"] = np.asarray(item.data)
+            yield dataclasses.replace(item, data=data, time_s=grid.copy(), stages=item.stages + ("resample",),
+                                      **extra)
 
 
 class SeriesImagesSettings(GadgetSettings):

@@ -288,6 +288,67 @@ def test_fine_aif_table_removes_the_high_flow_over_read_of_heartbeat_sampled_cur
     assert np.all(np.abs(fine[2:]) < 0.6 * linear[2:]), (fine, linear)
 
 
+def test_sampled_fine_table_reads_heartbeat_sampled_high_flow_within_a_few_percent(tmp_path, monkeypatch):
+    """The case of the test above, fitted with the table that also models the tissue's sampling
+    (``sampled_aif_table``: fine table curves taken at the tissue's acquisition times and linearly
+    interpolated onto the grid, ``tissue_sampling``): every flow reads within 5 %, high flow included,
+    where the linear table reads +10 % and more and the fine AIF alone reads low."""
+    from perfline.toolbox.btex import aif_on_fine_grid, fine_table_curves, fit_btex_curves, sampled_aif_table, \
+        tissue_sampling
+
+    monkeypatch.setenv("PERFLINE_CACHE_DIR", str(tmp_path))
+    fine_dt = DT / 8
+    fine_time = np.arange(8 * T) * fine_dt
+
+    def plasma(t: np.ndarray) -> np.ndarray:
+        x = np.clip(t - 8.0, 0.0, None)
+        return 5.0 * (x / 3.0) ** 3 * np.exp(3.0 - x) + 0.4 * (1.0 - np.exp(-x / 8.0))
+
+    aif_times = 0.1 + 0.62 * np.arange(int((TIME[-1] + 1.0) / 0.62) + 1)
+    tissue_times = aif_times + 0.3
+    fp = np.array([1.0, 2.0, 3.0, 3.5])
+    n = fp.size
+    continuous = fm.btex_tissue_curves(plasma(fine_time), fine_dt, fp, np.full(n, 1.0), np.full(n, 0.08),
+                                       np.full(n, 0.2), 0.6)
+    acquired = np.array([np.interp(tissue_times, fine_time, curve) for curve in continuous])
+    grid = TIME[(TIME >= tissue_times[0]) & (TIME <= aif_times[-1])]
+    curves = np.array([np.interp(grid, tissue_times, curve) for curve in acquired])
+    settings = BtexSettings(fp_range_ml_min_g=(0.5, 6.0), fp_steps=24, ps_range_ml_min_g=(0.5, 2.0), ps_steps=5,
+                            vp_range=(0.04, 0.12), vp_steps=5, visf_range=(0.15, 0.3), visf_steps=4,
+                            coarse_stride=(2, 1, 1, 1, 2))
+    linear_aif = np.interp(grid, aif_times, plasma(aif_times))
+    linear = fit_btex_curves(curves, linear_aif, DT, settings)["mbf_ml_min_g"] / fp - 1.0
+    # delay nodes on the fine grid's step: the fine shift is exact between them (0.25 s nodes: +4 % at Fp 3.5)
+    settings = settings.model_copy(update={"delay_step_s": DT / 4})
+    fine_curves = fine_table_curves(aif_on_fine_grid(aif_times, plasma(aif_times), grid, 4), DT / 4, settings)
+    table = sampled_aif_table(fine_curves, DT / 4, tissue_sampling(grid, tissue_times, 4), settings)
+    sampled = fit_btex_curves(curves, linear_aif, DT, settings, aif_table=table)
+    error = sampled["mbf_ml_min_g"] / fp - 1.0
+    assert np.all(np.abs(error) < 0.05), error
+    assert np.all(np.abs(error[2:]) < 0.4 * linear[2:]), (error, linear)
+    np.testing.assert_allclose(sampled["delay_s"], 0.6, atol=0.1)
+
+
+def test_sampled_table_on_the_grid_is_the_upsampled_table(tmp_path, monkeypatch):
+    """With tissue acquired on the grid itself (no acquisition times), the sampled table is the
+    fine table of ``build_aif_table(upsample=4)`` (same curves: the delays are shifts on the fine
+    grid either way), up to the principal-component basis."""
+    from perfline.toolbox.btex import fine_table_curves, sampled_aif_table, tissue_sampling
+
+    monkeypatch.setenv("PERFLINE_CACHE_DIR", str(tmp_path))
+    settings = BtexSettings(fp_steps=6, ps_steps=3, vp_steps=3, visf_steps=3, n_components=16)
+    fine_aif = np.interp(np.arange(4 * T) * DT / 4, TIME, _plasma_aif())
+    upsampled = build_aif_table(fine_aif, DT, settings, upsample=4)
+    sampled = sampled_aif_table(fine_table_curves(fine_aif, DT / 4, settings), DT / 4,
+                                tissue_sampling(TIME, None, 4), settings)
+    curves_a = upsampled.coefficients @ upsampled.basis.T
+    curves_b = sampled.coefficients @ sampled.basis.T
+    assert np.abs(curves_a - curves_b).max() < 2e-3 * np.abs(curves_a).max()
+    np.testing.assert_array_equal(sampled.delays, upsampled.delays)
+    with pytest.raises(ValueError, match="sampling must be"):
+        sampled_aif_table(fine_table_curves(fine_aif, DT / 4, settings), DT / 4, np.eye(T), settings)
+
+
 def test_aif_on_fine_grid_is_the_cubic_spline_of_the_samples():
     from perfline.toolbox.btex import aif_on_fine_grid
 

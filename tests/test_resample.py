@@ -88,3 +88,44 @@ def test_no_extrapolation_and_no_nan_data() -> None:
     data[1, 1] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         resample_series(data, times, np.array([0.5]))
+
+
+def test_interpolation_matrix_is_np_interp() -> None:
+    from perfline.toolbox.resample import interpolation_matrix
+
+    rng = np.random.default_rng(4)
+    source = np.cumsum(rng.uniform(0.4, 1.1, 30))
+    target = np.linspace(source[0] - 1.0, source[-1] + 1.0, 77)
+    values = rng.normal(size=(30, 3))
+    matrix = interpolation_matrix(source, target)
+    assert matrix.shape == (77, 30)
+    np.testing.assert_allclose(matrix @ values, np.stack([np.interp(target, source, v) for v in values.T], 1),
+                               atol=1e-12)
+    # left=0: a curve that starts from zero before its first sample
+    zero_before = interpolation_matrix(source, target, left=0.0) @ values[:, 0]
+    np.testing.assert_allclose(zero_before, np.interp(target, source, values[:, 0], left=0.0), atol=1e-12)
+    with pytest.raises(ValueError, match="left must be"):
+        interpolation_matrix(source, target, left=1.0)
+
+
+def test_temporal_resample_passes_on_the_acquisition_times() -> None:
+    """temporal-resample keeps each series' acquisition times (and the AIF's acquired frames) next to
+    the uniform grid: flow-map models the sampling with them."""
+    from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry, SliceSeries
+    from perfline.gadgets.perfusion_preprocessing import TemporalResample
+
+    geometry = ImageGeometry(field_of_view_mm=(100.0, 100.0, 8.0))
+    aif_times = 0.1 + 0.62 * np.arange(40)
+    slice_times = aif_times + 0.3
+    aif_data = np.random.default_rng(0).uniform(0, 1, (1, 40, 4, 4)).astype(np.float32)
+    aif = AifSeries(data=aif_data, time_s=aif_times, echo_times_ms=(1.0,), units="gd_mmol_l", n_pd_frames=0,
+                    geometry=geometry)
+    one = SliceSeries(slice_index=0, data=np.ones((40, 3, 3), dtype=np.float32), time_s=slice_times,
+                      units="gd_mmol_l", n_pd_frames=0, geometry=geometry)
+    out_aif, out_slice = list(TemporalResample().process(iter([one, aif])))
+    assert isinstance(out_aif, AifSeries) and isinstance(out_slice, SliceSeries)
+    np.testing.assert_allclose(np.diff(out_slice.time_s), 0.5)
+    np.testing.assert_array_equal(out_slice.acquired_time_s, slice_times)
+    np.testing.assert_array_equal(out_aif.acquired_time_s, aif_times)
+    np.testing.assert_array_equal(out_aif.acquired_data, aif_data)
+    assert out_aif.data.shape[1] == out_aif.time_s.size != 40

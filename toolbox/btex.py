@@ -376,6 +376,94 @@ def build_aif_table(aif: np.ndarray, dt_s: float, settings: BtexSettings, *, ups
     return AifTable(table, basis, delays, penalty)
 
 
+def fine_table_curves(aif_fine: np.ndarray, fine_dt_s: float, settings: BtexSettings) -> np.ndarray:
+    """Tissue curves of the whole grid at zero delay on a fine grid, float32 ``[nfp, nps, nvp, nvisf, K]``.
+
+    ``aif_fine`` ``[K]``: the plasma AIF (mmol/L) on a grid of step ``fine_dt_s`` (s) from the fit
+    grid's first point (:func:`aif_on_fine_grid`), zero before it. The convolution is the
+    hat-weight one of :func:`build_aif_table`, on the fine grid: a cubic AIF between heartbeat
+    samples convolved at ``dt / 4`` is within 0.4-1.3e-4 mmol/L of the continuous model, the
+    linear AIF at ``dt`` 11-33e-4 (docs/mapping.md, "High flow"). Shared by every slice of a scan;
+    :func:`sampled_aif_table` takes it to each slice's sampling.
+    """
+    return _table_curves(np.asarray(aif_fine, dtype=np.float64), fine_dt_s, settings).astype(np.float32)
+
+
+def sampled_aif_table(curves_fine: np.ndarray, fine_dt_s: float, sampling: np.ndarray,
+                      settings: BtexSettings) -> AifTable:
+    """The table of :func:`build_aif_table` for curves that were SAMPLED like the tissue data.
+
+    Args:
+        curves_fine: float32 ``[nfp, nps, nvp, nvisf, K]`` from :func:`fine_table_curves`.
+        fine_dt_s: step of the fine grid (s).
+        sampling: float ``[T, K]`` linear map from a curve on the fine grid to the tissue samples
+            on the fit grid: e.g. taken at the slice's acquisition times and then linearly
+            interpolated onto the uniform grid as ``temporal-resample`` does
+            (``resample.interpolation_matrix`` twice); every ``k``-th fine sample for a curve
+            acquired on the grid itself.
+        settings: the grid, delays, components and priors.
+
+    Each delay is a shift on the fine grid (linear interpolation, zero before the start), then
+    the sampling; the table holds the principal-component coefficients only (the shifted, sampled
+    curves of the whole table are never formed: the basis comes from a regular subsample, then
+    one product ``[curves, K] @ [K, delays * R]``). Modelling the tissue's sampling removes the
+    blur of linear interpolation between heartbeats that otherwise reads high flow low once the
+    AIF is modelled finely (docs/mapping.md, "The per-slice sampled table").
+    """
+    sampling = np.asarray(sampling, dtype=np.float64)
+    n_fine = curves_fine.shape[-1]
+    if sampling.ndim != 2 or sampling.shape[1] != n_fine:
+        raise ValueError(f"sampling must be [T, {n_fine}] (fine curves have {n_fine} samples), got {sampling.shape}")
+    delays = np.arange(0.0, settings.delay_max_s + 1e-9, settings.delay_step_s)
+    operators = [_shifted_sampling(sampling, d / fine_dt_s) for d in delays]  # [T, K] each
+    flat = curves_fine.reshape(-1, n_fine)
+    # basis: each delay on its own regular subsample of the curves (about 9,000 sampled curves in all)
+    stride = max(1, (7 * delays.size) // 2)
+    sample = np.concatenate([(flat[j % stride :: stride] @ op.T.astype(np.float32)).astype(np.float64)
+                             for j, op in enumerate(operators)])
+    _, vectors = np.linalg.eigh(sample.T @ sample)
+    basis = vectors[:, ::-1][:, : settings.n_components]  # [T, R]
+    projection = np.concatenate([op.T @ basis for op in operators], axis=1).astype(np.float32)  # [K, D R]
+    table = (flat @ projection).reshape(*curves_fine.shape[:-1], delays.size, basis.shape[1])
+    centre, precision = settings.prior_in_cells()
+    grids = np.meshgrid(*(np.arange(size, dtype=np.float64) for size in table.shape[:-1]), indexing="ij")
+    penalty = sum(p * (g - c) ** 2 for g, c, p in zip(grids, centre, precision))
+    return AifTable(np.ascontiguousarray(table, dtype=np.float32), basis, delays, penalty)
+
+
+def _shifted_sampling(sampling: np.ndarray, shift_samples: float) -> np.ndarray:
+    """``sampling @ D``, D the delay by ``shift_samples`` fine samples (linear interpolation, zero
+    before the start, ``flow_models.shift_curves``): a delayed curve is ``(1 - f) c[i - m] + f c[i - m - 1]``
+    (``m + f`` the shift), so column ``k`` of the product is ``(1 - f) S[:, k + m] + f S[:, k + m + 1]``."""
+    whole, frac = divmod(float(shift_samples), 1.0)
+    if frac > 1.0 - 1e-9:
+        whole, frac = whole + 1.0, 0.0
+    whole = int(whole)
+    n = sampling.shape[1]
+    padded = np.concatenate([sampling, np.zeros((sampling.shape[0], whole + 2))], axis=1)
+    return (1.0 - frac) * padded[:, whole : whole + n] + frac * padded[:, whole + 1 : whole + 1 + n]
+
+
+def tissue_sampling(grid_s: np.ndarray, acquired_s: np.ndarray | None, upsample: int) -> np.ndarray:
+    """The ``sampling`` matrix of :func:`sampled_aif_table`, float64 ``[T, upsample * T]``.
+
+    ``grid_s`` ``[T]``: the uniform fit grid (s); ``acquired_s`` ``[F]``: the slice's acquisition
+    times (s) before ``temporal-resample``, or None for a curve acquired on the grid. A fine-grid
+    curve (step ``dt / upsample`` from ``grid_s[0]``, zero before) is taken at the acquisition
+    times and linearly interpolated onto the grid (as ``resample.resample_series``); acquisition
+    times past the fine grid's end hold its last value (a slowly varying tail).
+    """
+    from perfline.toolbox.resample import interpolation_matrix
+
+    grid_s = np.asarray(grid_s, dtype=np.float64)
+    dt_s = float(grid_s[1] - grid_s[0])
+    fine_t = grid_s[0] + dt_s / upsample * np.arange(upsample * grid_s.size)
+    if acquired_s is None:
+        return interpolation_matrix(fine_t, grid_s)
+    acquired_s = np.asarray(acquired_s, dtype=np.float64)
+    return interpolation_matrix(acquired_s, grid_s) @ interpolation_matrix(fine_t, acquired_s, left=0.0)
+
+
 def fit_btex_curves(
     curves: np.ndarray, aif: np.ndarray, dt_s: float, settings: BtexSettings,
     *, delay_prior_s: np.ndarray | None = None, delay_prior_sd_s: float = 0.25,

@@ -124,3 +124,35 @@ def resample_to_uniform(data: np.ndarray, time_s: np.ndarray, interval_s: float 
     """
     grid_s = uniform_grid(time_s, interval_s, start_s=start_s)
     return grid_s, resample_series(data, time_s, grid_s)
+
+
+def interpolation_matrix(source_s: np.ndarray, target_s: np.ndarray, *, left: float | None = None) -> np.ndarray:
+    """Linear interpolation as a matrix: ``M @ values == np.interp(target_s, source_s, values)``.
+
+    Args:
+        source_s: float [S] strictly increasing sample times (s).
+        target_s: float [N] times (s) to interpolate at; beyond the last source time the last
+            value is held (as ``np.interp``); before the first, the first value, or zero when
+            ``left == 0`` (curves that start from a zero baseline).
+
+    Returns:
+        float64 [N, S], at most two non-zero weights per row (summing to 1 inside the range).
+
+    Used to model a sampling chain exactly, e.g. a curve on a fine grid taken at a slice's
+    acquisition times and then interpolated onto the uniform grid as :func:`resample_series`
+    does (``toolbox.btex.sampled_aif_table``).
+    """
+    source_s = check_time_stamps(source_s)
+    target_s = np.asarray(target_s, dtype=np.float64)
+    if left not in (None, 0, 0.0):
+        raise ValueError(f"left must be None (hold the first value) or 0, got {left}")
+    clipped = np.clip(target_s, source_s[0], source_s[-1])
+    lower = np.clip(np.searchsorted(source_s, clipped, side="right") - 1, 0, source_s.size - 2)
+    weight = (clipped - source_s[lower]) / (source_s[lower + 1] - source_s[lower])
+    matrix = np.zeros((target_s.size, source_s.size))
+    rows = np.arange(target_s.size)
+    matrix[rows, lower] = 1.0 - weight
+    matrix[rows, lower + 1] += weight
+    if left is not None:
+        matrix[target_s < source_s[0]] = 0.0
+    return matrix
