@@ -6,11 +6,12 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from perfline.toolbox.aha_report import SliceAnalysis, place_rv_insertions
 from perfline.toolbox.rv_insertion import (
     InsertionNotFoundError, PlacementSettings, RvArc, SliceRv, angle_difference_deg, circular_mean_deg,
-    drop_rv_extension, enhancing_rv_mask, main_rv_mask, place_insertions, rv_arc, rv_insertion_deg,
+    drop_rv_extension, enhancing_rv_mask, extend_rv_tip, main_rv_mask, place_insertions, rv_arc, rv_insertion_deg,
 )
 
 SHAPE = (96, 96)
@@ -223,3 +224,63 @@ def test_failed_slice_with_an_rv_does_not_vote():
     assert placed[0].rv_insertion_source == "own"
     assert abs(angle_difference_deg(placed[0].rv_insertion_deg, 100.0)) < 3.0
     assert placed[1] is slices[1]
+
+
+def wedge_heart(strip_from_deg: float, strip_to_deg: float = 126.0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels as the CNN sees them, mask of the thin RV wedge it leaves out): an RV from 120 to 240
+    degrees (one background pixel off the epicardium) and a one-pixel strip of RV blood along the
+    epicardium (strip_from_deg .. strip_to_deg) that runs on from under the RV's anterior end, as
+    at the simulator's insertions."""
+    labels = heart_labels(120.0, 240.0)
+    rows, cols = np.indices(SHAPE)
+    radius = np.hypot(rows - CENTER[0], cols - CENTER[1])
+    angle = np.degrees(np.arctan2(-(rows - CENTER[0]), cols - CENTER[1])) % 360
+    strip = (angle >= strip_from_deg) & (angle < strip_to_deg) & (radius >= EPI) & (radius < EPI + 1.0) & (labels == 0)
+    return labels, strip
+
+
+def test_blurred_thin_rv_wedge_joins_the_rv():
+    # dev studies 2**30 + 201 / + 228: the one-pixel RV wedge along the epicardium reaches 10-30 % of
+    # the RV core's enhancement in the chain's series and the CNN stops 9-14 degrees short of it
+    labels, strip = wedge_heart(106.0)
+    series = enhancement_series(np.where(strip, 9, labels), {1: 4.0, 2: 0.6, 3: 5.0, 9: 1.25})
+    before = rv_insertion_deg(labels, CENTER)
+    grown, added = extend_rv_tip(labels, series, CENTER)
+    joined = (grown == 3) & (labels != 3)
+    assert added == int(joined.sum()) >= int(strip.sum()) - 1  # a pixel only diagonally connected stays out
+    assert not (joined & ~strip).any()
+    assert np.array_equal(grown == 1, labels == 1)
+    after = rv_insertion_deg(grown, CENTER)
+    truth = rv_insertion_deg(np.where(strip, 3, labels), CENTER)  # the truth's definition: 4-connected
+    assert angle_difference_deg(before, after) > 8.0
+    assert abs(angle_difference_deg(after, truth)) < 1.0
+
+
+def test_non_enhancing_strip_along_the_epicardium_is_not_joined():
+    # the same geometry with epicardial fat (5 % of the RV's enhancement, below min_peak_fraction)
+    labels, strip = wedge_heart(106.0)
+    series = enhancement_series(np.where(strip, 9, labels), {1: 4.0, 2: 0.6, 3: 5.0, 9: 0.25})
+    grown, added = extend_rv_tip(labels, series, CENTER)
+    assert added == 0 and grown is labels
+
+
+def test_rv_tip_growth_stops_after_max_steps():
+    # an enhancing band all the way round the epicardium must not carry the RV round the LV
+    labels, band = wedge_heart(0.0, 360.0)
+    series = enhancement_series(np.where(band, 9, labels), {1: 4.0, 2: 0.6, 3: 5.0, 9: 2.0})
+    grown, added = extend_rv_tip(labels, series, CENTER, max_steps=3)
+    assert 0 < added < band.sum()
+    joined = (grown == 3) & (labels != 3)
+    distance_from_rv = ndimage.distance_transform_cdt(labels != 3, metric="taxicab")
+    assert distance_from_rv[joined].max() <= 3
+    assert abs(angle_difference_deg(rv_insertion_deg(labels, CENTER), rv_insertion_deg(grown, CENTER))) < 20.0
+
+
+def test_rv_tip_growth_needs_an_rv_and_a_first_pass():
+    labels = heart_labels(None, None)
+    series = enhancement_series(labels, {1: 4.0, 2: 0.6})
+    assert extend_rv_tip(labels, series, CENTER) == (labels, 0)
+    rv_labels = heart_labels(120.0, 240.0)
+    assert extend_rv_tip(rv_labels, np.zeros((20, *SHAPE)), CENTER)[1] == 0  # the core does not enhance
+    with pytest.raises(ValueError, match="expected series"):
+        extend_rv_tip(rv_labels, np.zeros((10, 5, 5)), CENTER)
