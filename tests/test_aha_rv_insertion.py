@@ -11,7 +11,8 @@ from scipy import ndimage
 from perfline.toolbox.aha_report import SliceAnalysis, place_rv_insertions
 from perfline.toolbox.rv_insertion import (
     InsertionNotFoundError, PlacementSettings, RvArc, SliceRv, angle_difference_deg, circular_mean_deg,
-    drop_rv_extension, enhancing_rv_mask, extend_rv_tip, main_rv_mask, place_insertions, rv_arc, rv_insertion_deg,
+    drop_rv_extension, enhancing_rv_mask, extend_rv_tip, main_rv_mask, place_insertions, rv_arc, rv_first_pass,
+    rv_insertion_deg,
 )
 
 SHAPE = (96, 96)
@@ -284,3 +285,15 @@ def test_rv_tip_growth_needs_an_rv_and_a_first_pass():
     assert extend_rv_tip(rv_labels, np.zeros((20, *SHAPE)), CENTER)[1] == 0  # the core does not enhance
     with pytest.raises(ValueError, match="expected series"):
         extend_rv_tip(rv_labels, np.zeros((10, 5, 5)), CENTER)
+
+
+def test_rv_first_pass_peak_fraction_is_relative_to_the_rv_core():
+    labels = heart_labels(120.0, 240.0)
+    marked = np.where(labels == 0, 9, labels)
+    series = enhancement_series(marked, {1: 4.0, 2: 0.6, 3: 5.0, 9: 1.5}) + 0.7  # a pre-contrast baseline
+    first_pass = rv_first_pass(labels, series)
+    assert first_pass is not None and first_pass.core.sum() < first_pass.rv.sum()
+    assert np.allclose(first_pass.peak_fraction[first_pass.rv], 1.0)
+    assert np.allclose(first_pass.peak_fraction[labels == 0], 0.3)
+    assert np.allclose(first_pass.peak_fraction[labels == 2], 0.12)
+    assert rv_first_pass(heart_labels(None, None), series) is None
