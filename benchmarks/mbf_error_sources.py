@@ -133,6 +133,7 @@ class ScanInputs:
     levels: tuple[str, ...]
     shift_rc: list[tuple[int, int]]
     truth: object                 # StudyMbf of truth_from_simulator
+    slice_times: list[np.ndarray] | None = None  # each slice's acquisition times (s), the phantom's frames
 
 
 def _best_shift(chain: np.ndarray, truth: np.ndarray, region: np.ndarray, radius: int = 4) -> tuple[int, int]:
@@ -164,7 +165,7 @@ def load_scan(seed: int, kind: str, cache: Path) -> ScanInputs:
     true_aif = np.interp(grid, aif_time, aif_blood)
     chain_aif = np.interp(grid, data["aif_time"], data["aif_blood"])
     chain_aif[grid < data["aif_time"][int(data["aif_foot"])]] = 0.0
-    chain_gd, true_gd, cnn, true, true_mbf, shifts = [], [], [], [], [], []
+    chain_gd, true_gd, cnn, true, true_mbf, shifts, slice_times = [], [], [], [], [], [], []
     for index in range(study.n_slices):
         phantom = simulated.slice_phantom(study, index)
         gd = data[f"gd{index}"].astype(np.float64)
@@ -183,7 +184,8 @@ def load_scan(seed: int, kind: str, cache: Path) -> ScanInputs:
                      float(phantom.anatomy.rv_insertion_deg)))
         true_mbf.append(roll(phantom.mbf.astype(np.float64)))
         shifts.append(shift)
-    return ScanInputs(seed=seed, kind=kind, grid_s=grid, hematocrit=float(data["hematocrit"]), chain_aif=chain_aif,
+        slice_times.append(np.asarray(phantom.time_s, dtype=np.float64))
+    return ScanInputs(slice_times=slice_times, seed=seed, kind=kind, grid_s=grid, hematocrit=float(data["hematocrit"]), chain_aif=chain_aif,
                       true_aif=true_aif, true_aif_samples=(aif_time, aif_blood), chain_gd=chain_gd, true_gd=true_gd, cnn=cnn, true=true, true_mbf=true_mbf,
                       levels=tuple(study.levels), shift_rc=shifts, truth=truth_from_simulator(study))
 
@@ -191,18 +193,32 @@ def load_scan(seed: int, kind: str, cache: Path) -> ScanInputs:
 # ------------------------------------------------------------------------------ attribution
 def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: float, mask: np.ndarray,
               table_cache: dict, flow_map: FlowMapSettings, *,
-              fine_blood_aif: tuple[np.ndarray, int] | None = None) -> np.ndarray:
+              fine_blood_aif: tuple[np.ndarray, int] | None = None,
+              sampling: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """MBF map (ml/min/g) [rows, cols] of one slice as ``flow-map`` fits it (BTEX with the gadget's
     ``flow_map`` settings, tissue baseline = mean before the AIF foot). ``fine_blood_aif`` = (blood
-    AIF on a k times finer grid, k): the table is built from it (``btex.build_aif_table(upsample=k)``)."""
-    from perfline.gadgets.mapping import _btex_settings
+    AIF on a k times finer grid, k): the table is built from it (``btex.build_aif_table(upsample=k)``);
+    with ``sampling`` = (grid s [T], the slice's acquisition times s) too, the table is flow-map's with
+    ``aif_upsample = k``: its curves sampled like the slice (``btex.sampled_aif_table``)."""
+    from perfline.gadgets.mapping import FlowMap, _btex_settings
     from perfline.toolbox.aif import aif_foot_peak
-    from perfline.toolbox.btex import build_aif_table, map_btex
+    from perfline.toolbox.btex import build_aif_table, fine_table_curves, map_btex, sampled_aif_table, \
+        tissue_sampling
 
     settings = _btex_settings(flow_map)
     plasma = blood_aif / (1.0 - hematocrit)
     key = plasma.tobytes() if fine_blood_aif is None else (fine_blood_aif[0].tobytes(), fine_blood_aif[1])
-    if key not in table_cache:
+    if sampling is not None and fine_blood_aif is not None:
+        upsample = fine_blood_aif[1]
+        settings = FlowMap(flow_map.model_copy(update={"aif_upsample": upsample}))._sampled_settings(dt_s)
+        if key not in table_cache:
+            table_cache[key] = fine_table_curves(fine_blood_aif[0] / (1.0 - hematocrit), dt_s / upsample, settings)
+        curves = table_cache[key]
+        key = (key, sampling[1].tobytes())
+        if key not in table_cache:
+            table_cache[key] = sampled_aif_table(curves, dt_s / upsample, tissue_sampling(*sampling, upsample),
+                                                 settings)
+    elif key not in table_cache:
         if fine_blood_aif is None:
             table_cache[key] = build_aif_table(plasma, dt_s, settings)
         else:
@@ -250,12 +266,14 @@ COMBINATIONS = [  # (AIF, tissue Gd, mask)
 def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMapSettings,
                    global_statistic: str = "sectors",
                    combinations: Sequence[tuple[str, str, str]] = COMBINATIONS,
-                   aif_upsample: int = 1) -> dict[str, object]:
+                   aif_upsample: int = 1, tissue_sampling: bool = False) -> dict[str, object]:
     """Global / sector errors (%) of every combination and the oracle statistic for one scan.
 
     ``aif_upsample = k > 1``: the TRUE AIF's table is built from its acquired samples by a cubic
     spline on a k times finer grid (``btex.aif_on_fine_grid``, ``build_aif_table(upsample=k)``)
-    instead of their linear interpolation onto the grid (the chain's cached AIF has no samples)."""
+    instead of their linear interpolation onto the grid (the chain's cached AIF has no samples);
+    ``tissue_sampling``: and its table curves are sampled at each slice's acquisition times and
+    interpolated onto the grid (flow-map's ``aif_upsample``, ``btex.sampled_aif_table``)."""
     from perfline.toolbox.btex import aif_on_fine_grid, noise_sd
 
     dt_s = float(np.mean(np.diff(scan.grid_s)))
@@ -303,7 +321,9 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
             gd = scan.chain_gd[index] if gd_name == "chain" else scan.true_gd[index]
             if gd_name == "true+noise":
                 gd = gd + rng.normal(0.0, noise, gd.shape)
-            maps.append(fit_slice(gd, aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map, fine_blood_aif=fine))
+            sampled = (scan.grid_s, scan.slice_times[index]) if (tissue_sampling and fine is not None) else None
+            maps.append(fit_slice(gd, aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map, fine_blood_aif=fine,
+                                  sampling=sampled))
         errors(f"{aif_name} AIF / {gd_name} Gd / {mask_name} mask",
                *summarise(maps, segmentation, scan.levels, global_statistic, place_rv=mask_name == "cnn"))
     return row
@@ -317,7 +337,8 @@ def _core(myocardium: np.ndarray) -> np.ndarray:
 
 
 def attribute(seeds: range, cache: Path, json_path: Path | None, flow_map: FlowMapSettings,
-              global_statistic: str, combinations: Sequence[tuple[str, str, str]], aif_upsample: int = 1) -> int:
+              global_statistic: str, combinations: Sequence[tuple[str, str, str]], aif_upsample: int = 1,
+              tissue_sampling: bool = False) -> int:
     """Print the per-scan table of global errors (%) and the mean signed / absolute error per scan kind."""
     rng = np.random.default_rng(0)
     rows = []
@@ -325,7 +346,7 @@ def attribute(seeds: range, cache: Path, json_path: Path | None, flow_map: FlowM
         for kind in KINDS:
             started = time.perf_counter()
             rows.append(attribute_scan(load_scan(seed, kind, cache), rng, flow_map, global_statistic, combinations,
-                                       aif_upsample))
+                                       aif_upsample, tissue_sampling))
             logger.info("seed %d %s: %.1f s", seed, kind, time.perf_counter() - started)
     columns = ["oracle cnn", "oracle true"] + [f"{a} AIF / {g} Gd / {m} mask" for a, g, m in combinations]
     print("global MBF error, % (auto / truth - 1); AIF area, tissue area (CNN core without its border ring, "
@@ -399,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aif-upsample", type=int, default=1, help=(
         "attribute: build the TRUE AIF's BTEX table from its acquired samples, cubic spline on a k times finer "
         "grid (btex.aif_on_fine_grid); 1 = linear onto the grid, as the chain"))
+    parser.add_argument("--tissue-sampling", action="store_true", help=(
+        "attribute, with --aif-upsample k > 1: the true AIF's table curves are also sampled at each slice's "
+        "acquisition times and interpolated onto the grid (flow-map aif_upsample = k)"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("perfline", "numba", "openvino"):
@@ -419,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.true_aif_only:
         combinations = [c for c in COMBINATIONS if c[0] == "true" and c in (
             ("true", "chain", "cnn"), ("true", "true", "true"), ("true", "true+noise", "true"))]
-    return attribute(seeds, args.cache, args.json, flow_map, args.global_statistic, combinations, args.aif_upsample)
+    return attribute(seeds, args.cache, args.json, flow_map, args.global_statistic, combinations, args.aif_upsample,
+                     args.tissue_sampling)
 
 
 if __name__ == "__main__":
