@@ -26,10 +26,8 @@ series is, right after the CNN (``gadgets/segmentation.py``). The first (in the 
 pixels that do not enhance like RV blood when they carry the anterior end more than 15 degrees
 along a band of other tissue (fresh study 2**30 + 107: 21-41 degrees). The second grows the RV's
 ends along the epicardium into the thin, blurred RV wedge the CNN leaves out (dev studies
-2**30 + 201, + 228: 9-14 degrees short); it is NOT in the chain: with a 0.5 degree tip correction
-it lowered the mean and the largest error on the decision studies but placed one slice fewer
-within 5 degrees, which the rule written before that run did not allow (docs/integration.md,
-"Sector placement (session 6)").
+2**30 + 201, + 228: 9-14 degrees short), after which the tip correction is 1.5 instead of 2
+degrees (docs/integration.md, "Sector placement (session 6)": two decision runs).
 """
 
 from __future__ import annotations
@@ -170,8 +168,9 @@ class PlacementSettings:
 
     Attributes:
         tip_correction_deg: the own anterior insertion is the arc's anterior end moved this far
-            clockwise (the segmentation stops short of the thin RV wedge at the insertion; 0.5
-            was best on labels whose RV went through ``extend_rv_tip``, docs/integration.md).
+            clockwise (the segmentation stops short of the thin RV wedge at the insertion; 1.5
+            on labels whose RV went through ``extend_rv_tip``, set on 348 simulated slices, 2
+            before it; docs/integration.md, "Sector placement (session 6)").
         max_basal_mid_deg: largest disagreement between two basal / mid slices' insertions that
             still counts as agreement (the phantom's truth: SD 2.3, at most 6 degrees).
         apical_tie_deg: when basal / mid slices disagree, an apical slice decides for the one
@@ -182,7 +181,7 @@ class PlacementSettings:
         apical_width_ratio: apical RV arc width / basal or mid arc width (phantom: 0.63 +/- 0.06).
     """
 
-    tip_correction_deg: float = 2.0
+    tip_correction_deg: float = 1.5
     max_basal_mid_deg: float = 10.0
     apical_tie_deg: float = 15.0
     max_apical_deg: float = 30.0
