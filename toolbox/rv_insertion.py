@@ -355,7 +355,7 @@ class RvFirstPass:
 def rv_first_pass(labels: np.ndarray, series: np.ndarray, *, baseline_frames: int = 3) -> RvFirstPass | None:
     """:class:`RvFirstPass` of ``labels`` [rows, cols] in ``series`` [time, rows, cols] (Gd, mmol/L, or
     signal); None when there is no RV, too few frames, or the core does not enhance."""
-    series = np.asarray(series, dtype=np.float64)
+    series = np.asarray(series)
     labels = np.asarray(labels)
     if series.ndim != 3 or series.shape[1:] != labels.shape:
         raise ValueError(f"expected series [time, {labels.shape[0]}, {labels.shape[1]}], got {series.shape}")
@@ -368,14 +368,15 @@ def rv_first_pass(labels: np.ndarray, series: np.ndarray, *, baseline_frames: in
         if eroded.sum() >= 3:
             core = eroded
             break
-    enhancement = series - np.median(series[:baseline_frames], axis=0)
-    reference = np.median(enhancement[:, core], axis=1)
+    core_curves = series[:, core].astype(np.float64)
+    reference = np.median(core_curves - np.median(core_curves[:baseline_frames], axis=0), axis=1)
     peak = int(np.argmax(reference))
     window = slice(max(peak - 2, 0), peak + 3)
     reference_peak = float(reference[window].mean())
     if not reference_peak > 0:
         return None
-    return RvFirstPass(rv=rv, core=core, peak_fraction=enhancement[window].mean(axis=0) / reference_peak)
+    enhancement = series[window].mean(axis=0, dtype=np.float64) - np.median(series[:baseline_frames], axis=0)
+    return RvFirstPass(rv=rv, core=core, peak_fraction=enhancement / reference_peak)
 
 
 def enhancing_rv_mask(labels: np.ndarray, series: np.ndarray, *, min_peak_fraction: float = 0.25,
