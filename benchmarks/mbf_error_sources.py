@@ -185,9 +185,10 @@ def load_scan(seed: int, kind: str, cache: Path) -> ScanInputs:
         true_mbf.append(roll(phantom.mbf.astype(np.float64)))
         shifts.append(shift)
         slice_times.append(np.asarray(phantom.time_s, dtype=np.float64))
-    return ScanInputs(slice_times=slice_times, seed=seed, kind=kind, grid_s=grid, hematocrit=float(data["hematocrit"]), chain_aif=chain_aif,
-                      true_aif=true_aif, true_aif_samples=(aif_time, aif_blood), chain_gd=chain_gd, true_gd=true_gd, cnn=cnn, true=true, true_mbf=true_mbf,
-                      levels=tuple(study.levels), shift_rc=shifts, truth=truth_from_simulator(study))
+    return ScanInputs(seed=seed, kind=kind, grid_s=grid, hematocrit=float(data["hematocrit"]), chain_aif=chain_aif,
+                      true_aif=true_aif, true_aif_samples=(aif_time, aif_blood), chain_gd=chain_gd, true_gd=true_gd,
+                      cnn=cnn, true=true, true_mbf=true_mbf, levels=tuple(study.levels), shift_rc=shifts,
+                      truth=truth_from_simulator(study), slice_times=slice_times)
 
 
 # ------------------------------------------------------------------------------ attribution
