@@ -177,7 +177,16 @@ def test_tight_field_of_view_is_sized_to_the_heart_and_zeroes_image_and_labels_t
     assert not np.any(labels[~inside]) and np.any(full_labels[~inside] == 3)  # RV cut away
     assert np.array_equal(labels[inside], full_labels[inside])
     assert (labels == 2).sum() == (full_labels == 2).sum()  # the whole ring stays at 1.2
-    assert np.isclose(crop.max(), full.max(), rtol=0.1)  # renormalised to the box's maximum
+    # renormalised to what the box keeps: a bright object outside it no longer sets the scale
+    from perfline.models.data import CROP_SIZE, _zero_outside_heart_box
+
+    image = np.zeros((2, CROP_SIZE, CROP_SIZE), np.float32)
+    heart_labels = np.zeros((CROP_SIZE, CROP_SIZE), np.uint8)
+    heart_labels[78:98, 78:98] = 2
+    image[:, 78:98, 78:98] = 0.25
+    image[:, 5:20, 5:20] = 1.0  # far outside a box of 0.9-1.8 heart radii
+    _zero_outside_heart_box(image, heart_labels, np.random.default_rng(0), tight)
+    assert image[:, :30, :30].max() == 0 and np.isclose(image.max(), 1.0)
 
 
 def test_torch_standard_normal_is_standard_and_follows_the_numpy_generator():
