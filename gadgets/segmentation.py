@@ -31,7 +31,7 @@ from pydantic import Field
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
 from perfline.gadgets.perfusion_items import SliceSegmentation, SliceSeries
-from perfline.toolbox.rv_insertion import drop_rv_extension, extend_rv_tip, rv_insertion_deg
+from perfline.toolbox.rv_insertion import refine_rv_mask, rv_insertion_deg
 
 _UNITS = {"gd_mmol_l": "gd", "signal": "signal"}
 FLAGS_META_KEY = "PERFLINE_SegmentationFlags"
@@ -173,11 +173,10 @@ class CnnSegmentation(Gadget):
         if math.isfinite(insertion) and units == "gd":
             # an RV mask running on along tissue that does not enhance like RV blood (docs/report.md;
             # its 25 % enhancement threshold was set on Gd series, so signal-unit slices are left as they are)
-            labels, shift = drop_rv_extension(result.labels, frames, result.lv_center_rc)
+            # then the thin RV wedge at the insertions, blurred in the series, that the CNN leaves out
+            labels, shift, added = refine_rv_mask(result.labels, frames, result.lv_center_rc)
             if shift:
                 flags += (f"RV mask ran {shift:.0f} deg along non-enhancing tissue: trimmed",)
-            # the thin RV wedge at the insertions, blurred in the series, that the CNN leaves out (docs/report.md)
-            labels, added = extend_rv_tip(labels, frames, result.lv_center_rc)
             if shift or added:
                 insertion = rv_insertion_deg(labels, result.lv_center_rc)
         self.log.info("slice %d: myocardium %d px, RV insertion %.1f deg%s",

@@ -297,3 +297,21 @@ def test_rv_first_pass_peak_fraction_is_relative_to_the_rv_core():
     assert np.allclose(first_pass.peak_fraction[labels == 0], 0.3)
     assert np.allclose(first_pass.peak_fraction[labels == 2], 0.12)
     assert rv_first_pass(heart_labels(None, None), series) is None
+
+
+def test_refine_rv_mask_does_not_grow_back_a_trimmed_weakly_enhancing_band():
+    from perfline.toolbox.rv_insertion import angle_difference_deg, refine_rv_mask
+
+    labels = heart_labels(120.0, 240.0)
+    rows, cols = np.indices(SHAPE)
+    radius = np.hypot(rows - CENTER[0], cols - CENTER[1])
+    angle = np.degrees(np.arctan2(-(rows - CENTER[0]), cols - CENTER[1])) % 360
+    band = (angle >= 70.0) & (angle < 121.0) & (radius >= EPI) & (radius < EPI + 2.5) & (labels == 0)
+    truth = rv_insertion_deg(labels, CENTER)
+    for fraction in (0.08, 0.18, 0.22):  # under the trim's 25 %, above the growth's 15 % for two
+        series = enhancement_series(np.where(band, 9, labels), {1: 4.0, 2: 0.6, 3: 5.0, 9: 5.0 * fraction})
+        merged = labels.copy()
+        merged[band] = 3
+        refined, trimmed, added = refine_rv_mask(merged, series, CENTER)
+        assert trimmed > 15 and added == 0
+        assert abs(angle_difference_deg(rv_insertion_deg(refined, CENTER), truth)) < 2.0

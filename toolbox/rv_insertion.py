@@ -461,6 +461,27 @@ def extend_rv_tip(labels: np.ndarray, series: np.ndarray, center_rc: tuple[float
     return result, int(added.sum())
 
 
+def refine_rv_mask(labels: np.ndarray, series: np.ndarray, center_rc: tuple[float, float]
+                   ) -> tuple[np.ndarray, float, int]:
+    """The chain's RV check on a Gd slice: :func:`drop_rv_extension`, then :func:`extend_rv_tip`
+    only when nothing was trimmed (growing at 15 % of the RV core's enhancement right after a
+    trim at 25 % would put part of a trimmed, weakly enhancing band back).
+
+    Args:
+        labels: uint8 [rows, cols]; series: float [time, rows, cols] Gd (mmol/L) of the slice;
+        center_rc: LV centre (row, col), pixels.
+
+    Returns:
+        (labels, trimmed_deg, added_px): the refined labels, the trim's shift of the anterior
+        end (degrees, 0 when not trimmed) and the number of pixels the tip growth added.
+    """
+    labels, shift = drop_rv_extension(labels, series, center_rc)
+    if shift:
+        return labels, shift, 0
+    labels, added = extend_rv_tip(labels, series, center_rc)
+    return labels, 0.0, added
+
+
 def drop_rv_extension(labels: np.ndarray, series: np.ndarray, center_rc: tuple[float, float], *,
                       min_shift_deg: float = 15.0, min_peak_fraction: float = 0.25) -> tuple[np.ndarray, float]:
     """Labels without a non-enhancing RV extension that moves the anterior insertion.
