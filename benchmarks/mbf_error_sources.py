@@ -134,6 +134,8 @@ class ScanInputs:
     shift_rc: list[tuple[int, int]]
     truth: object                 # StudyMbf of truth_from_simulator
     slice_times: list[np.ndarray] | None = None  # each slice's acquisition times (s), the phantom's frames
+    chain_aif_samples: tuple[np.ndarray, np.ndarray] | None = None  # (s, blood Gd) as aif-extract takes them
+    chain_aif_foot_s: float | None = None  # the chain AIF's foot on the grid (s)
 
 
 def _best_shift(chain: np.ndarray, truth: np.ndarray, region: np.ndarray, radius: int = 4) -> tuple[int, int]:
@@ -150,15 +152,24 @@ def _best_shift(chain: np.ndarray, truth: np.ndarray, region: np.ndarray, radius
     return best
 
 
-def load_scan(seed: int, kind: str, cache: Path) -> ScanInputs:
-    """Cached chain intermediates of one scan and the simulator's truth on the same grid."""
+def load_scan(seed: int, kind: str, cache: Path, aif_cache: Path | None = None) -> ScanInputs:
+    """Cached chain intermediates of one scan and the simulator's truth on the same grid.
+
+    ``aif_cache``: a folder of ``{seed}_{kind}_aif.npz`` files whose AIF (``aif_time``, ``aif_blood``,
+    ``aif_foot``, optional ``aif_sample_time`` / ``aif_sample_blood``: the curve at the AIF's acquisition
+    times, as ``AifCurve.sample_*``) replaces the cached chain AIF: an AIF variant on the same tissue
+    curves and masks."""
     import scipy.ndimage as ndi
 
     from perfline.simulator import study as simulated
     from perfline.toolbox.mbf_evaluation import truth_from_simulator
     from perfline.toolbox.resample import resample_series
 
-    data = np.load(cache / f"{seed}_{kind}.npz")
+    data = dict(np.load(cache / f"{seed}_{kind}.npz"))
+    if aif_cache is not None:
+        data.update(np.load(aif_cache / f"{seed}_{kind}_aif.npz"))
+    samples = ((np.asarray(data["aif_sample_time"], dtype=np.float64), np.asarray(data["aif_sample_blood"], dtype=np.float64))
+               if "aif_sample_time" in data else None)
     study = simulated.sample_study(seed, kind=kind)
     grid = data["time0"]
     aif_time, aif_blood = simulated.aif_gd_truth(study)
@@ -188,7 +199,8 @@ def load_scan(seed: int, kind: str, cache: Path) -> ScanInputs:
     return ScanInputs(seed=seed, kind=kind, grid_s=grid, hematocrit=float(data["hematocrit"]), chain_aif=chain_aif,
                       true_aif=true_aif, true_aif_samples=(aif_time, aif_blood), chain_gd=chain_gd, true_gd=true_gd,
                       cnn=cnn, true=true, true_mbf=true_mbf, levels=tuple(study.levels), shift_rc=shifts,
-                      truth=truth_from_simulator(study), slice_times=slice_times)
+                      truth=truth_from_simulator(study), slice_times=slice_times, chain_aif_samples=samples,
+                      chain_aif_foot_s=float(data["aif_time"][int(data["aif_foot"])]))
 
 
 # ------------------------------------------------------------------------------ attribution
@@ -272,7 +284,8 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
 
     ``aif_upsample = k > 1``: the TRUE AIF's table is built from its acquired samples by a cubic
     spline on a k times finer grid (``btex.aif_on_fine_grid``, ``build_aif_table(upsample=k)``)
-    instead of their linear interpolation onto the grid (the chain's cached AIF has no samples);
+    instead of their linear interpolation onto the grid; the chain AIF's too where the cache holds its
+    samples (``--aif-cache``; zero before its foot, as ``flow-map``), else its grid curve;
     ``tissue_sampling``: and its table curves are sampled at each slice's acquisition times and
     interpolated onto the grid (flow-map's ``aif_upsample``, ``btex.sampled_aif_table``)."""
     from perfline.toolbox.btex import aif_on_fine_grid, noise_sd
@@ -311,11 +324,17 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
                                             in zip(scan.chain_gd, scan.cnn)])))
     row["tissue noise sd"] = noise
     fine_true = None
+    fine_chain = None
     if aif_upsample > 1:
         fine_true = (aif_on_fine_grid(*scan.true_aif_samples, scan.grid_s, aif_upsample), aif_upsample)
+        if scan.chain_aif_samples is not None:
+            fine = aif_on_fine_grid(*scan.chain_aif_samples, scan.grid_s, aif_upsample)
+            fine_t = scan.grid_s[0] + float(scan.grid_s[1] - scan.grid_s[0]) / aif_upsample * np.arange(fine.size)
+            fine[fine_t < scan.chain_aif_foot_s] = 0.0
+            fine_chain = (fine, aif_upsample)
     for aif_name, gd_name, mask_name in combinations:
         aif = scan.chain_aif if aif_name == "chain" else scan.true_aif
-        fine = fine_true if aif_name == "true" else None
+        fine = fine_true if aif_name == "true" else fine_chain
         segmentation = scan.cnn if mask_name == "cnn" else scan.true
         maps = []
         for index, (labels, _, _) in enumerate(segmentation):
@@ -339,14 +358,14 @@ def _core(myocardium: np.ndarray) -> np.ndarray:
 
 def attribute(seeds: range, cache: Path, json_path: Path | None, flow_map: FlowMapSettings,
               global_statistic: str, combinations: Sequence[tuple[str, str, str]], aif_upsample: int = 1,
-              tissue_sampling: bool = False) -> int:
+              tissue_sampling: bool = False, aif_cache: Path | None = None) -> int:
     """Print the per-scan table of global errors (%) and the mean signed / absolute error per scan kind."""
     rng = np.random.default_rng(0)
     rows = []
     for seed in seeds:
         for kind in KINDS:
             started = time.perf_counter()
-            rows.append(attribute_scan(load_scan(seed, kind, cache), rng, flow_map, global_statistic, combinations,
+            rows.append(attribute_scan(load_scan(seed, kind, cache, aif_cache), rng, flow_map, global_statistic, combinations,
                                        aif_upsample, tissue_sampling))
             logger.info("seed %d %s: %.1f s", seed, kind, time.perf_counter() - started)
     columns = ["oracle cnn", "oracle true"] + [f"{a} AIF / {g} Gd / {m} mask" for a, g, m in combinations]
@@ -424,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tissue-sampling", action="store_true", help=(
         "attribute, with --aif-upsample k > 1: the true AIF's table curves are also sampled at each slice's "
         "acquisition times and interpolated onto the grid (flow-map aif_upsample = k)"))
+    parser.add_argument("--aif-cache", type=Path, default=None, help=(
+        "attribute: replace the cached chain AIF by {seed}_{kind}_aif.npz from this folder (an AIF variant; "
+        "with its acquired samples, --aif-upsample applies to it too)"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("perfline", "numba", "openvino"):
@@ -445,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         combinations = [c for c in COMBINATIONS if c[0] == "true" and c in (
             ("true", "chain", "cnn"), ("true", "true", "true"), ("true", "true+noise", "true"))]
     return attribute(seeds, args.cache, args.json, flow_map, args.global_statistic, combinations, args.aif_upsample,
-                     args.tissue_sampling)
+                     args.tissue_sampling, args.aif_cache)
 
 
 if __name__ == "__main__":

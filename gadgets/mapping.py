@@ -95,6 +95,11 @@ class AifExtractSettings(GadgetSettings):
     lv_hint: bool = Field(True, description=(
         "wait for the first SliceSegmentation with an LV centre (cnn-segmentation before aif-extract) and take "
         "the AIF pool at that LV, projected into the AIF plane; none by the end of the stream: dynamics only"))
+    continue_below_zero: bool = Field(False, description=(
+        "convert the pool's SR/PD curve with the blood table continued linearly below Gd = 0 "
+        "(gd_conversion.ratio_to_gd_continued_below_zero) instead of clipping at 0: the clip rectifies the "
+        "noise of the pre-bolus frames, whose mean the baseline subtraction then takes off the whole curve "
+        "(docs/mapping.md, 'The AIF baseline')"))
     lv_hint_max_distance_mm: float = Field(20.0, gt=0.0, description=(
         "the dynamics-only AIF pool is kept when its centre lies within this in-plane distance of the CNN's LV "
         "(aha-report's max_aif_lv_distance_mm flag)"))
@@ -212,11 +217,11 @@ class AifExtract(Gadget):
             else:
                 zero = float(table.to_ratio(0.0))
                 ratio_curve = magnitude_floor_corrected_curve(ratio, detected.mask, slice(1, detected.foot), zero)
-                blood = table.to_gd(ratio_curve)
+                blood = self._to_gd(table, ratio_curve)
             blood = np.asarray(blood, dtype=np.float64)
             grid_s, blood = resample_to_uniform(blood, time_s, self.settings.interval_s)
             foot, peak = aif_foot_peak(blood)
-            samples = self._acquired_curve(series, table, detected.mask, detected.foot)
+            samples = self._acquired_curve(series, table, detected.mask, detected.foot, self._to_gd)
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
         subtracted = baseline_subtract(blood, foot)
@@ -236,9 +241,15 @@ class AifExtract(Gadget):
                         source=detected.source, sample_time_s=None if samples is None else samples[0],
                         sample_blood_gd_mmol_l=None if samples is None else samples[1])
 
+    def _to_gd(self, table: Any, ratio_curve: np.ndarray) -> np.ndarray:
+        """Blood Gd (mmol/L) of the pool's SR/PD curve: the table, clipped at 0 or continued below it."""
+        if self.settings.continue_below_zero:
+            return gd_conversion.ratio_to_gd_continued_below_zero(ratio_curve, table)
+        return np.asarray(table.to_gd(ratio_curve), dtype=np.float64)
+
     @staticmethod
-    def _acquired_curve(series: AifSeries, table: Any, mask: np.ndarray,
-                        foot: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def _acquired_curve(series: AifSeries, table: Any, mask: np.ndarray, foot: int,
+                        to_gd: Any) -> tuple[np.ndarray, np.ndarray] | None:
         """(acquisition times [frames], LV blood Gd [frames]) of the series before resampling, from the
         same pixels and the same ratio / floor / table steps as the grid curve; None without them."""
         if series.acquired_time_s is None or series.acquired_data is None:
@@ -251,7 +262,7 @@ class AifExtract(Gadget):
         # the floor's baseline frames: those acquired up to the grid curve's foot frame
         last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
         curve = magnitude_floor_corrected_curve(ratio, mask, slice(1, max(last, 2)), float(table.to_ratio(0.0)))
-        return time_s, np.asarray(table.to_gd(curve), dtype=np.float64)
+        return time_s, np.asarray(to_gd(table, curve), dtype=np.float64)
 
 
 class FlowMapSettings(GadgetSettings):

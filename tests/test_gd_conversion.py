@@ -14,7 +14,9 @@ from perfline.toolbox.bloch import SequenceParameters, sr_and_pd_signal
 from perfline.toolbox.gd_conversion import (
     HeaderError,
     aif_gd,
+    lookup_table,
     myocardial_gd,
+    ratio_to_gd_continued_below_zero,
     sequence_from_header,
 )
 from perfline.toolbox.surface_coil import coil_map_from_pd, normalize_by_pd
@@ -86,3 +88,23 @@ def test_simulated_myocardium_gd_through_pd_map(field: float) -> None:
 def test_nan_ratio_rejected() -> None:
     with pytest.raises(ValueError, match="non-finite"):
         myocardial_gd(np.array([0.1, np.nan]), SequenceParameters.myocardial(1.5))
+
+
+@pytest.mark.parametrize("field", [1.5, 3.0], ids=["1.5T", "3T"])
+def test_continued_table_is_the_table_above_zero_and_keeps_baseline_noise_zero_mean(field: float) -> None:
+    """Above the native ratio the continued conversion is the table; below it is linear and
+    continuous at Gd = 0, so zero-mean noise around the native ratio stays zero-mean in Gd
+    (the clipped table reads it as a positive pre-bolus Gd)."""
+    table = lookup_table(SequenceParameters.aif(field), "blood", 40.0)
+    native = float(table.ratio_grid[0])
+    above = np.linspace(native, float(table.ratio_grid[-1]), 500)
+    np.testing.assert_array_equal(ratio_to_gd_continued_below_zero(above, table), table.to_gd(above))
+    slope = float(table.to_ratio(0.02) - native) / 0.02
+    below = native - np.array([1e-6, 0.01, 0.05])
+    np.testing.assert_allclose(ratio_to_gd_continued_below_zero(below, table), (below - native) / slope, rtol=0.02)
+    assert abs(float(ratio_to_gd_continued_below_zero(native - 1e-9, table))) < 1e-6
+    noise = np.random.default_rng(0).normal(0.0, 0.3 * slope * 0.1, 200_000)  # SD 0.03 mmol/L
+    continued = ratio_to_gd_continued_below_zero(native + noise, table)
+    clipped = table.to_gd(native + noise)
+    assert abs(continued.mean()) < 5e-4
+    assert clipped.mean() > 0.01
