@@ -388,7 +388,7 @@ def attribute(seeds: range, cache: Path, json_path: Path | None, flow_map: FlowM
     return 0
 
 
-def aif_tail(seeds: range, cache: Path) -> int:
+def aif_tail(seeds: range, cache: Path, aif_cache: Path | None = None) -> int:
     """Print the cached chain AIF's late tail, peak and area against the simulator's LV blood Gd.
 
     Tail = mean of the last 10 grid samples. Two references: the truth itself, and the truth minus
@@ -396,7 +396,8 @@ def aif_tail(seeds: range, cache: Path) -> int:
     ``aif-extract``. Until 2026-11-26 22:20 (``2e11cff``) the simulator's LV blood held 0.02-0.08
     mmol/L before the bolus foot (a logistic plateau term), which the chain's baseline subtraction
     removes; its blood curves are causal now, so the two references differ only where the chain's
-    foot lies after the true one (the last baseline frame then holds some Gd).
+    foot lies after the true one (the last baseline frame then holds some Gd). ``aif_cache``: the AIF
+    variant of ``{seed}_{kind}_aif.npz`` there instead of the cached chain AIF (as ``attribute``).
     """
     from perfline.simulator import study as simulated
 
@@ -404,7 +405,9 @@ def aif_tail(seeds: range, cache: Path) -> int:
     print("scan | tail / truth | tail / (truth - its pre-foot mean) | peak / truth | area / truth")
     for seed in seeds:
         for kind in KINDS:
-            data = np.load(cache / f"{seed}_{kind}.npz")
+            data = dict(np.load(cache / f"{seed}_{kind}.npz"))
+            if aif_cache is not None:
+                data.update(np.load(aif_cache / f"{seed}_{kind}_aif.npz"))
             aif_time, aif_blood = simulated.aif_gd_truth(simulated.sample_study(seed, kind=kind))
             truth = np.interp(data["aif_time"], aif_time, aif_blood)
             chain = np.asarray(data["aif_blood"], dtype=np.float64)
@@ -444,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "attribute, with --aif-upsample k > 1: the true AIF's table curves are also sampled at each slice's "
         "acquisition times and interpolated onto the grid (flow-map aif_upsample = k)"))
     parser.add_argument("--aif-cache", type=Path, default=None, help=(
-        "attribute: replace the cached chain AIF by {seed}_{kind}_aif.npz from this folder (an AIF variant; "
+        "attribute, aif-tail: replace the cached chain AIF by {seed}_{kind}_aif.npz from this folder (an AIF variant; "
         "with its acquired samples, --aif-upsample applies to it too)"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 prepare_scan(seed, kind, args.cache, keep_mrd=args.keep_mrd)
         return 0
     if args.command == "aif-tail":
-        return aif_tail(seeds, args.cache)
+        return aif_tail(seeds, args.cache, args.aif_cache)
     from perfline.gadgets.mapping import FlowMapSettings
 
     flow_map = FlowMapSettings(**json.loads(args.flow_map))
