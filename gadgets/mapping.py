@@ -95,11 +95,12 @@ class AifExtractSettings(GadgetSettings):
     lv_hint: bool = Field(True, description=(
         "wait for the first SliceSegmentation with an LV centre (cnn-segmentation before aif-extract) and take "
         "the AIF pool at that LV, projected into the AIF plane; none by the end of the stream: dynamics only"))
-    continue_below_zero: bool = Field(False, description=(
+    continue_below_zero: bool = Field(True, description=(
         "convert the pool's SR/PD curve with the blood table continued linearly below Gd = 0 "
         "(gd_conversion.ratio_to_gd_continued_below_zero) instead of clipping at 0: the clip rectifies the "
         "noise of the pre-bolus frames, whose mean the baseline subtraction then takes off the whole curve "
-        "(docs/mapping.md, 'The AIF baseline')"))
+        "(docs/mapping.md, 'The AIF baseline'; the default since its decision run: 48 dev scans, global mean "
+        "abs error 9.57 -> 9.12 %); false: the clipped table of session 5"))
     lv_hint_max_distance_mm: float = Field(20.0, gt=0.0, description=(
         "the dynamics-only AIF pool is kept when its centre lies within this in-plane distance of the CNN's LV "
         "(aha-report's max_aif_lv_distance_mm flag)"))
