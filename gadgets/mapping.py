@@ -398,28 +398,25 @@ class FlowMap(Gadget):
         +3-4 % high on the table's own curves, docs/mapping.md)."""
         settings = self._btex_settings()
         fine_dt = dt_s / self.settings.aif_upsample
-        step = fine_dt * max(1, math.floor(settings.delay_step_s / fine_dt + 1e-9))
+        step = fine_dt / max(1, math.ceil(fine_dt / settings.delay_step_s - 1e-9))  # the fine step, at most 0.25 s
         # the global search keeps its delay spacing (every second 0.25 s node: 0.5 s)
         stride = list(settings.coarse_stride)
         stride[4] = max(1, round(stride[4] * settings.delay_step_s / step))
         return settings.model_copy(update={"delay_step_s": step, "coarse_stride": tuple(stride)})
 
     def _sampled_table(self, aif: AifCurve, grid_s: np.ndarray, acquired_s: np.ndarray | None) -> AifTable:
-        """The slice's table: the AIF's fine table curves sampled as the slice was (cached per sampling)."""
+        """The slice's table: the AIF's fine table curves sampled as the slice was. Not cached: each
+        slice has its own acquisition times, so a table is used once (about 40 MiB at k = 4)."""
         if self._warming is not None:
             self._warming.join()
             self._warming = None
-        sampling_key = b"" if acquired_s is None else np.asarray(acquired_s, dtype=np.float64).tobytes()
-        key = (np.asarray(aif.sample_blood_gd_mmol_l).tobytes(), grid_s.tobytes(), sampling_key)
-        if key not in self._tables:
-            upsample = self.settings.aif_upsample
-            curves = self._fine_table_curves(aif, grid_s)
-            sampling = tissue_sampling(grid_s, acquired_s, upsample)
-            dt_s = float(grid_s[1] - grid_s[0])
-            self._tables[key] = sampled_aif_table(curves, dt_s / upsample, sampling, self._sampled_settings(dt_s))
-            self.log.debug("sampled BTEX table (AIF upsampled %dx, %s acquisition times)", upsample,
-                           "grid" if acquired_s is None else f"{np.size(acquired_s)}")
-        return self._tables[key]
+        upsample = self.settings.aif_upsample
+        curves = self._fine_table_curves(aif, grid_s)
+        sampling = tissue_sampling(grid_s, acquired_s, upsample)
+        dt_s = float(grid_s[1] - grid_s[0])
+        self.log.debug("sampled BTEX table (AIF upsampled %dx, %s acquisition times)", upsample,
+                       "grid" if acquired_s is None else f"{np.size(acquired_s)}")
+        return sampled_aif_table(curves, dt_s / upsample, sampling, self._sampled_settings(dt_s))
 
     def _start_warming(self, aif: AifCurve) -> None:
         """Build the BTEX table of the AIF's grid (with ``aif_upsample`` > 1: the fine table curves of its
