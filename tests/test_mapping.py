@@ -249,15 +249,15 @@ def test_residue_table_is_shared_by_settings_with_the_same_grid(monkeypatch):
     assert btex.grid_settings(small.model_copy(update={"vp_steps": 4})) != btex.grid_settings(small)
 
 
-def test_fine_aif_table_removes_the_high_flow_over_read_of_heartbeat_sampled_curves(tmp_path, monkeypatch):
+def _heartbeat_sampled_stress_case():
     """Stress curves of the continuous model (AIF and convolution on a 1/16 s grid) acquired once per
     heartbeat (RR 0.62 s, tissue frames 0.3 s after the AIF frames) and linearly interpolated onto the
-    0.5 s grid, as the chain resamples them. The table from the linearly interpolated AIF (hat weights at
-    0.5 s) reads Fp 3-3.5 too high; the table from a cubic spline of the AIF samples on a 4x finer grid
-    (``aif_on_fine_grid``, ``build_aif_table(upsample=4)``) reads them within 10 %."""
-    from perfline.toolbox.btex import aif_on_fine_grid, fit_btex_curves
+    0.5 s grid, as the chain resamples them; PS, Vp and Visf on grid nodes of the small table returned
+    (no interpolation error of the table). Returns (plasma function, AIF times, tissue times, grid,
+    curves [4, grid], true Fp [4], settings, the AIF linear on the grid, the linear table's relative
+    Fp error [4])."""
+    from perfline.toolbox.btex import fit_btex_curves
 
-    monkeypatch.setenv("PERFLINE_CACHE_DIR", str(tmp_path))
     fine_dt = DT / 8
     fine_time = np.arange(8 * T) * fine_dt
 
@@ -269,7 +269,6 @@ def test_fine_aif_table_removes_the_high_flow_over_read_of_heartbeat_sampled_cur
     tissue_times = aif_times + 0.3
     fp = np.array([1.0, 2.0, 3.0, 3.5])
     n = fp.size
-    # PS, Vp and Visf on grid nodes of the small table below: no interpolation error of the table
     continuous = fm.btex_tissue_curves(plasma(fine_time), fine_dt, fp, np.full(n, 1.0), np.full(n, 0.08),
                                        np.full(n, 0.2), 0.6)
     acquired = np.array([np.interp(tissue_times, fine_time, curve) for curve in continuous])
@@ -280,6 +279,18 @@ def test_fine_aif_table_removes_the_high_flow_over_read_of_heartbeat_sampled_cur
                             coarse_stride=(2, 1, 1, 1, 2))
     linear_aif = np.interp(grid, aif_times, plasma(aif_times))
     linear = fit_btex_curves(curves, linear_aif, DT, settings)["mbf_ml_min_g"] / fp - 1.0
+    return plasma, aif_times, tissue_times, grid, curves, fp, settings, linear_aif, linear
+
+
+def test_fine_aif_table_removes_the_high_flow_over_read_of_heartbeat_sampled_curves(tmp_path, monkeypatch):
+    """The heartbeat-sampled stress case (:func:`_heartbeat_sampled_stress_case`). The table from the
+    linearly interpolated AIF (hat weights at 0.5 s) reads Fp 3-3.5 too high; the table from a cubic
+    spline of the AIF samples on a 4x finer grid (``aif_on_fine_grid``, ``build_aif_table(upsample=4)``)
+    reads them within 10 %."""
+    from perfline.toolbox.btex import aif_on_fine_grid, fit_btex_curves
+
+    monkeypatch.setenv("PERFLINE_CACHE_DIR", str(tmp_path))
+    plasma, aif_times, _, grid, curves, fp, settings, linear_aif, linear = _heartbeat_sampled_stress_case()
     fine_table = build_aif_table(aif_on_fine_grid(aif_times, plasma(aif_times), grid, 4), DT, settings, upsample=4)
     fine = fit_btex_curves(curves, linear_aif, DT, settings, aif_table=fine_table)["mbf_ml_min_g"] / fp - 1.0
     assert linear[2:].min() > 0.10, linear  # what the chain's table reads at high flow
@@ -297,27 +308,8 @@ def test_sampled_fine_table_reads_heartbeat_sampled_high_flow_within_a_few_perce
         tissue_sampling
 
     monkeypatch.setenv("PERFLINE_CACHE_DIR", str(tmp_path))
-    fine_dt = DT / 8
-    fine_time = np.arange(8 * T) * fine_dt
-
-    def plasma(t: np.ndarray) -> np.ndarray:
-        x = np.clip(t - 8.0, 0.0, None)
-        return 5.0 * (x / 3.0) ** 3 * np.exp(3.0 - x) + 0.4 * (1.0 - np.exp(-x / 8.0))
-
-    aif_times = 0.1 + 0.62 * np.arange(int((TIME[-1] + 1.0) / 0.62) + 1)
-    tissue_times = aif_times + 0.3
-    fp = np.array([1.0, 2.0, 3.0, 3.5])
-    n = fp.size
-    continuous = fm.btex_tissue_curves(plasma(fine_time), fine_dt, fp, np.full(n, 1.0), np.full(n, 0.08),
-                                       np.full(n, 0.2), 0.6)
-    acquired = np.array([np.interp(tissue_times, fine_time, curve) for curve in continuous])
-    grid = TIME[(TIME >= tissue_times[0]) & (TIME <= aif_times[-1])]
-    curves = np.array([np.interp(grid, tissue_times, curve) for curve in acquired])
-    settings = BtexSettings(fp_range_ml_min_g=(0.5, 6.0), fp_steps=24, ps_range_ml_min_g=(0.5, 2.0), ps_steps=5,
-                            vp_range=(0.04, 0.12), vp_steps=5, visf_range=(0.15, 0.3), visf_steps=4,
-                            coarse_stride=(2, 1, 1, 1, 2))
-    linear_aif = np.interp(grid, aif_times, plasma(aif_times))
-    linear = fit_btex_curves(curves, linear_aif, DT, settings)["mbf_ml_min_g"] / fp - 1.0
+    plasma, aif_times, tissue_times, grid, curves, fp, settings, linear_aif, linear = \
+        _heartbeat_sampled_stress_case()
     # delay nodes on the fine grid's step: the fine shift is exact between them (0.25 s nodes: +4 % at Fp 3.5)
     settings = settings.model_copy(update={"delay_step_s": DT / 4})
     fine_curves = fine_table_curves(aif_on_fine_grid(aif_times, plasma(aif_times), grid, 4), DT / 4, settings)
