@@ -288,7 +288,7 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
     samples (``--aif-cache``; zero before its foot, as ``flow-map``), else its grid curve;
     ``tissue_sampling``: and its table curves are sampled at each slice's acquisition times and
     interpolated onto the grid (flow-map's ``aif_upsample``, ``btex.sampled_aif_table``)."""
-    from perfline.toolbox.btex import aif_on_fine_grid, noise_sd
+    from perfline.toolbox.btex import aif_on_fine_grid, fine_grid, noise_sd
 
     dt_s = float(np.mean(np.diff(scan.grid_s)))
     truth_global = float(scan.truth.global_mbf)
@@ -329,8 +329,7 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
         fine_true = (aif_on_fine_grid(*scan.true_aif_samples, scan.grid_s, aif_upsample), aif_upsample)
         if scan.chain_aif_samples is not None:
             fine = aif_on_fine_grid(*scan.chain_aif_samples, scan.grid_s, aif_upsample)
-            fine_t = scan.grid_s[0] + float(scan.grid_s[1] - scan.grid_s[0]) / aif_upsample * np.arange(fine.size)
-            fine[fine_t < scan.chain_aif_foot_s] = 0.0
+            fine[fine_grid(scan.grid_s, aif_upsample) < scan.chain_aif_foot_s] = 0.0
             fine_chain = (fine, aif_upsample)
     for aif_name, gd_name, mask_name in combinations:
         aif = scan.chain_aif if aif_name == "chain" else scan.true_aif

@@ -53,8 +53,8 @@ from perfline.toolbox.aif import (
     magnitude_floor_corrected_curve,
 )
 from perfline.toolbox.btex import (
-    AifTable, BtexSettings, aif_on_fine_grid, build_aif_table, fine_table_curves, map_btex, sampled_aif_table,
-    WARM_LENGTHS, tissue_sampling, warm_residue_tables,
+    AifTable, BtexSettings, aif_on_fine_grid, build_aif_table, fine_grid, fine_table_curves, map_btex,
+    sampled_aif_table, WARM_LENGTHS, tissue_sampling, warm_residue_tables,
 )
 from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.rv_insertion import lv_equivalent_radius_mm
@@ -222,7 +222,7 @@ class AifExtract(Gadget):
             blood = np.asarray(blood, dtype=np.float64)
             grid_s, blood = resample_to_uniform(blood, time_s, self.settings.interval_s)
             foot, peak = aif_foot_peak(blood)
-            samples = self._acquired_curve(series, table, detected.mask, detected.foot, self._to_gd)
+            samples = self._acquired_curve(series, table, detected.mask, detected.foot)
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
         subtracted = baseline_subtract(blood, foot)
@@ -248,9 +248,8 @@ class AifExtract(Gadget):
             return gd_conversion.ratio_to_gd_continued_below_zero(ratio_curve, table)
         return np.asarray(table.to_gd(ratio_curve), dtype=np.float64)
 
-    @staticmethod
-    def _acquired_curve(series: AifSeries, table: Any, mask: np.ndarray, foot: int,
-                        to_gd: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    def _acquired_curve(self, series: AifSeries, table: Any, mask: np.ndarray,
+                        foot: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(acquisition times [frames], LV blood Gd [frames]) of the series before resampling, from the
         same pixels and the same ratio / floor / table steps as the grid curve; None without them."""
         if series.acquired_time_s is None or series.acquired_data is None:
@@ -263,7 +262,7 @@ class AifExtract(Gadget):
         # the floor's baseline frames: those acquired up to the grid curve's foot frame
         last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
         curve = magnitude_floor_corrected_curve(ratio, mask, slice(1, max(last, 2)), float(table.to_ratio(0.0)))
-        return time_s, np.asarray(to_gd(table, curve), dtype=np.float64)
+        return time_s, self._to_gd(table, curve)
 
 
 class FlowMapSettings(GadgetSettings):
@@ -311,7 +310,7 @@ class FlowMap(Gadget):
         slices: dict[int, SliceSeries] = {}
         masks: dict[int, np.ndarray] = {}
         use_masks = self.settings.use_segmentation
-        self._tables: dict[tuple[bytes, ...], AifTable] = {}
+        self._tables: dict[tuple[bytes, float], AifTable] = {}
         self._fine_curves: dict[tuple[bytes, bytes], np.ndarray] = {}
         self._warming: threading.Thread | None = None
         for item in items:
@@ -383,8 +382,8 @@ class FlowMap(Gadget):
             upsample = self.settings.aif_upsample
             plasma = aif_on_fine_grid(aif.sample_time_s, np.asarray(aif.sample_blood_gd_mmol_l) /
                                       (1.0 - aif.hematocrit), grid_s, upsample)
-            fine_t = grid_s[0] + (grid_s[1] - grid_s[0]) / upsample * np.arange(plasma.size)
-            plasma[fine_t < aif.time_s[aif.foot_index]] = 0.0  # as on the grid: zero before the foot
+            # as on the grid: zero before the foot
+            plasma[fine_grid(grid_s, upsample) < aif.time_s[aif.foot_index]] = 0.0
             fine_dt = float(grid_s[1] - grid_s[0]) / upsample
             self._fine_curves[key] = fine_table_curves(plasma, fine_dt, self._btex_settings())
         return self._fine_curves[key]

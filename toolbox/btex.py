@@ -320,6 +320,21 @@ class AifTable:
     penalty: np.ndarray
 
 
+def fine_grid(grid_s: np.ndarray, upsample: int) -> np.ndarray:
+    """Times (s) float64 ``[upsample * T]`` of the fine grid of a uniform grid ``grid_s`` ``[T]``:
+    ``grid_s[0] + k dt / upsample`` (the grid of :func:`aif_on_fine_grid`, :func:`fine_table_curves`
+    and :func:`tissue_sampling`)."""
+    grid_s = np.asarray(grid_s, dtype=np.float64)
+    return grid_s[0] + float(grid_s[1] - grid_s[0]) / upsample * np.arange(upsample * grid_s.size)
+
+
+def _prior_penalty(grid_shape: tuple[int, ...], settings: BtexSettings) -> np.ndarray:
+    """The Gaussian prior's penalty on every table cell ``grid_shape`` (grid axes then delays)."""
+    centre, precision = settings.prior_in_cells()
+    grids = np.meshgrid(*(np.arange(size, dtype=np.float64) for size in grid_shape), indexing="ij")
+    return sum(p * (g - c) ** 2 for g, c, p in zip(grids, centre, precision))
+
+
 def aif_on_fine_grid(sample_time_s: np.ndarray, plasma_mmol_l: np.ndarray, grid_s: np.ndarray,
                      upsample: int = 4) -> np.ndarray:
     """Plasma AIF (mmol/L) ``[upsample * T]`` at ``grid_s[0] + k dt / upsample`` from its samples.
@@ -337,8 +352,7 @@ def aif_on_fine_grid(sample_time_s: np.ndarray, plasma_mmol_l: np.ndarray, grid_
     grid_s = np.asarray(grid_s, dtype=np.float64)
     if upsample < 1 or grid_s.size < 2:
         raise ValueError(f"need upsample >= 1 and a grid of >= 2 points, got {upsample} and {grid_s.size}")
-    dt_s = float(grid_s[1] - grid_s[0])
-    fine = grid_s[0] + dt_s / upsample * np.arange(upsample * grid_s.size)
+    fine = fine_grid(grid_s, upsample)
     spline = scipy.interpolate.CubicSpline(sample_time_s, plasma, extrapolate=False)
     values = spline(np.clip(fine, sample_time_s[0], sample_time_s[-1]))
     return np.maximum(values, 0.0)
@@ -370,10 +384,7 @@ def build_aif_table(aif: np.ndarray, dt_s: float, settings: BtexSettings, *, ups
     _, vectors = np.linalg.eigh(sample.T @ sample)
     basis = vectors[:, ::-1][:, : settings.n_components]  # [T, R]
     table = (stacked @ basis).reshape(*base.shape[:-1], delays.size, basis.shape[1]).astype(np.float32)
-    centre, precision = settings.prior_in_cells()
-    grids = np.meshgrid(*(np.arange(size, dtype=np.float64) for size in table.shape[:-1]), indexing="ij")
-    penalty = sum(p * (g - c) ** 2 for g, c, p in zip(grids, centre, precision))
-    return AifTable(table, basis, delays, penalty)
+    return AifTable(table, basis, delays, _prior_penalty(table.shape[:-1], settings))
 
 
 def fine_table_curves(aif_fine: np.ndarray, fine_dt_s: float, settings: BtexSettings) -> np.ndarray:
@@ -425,10 +436,8 @@ def sampled_aif_table(curves_fine: np.ndarray, fine_dt_s: float, sampling: np.nd
     basis = vectors[:, ::-1][:, : settings.n_components]  # [T, R]
     projection = np.concatenate([op.T @ basis for op in operators], axis=1).astype(np.float32)  # [K, D R]
     table = (flat @ projection).reshape(*curves_fine.shape[:-1], delays.size, basis.shape[1])
-    centre, precision = settings.prior_in_cells()
-    grids = np.meshgrid(*(np.arange(size, dtype=np.float64) for size in table.shape[:-1]), indexing="ij")
-    penalty = sum(p * (g - c) ** 2 for g, c, p in zip(grids, centre, precision))
-    return AifTable(np.ascontiguousarray(table, dtype=np.float32), basis, delays, penalty)
+    return AifTable(np.ascontiguousarray(table, dtype=np.float32), basis, delays,
+                    _prior_penalty(table.shape[:-1], settings))
 
 
 def _shifted_sampling(sampling: np.ndarray, shift_samples: float) -> np.ndarray:
@@ -456,8 +465,7 @@ def tissue_sampling(grid_s: np.ndarray, acquired_s: np.ndarray | None, upsample:
     from perfline.toolbox.resample import interpolation_matrix
 
     grid_s = np.asarray(grid_s, dtype=np.float64)
-    dt_s = float(grid_s[1] - grid_s[0])
-    fine_t = grid_s[0] + dt_s / upsample * np.arange(upsample * grid_s.size)
+    fine_t = fine_grid(grid_s, upsample)
     if acquired_s is None:
         return interpolation_matrix(fine_t, grid_s)
     acquired_s = np.asarray(acquired_s, dtype=np.float64)

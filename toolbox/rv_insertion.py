@@ -380,7 +380,7 @@ def rv_first_pass(labels: np.ndarray, series: np.ndarray, *, baseline_frames: in
 
 
 def enhancing_rv_mask(labels: np.ndarray, series: np.ndarray, *, min_peak_fraction: float = 0.25,
-                      baseline_frames: int = 3) -> np.ndarray:
+                      baseline_frames: int = 3, first_pass: RvFirstPass | None = None) -> np.ndarray:
     """bool [rows, cols]: the main RV component without the pixels that do not enhance like RV blood.
 
     The RV blood pool's first pass is the earliest and one of the highest enhancements of the
@@ -395,8 +395,9 @@ def enhancing_rv_mask(labels: np.ndarray, series: np.ndarray, *, min_peak_fracti
         series: float [time, rows, cols] Gd (mmol/L) or signal of the same slice.
         min_peak_fraction: the fraction of the core's enhancement a pixel must reach.
         baseline_frames: the first frames, whose per-pixel median is the pre-contrast baseline.
+        first_pass: :func:`rv_first_pass` of these labels and series when already computed.
     """
-    first_pass = rv_first_pass(labels, series, baseline_frames=baseline_frames)
+    first_pass = first_pass or rv_first_pass(labels, series, baseline_frames=baseline_frames)
     if first_pass is None:
         return main_rv_mask(labels)
     keep = first_pass.rv & (first_pass.peak_fraction >= min_peak_fraction)
@@ -405,8 +406,8 @@ def enhancing_rv_mask(labels: np.ndarray, series: np.ndarray, *, min_peak_fracti
 
 
 def extend_rv_tip(labels: np.ndarray, series: np.ndarray, center_rc: tuple[float, float], *,
-                  min_peak_fraction: float = 0.15, max_steps: int = 6, baseline_frames: int = 3
-                  ) -> tuple[np.ndarray, int]:
+                  min_peak_fraction: float = 0.15, max_steps: int = 6, baseline_frames: int = 3,
+                  first_pass: RvFirstPass | None = None) -> tuple[np.ndarray, int]:
     """Labels with the main RV grown along the LV epicardium into pixels that enhance with the RV.
 
     At each insertion the RV ends in a wedge along the epicardium that thins to one pixel; the
@@ -431,13 +432,14 @@ def extend_rv_tip(labels: np.ndarray, series: np.ndarray, center_rc: tuple[float
         min_peak_fraction: fraction of the core's peak enhancement a candidate must reach.
         max_steps: largest 4-connected distance (pixels) a joined pixel may lie from the RV.
         baseline_frames: first frames whose per-pixel median is the pre-contrast baseline.
+        first_pass: :func:`rv_first_pass` of these labels and series when already computed.
 
     Returns:
         (labels, added): the labels with the grown RV (a copy; the input when nothing joins)
         and the number of pixels that joined.
     """
     labels = np.asarray(labels)
-    first_pass = rv_first_pass(labels, series, baseline_frames=baseline_frames)
+    first_pass = first_pass or rv_first_pass(labels, series, baseline_frames=baseline_frames)
     if first_pass is None:
         return labels, 0
     myocardium = labels == MYOCARDIUM
@@ -475,15 +477,18 @@ def refine_rv_mask(labels: np.ndarray, series: np.ndarray, center_rc: tuple[floa
         (labels, trimmed_deg, added_px): the refined labels, the trim's shift of the anterior
         end (degrees, 0 when not trimmed) and the number of pixels the tip growth added.
     """
-    labels, shift = drop_rv_extension(labels, series, center_rc)
+    labels = np.asarray(labels)
+    first_pass = rv_first_pass(labels, series) if (labels == RV_BLOOD).any() else None
+    labels, shift = drop_rv_extension(labels, series, center_rc, first_pass=first_pass)
     if shift:
         return labels, shift, 0
-    labels, added = extend_rv_tip(labels, series, center_rc)
+    labels, added = extend_rv_tip(labels, series, center_rc, first_pass=first_pass)  # labels unchanged
     return labels, 0.0, added
 
 
 def drop_rv_extension(labels: np.ndarray, series: np.ndarray, center_rc: tuple[float, float], *,
-                      min_shift_deg: float = 15.0, min_peak_fraction: float = 0.25) -> tuple[np.ndarray, float]:
+                      min_shift_deg: float = 15.0, min_peak_fraction: float = 0.25,
+                      first_pass: RvFirstPass | None = None) -> tuple[np.ndarray, float]:
     """Labels without a non-enhancing RV extension that moves the anterior insertion.
 
     When the anterior end of :func:`enhancing_rv_mask`'s arc lies more than ``min_shift_deg``
@@ -494,7 +499,8 @@ def drop_rv_extension(labels: np.ndarray, series: np.ndarray, center_rc: tuple[f
 
     Args:
         labels: uint8 [rows, cols]; series: float [time, rows, cols] of the same slice;
-        center_rc: LV centre (row, col), pixels.
+        center_rc: LV centre (row, col), pixels; first_pass: :func:`rv_first_pass` of these labels
+        and series when already computed.
 
     Returns:
         (labels, shift_deg): the (possibly) corrected labels and how far the anterior end moved
@@ -503,7 +509,7 @@ def drop_rv_extension(labels: np.ndarray, series: np.ndarray, center_rc: tuple[f
     labels = np.asarray(labels)
     if not (labels == RV_BLOOD).any():
         return labels, 0.0
-    enhancing = enhancing_rv_mask(labels, series, min_peak_fraction=min_peak_fraction)
+    enhancing = enhancing_rv_mask(labels, series, min_peak_fraction=min_peak_fraction, first_pass=first_pass)
     before = rv_arc(labels, center_rc)
     pruned = np.where((labels == RV_BLOOD) & ~enhancing, 0, labels).astype(labels.dtype)
     shift = angle_difference_deg(rv_arc(pruned, center_rc).anterior_deg, before.anterior_deg)
