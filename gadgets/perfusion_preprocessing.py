@@ -110,6 +110,10 @@ class T2StarSettings(GadgetSettings):
 
     enabled: bool = Field(True, description="off: keep echo 1 uncorrected (to measure the error)")
     smoothing_px: int = Field(3, ge=0, le=15, description="box average of the echoes before the ratio")
+    r2star_model: Literal["per-frame", "linear-in-gd"] = Field("per-frame", description=(
+        "per-frame: each frame's R2* from its own echo ratio (clipped at 0); linear-in-gd: per pixel, "
+        "R2* = R2*_0 + k Gd fitted over all frames (Gd from echo 1 and the blood table), less noise "
+        "in the low-signal tail and no upward bias from the clip (docs/preprocessing.md)"))
 
 
 @register_gadget
@@ -134,12 +138,27 @@ class AifT2StarCorrection(PureGadget):
             raise GadgetError(f"AIF T2* correction needs two echoes, found {item.data.shape[0]} echo image "
                               f"series and echo times {item.echo_times_ms}")
         try:
-            corrected = t2star.t2star_correct(item.data[0], item.data[1], item.echo_times_ms[0],
-                                              item.echo_times_ms[1], smoothing_px=self.settings.smoothing_px)
-        except t2star.EchoError as error:
+            if self.settings.r2star_model == "linear-in-gd":
+                corrected = self._correct_linear_in_gd(item)
+            else:
+                corrected = t2star.t2star_correct(item.data[0], item.data[1], item.echo_times_ms[0],
+                                                  item.echo_times_ms[1], smoothing_px=self.settings.smoothing_px)
+        except (t2star.EchoError, gd_conversion.HeaderError) as error:
             raise GadgetError(f"AIF series: {error}") from error
         return dataclasses.replace(item, data=corrected[None], echo_times_ms=(0.0,),
                                    stages=item.stages + ("t2star",))
+
+    def _correct_linear_in_gd(self, item: AifSeries) -> np.ndarray:
+        """Echo 1 at TE = 0 with R2* fitted per pixel against its Gd (the header's blood table)."""
+        if self.context.header is None:
+            raise GadgetError("aif-t2star r2star_model = 'linear-in-gd' needs the MRD XML header (the AIF "
+                              "sequence's blood table); none was sent")
+        sequence = gd_conversion.sequence_from_header(self.context.header, gd_conversion.AIF_ENCODING)
+        table = gd_conversion.lookup_table(sequence, "blood", gd_conversion.AIF_GD_MAX_MMOL_L)
+        return t2star.t2star_correct_gd_model(
+            item.data[0], item.data[1], item.echo_times_ms[0], item.echo_times_ms[1], item.n_pd_frames,
+            lambda ratio: gd_conversion.ratio_to_gd_continued_below_zero(ratio, table),
+            smoothing_px=self.settings.smoothing_px)
 
 
 class SurfaceCoilSettings(GadgetSettings):
