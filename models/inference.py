@@ -31,7 +31,7 @@ from perfline.models.data import (CROP_SIZE, CROP_SPACING_MM, CropGeometry, chec
                                   uncrop_probabilities)
 from perfline.models.weights import DEFAULT_MODEL, ChecksumError, read_sidecar, verified_path
 from perfline.toolbox.rv_insertion import InsertionNotFoundError, lv_center_rc, rv_insertion_deg
-from perfline.toolbox.segmentation_post import PostProcessed, postprocess
+from perfline.toolbox.segmentation_post import RING_RAYS, PostProcessed, postprocess
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,10 @@ PADDINGS = ("zeros", "edge")
 # close open myocardial rings along rays (toolbox/segmentation_post.close_ring_along_rays);
 # the decision is in docs/segmentation.md "QPerf-format phantom"
 CLOSE_RING = True
+# complete a ring still open from the image where the network sees no wall
+# (toolbox/segmentation_post.complete_ring_from_image); flagged on the slice; the decision is
+# in docs/segmentation.md "Ring completion from the image"
+COMPLETE_RING = False
 # assumed-spacing factors of the label-free spacing search (``Segmenter.segment(...,
 # spacing_factors=...)``), for series whose pixel spacing is not recorded: nominal x 0.7 .. 1.2
 # in steps of 0.1 (true spacings 1.33-2.28 mm for a nominal 1.9 mm; docs/segmentation.md,
@@ -278,19 +282,23 @@ class Segmenter:
     memory, see :class:`OpenVinoNetwork`). ``padding``: the crop beyond the series' edge,
     "zeros" (as trained) or "edge" (see :func:`crop_series`). ``close_ring``: an open
     myocardial ring is closed along rays from the LV centre when that succeeds
-    (``perfline.toolbox.segmentation_post.close_ring_along_rays``); closed rings are unchanged.
+    (``perfline.toolbox.segmentation_post.close_ring_along_rays``); ``complete_ring``: a ring
+    still open is completed from the series' own enhancement curves where the network sees no
+    wall but the image does (``complete_ring_from_image``; the slice is flagged with the number
+    of rays); closed rings are unchanged.
     """
 
     def __init__(self, stem: Path = DEFAULT_MODEL, *, runtime: str = "auto",
                  threads: int | None = None,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, padding: str = "zeros",
-                 close_ring: bool = CLOSE_RING) -> None:
+                 close_ring: bool = CLOSE_RING, complete_ring: bool = COMPLETE_RING) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         self.padding = padding
         self.close_ring = bool(close_ring)
+        self.complete_ring = bool(complete_ring)
         started = time.perf_counter()
         self.stem = Path(stem)
         self.sidecar = read_sidecar(self.stem)
@@ -416,7 +424,8 @@ class Segmenter:
                                                        center_rc)
         if spacing_factors is None:
             return self._finish(probabilities, center, close_ring=self.close_ring,
-                                pixel_spacing_mm=float(pixel_spacing_mm))
+                                pixel_spacing_mm=float(pixel_spacing_mm),
+                                series=series if self.complete_ring else None)
         factors = sorted({round(float(f), 6) for f in spacing_factors} | {1.0})
         if not all(f > 0 for f in factors):
             raise ValueError(f"spacing factors must be > 0, got {spacing_factors}")
@@ -437,7 +446,8 @@ class Segmenter:
                         ", ".join(f"{s:.2f} mm closed={c} wall={w:.1f} mm"
                                   for s, c, w in table), chosen)
         return self._finish(candidates[chosen], center, close_ring=self.close_ring,
-                            pixel_spacing_mm=chosen, spacing_search=tuple(table))
+                            pixel_spacing_mm=chosen, spacing_search=tuple(table),
+                            series=series if self.complete_ring else None)
 
     @staticmethod
     def choose_spacing(candidates: list[tuple[float, np.ndarray]], *, nominal_mm: float,
@@ -513,9 +523,15 @@ class Segmenter:
     @staticmethod
     def _finish(probabilities: np.ndarray, center: tuple[float, float], *,
                 close_ring: bool, pixel_spacing_mm: float = float("nan"),
-                spacing_search: tuple = ()) -> SliceSegmentation:
-        clean: PostProcessed = postprocess(probabilities, close_ring=close_ring)
+                spacing_search: tuple = (), series: np.ndarray | None = None
+                ) -> SliceSegmentation:
+        """``series`` (the input [time, rows, cols]): complete a ring still open from it."""
+        clean: PostProcessed = postprocess(probabilities, close_ring=close_ring,
+                                           complete_ring=series is not None, series=series)
         flags = [f"not found: {name}" for name in clean.missing]
+        if clean.completed_rays:
+            flags.append(f"myocardial ring completed from the image on {clean.completed_rays} "
+                         f"of {RING_RAYS} rays")
         if clean.empty:
             flags.insert(0, "empty: no LV blood pool or myocardium found")
         elif not clean.closed_ring:

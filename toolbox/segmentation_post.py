@@ -12,6 +12,14 @@ enclose the LV blood pool, the myocardium probability is followed along rays fro
 pool's centroid and each ray's wall is taken with a threshold relative to that ray's own
 peak (:func:`close_ring_along_rays`), as QPerf's ring-based post-processing does; kept only if
 the ring then closes.
+
+Ring completion from the image (optional, ``postprocess(..., complete_ring=True,
+series=...)``): when the ring is still open because on some rays the network sees no wall at
+all, those rays' endo- and epicardium are found from the image's own enhancement curves
+(blood pool vs myocardium, :func:`unmix_blood_and_tissue`) by dynamic programming along the
+gap, with the network's wall as the thickness prior (:func:`complete_ring_from_image`); kept
+only if the image shows a wall on the completed rays and the ring then closes
+(docs/segmentation.md, "Ring completion from the image").
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ logger = logging.getLogger(__name__)
 LV_BLOOD, MYOCARDIUM, RV_BLOOD = 1, 2, 3
 CLASS_NAMES = {LV_BLOOD: "LV blood pool", MYOCARDIUM: "myocardium", RV_BLOOD: "RV blood pool"}
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+RING_RAYS = 360  # rays of ring closing and ring completion
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,8 @@ class PostProcessed:
     thresholds: dict[int, float]
     missing: tuple[str, ...] = field(default=())
     closed_ring: bool = False
+    # rays (of RING_RAYS) whose wall was completed from the image (0: none)
+    completed_rays: int = 0
 
     @property
     def empty(self) -> bool:
@@ -79,6 +90,96 @@ def is_closed_ring(labels: np.ndarray) -> bool:
     return not (blood_regions & set(np.unique(edge)))
 
 
+@dataclass(frozen=True)
+class _Rays:
+    """Rays from the LV blood pool's centroid (one row per ray, one column per step).
+
+    sample_r/sample_c: float [rays, steps] sample positions (pixels); pixel_r/pixel_c: their
+    nearest pixels; inside: bool [rays, steps], a prefix of each row; start: int [rays], the
+    first step beyond the ray's last blood-pool pixel; last_inside: int [rays], the last step
+    inside the image."""
+
+    sample_r: np.ndarray
+    sample_c: np.ndarray
+    pixel_r: np.ndarray
+    pixel_c: np.ndarray
+    inside: np.ndarray
+    start: np.ndarray
+    last_inside: np.ndarray
+
+    @property
+    def steps(self) -> np.ndarray:
+        """int [1, steps]: the step index, to broadcast against [rays, steps]."""
+        return np.arange(self.inside.shape[1])[None, :]
+
+    @property
+    def beyond_blood(self) -> np.ndarray:
+        """bool [rays, steps]: inside the image and beyond the blood pool."""
+        return (self.steps >= self.start[:, None]) & (self.steps <= self.last_inside[:, None])
+
+    def sample(self, image: np.ndarray) -> np.ndarray:
+        """Bilinear samples float [rays, steps] of image float [rows, cols] (0 outside)."""
+        return ndimage.map_coordinates(np.asarray(image, dtype=np.float64),
+                                       [self.sample_r, self.sample_c], order=1,
+                                       mode="constant", cval=0.0, prefilter=False)
+
+
+def _cast_rays(blood: np.ndarray, n_rays: int, step_px: float) -> _Rays | None:
+    """Rays (equal angles, counter-clockwise from the +column axis) from the centroid of the
+    bool mask ``blood`` [rows, cols] to beyond the image; None when a ray reaches the image
+    edge inside the blood pool (no wall can be placed on it)."""
+    center = np.array(ndimage.center_of_mass(blood))
+    rows, cols = blood.shape
+    angles = np.linspace(0.0, 2.0 * np.pi, int(n_rays), endpoint=False)
+    radii = np.arange(0.0, float(np.hypot(rows, cols)), step_px)
+    ray_r = center[0] - radii[None, :] * np.sin(angles)[:, None]
+    ray_c = center[1] + radii[None, :] * np.cos(angles)[:, None]
+    pixel_r, pixel_c = np.rint(ray_r).astype(int), np.rint(ray_c).astype(int)
+    inside = (pixel_r >= 0) & (pixel_r < rows) & (pixel_c >= 0) & (pixel_c < cols)
+    on_blood = np.zeros_like(inside)
+    on_blood[inside] = blood[pixel_r[inside], pixel_c[inside]]
+    step = np.arange(radii.size)[None, :]
+    last_inside = inside.sum(axis=1) - 1  # a ray leaves the image once: a prefix is inside
+    start = np.where(on_blood, step, -1).max(axis=1) + 1  # first step beyond the blood pool
+    if (start > last_inside).any():
+        return None
+    return _Rays(ray_r, ray_c, pixel_r, pixel_c, inside, start, last_inside)
+
+
+def _probability_runs(rays: _Rays, probability: np.ndarray, relative_threshold: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per ray: the probability peak beyond the blood pool and the run of steps [low, high)
+    around it that stays above ``relative_threshold`` x that peak. Returns (peak value float
+    [rays], low int [rays], high int [rays])."""
+    values = rays.sample(probability)
+    step, in_range = rays.steps, rays.beyond_blood
+    profile = np.where(in_range, values, -np.inf)
+    peak = np.argmax(profile, axis=1)
+    peak_value = profile[np.arange(profile.shape[0]), peak]
+    below = ~(in_range & (values > relative_threshold * peak_value[:, None]))
+    low = np.where(below & (step < peak[:, None]), step, -1).max(axis=1) + 1
+    high = np.where(below & (step > peak[:, None]), step, values.shape[1]).min(axis=1)
+    return peak_value, low, high
+
+
+def _labels_with_wall(labels: np.ndarray, rays: _Rays, run: np.ndarray) -> np.ndarray | None:
+    """``labels`` with the pixels of ``run`` (bool [rays, steps]) not claimed by another class
+    made myocardium, only the largest 8-connected myocardium component kept and enclosed
+    unclaimed pixels made LV blood pool; None when the ring then does not close."""
+    run = run & rays.inside
+    wall = np.zeros(labels.shape, dtype=bool)
+    wall[rays.pixel_r[run], rays.pixel_c[run]] = True
+    closed = labels.copy()
+    closed[wall & (closed == 0)] = MYOCARDIUM
+    components, count = ndimage.label(closed == MYOCARDIUM, structure=_EIGHT_CONNECTED)
+    if count > 1:
+        sizes = np.bincount(components.ravel())[1:]
+        closed[(closed == MYOCARDIUM) & (components != 1 + int(np.argmax(sizes)))] = 0
+    enclosed = ndimage.binary_fill_holes(np.isin(closed, (LV_BLOOD, MYOCARDIUM)))
+    closed[enclosed & (closed == 0)] = LV_BLOOD
+    return closed if is_closed_ring(closed) else None
+
+
 def close_ring_along_rays(labels: np.ndarray, myocardium_probability: np.ndarray, *,
                           n_rays: int = 360, relative_threshold: float = 0.5,
                           min_peak: float = 0.1, step_px: float = 0.5) -> np.ndarray | None:
@@ -95,59 +196,266 @@ def close_ring_along_rays(labels: np.ndarray, myocardium_probability: np.ndarray
     the edge inside the blood pool, or the ring still does not close.
     """
     labels = np.asarray(labels)
-    probability = np.asarray(myocardium_probability, dtype=np.float64)
     blood = labels == LV_BLOOD
     if not blood.any():
         return None
-    center = np.array(ndimage.center_of_mass(blood))
-    rows, cols = labels.shape
-    angles = np.linspace(0.0, 2.0 * np.pi, int(n_rays), endpoint=False)
-    radii = np.arange(0.0, float(np.hypot(rows, cols)), step_px)
-    ray_r = center[0] - radii[None, :] * np.sin(angles)[:, None]
-    ray_c = center[1] + radii[None, :] * np.cos(angles)[:, None]
-    pixel_r, pixel_c = np.rint(ray_r).astype(int), np.rint(ray_c).astype(int)
-    inside = (pixel_r >= 0) & (pixel_r < rows) & (pixel_c >= 0) & (pixel_c < cols)
-    values = ndimage.map_coordinates(probability, [ray_r, ray_c], order=1, mode="constant",
-                                     cval=0.0, prefilter=False)
-    on_blood = np.zeros_like(inside)
-    on_blood[inside] = blood[pixel_r[inside], pixel_c[inside]]
-    step = np.arange(radii.size)[None, :]
-    last_inside = inside.sum(axis=1) - 1  # a ray leaves the image once: a prefix is inside
-    start = np.where(on_blood, step, -1).max(axis=1) + 1  # first step beyond the blood pool
-    if (start > last_inside).any():
+    rays = _cast_rays(blood, n_rays, step_px)
+    if rays is None:
         return None
-    in_range = (step >= start[:, None]) & (step <= last_inside[:, None])
-    profile = np.where(in_range, values, -np.inf)
-    peak = np.argmax(profile, axis=1)
-    peak_value = profile[np.arange(len(angles)), peak]
+    peak_value, low, high = _probability_runs(rays, myocardium_probability, relative_threshold)
     if (peak_value < min_peak).any():
         return None
-    below = ~(in_range & (values > relative_threshold * peak_value[:, None]))
-    low = np.where(below & (step < peak[:, None]), step, -1).max(axis=1) + 1
-    high = np.where(below & (step > peak[:, None]), step, radii.size).min(axis=1)
-    run = (step >= low[:, None]) & (step < high[:, None])
-    wall = np.zeros(labels.shape, dtype=bool)
-    wall[pixel_r[run], pixel_c[run]] = True
-    closed = labels.copy()
-    closed[wall & (closed == 0)] = MYOCARDIUM
-    components, count = ndimage.label(closed == MYOCARDIUM, structure=_EIGHT_CONNECTED)
-    if count > 1:
-        sizes = np.bincount(components.ravel())[1:]
-        closed[(closed == MYOCARDIUM) & (components != 1 + int(np.argmax(sizes)))] = 0
-    enclosed = ndimage.binary_fill_holes(np.isin(closed, (LV_BLOOD, MYOCARDIUM)))
-    closed[enclosed & (closed == 0)] = LV_BLOOD
-    return closed if is_closed_ring(closed) else None
+    run = (rays.steps >= low[:, None]) & (rays.steps < high[:, None])
+    return _labels_with_wall(labels, rays, run)
+
+
+@dataclass(frozen=True)
+class RingCompletion:
+    """An open ring completed from the image: labels uint8 [rows, cols] (closed ring) and the
+    number of rays (of ``n_rays``) whose wall came from the image, not the network."""
+
+    labels: np.ndarray
+    completed_rays: int
+    n_rays: int
+
+
+def unmix_blood_and_tissue(series: np.ndarray, blood: np.ndarray, tissue: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-pixel amounts of the blood-pool and the myocardial enhancement curve.
+
+    Each pixel's curve of ``series`` (float [time, rows, cols], Gd in mmol/L or signal
+    intensity, from the first SR frame; the mean of the first 3 frames taken as its
+    pre-contrast baseline) is fitted as alpha x b(t) + beta x m(t) by non-negative least
+    squares, where b and m are the mean baseline-subtracted curves of the pixels in ``blood``
+    and ``tissue`` (bool [rows, cols]: the image's own LV blood pool and the myocardium the
+    network does see). Blood has alpha ~1, beta ~0; myocardium, whose first pass is lower and
+    later than the blood's, alpha ~0, beta ~1; lung, air and the zero padding beyond a crop
+    ~0, 0. The result is in units of the image's own references, so Gd and signal alike.
+
+    Returns (alpha, beta), float [rows, cols] each, or None when the two reference curves
+    cannot be told apart (correlation above 0.995) or either set is empty.
+    """
+    series = np.asarray(series, dtype=np.float64)
+    if not blood.any() or not tissue.any():
+        return None
+    curves = series - series[: min(3, series.shape[0])].mean(axis=0)
+    blood_curve = curves[:, blood].mean(axis=1)
+    tissue_curve = curves[:, tissue].mean(axis=1)
+    norms = np.array([np.linalg.norm(blood_curve), np.linalg.norm(tissue_curve)])
+    if not (norms > 0).all() or abs(blood_curve @ tissue_curve) / norms.prod() > 0.995:
+        return None
+    pixels = curves.reshape(curves.shape[0], -1)
+    basis = np.stack([blood_curve, tissue_curve], axis=1)  # [time, 2]
+    alpha, beta = np.linalg.solve(basis.T @ basis, basis.T @ pixels)
+    # the non-negative solution: where one amount is negative, the other curve alone
+    alpha_only = np.maximum(blood_curve @ pixels / norms[0] ** 2, 0.0)
+    beta_only = np.maximum(tissue_curve @ pixels / norms[1] ** 2, 0.0)
+    no_blood, no_tissue = alpha < 0, (beta < 0) & (alpha >= 0)
+    alpha, beta = (np.where(no_blood, 0.0, np.where(no_tissue, alpha_only, alpha)),
+                   np.where(no_blood, beta_only, np.where(no_tissue, 0.0, beta)))
+    shape = series.shape[1:]
+    return alpha.reshape(shape), beta.reshape(shape)
+
+
+_INFEASIBLE = 1e9
+
+
+def _arc_path(unary: np.ndarray, *, smoothness: float, max_jump: int,
+              anchors: tuple[float, float], first_states: tuple[float, float],
+              last_states: tuple[float, float]) -> np.ndarray | None:
+    """Dynamic programming along an arc of rays: the state per ray (int [rays]) minimising
+    sum unary[ray, state] + ``smoothness`` x |state change| between neighbouring rays, the
+    seen rays on either side included (their states ``anchors``), with changes of at most
+    ``max_jump`` inside the arc and the first / last ray's state within the closed ranges
+    ``first_states`` / ``last_states``. None when no path satisfies the constraints.
+    unary: float [rays, states]."""
+    n_states = unary.shape[1]
+    states = np.arange(n_states)
+    change = np.abs(states[:, None] - states[None, :])
+    transition = smoothness * change + _INFEASIBLE * (change > max_jump)  # [to, from]
+
+    def outside(bounds: tuple[float, float]) -> np.ndarray:
+        return _INFEASIBLE * ((states < bounds[0]) | (states > bounds[1]))
+
+    cost = unary[0] + smoothness * np.abs(states - anchors[0]) + outside(first_states)
+    back = []
+    for ray_unary in unary[1:]:
+        total = cost[None, :] + transition
+        best = np.argmin(total, axis=1)
+        back.append(best)
+        cost = total[states, best] + ray_unary
+    cost = cost + smoothness * np.abs(states - anchors[1]) + outside(last_states)
+    if cost.min() >= _INFEASIBLE / 2:
+        return None
+    path = [int(np.argmin(cost))]
+    for best in reversed(back):
+        path.append(int(best[path[-1]]))
+    return np.array(path[::-1])
+
+
+def _missing_arcs(seen: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+    """Contiguous arcs of rays not seen (bool [rays], circular, at least one seen): (ray
+    indices, seen ray before, seen ray after)."""
+    n_rays = seen.size
+    order = (np.arange(n_rays) + int(np.argmax(seen))) % n_rays  # starts on a seen ray
+    arcs, index = [], 0
+    while index < n_rays:
+        if seen[order[index]]:
+            index += 1
+            continue
+        end = index
+        while end < n_rays and not seen[order[end]]:
+            end += 1
+        arcs.append((order[index:end], int(order[index - 1]), int(order[end % n_rays])))
+        index = end
+    return arcs
+
+
+def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndarray,
+                             series: np.ndarray, *, n_rays: int = 360,
+                             relative_threshold: float = 0.5, min_peak: float = 0.1,
+                             step_px: float = 0.5, max_missing_fraction: float = 0.5,
+                             blood_amount: float = 0.5, tissue_amount: float = 0.35,
+                             wall_evidence: float = 0.5, rays_with_evidence: float = 0.9,
+                             smoothness: float = 0.5, thickness_prior: float = 2.0,
+                             max_jump_steps: int = 2, min_thickness_steps: int = 2,
+                             anchor_slack_steps: int = 2) -> RingCompletion | None:
+    """Complete an open myocardial ring on the rays where the network sees no wall, from the
+    image's own enhancement curves; None when the image does not show a wall there.
+
+    Args:
+        labels: uint8 [rows, cols] after the QPerf rule (and ray closing), ring open.
+        myocardium_probability: float [rows, cols], 0-1, the network's.
+        series: float [time, rows, cols] on the same grid (Gd mmol/L or signal intensity,
+            from the first SR frame).
+
+    Rays as in :func:`close_ring_along_rays` (``n_rays`` from the LV blood pool's centroid,
+    ``step_px`` pixel steps). A ray is *seen* when its myocardium-probability peak beyond the
+    blood pool is at least ``min_peak``; its wall is the network's run there (as in ray
+    closing). The other rays (at most ``max_missing_fraction`` of all) form arcs, each filled
+    by two dynamic programmes along the arc, anchored at the seen rays on either side
+    (within ``anchor_slack_steps`` of their wall) with a cost ``smoothness`` per step of change
+    between neighbouring rays and at most ``max_jump_steps`` change:
+
+    1. endocardium: the step where the blood-pool curve ends. Per pixel the curve is unmixed
+       (:func:`unmix_blood_and_tissue`) against the LV blood pool (eroded) and the network's
+       confident myocardium (label 2 and probability > 0.5); a sample is blood-like when
+       alpha >= ``blood_amount``. The border maximises the sum of (blood-like - 0.5) from the
+       network's blood-pool edge to it: the pool the network left out is taken back when the
+       image shows blood there.
+    2. epicardium: the wall thickness t (steps) maximising the sum of (tissue-like - 0.5) over
+       the wall plus ``thickness_prior`` x ((t - T) / T)^2, T the median thickness of the seen
+       rays' walls (the network's own wall as the prior); tissue-like: beta >=
+       ``tissue_amount`` and not blood-like; beyond the image edge nothing is tissue; at least
+       ``min_thickness_steps``.
+
+    Evidence criterion (no wall is invented): a completed ray has image evidence when at
+    least ``wall_evidence`` of its wall's samples are tissue-like; the completion is kept only
+    if at least ``rays_with_evidence`` of the completed rays have evidence and the ring then
+    closes. Neighbouring completed rays' walls are drawn over each other's radial extent so
+    that a step between them leaves no gap. Closed rings must not be passed (the caller runs
+    this only on an open ring); enclosed unclaimed pixels become LV blood pool.
+    """
+    labels = np.asarray(labels)
+    probability = np.asarray(myocardium_probability, dtype=np.float64)
+    series = np.asarray(series)
+    if series.ndim != 3 or series.shape[1:] != labels.shape:
+        raise ValueError(f"expected series [time, {labels.shape[0]}, {labels.shape[1]}], got "
+                         f"{series.shape}")
+    blood = labels == LV_BLOOD
+    if not blood.any() or not (labels == MYOCARDIUM).any():
+        return None
+    rays = _cast_rays(blood, n_rays, step_px)
+    if rays is None:
+        return None
+    peak_value, low, high = _probability_runs(rays, probability, relative_threshold)
+    seen = peak_value >= min_peak
+    if seen.all() or seen.sum() < (1.0 - max_missing_fraction) * n_rays:
+        return None
+    inner_blood = ndimage.binary_erosion(blood)
+    amounts = unmix_blood_and_tissue(series, inner_blood if inner_blood.sum() >= 5 else blood,
+                                     (labels == MYOCARDIUM) & (probability > 0.5))
+    if amounts is None:
+        return None
+    blood_like = amounts[0] >= blood_amount
+    tissue_like = (amounts[1] >= tissue_amount) & ~blood_like
+    in_range = rays.beyond_blood
+    blood_score = np.where(in_range, rays.sample(blood_like), 0.0)
+    tissue_score = np.where(in_range, rays.sample(tissue_like), 0.0)
+    n_steps = in_range.shape[1]
+    step = rays.steps
+    # cumulative gains: gain[:, s] = sum over steps < s
+    blood_gain = np.concatenate([np.zeros((n_rays, 1)),
+                                 np.cumsum(np.where(in_range, blood_score - 0.5, 0.0), axis=1)],
+                                axis=1)
+    tissue_gain = np.concatenate([np.zeros((n_rays, 1)),
+                                  np.cumsum(np.where(in_range, tissue_score - 0.5, -0.5),
+                                            axis=1)], axis=1)
+    endo_cost = -(blood_gain[:, :n_steps] - blood_gain[np.arange(n_rays), rays.start][:, None])
+    endo_cost = np.where(in_range, endo_cost, _INFEASIBLE)
+    prior = float(np.median((high - low)[seen]))
+    thickness = np.arange(1, int(np.ceil(2.0 * prior)) + 2)
+    thickness_cost = (thickness_prior * ((thickness - prior) / prior) ** 2
+                      + _INFEASIBLE * (thickness < min_thickness_steps))
+    endo, wall_end = low.copy(), high.copy()
+    for arc, before, after in _missing_arcs(seen):
+        arc_endo = _arc_path(endo_cost[arc], smoothness=smoothness, max_jump=max_jump_steps,
+                             anchors=(low[before], low[after]),
+                             first_states=(low[before] - anchor_slack_steps,
+                                           high[before] + anchor_slack_steps),
+                             last_states=(low[after] - anchor_slack_steps,
+                                          high[after] + anchor_slack_steps))
+        if arc_endo is None:
+            return None
+        ends = np.minimum(arc_endo[:, None] + thickness[None, :], n_steps)
+        gain = tissue_gain[arc[:, None], ends] - tissue_gain[arc, arc_endo][:, None]
+        arc_thickness = _arc_path(-gain + thickness_cost[None, :], smoothness=smoothness,
+                                  max_jump=max_jump_steps,
+                                  anchors=(high[before] - low[before] - 1,
+                                           high[after] - low[after] - 1),
+                                  first_states=(0, thickness.size),
+                                  last_states=(0, thickness.size))
+        if arc_thickness is None:
+            return None
+        endo[arc] = arc_endo
+        wall_end[arc] = arc_endo + thickness[arc_thickness]
+    missing = np.flatnonzero(~seen)
+    # tissue_score is 0 beyond the image: a wall cut by the image edge counts there as none
+    completed_wall = (step >= endo[missing, None]) & (step < wall_end[missing, None])
+    evidence = ((tissue_score[missing] * completed_wall).sum(axis=1)
+                / completed_wall.sum(axis=1))
+    with_evidence = float(np.mean(evidence >= wall_evidence))
+    if with_evidence < rays_with_evidence:
+        logger.info("segmentation: ring not completed from the image: %d of %d rays without "
+                    "a wall seen by the network, %.0f %% of them with image evidence of a "
+                    "wall (%.0f %% needed)", missing.size, n_rays, 100 * with_evidence,
+                    100 * rays_with_evidence)
+        return None
+    # draw each completed ray over its neighbours' radial extent: no gap at a step
+    lower = np.where(seen, endo, np.minimum(endo, np.minimum(np.roll(endo, 1),
+                                                            np.roll(endo, -1))))
+    upper = np.where(seen, wall_end, np.maximum(wall_end, np.maximum(np.roll(wall_end, 1),
+                                                                    np.roll(wall_end, -1))))
+    run = (step >= lower[:, None]) & (step < upper[:, None])
+    closed = _labels_with_wall(labels, rays, run)
+    if closed is None:
+        return None
+    return RingCompletion(labels=closed, completed_rays=int(missing.size), n_rays=int(n_rays))
 
 
 def postprocess(probabilities: np.ndarray, *, close_ring: bool = False,
                 ring_relative_threshold: float = 0.5,
-                ring_min_peak: float = 0.1) -> PostProcessed:
+                ring_min_peak: float = 0.1, complete_ring: bool = False,
+                series: np.ndarray | None = None) -> PostProcessed:
     """Clean label map from class probabilities float [classes, rows, cols] (classes 0-3).
 
     Each foreground class keeps one connected component; holes inside the myocardial ring that
     no class claims are given to the LV blood pool. ``close_ring``: an open ring is closed by
     :func:`close_ring_along_rays` (with ``ring_relative_threshold``, ``ring_min_peak``) when
-    that succeeds; closed rings are never changed.
+    that succeeds; ``complete_ring`` with ``series`` (float [time, rows, cols] on the same
+    grid): a ring still open is then completed from the image by
+    :func:`complete_ring_from_image` when the image shows a wall where the network sees none
+    (``completed_rays`` says on how many rays). Closed rings are never changed.
     """
     probabilities = np.asarray(probabilities, dtype=np.float32)
     if probabilities.ndim != 3 or probabilities.shape[0] != 4:
@@ -167,14 +475,26 @@ def postprocess(probabilities: np.ndarray, *, close_ring: bool = False,
         labels[enclosed & (labels == 0)] = LV_BLOOD if (labels == LV_BLOOD).any() else 0
     closed_ring = is_closed_ring(labels)
     if close_ring and not closed_ring and (labels == MYOCARDIUM).any():
-        closed = close_ring_along_rays(labels, probabilities[MYOCARDIUM],
+        closed = close_ring_along_rays(labels, probabilities[MYOCARDIUM], n_rays=RING_RAYS,
                                        relative_threshold=ring_relative_threshold,
                                        min_peak=ring_min_peak)
         if closed is not None:
             logger.info("segmentation: open myocardial ring closed along rays")
             labels, closed_ring = closed, True
+    completed_rays = 0
+    if (complete_ring and series is not None and not closed_ring
+            and (labels == MYOCARDIUM).any()):
+        completion = complete_ring_from_image(labels, probabilities[MYOCARDIUM], series,
+                                              n_rays=RING_RAYS,
+                                              relative_threshold=ring_relative_threshold,
+                                              min_peak=ring_min_peak)
+        if completion is not None:
+            logger.info("segmentation: open myocardial ring completed from the image on %d of "
+                        "%d rays", completion.completed_rays, completion.n_rays)
+            labels, closed_ring = completion.labels, True
+            completed_rays = completion.completed_rays
     result = PostProcessed(labels=labels, thresholds=thresholds, missing=tuple(missing),
-                           closed_ring=closed_ring)
+                           closed_ring=closed_ring, completed_rays=completed_rays)
     if missing:
         logger.info("segmentation: not found: %s", ", ".join(missing))
     return result
