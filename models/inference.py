@@ -116,7 +116,7 @@ CLOSE_RING = True
 # complete a ring still open from the image where the network sees no wall
 # (toolbox/segmentation_post.complete_ring_from_image); flagged on the slice; the decision is
 # in docs/segmentation.md "Ring completion from the image"
-COMPLETE_RING = False
+COMPLETE_RING = True
 # assumed-spacing factors of the label-free spacing search (``Segmenter.segment(...,
 # spacing_factors=...)``), for series whose pixel spacing is not recorded: nominal x 0.7 .. 1.2
 # in steps of 0.1 (true spacings 1.33-2.28 mm for a nominal 1.9 mm; docs/segmentation.md,

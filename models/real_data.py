@@ -188,9 +188,11 @@ def make_figure(daugs: list[dict], qperf: list[dict], png: Path) -> None:
               f"DAUGS {item['name'].split('-')[-1]}\nmyo Dice {item['dice_myocardium']:.3f}",
               truth=item["truth"])
     for axis, item in zip(axes[len(daugs):], qperf):
+        completed = [flag for flag in item["result"].flags if "completed from the image" in flag]
         _draw(axis, _peak_image(item["series"]), item["result"],
               f"QPerf {item['name']} ({item['pixel_spacing_mm']:.2f} mm)\n"
-              f"closed ring: {item['closed_ring']}")
+              f"closed ring: {item['closed_ring']}"
+              + (f"\n(from the image on {completed[0].split(' on ')[-1]})" if completed else ""))
     figure.suptitle("CNN (red LV, green myocardium, blue RV, orange RV insertion); "
                     "DAUGS truth dashed yellow", fontsize=8)
     figure.tight_layout()
