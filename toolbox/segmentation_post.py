@@ -268,22 +268,24 @@ def _arc_path(unary: np.ndarray, *, smoothness: float, max_jump: int,
     seen rays on either side included (their states ``anchors``), with changes of at most
     ``max_jump`` inside the arc and the first / last ray's state within the closed ranges
     ``first_states`` / ``last_states``. None when no path satisfies the constraints.
-    unary: float [rays, states]."""
+    unary: float [rays, states]. Cost O(rays x states x (2 max_jump + 1))."""
     n_states = unary.shape[1]
     states = np.arange(n_states)
-    change = np.abs(states[:, None] - states[None, :])
-    transition = smoothness * change + _INFEASIBLE * (change > max_jump)  # [to, from]
+    offsets = np.arange(-max_jump, max_jump + 1)  # from state = to state + offset
 
     def outside(bounds: tuple[float, float]) -> np.ndarray:
         return _INFEASIBLE * ((states < bounds[0]) | (states > bounds[1]))
 
     cost = unary[0] + smoothness * np.abs(states - anchors[0]) + outside(first_states)
+    padded = np.full(n_states + 2 * max_jump, np.inf)
     back = []
     for ray_unary in unary[1:]:
-        total = cost[None, :] + transition
-        best = np.argmin(total, axis=1)
-        back.append(best)
-        cost = total[states, best] + ray_unary
+        padded[max_jump:max_jump + n_states] = cost
+        candidates = np.stack([padded[max_jump + offset:max_jump + offset + n_states]
+                               + smoothness * abs(int(offset)) for offset in offsets])
+        best = np.argmin(candidates, axis=0)
+        back.append(states + offsets[best])
+        cost = candidates[best, states] + ray_unary
     cost = cost + smoothness * np.abs(states - anchors[1]) + outside(last_states)
     if cost.min() >= _INFEASIBLE / 2:
         return None
@@ -309,6 +311,11 @@ def _missing_arcs(seen: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
         arcs.append((order[index:end], int(order[index - 1]), int(order[end % n_rays])))
         index = end
     return arcs
+
+
+def _not_completed(reason: str) -> None:
+    logger.info("segmentation: ring not completed from the image: %s", reason)
+    return None
 
 
 def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndarray,
@@ -364,19 +371,23 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
                          f"{series.shape}")
     blood = labels == LV_BLOOD
     if not blood.any() or not (labels == MYOCARDIUM).any():
-        return None
+        return _not_completed("no LV blood pool or no myocardium")
     rays = _cast_rays(blood, n_rays, step_px)
     if rays is None:
-        return None
+        return _not_completed("a ray from the LV centre reaches the image edge inside the LV "
+                              "blood pool")
     peak_value, low, high = _probability_runs(rays, probability, relative_threshold)
     seen = peak_value >= min_peak
-    if seen.all() or seen.sum() < (1.0 - max_missing_fraction) * n_rays:
-        return None
+    if seen.all():
+        return _not_completed("the network sees a wall on every ray")
+    if seen.sum() < (1.0 - max_missing_fraction) * n_rays:
+        return _not_completed(f"the network sees no wall on {int((~seen).sum())} of {n_rays} "
+                              f"rays (at most {max_missing_fraction:.0%} are completed)")
     inner_blood = ndimage.binary_erosion(blood)
     amounts = unmix_blood_and_tissue(series, inner_blood if inner_blood.sum() >= 5 else blood,
                                      (labels == MYOCARDIUM) & (probability > 0.5))
     if amounts is None:
-        return None
+        return _not_completed("the blood-pool and myocardial curves cannot be told apart")
     blood_like = amounts[0] >= blood_amount
     tissue_like = (amounts[1] >= tissue_amount) & ~blood_like
     in_range = rays.beyond_blood
@@ -406,7 +417,8 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
                              last_states=(low[after] - anchor_slack_steps,
                                           high[after] + anchor_slack_steps))
         if arc_endo is None:
-            return None
+            return _not_completed(f"no endocardium along an arc of {arc.size} rays within "
+                                  f"the smoothness limits")
         ends = np.minimum(arc_endo[:, None] + thickness[None, :], n_steps)
         gain = tissue_gain[arc[:, None], ends] - tissue_gain[arc, arc_endo][:, None]
         arc_thickness = _arc_path(-gain + thickness_cost[None, :], smoothness=smoothness,
@@ -416,7 +428,8 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
                                   first_states=(0, thickness.size),
                                   last_states=(0, thickness.size))
         if arc_thickness is None:
-            return None
+            return _not_completed(f"no wall along an arc of {arc.size} rays within the "
+                                  f"smoothness limits")
         endo[arc] = arc_endo
         wall_end[arc] = arc_endo + thickness[arc_thickness]
     missing = np.flatnonzero(~seen)
@@ -426,11 +439,9 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
                 / completed_wall.sum(axis=1))
     with_evidence = float(np.mean(evidence >= wall_evidence))
     if with_evidence < rays_with_evidence:
-        logger.info("segmentation: ring not completed from the image: %d of %d rays without "
-                    "a wall seen by the network, %.0f %% of them with image evidence of a "
-                    "wall (%.0f %% needed)", missing.size, n_rays, 100 * with_evidence,
-                    100 * rays_with_evidence)
-        return None
+        return _not_completed(f"{missing.size} of {n_rays} rays without a wall seen by the "
+                              f"network, {with_evidence:.0%} of them with image evidence of a "
+                              f"wall ({rays_with_evidence:.0%} needed)")
     # draw each completed ray over its neighbours' radial extent: no gap at a step
     lower = np.where(seen, endo, np.minimum(endo, np.minimum(np.roll(endo, 1),
                                                             np.roll(endo, -1))))
@@ -439,7 +450,8 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
     run = (step >= lower[:, None]) & (step < upper[:, None])
     closed = _labels_with_wall(labels, rays, run)
     if closed is None:
-        return None
+        return _not_completed(f"the ring completed on {missing.size} of {n_rays} rays does not "
+                              f"close")
     return RingCompletion(labels=closed, completed_rays=int(missing.size), n_rays=int(n_rays))
 
 
