@@ -31,7 +31,8 @@ from perfline.models.data import (CROP_SIZE, CROP_SPACING_MM, CropGeometry, chec
                                   uncrop_probabilities)
 from perfline.models.weights import DEFAULT_MODEL, ChecksumError, read_sidecar, verified_path
 from perfline.toolbox.rv_insertion import InsertionNotFoundError, lv_center_rc, rv_insertion_deg
-from perfline.toolbox.segmentation_post import RING_RAYS, PostProcessed, postprocess
+from perfline.toolbox.segmentation_post import (RING_DRAWINGS, RING_RAYS, PostProcessed,
+                                                postprocess)
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,10 @@ CLOSE_RING = True
 # (toolbox/segmentation_post.complete_ring_from_image); flagged on the slice; the decision is
 # in docs/segmentation.md "Ring completion from the image"
 COMPLETE_RING = True
+# how ring completion draws the wall: "rays" (per ray) or "band" (one band between
+# consecutive rays; toolbox/segmentation_post.RING_DRAWINGS); the decision is in
+# docs/segmentation.md "Ring completion, connected band"
+RING_DRAWING = "rays"
 # assumed-spacing factors of the label-free spacing search (``Segmenter.segment(...,
 # spacing_factors=...)``), for series whose pixel spacing is not recorded: nominal x 0.7 .. 1.2
 # in steps of 0.1 (true spacings 1.33-2.28 mm for a nominal 1.9 mm; docs/segmentation.md,
@@ -285,18 +290,23 @@ class Segmenter:
     (``perfline.toolbox.segmentation_post.close_ring_along_rays``); ``complete_ring``: a ring
     still open is completed from the series' own enhancement curves where the network sees no
     wall but the image does (``complete_ring_from_image``; the slice is flagged with the number
-    of rays); closed rings are unchanged.
+    of rays); closed rings are unchanged. ``ring_drawing``: how the completed wall is drawn,
+    "rays" or "band" (``perfline.toolbox.segmentation_post.RING_DRAWINGS``).
     """
 
     def __init__(self, stem: Path = DEFAULT_MODEL, *, runtime: str = "auto",
                  threads: int | None = None,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, padding: str = "zeros",
-                 close_ring: bool = CLOSE_RING, complete_ring: bool = COMPLETE_RING) -> None:
+                 close_ring: bool = CLOSE_RING, complete_ring: bool = COMPLETE_RING,
+                 ring_drawing: str = RING_DRAWING) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        if ring_drawing not in RING_DRAWINGS:
+            raise ValueError(f"ring_drawing must be one of {RING_DRAWINGS}, got {ring_drawing!r}")
         self.padding = padding
+        self.ring_drawing = ring_drawing
         self.close_ring = bool(close_ring)
         self.complete_ring = bool(complete_ring)
         started = time.perf_counter()
@@ -425,7 +435,8 @@ class Segmenter:
         if spacing_factors is None:
             return self._finish(probabilities, center, close_ring=self.close_ring,
                                 pixel_spacing_mm=float(pixel_spacing_mm),
-                                series=series if self.complete_ring else None)
+                                series=series if self.complete_ring else None,
+                                ring_drawing=self.ring_drawing)
         factors = sorted({round(float(f), 6) for f in spacing_factors} | {1.0})
         if not all(f > 0 for f in factors):
             raise ValueError(f"spacing factors must be > 0, got {spacing_factors}")
@@ -447,7 +458,8 @@ class Segmenter:
                                   for s, c, w in table), chosen)
         return self._finish(candidates[chosen], center, close_ring=self.close_ring,
                             pixel_spacing_mm=chosen, spacing_search=tuple(table),
-                            series=series if self.complete_ring else None)
+                            series=series if self.complete_ring else None,
+                            ring_drawing=self.ring_drawing)
 
     @staticmethod
     def choose_spacing(candidates: list[tuple[float, np.ndarray]], *, nominal_mm: float,
@@ -523,11 +535,13 @@ class Segmenter:
     @staticmethod
     def _finish(probabilities: np.ndarray, center: tuple[float, float], *,
                 close_ring: bool, pixel_spacing_mm: float = float("nan"),
-                spacing_search: tuple = (), series: np.ndarray | None = None
-                ) -> SliceSegmentation:
-        """``series`` (the input [time, rows, cols]): complete a ring still open from it."""
+                spacing_search: tuple = (), series: np.ndarray | None = None,
+                ring_drawing: str = RING_DRAWING) -> SliceSegmentation:
+        """``series`` (the input [time, rows, cols]): complete a ring still open from it, the
+        wall drawn as ``ring_drawing``."""
         clean: PostProcessed = postprocess(probabilities, close_ring=close_ring,
-                                           complete_ring=series is not None, series=series)
+                                           complete_ring=series is not None, series=series,
+                                           ring_drawing=ring_drawing)
         flags = [f"not found: {name}" for name in clean.missing]
         if clean.completed_rays:
             flags.append(f"myocardial ring completed from the image on {clean.completed_rays} "

@@ -36,6 +36,12 @@ LV_BLOOD, MYOCARDIUM, RV_BLOOD = 1, 2, 3
 CLASS_NAMES = {LV_BLOOD: "LV blood pool", MYOCARDIUM: "myocardium", RV_BLOOD: "RV blood pool"}
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 RING_RAYS = 360  # rays of ring closing and ring completion
+# how ring completion draws the wall: "rays", each ray's run pixel by pixel (neighbouring
+# completed rays drawn over each other's radial extent, the largest myocardium component kept);
+# "band", one band between the inner and outer borders of consecutive rays, seen and completed,
+# rasterised at <= 0.5 px (:func:`_band_between_rays`), every myocardium component on the band
+# kept (docs/segmentation.md, "Ring completion, connected band")
+RING_DRAWINGS = ("rays", "band")
 
 
 @dataclass(frozen=True)
@@ -169,15 +175,73 @@ def _labels_with_wall(labels: np.ndarray, rays: _Rays, run: np.ndarray) -> np.nd
     run = run & rays.inside
     wall = np.zeros(labels.shape, dtype=bool)
     wall[rays.pixel_r[run], rays.pixel_c[run]] = True
+    return _labels_with_wall_mask(labels, wall, keep_on_wall=False)
+
+
+def _labels_with_wall_mask(labels: np.ndarray, wall: np.ndarray, *, keep_on_wall: bool
+                           ) -> np.ndarray | None:
+    """``labels`` with the pixels of ``wall`` (bool [rows, cols]) not claimed by another class
+    made myocardium; of the 8-connected myocardium components the largest is kept
+    (``keep_on_wall`` False) or every one that touches ``wall`` (True: a drawn band is kept
+    even where another class splits it); enclosed unclaimed pixels made LV blood pool. None
+    when the ring then does not close."""
     closed = labels.copy()
     closed[wall & (closed == 0)] = MYOCARDIUM
     components, count = ndimage.label(closed == MYOCARDIUM, structure=_EIGHT_CONNECTED)
     if count > 1:
-        sizes = np.bincount(components.ravel())[1:]
-        closed[(closed == MYOCARDIUM) & (components != 1 + int(np.argmax(sizes)))] = 0
+        if keep_on_wall:
+            kept = np.zeros(count + 1, dtype=bool)
+            kept[np.unique(components[wall & (closed == MYOCARDIUM)])] = True
+            kept[0] = False
+        else:
+            kept = np.zeros(count + 1, dtype=bool)
+            kept[1 + int(np.argmax(np.bincount(components.ravel())[1:]))] = True
+        closed[(closed == MYOCARDIUM) & ~kept[components]] = 0
     enclosed = ndimage.binary_fill_holes(np.isin(closed, (LV_BLOOD, MYOCARDIUM)))
     closed[enclosed & (closed == 0)] = LV_BLOOD
     return closed if is_closed_ring(closed) else None
+
+
+def _band_between_rays(rays: _Rays, inner: np.ndarray, outer: np.ndarray, step_px: float,
+                       shape: tuple[int, int], *, spacing_px: float = 0.5) -> np.ndarray:
+    """bool [rows, cols]: the band between consecutive rays' walls, one connected ring.
+
+    Ray i's wall is its steps [inner[i], outer[i]) (int [rays], the ray's own samples at
+    radius step x ``step_px`` from the centre). Between ray i and ray i+1 (circularly) the
+    quadrilateral with corners at both rays' first and last wall samples is sampled on sub-rays
+    at angles interpolated between the two rays, each from the interpolated inner to the
+    interpolated outer radius, with at most ``spacing_px`` between neighbouring samples in
+    both directions; each sample's nearest pixel is in the band. Samples closer than 1 px
+    round to 8-neighbouring pixels, so the band has no 4-connected gap between rays where
+    the walls step (a per-ray drawing can leave one when neighbouring rays' walls do not
+    overlap in radius). Samples outside the image are dropped."""
+    n_rays = inner.size
+    center_r, center_c = float(rays.sample_r[0, 0]), float(rays.sample_c[0, 0])
+    angles = np.linspace(0.0, 2.0 * np.pi, n_rays, endpoint=False)
+    low_r = inner.astype(np.float64) * step_px
+    high_r = np.maximum(outer - 1, inner).astype(np.float64) * step_px
+    next_low, next_high = np.roll(low_r, -1), np.roll(high_r, -1)
+    d_angle = 2.0 * np.pi / n_rays
+    # sub-rays per pair: the radial step of either border and the arc length at the outer
+    # radius both at most spacing_px apart
+    jump = np.maximum(np.abs(next_low - low_r), np.abs(next_high - high_r))
+    arc = np.maximum(high_r, next_high) * d_angle
+    n_sub = np.maximum(1, np.ceil(np.maximum(jump, arc) / spacing_px)).astype(int)
+    pair = np.repeat(np.arange(n_rays), n_sub)
+    fraction = np.arange(pair.size) - np.repeat(np.cumsum(n_sub) - n_sub, n_sub)
+    fraction = fraction / n_sub[pair]
+    sub_low = low_r[pair] + fraction * (next_low[pair] - low_r[pair])
+    sub_high = high_r[pair] + fraction * (next_high[pair] - high_r[pair])
+    sub_angle = angles[pair] + fraction * d_angle
+    n_samples = int(np.ceil((sub_high - sub_low).max() / spacing_px)) + 1
+    radii = sub_low[:, None] + (sub_high - sub_low)[:, None] * np.linspace(0.0, 1.0,
+                                                                          n_samples)[None, :]
+    pixel_r = np.rint(center_r - radii * np.sin(sub_angle)[:, None]).astype(int)
+    pixel_c = np.rint(center_c + radii * np.cos(sub_angle)[:, None]).astype(int)
+    inside = (pixel_r >= 0) & (pixel_r < shape[0]) & (pixel_c >= 0) & (pixel_c < shape[1])
+    band = np.zeros(shape, dtype=bool)
+    band[pixel_r[inside], pixel_c[inside]] = True
+    return band
 
 
 def close_ring_along_rays(labels: np.ndarray, myocardium_probability: np.ndarray, *,
@@ -326,7 +390,8 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
                              wall_evidence: float = 0.5, rays_with_evidence: float = 0.9,
                              smoothness: float = 0.5, thickness_prior: float = 2.0,
                              max_jump_steps: int = 2, min_thickness_steps: int = 2,
-                             anchor_slack_steps: int = 2) -> RingCompletion | None:
+                             anchor_slack_steps: int = 2, drawing: str = "rays"
+                             ) -> RingCompletion | None:
     """Complete an open myocardial ring on the rays where the network sees no wall, from the
     image's own enhancement curves; None when the image does not show a wall there.
 
@@ -359,10 +424,16 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
     Evidence criterion (no wall is invented): a completed ray has image evidence when at
     least ``wall_evidence`` of its wall's samples are tissue-like; the completion is kept only
     if at least ``rays_with_evidence`` of the completed rays have evidence and the ring then
-    closes. Neighbouring completed rays' walls are drawn over each other's radial extent so
-    that a step between them leaves no gap. Closed rings must not be passed (the caller runs
-    this only on an open ring); enclosed unclaimed pixels become LV blood pool.
+    closes. ``drawing`` "rays": each ray's wall pixel by pixel, neighbouring completed rays'
+    walls drawn over each other's radial extent, the largest myocardium component kept;
+    "band": one band between consecutive rays' walls, seen and completed
+    (:func:`_band_between_rays`), so a seen ray whose run lies off its neighbours' (a faint
+    network blob at an arc's end) leaves no gap, and every myocardium component on the band
+    kept. Closed rings must not be passed (the caller runs this only on an open ring);
+    enclosed unclaimed pixels become LV blood pool.
     """
+    if drawing not in RING_DRAWINGS:
+        raise ValueError(f"unknown ring drawing {drawing!r}; expected one of {RING_DRAWINGS}")
     labels = np.asarray(labels)
     probability = np.asarray(myocardium_probability, dtype=np.float64)
     series = np.asarray(series)
@@ -442,13 +513,18 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
         return _not_completed(f"{missing.size} of {n_rays} rays without a wall seen by the "
                               f"network, {with_evidence:.0%} of them with image evidence of a "
                               f"wall ({rays_with_evidence:.0%} needed)")
-    # draw each completed ray over its neighbours' radial extent: no gap at a step
-    lower = np.where(seen, endo, np.minimum(endo, np.minimum(np.roll(endo, 1),
-                                                            np.roll(endo, -1))))
-    upper = np.where(seen, wall_end, np.maximum(wall_end, np.maximum(np.roll(wall_end, 1),
-                                                                    np.roll(wall_end, -1))))
-    run = (step >= lower[:, None]) & (step < upper[:, None])
-    closed = _labels_with_wall(labels, rays, run)
+    if drawing == "band":
+        band = _band_between_rays(rays, endo, wall_end, step_px, labels.shape)
+        closed = _labels_with_wall_mask(labels, band, keep_on_wall=True)
+    else:
+        # draw each completed ray over its neighbours' radial extent: no gap at a step
+        lower = np.where(seen, endo, np.minimum(endo, np.minimum(np.roll(endo, 1),
+                                                                np.roll(endo, -1))))
+        upper = np.where(seen, wall_end, np.maximum(wall_end,
+                                                    np.maximum(np.roll(wall_end, 1),
+                                                               np.roll(wall_end, -1))))
+        run = (step >= lower[:, None]) & (step < upper[:, None])
+        closed = _labels_with_wall(labels, rays, run)
     if closed is None:
         return _not_completed(f"the ring completed on {missing.size} of {n_rays} rays does not "
                               f"close")
@@ -458,7 +534,7 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
 def postprocess(probabilities: np.ndarray, *, close_ring: bool = False,
                 ring_relative_threshold: float = 0.5,
                 ring_min_peak: float = 0.1, complete_ring: bool = False,
-                series: np.ndarray | None = None) -> PostProcessed:
+                series: np.ndarray | None = None, ring_drawing: str = "rays") -> PostProcessed:
     """Clean label map from class probabilities float [classes, rows, cols] (classes 0-3).
 
     Each foreground class keeps one connected component; holes inside the myocardial ring that
@@ -467,7 +543,8 @@ def postprocess(probabilities: np.ndarray, *, close_ring: bool = False,
     that succeeds; ``complete_ring`` with ``series`` (float [time, rows, cols] on the same
     grid): a ring still open is then completed from the image by
     :func:`complete_ring_from_image` when the image shows a wall where the network sees none
-    (``completed_rays`` says on how many rays). Closed rings are never changed.
+    (``completed_rays`` says on how many rays), its wall drawn as ``ring_drawing`` (one of
+    :data:`RING_DRAWINGS`). Closed rings are never changed.
     """
     probabilities = np.asarray(probabilities, dtype=np.float32)
     if probabilities.ndim != 3 or probabilities.shape[0] != 4:
@@ -499,7 +576,8 @@ def postprocess(probabilities: np.ndarray, *, close_ring: bool = False,
         completion = complete_ring_from_image(labels, probabilities[MYOCARDIUM], series,
                                               n_rays=RING_RAYS,
                                               relative_threshold=ring_relative_threshold,
-                                              min_peak=ring_min_peak)
+                                              min_peak=ring_min_peak,
+                                              drawing=ring_drawing)
         if completion is not None:
             logger.info("segmentation: open myocardial ring completed from the image on %d of "
                         "%d rays", completion.completed_rays, completion.n_rays)
