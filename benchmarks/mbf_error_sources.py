@@ -207,7 +207,8 @@ def load_scan(seed: int, kind: str, cache: Path, aif_cache: Path | None = None) 
 def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: float, mask: np.ndarray,
               table_cache: dict, flow_map: FlowMapSettings, *,
               fine_blood_aif: tuple[np.ndarray, int] | None = None,
-              sampling: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+              sampling: tuple[np.ndarray, np.ndarray] | None = None,
+              labels: np.ndarray | None = None) -> np.ndarray:
     """MBF map (ml/min/g) [rows, cols] of one slice as ``flow-map`` fits it (BTEX with the gadget's
     ``flow_map`` settings, tissue baseline = mean before the AIF foot). ``fine_blood_aif`` = (blood
     AIF on a k times finer grid, k): the table is built from it (``btex.build_aif_table(upsample=k)``);
@@ -215,8 +216,9 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
     ``aif_upsample = k``: its curves sampled like the slice (``btex.sampled_aif_table``)."""
     from perfline.gadgets.mapping import FlowMap, _btex_settings
     from perfline.toolbox.aif import aif_foot_peak
-    from perfline.toolbox.btex import build_aif_table, fine_table_curves, map_btex, sampled_aif_table, \
-        tissue_sampling
+    from perfline.gadgets.mapping import spillover_reach
+    from perfline.toolbox.btex import blood_pool_curves, build_aif_table, fine_table_curves, map_btex, \
+        sampled_aif_table, tissue_sampling
 
     settings = _btex_settings(flow_map)
     plasma = blood_aif / (1.0 - hematocrit)
@@ -239,8 +241,14 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
                                                upsample=fine_blood_aif[1])
     foot, _ = aif_foot_peak(blood_aif)
     tissue = gd - gd[: max(foot, 1)].mean(axis=0)
+    spillover = reach = None
+    if flow_map.spillover_labels and labels is not None:
+        spillover, kept = blood_pool_curves(tissue, labels, flow_map.spillover_labels)
+        reach = spillover_reach(labels, kept, flow_map.spillover_reach_px)
+        if not kept:
+            spillover = reach = None
     maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=1.5,
-                    aif_table=table_cache[key])
+                    aif_table=table_cache[key], spillover_curves=spillover, spillover_masks=reach)
     return maps.mbf_ml_min_g.astype(np.float64)
 
 
@@ -342,7 +350,7 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
                 gd = gd + rng.normal(0.0, noise, gd.shape)
             sampled = (scan.grid_s, scan.slice_times[index]) if (tissue_sampling and fine is not None) else None
             maps.append(fit_slice(gd, aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map, fine_blood_aif=fine,
-                                  sampling=sampled))
+                                  sampling=sampled, labels=labels))
         errors(f"{aif_name} AIF / {gd_name} Gd / {mask_name} mask",
                *summarise(maps, segmentation, scan.levels, global_statistic, place_rv=mask_name == "cnn"))
     return row

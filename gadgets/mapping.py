@@ -53,8 +53,8 @@ from perfline.toolbox.aif import (
     magnitude_floor_corrected_curve,
 )
 from perfline.toolbox.btex import (
-    AifTable, BtexSettings, aif_on_fine_grid, build_aif_table, fine_grid, fine_table_curves, map_btex,
-    sampled_aif_table, WARM_LENGTHS, tissue_sampling, warm_residue_tables,
+    AifTable, BtexSettings, aif_on_fine_grid, blood_pool_curves, build_aif_table, fine_grid, fine_table_curves,
+    map_btex, sampled_aif_table, WARM_LENGTHS, tissue_sampling, warm_residue_tables,
 )
 from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.rv_insertion import lv_equivalent_radius_mm
@@ -290,6 +290,12 @@ class FlowMapSettings(GadgetSettings):
         "and delays there, and the table curves sampled at each slice's acquisition times and interpolated "
         "onto the grid as temporal-resample does (one table per slice; docs/mapping.md, 'The per-slice "
         "sampled table'); without acquired samples the grid AIF is used as for 1"))
+    spillover_labels: tuple[int, ...] = Field((), description=(
+        "BTEX: blood pools (1 LV, 3 RV) whose mean Gd curves in the same slice (CNN labels eroded by 1 px) "
+        "enter every pixel's fit as nonnegative spill-over terms, tissue = BTEX + s_LV b_LV + s_RV b_RV "
+        "(docs/mapping.md, 'Blood spill-over in the tissue curves'); () = off"))
+    spillover_reach_px: float = Field(0.0, ge=0.0, description=(
+        "spill-over terms only in pixels within this distance (px) of their pool's label; 0 = everywhere"))
     heart_mask_px: int = Field(0, ge=0, le=64, description=(
         "dilation of the labelled region, pixels (0: the CNN myocardium exactly; dilating it mixes blood into "
         "the smoothed delay pre-fit of the border pixels: rest MBF +2 to +10 % on the demo phantom)"))
@@ -309,6 +315,7 @@ class FlowMap(Gadget):
         aif: AifCurve | None = None
         slices: dict[int, SliceSeries] = {}
         masks: dict[int, np.ndarray] = {}
+        self._labels: dict[int, np.ndarray] = {}
         use_masks = self.settings.use_segmentation
         self._tables: dict[tuple[bytes, float], AifTable] = {}
         self._fine_curves: dict[tuple[bytes, bytes], np.ndarray] = {}
@@ -322,6 +329,7 @@ class FlowMap(Gadget):
                 yield item
                 if use_masks:
                     masks[item.slice_index] = self._heart_mask(item)
+                self._labels[item.slice_index] = np.asarray(item.labels)
             else:
                 slices[item.slice_index] = item
             if aif is None:
@@ -448,6 +456,21 @@ class FlowMap(Gadget):
         width = self.settings.heart_mask_px
         return ndi.binary_dilation(heart, iterations=width) if width else heart
 
+    def _spillover_curves(self, slice_index: int, tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The slice's blood-pool curves ``[K, time]`` (baseline-subtracted ``tissue``) for the spill-over
+        terms of the BTEX fit and where each acts (``[K, rows, cols]`` or None: everywhere), or None
+        (setting off, no segmentation of this slice, no pool big enough)."""
+        labels = self._labels.get(slice_index)
+        if not self.settings.spillover_labels or labels is None or labels.shape != tissue.shape[1:]:
+            return None
+        curves, kept = blood_pool_curves(tissue, labels, self.settings.spillover_labels)
+        if len(kept) < len(self.settings.spillover_labels):
+            self.log.info("slice %d: spill-over pools %s (of %s; too small after erosion)", slice_index, kept,
+                          self.settings.spillover_labels)
+        if not kept:
+            return None
+        return curves, spillover_reach(labels, kept, self.settings.spillover_reach_px)
+
     def _map(self, series: SliceSeries, aif: AifCurve, mask: np.ndarray | None) -> FlowMaps:
         if series.units != "gd_mmol_l":
             raise GadgetError(f"flow-map needs Gd slices (units 'gd_mmol_l'), slice {series.slice_index} "
@@ -474,6 +497,9 @@ class FlowMap(Gadget):
                 kwargs["aif_table"] = self._sampled_table(aif, time_s, series.acquired_time_s)
             else:
                 kwargs["aif_table"] = self._aif_table(plasma, dt_s)
+            spillover = self._spillover_curves(series.slice_index, tissue)
+            if spillover is not None:
+                kwargs["spillover_curves"], kwargs["spillover_masks"] = spillover
         if mask is not None:
             if mask.shape != tissue.shape[1:]:
                 raise GadgetError(f"flow-map, slice {series.slice_index}: segmentation shape {mask.shape} differs "
@@ -483,6 +509,9 @@ class FlowMap(Gadget):
             maps = mapper(tissue, plasma, dt_s, **kwargs)
         except (MappingInputError, FlowModelError) as error:
             raise GadgetError(f"flow-map, slice {series.slice_index}: {error}") from error
+        if maps.spillover is not None:
+            self.log.info("slice %d: spill-over fractions (median over fitted pixels) %s", series.slice_index,
+                          ", ".join(f"{float(np.nanmedian(f)):.4f}" for f in maps.spillover))
         finite = maps.mbf_ml_min_g[np.isfinite(maps.mbf_ml_min_g)]
         self.log.info("slice %d: %s map, %d pixels, median MBF %.2f ml/min/g", series.slice_index,
                       self.settings.model, finite.size, float(np.median(finite)) if finite.size else float("nan"))
@@ -501,6 +530,15 @@ def _btex_settings(settings: FlowMapSettings) -> BtexSettings:
     """The whole BTEX fit of flow-map: grid, priors and global search."""
     return _table_settings(settings).model_copy(update={"coarse_stride": settings.coarse_stride,
                                                         "n_starts": settings.n_starts})
+
+
+def spillover_reach(labels: np.ndarray, pools: tuple[int, ...], reach_px: float) -> np.ndarray | None:
+    """Bool ``[K, rows, cols]``: pixels within ``reach_px`` (Euclidean, px) of each pool's label, or None
+    (``reach_px = 0``: every pixel)."""
+    if reach_px <= 0:
+        return None
+    labels = np.asarray(labels)
+    return np.stack([ndi.distance_transform_edt(labels != pool) <= reach_px for pool in pools])
 
 
 def _plasma_on(time_s: np.ndarray, aif: AifCurve) -> np.ndarray:

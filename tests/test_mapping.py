@@ -352,3 +352,84 @@ def test_aif_on_fine_grid_is_the_cubic_spline_of_the_samples():
     np.testing.assert_allclose(fine, np.clip(expected_time, None, 3.4) ** 3, rtol=1e-9)
     with pytest.raises(ValueError, match="upsample"):
         build_aif_table(np.ones(10), DT, BtexSettings(), upsample=3)
+
+
+def _rest_study_curves() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Noise-free BTEX rest curves [P, T] with a simulated rest study's own parameters (seed 2**30 + 2),
+    its plasma AIF and RV blood curve (RV foot 6.3 s before the LV's) on a 0.5 s grid, true MBF [P]."""
+    from perfline.simulator import dynamics
+    from perfline.simulator.study import sample_study
+
+    study = sample_study(2**30 + 2, kind="rest")
+    grid = np.arange(0.0, 60.0, DT)
+    blood = dynamics.blood_curves(grid, study.bolus)
+    plasma = blood["lv"] / (1.0 - study.bolus.hematocrit)
+    mbf = np.repeat([0.6, 0.8, 1.0, 1.2, 1.5], 8)
+    ones = np.ones(mbf.size)
+    curves = fm.btex_tissue_curves(plasma, DT, mbf, study.tissue.ps_ml_min_g * ones, study.tissue.vp * ones,
+                                   study.tissue.visf * ones, study.tissue.delay_s)
+    return curves, plasma, blood["rv"], mbf
+
+
+def test_rv_spillover_term_recovers_rest_flow_that_the_plain_fit_over_reads():
+    # 2 % RV blood in a septal pixel at rest: the RV bolus arrives seconds before the LV's, BTEX can only
+    # match it with a fast transit (docs/mapping.md, "Blood spill-over in the tissue curves")
+    from perfline.gadgets.mapping import FlowMapSettings, _btex_settings
+    from perfline.toolbox.btex import fit_btex_curves
+
+    curves, plasma, rv_blood, mbf = _rest_study_curves()
+    settings = _btex_settings(FlowMapSettings())
+    table = build_aif_table(plasma, DT, settings)
+    mixed = curves + 0.02 * rv_blood
+    plain = fit_btex_curves(mixed, plasma, DT, settings, aif_table=table)["mbf_ml_min_g"] / mbf - 1.0
+    assert np.median(plain) > 0.3
+    fitted = fit_btex_curves(mixed, plasma, DT, settings, aif_table=table, spillover_curves=rv_blood[None])
+    error = fitted["mbf_ml_min_g"] / mbf - 1.0
+    assert np.max(np.abs(error)) < 0.04
+    np.testing.assert_allclose(fitted["spillover"][:, 0], 0.02, atol=1e-3)
+    noisy = mixed + np.random.default_rng(3).normal(0.0, NOISE_SD, mixed.shape)
+    fitted = fit_btex_curves(noisy, plasma, DT, settings, aif_table=table, spillover_curves=rv_blood[None])
+    assert abs(np.median(fitted["mbf_ml_min_g"] / mbf - 1.0)) < 0.05
+
+
+def test_spillover_fit_of_curves_without_spillover_is_the_plain_fit():
+    # (an LV blood regressor is NOT identifiable against the Vp term: with it these curves read Fp 0.6
+    # +12 % noise-free, docs/mapping.md; the RV's early bolus is)
+    from perfline.gadgets.mapping import FlowMapSettings, _btex_settings
+    from perfline.toolbox.btex import fit_btex_curves
+
+    curves, plasma, rv_blood, mbf = _rest_study_curves()
+    settings = _btex_settings(FlowMapSettings())
+    table = build_aif_table(plasma, DT, settings)
+    plain = fit_btex_curves(curves, plasma, DT, settings, aif_table=table)
+    fitted = fit_btex_curves(curves, plasma, DT, settings, aif_table=table, spillover_curves=rv_blood[None])
+    np.testing.assert_allclose(fitted["mbf_ml_min_g"], plain["mbf_ml_min_g"], rtol=0.01)
+    assert np.all(fitted["spillover"] >= 0.0) and np.max(fitted["spillover"]) < 2e-3
+    assert np.max(np.abs(plain["mbf_ml_min_g"] / mbf - 1.0)) < 0.04
+
+
+def test_spillover_acts_only_inside_its_mask_and_pool_curves_skip_small_pools():
+    from perfline.toolbox.btex import blood_pool_curves
+
+    curves, plasma, rv_blood, mbf = _rest_study_curves()
+    # [time, rows, cols]: 40 tissue pixels in rows 0-4 (2 % RV blood), an RV pool in rows 5-9, a 2-pixel "LV"
+    n_time = curves.shape[1]
+    gd = np.zeros((n_time, 10, 8))
+    gd[:, :5, :] = (curves + 0.02 * rv_blood).T.reshape(n_time, 5, 8)
+    gd[:, 5:, :] = rv_blood[:, None, None]
+    labels = np.zeros((10, 8), dtype=np.uint8)
+    labels[:5] = 2
+    labels[5:] = 3
+    labels[0, :2] = 1
+    pools, kept = blood_pool_curves(gd, labels, (1, 3))
+    assert kept == (3,) and pools.shape == (1, n_time)
+    np.testing.assert_allclose(pools[0], rv_blood, rtol=1e-9)
+    reach = np.zeros((1, 10, 8), dtype=bool)
+    reach[0, 3:5] = True  # rows 3-4 only
+    maps = map_btex(gd, plasma, DT, mask=labels == 2, delay_smoothing_px=0, spillover_curves=pools,
+                    spillover_masks=reach)
+    error = maps.mbf_ml_min_g[:5] / mbf.reshape(5, 8) - 1.0
+    assert np.all(np.abs(error[3:5]) < 0.05) and np.nanmedian(error[:3]) > 0.1  # rows 0-2: the plain fit
+    outside = maps.spillover[0, :3]
+    assert np.all(outside[np.isfinite(outside)] == 0.0)
+    assert np.all(np.abs(maps.spillover[0, 3:5] - 0.02) < 2e-3)

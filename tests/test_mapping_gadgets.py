@@ -377,3 +377,35 @@ def test_sampled_table_delay_nodes_are_the_fine_step():
     for upsample, step, stride in ((4, 0.125, 4), (2, 0.25, 2), (8, 0.0625, 8)):
         settings = FlowMap(FlowMapSettings(aif_upsample=upsample))._sampled_settings(0.5)
         assert np.isclose(settings.delay_step_s, step) and settings.coarse_stride[4] == stride
+
+
+def test_rv_spillover_setting_takes_the_rv_blood_out_of_the_septum():
+    # a 12 x 12 slice: RV blood (rows 0-3, its bolus 3 s before the LV's), myocardium (rows 4-7, BTEX at
+    # rest, Fp 1.0; rows 4-5 hold 3 % RV blood as the septum next to a blurred RV does), LV blood (rows 8-11)
+    (aif,) = list(AifExtract().process(iter([_aif_series()])))
+    time_s = DT * np.arange(N)
+    plasma = _blood(time_s) / (1 - 0.42)
+    plasma[time_s < 8.0] = 0.0
+    tissue = fm.btex_tissue_curves(plasma, DT, np.array([1.0]), np.array([1.3]), np.array([0.07]),
+                                   np.array([0.25]), 0.5)[0]
+    gd = np.zeros((N, 12, 12))
+    gd[:, :4] = _blood(time_s + 3.0)[:, None, None]
+    gd[:, 4:8] = tissue[:, None, None]
+    gd[:, 4:6] += 0.03 * _blood(time_s + 3.0)[:, None, None]
+    gd[:, 8:] = _blood(time_s)[:, None, None]
+    labels = np.zeros((12, 12), dtype=np.uint8)
+    labels[:4], labels[4:8], labels[8:] = 3, 2, 1
+    series = SliceSeries(slice_index=0, data=gd.astype(np.float32), time_s=time_s, units="gd_mmol_l",
+                         n_pd_frames=0, geometry=GEOMETRY)
+    segmentation = SliceSegmentation(slice_index=0, labels=labels, rv_insertion_deg=120.0, lv_center_rc=(10.0, 6.0))
+
+    def septal_and_far(settings: FlowMapSettings) -> tuple[float, float]:
+        outputs = list(FlowMap(settings).process(iter([aif, series, segmentation])))
+        (maps,) = [item for item in outputs if isinstance(item, FlowMaps)]
+        return float(np.median(maps.mbf_ml_min_g[4:6])), float(np.median(maps.mbf_ml_min_g[6:8]))
+
+    septal, far = septal_and_far(FlowMapSettings())
+    assert septal > 1.2 and abs(far - 1.0) < 0.08
+    septal, far_with = septal_and_far(FlowMapSettings(spillover_labels=(3,), spillover_reach_px=3.5))
+    assert abs(septal - 1.0) < 0.08
+    assert abs(far_with - far) < 0.01

@@ -24,6 +24,10 @@ then local refinement. Here:
    second differences). Without them, plasma transit (Vp/Fp), delay and exchange trade off
    along a flat valley and the pixel-wise MBF scatters by 15-20 % at 0.02 mmol/L noise;
    ``prior_weight = 0`` gives the plain least-squares fit.
+5. Optional blood spill-over terms (``spillover_curves``, e.g. the slice's RV blood-pool curve):
+   nonnegative fractions of given curves added to every pixel's model, eliminated exactly by
+   variable projection so that the same search and refinement run on projected coefficients
+   (``_fit_with_spillover``; docs/mapping.md, "Blood spill-over in the tissue curves").
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ import scipy.ndimage as ndi
 from pydantic import BaseModel, ConfigDict, Field
 
 from perfline.toolbox import flow_models
-from perfline.toolbox.flow_fit import PIXEL_BLOCK, FlowMaps, grid_value, prepare_curves, scatter_maps
-from perfline.toolbox.grid_refine import refine_on_grid, thread_pool, warm_compiled_refinement
+from perfline.toolbox.flow_fit import (
+    PIXEL_BLOCK, FlowMaps, MappingInputError, grid_value, prepare_curves, scatter_maps,
+)
+from perfline.toolbox.grid_refine import GridFit, refine_on_grid, thread_pool, warm_compiled_refinement
 
 logger = logging.getLogger(__name__)
 
@@ -475,36 +481,114 @@ def tissue_sampling(grid_s: np.ndarray, acquired_s: np.ndarray | None, upsample:
 def fit_btex_curves(
     curves: np.ndarray, aif: np.ndarray, dt_s: float, settings: BtexSettings,
     *, delay_prior_s: np.ndarray | None = None, delay_prior_sd_s: float = 0.25,
-    aif_table: AifTable | None = None,
+    aif_table: AifTable | None = None, spillover_curves: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Fit ``[P, T]`` tissue curves; returns mbf/ps/vp/visf/delay/fit_rmse arrays ``[P]``.
 
     ``delay_prior_s`` ([P], s) adds a Gaussian prior on each pixel's delay (SD
     ``delay_prior_sd_s``), e.g. from a fit of the spatially smoothed series. ``aif_table``
     (from ``build_aif_table`` with the same AIF and settings) avoids rebuilding it.
+    ``spillover_curves`` ``[K, T]`` (mmol/L, e.g. :func:`blood_pool_curves`): each pixel's model is
+    the BTEX curve plus ``sum_k s_k b_k(t)`` with fractions ``s_k >= 0`` (blood spill-over,
+    :func:`_fit_with_spillover`); the fractions come back as ``"spillover"`` ``[P, K]``.
     """
+    prepared = aif_table if aif_table is not None else build_aif_table(aif, dt_s, settings)
+    spillover = None if spillover_curves is None else SpilloverModel.of(prepared, spillover_curves)
+    return _fit_values(curves, prepared, settings, delay_prior_s, delay_prior_sd_s, spillover)
+
+
+def _fit_values(curves: np.ndarray, prepared: AifTable, settings: BtexSettings, delay_prior_s: np.ndarray | None,
+                delay_prior_sd_s: float, spillover: SpilloverModel | None,
+                spillover_active: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """:func:`fit_btex_curves` on a prepared table (and spill-over model; ``spillover_active`` ``[P, K]``:
+    which regressors may act on each curve, default all)."""
     names = ("mbf_ml_min_g", "ps_ml_min_g", "vp", "visf", "delay_s", "fit_rmse")
     result = {name: np.full(curves.shape[0], np.nan) for name in names}
-    prepared = aif_table if aif_table is not None else build_aif_table(aif, dt_s, settings)
-    fittable, position, rmse = _fit_positions(curves, prepared, settings, delay_prior_s, delay_prior_sd_s)
+    fittable, position, rmse, fractions = _fit_positions(curves, prepared, settings, delay_prior_s, delay_prior_sd_s,
+                                                         spillover, spillover_active)
     axes = (*settings.axes(), prepared.delays)
     values = [grid_value(axis, position[:, i], log=i < 2) for i, axis in enumerate(axes)]
     for name, value in zip(names[:5], values):
         result[name][fittable] = value
     result["fit_rmse"][fittable] = rmse
+    if fractions is not None:
+        result["spillover"] = np.full((curves.shape[0], fractions.shape[1]), np.nan)
+        result["spillover"][fittable] = fractions
     return result
+
+
+@dataclass
+class SpilloverModel:
+    """The spill-over regressors of one table: ``full_basis`` ``[T, R + K']`` (the table's basis
+    extended by the regressors' part outside it), ``gram`` ``[R + K', K]`` (the regressors in that
+    basis) and, per active set of regressors, the orthonormal complement of their columns and the
+    table projected onto it (built on first use, shared by the smoothed pre-fit and the pixel fit)."""
+
+    table: AifTable
+    full_basis: np.ndarray
+    gram: np.ndarray
+    projected: dict[tuple[bool, ...], tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def of(cls, table: AifTable, spillover_curves: np.ndarray) -> SpilloverModel:
+        basis = table.basis.astype(np.float64)
+        regressors = np.atleast_2d(np.asarray(spillover_curves, dtype=np.float64))  # [K, T]
+        if regressors.shape[1] != basis.shape[0] or not np.all(np.isfinite(regressors)):
+            raise MappingInputError(f"spillover_curves must be finite [K, {basis.shape[0]}], got {regressors.shape}")
+        outside = regressors.T - basis @ (basis.T @ regressors.T)  # [T, K]
+        q, r = np.linalg.qr(outside)
+        independent = np.abs(np.diag(r)) > 1e-6 * max(float(np.linalg.norm(regressors)), 1e-12)
+        full_basis = np.concatenate([basis, q[:, independent]], axis=1)
+        return cls(table, full_basis, full_basis.T @ regressors.T, {})
+
+    def complement(self, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(orthonormal complement ``[R + K', W]`` of the active regressors, the table's coefficients
+        on it ``[*grid, W]`` float32); with no active regressor the table itself (the regressors'
+        outside parts are a constant of the cost)."""
+        key = tuple(bool(a) for a in active)
+        if key not in self.projected:
+            n_components = self.table.basis.shape[1]
+            width = self.full_basis.shape[1]
+            pools = np.flatnonzero(active)
+            if pools.size:
+                u, singular, _ = np.linalg.svd(self.gram[:, pools], full_matrices=True)
+                complement = u[:, int(np.sum(singular > 1e-9 * singular.max())):]
+                table = self.table.coefficients
+                # the table has no part outside its basis: only the first R rows of the complement act
+                projected = (table.reshape(-1, n_components) @ complement[:n_components].astype(np.float32))
+                projected = np.ascontiguousarray(projected.reshape(*table.shape[:-1], complement.shape[1]))
+            else:
+                complement = np.eye(width)[:, :n_components]
+                projected = self.table.coefficients
+            self.projected[key] = (complement, projected)
+        return self.projected[key]
+
+
+def _search_and_refine(coefficients: np.ndarray, table: np.ndarray, penalty: np.ndarray, variance: np.ndarray,
+                       pixel_centre: np.ndarray, precision: np.ndarray, delay_centre: np.ndarray | None,
+                       settings: BtexSettings) -> GridFit:
+    """Global search then refinement of coefficients ``[P, R]`` on ``table`` ``[*grid, R]``."""
+    starts = _coarse_search(coefficients, table, settings.n_starts, penalty, variance, delay_centre,
+                            settings.coarse_stride).astype(np.float64)
+    n_fit, n_starts, _ = starts.shape
+    fit = refine_on_grid(coefficients, table, starts if n_starts > 1 else starts[:, 0], settings.iterations,
+                         pixel_centre, precision, variance, settings.tolerance_cells,
+                         first_iterations=settings.start_iterations)
+    if fit.iterations.size:
+        logger.debug("BTEX refinement: %d pixels, %d starts each, %.1f iterations per pixel on average",
+                     n_fit, n_starts, fit.iterations.mean())
+    return fit
 
 
 def _fit_positions(
     curves: np.ndarray, prepared: AifTable, settings: BtexSettings, delay_prior_s: np.ndarray | None,
-    delay_prior_sd_s: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    delay_prior_sd_s: float, spillover: SpilloverModel | None = None, spillover_active: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The fit of :func:`fit_btex_curves` in grid coordinates: (fitted mask [P], coordinates
-    [F, 5] of the fitted pixels, their RMSE on the full curves [F], mmol/L)."""
-    table, basis, penalty = prepared.coefficients, prepared.basis, prepared.penalty
+    [F, 5] of the fitted pixels, their RMSE on the full curves [F], mmol/L, spill-over fractions
+    [F, K] or None without ``spillover_curves``)."""
     fittable = np.max(curves, axis=1) > 0
     y = curves[fittable]
-    coefficients = (y @ basis).astype(np.float32)
     sd = noise_sd(y)
     variance = np.maximum(sd, 0.25 * np.median(sd) + 1e-12) ** 2
     centre, precision = settings.prior_in_cells()
@@ -513,21 +597,82 @@ def _fit_positions(
         pixel_centre[:, 4] = np.asarray(delay_prior_s, dtype=np.float64)[fittable] / settings.delay_step_s
         precision = precision.copy()
         precision[4] = (settings.delay_step_s / delay_prior_sd_s) ** 2
-    starts = _coarse_search(coefficients, table, settings.n_starts, penalty, variance,
-                            pixel_centre[:, 4] if delay_prior_s is not None else None,
-                            settings.coarse_stride).astype(np.float64)
-    n_fit, n_starts, n_dims = starts.shape
-    fit = refine_on_grid(coefficients, table, starts if n_starts > 1 else starts[:, 0], settings.iterations,
-                         pixel_centre, precision, variance, settings.tolerance_cells,
-                         first_iterations=settings.start_iterations)
-    if fit.iterations.size:
-        logger.debug("BTEX refinement: %d pixels, %d starts each, %.1f iterations per pixel on average",
-                     n_fit, n_starts, fit.iterations.mean())
+    delay_centre = pixel_centre[:, 4] if delay_prior_s is not None else None
+    if spillover is not None:
+        active = None if spillover_active is None else np.asarray(spillover_active, dtype=bool)[fittable]
+        position, rmse, fractions = _fit_with_spillover(y, spillover, settings, variance, pixel_centre, precision,
+                                                        delay_centre, active)
+        return fittable, position, rmse, fractions
+    table, basis = prepared.coefficients, prepared.basis
+    coefficients = (y @ basis).astype(np.float32)
+    fit = _search_and_refine(coefficients, table, prepared.penalty, variance, pixel_centre, precision, delay_centre,
+                             settings)
     # residual on the full curves: the part outside the basis plus the misfit inside it
     projected = y @ basis
     outside = np.maximum(np.sum(y**2, axis=1) - np.sum(projected**2, axis=1), 0.0)
     inside = np.sum((projected - fit.value.astype(np.float64)) ** 2, axis=1)
-    return fittable, fit.position, np.sqrt((outside + inside) / y.shape[1])
+    return fittable, fit.position, np.sqrt((outside + inside) / y.shape[1]), None
+
+
+def _fit_with_spillover(
+    y: np.ndarray, spillover: SpilloverModel, settings: BtexSettings, variance: np.ndarray, pixel_centre: np.ndarray,
+    precision: np.ndarray, delay_centre: np.ndarray | None, active: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BTEX fit of ``y`` ``[F, T]`` with nonnegative spill-over of the regressors of ``spillover``
+    (``active`` ``[F, K]``: the regressors allowed per curve, default all).
+
+    Model: ``y(t) = BTEX(t; Fp, PS, Vp, Visf, delay) + sum_k s_k b_k(t)``, ``s_k >= 0``. Blood of
+    the LV / RV pools blurred into the myocardium by the images' point-spread function (or mixed
+    into border pixels) is neither delayed nor dispersed like the Vp term of the LV AIF (the RV's
+    arrives seconds before it), and BTEX matches it only with a faster transit, i.e. a higher Fp
+    (docs/mapping.md, "Blood spill-over"). The linear fractions are eliminated exactly (variable
+    projection): the table basis is extended by the part of the ``b_k`` outside it (the table
+    curves are taken to lie in their basis, as everywhere in this module: PCA error 4e-4 mmol/L),
+    and for an active set ``S`` of pools ``min_s |y - l - B_S s|^2 = |Q_S^T (y - l)|^2``, ``Q_S``
+    an orthonormal basis of the complement of ``B_S``: the usual search and refinement on
+    coefficients and table multiplied by ``Q_S`` (as many components as without spill-over when
+    every pool is active). Nonnegativity by active sets: pixels whose fractions at the fitted
+    point include a negative one are fitted again without those pools (at most K + 1 passes; a
+    dropped pool is not re-admitted). Returns positions ``[F, 5]``, RMSE on the full curves
+    ``[F]`` (mmol/L) and the fractions ``[F, K]`` (0 for pools not in the final set).
+    """
+    from perfline.toolbox.grid_refine import interpolate_grid
+
+    table = spillover.table
+    n_pools, n_components = spillover.gram.shape[1], table.basis.shape[1]
+    coefficients = y @ spillover.full_basis  # [F, R + K']
+    position = np.zeros((y.shape[0], 5))
+    fractions = np.zeros((y.shape[0], n_pools))
+    model = np.zeros_like(coefficients)
+    active = np.ones((y.shape[0], n_pools), dtype=bool) if active is None else active.copy()
+    todo = np.arange(y.shape[0])
+    for _ in range(n_pools + 1):
+        if not todo.size:
+            break
+        patterns, group = np.unique(active[todo], axis=0, return_inverse=True)
+        again = []
+        for g, pattern in enumerate(patterns):
+            pixels = todo[group.ravel() == g]
+            complement, projected = spillover.complement(pattern)
+            fit = _search_and_refine((coefficients[pixels] @ complement).astype(np.float32), projected,
+                                     table.penalty, variance[pixels], pixel_centre[pixels], precision,
+                                     None if delay_centre is None else delay_centre[pixels], settings)
+            position[pixels] = fit.position
+            model[pixels, :n_components] = interpolate_grid(table.coefficients, fit.position)[0]
+            fractions[pixels] = 0.0
+            pools = np.flatnonzero(pattern)
+            if pools.size:
+                solved, *_ = np.linalg.lstsq(spillover.gram[:, pools], (coefficients[pixels] - model[pixels]).T,
+                                             rcond=None)
+                fractions[np.ix_(pixels, pools)] = solved.T
+                negative = np.any(solved.T < 0.0, axis=1)
+                active[pixels[negative]] &= fractions[pixels[negative]] > 0.0
+                again.append(pixels[negative])
+        todo = np.concatenate(again) if again else np.zeros(0, dtype=np.int64)
+    fractions = np.maximum(fractions, 0.0)
+    beyond = np.maximum(np.sum(y**2, axis=1) - np.sum(coefficients**2, axis=1), 0.0)
+    misfit = np.sum((coefficients - model - fractions @ spillover.gram.T) ** 2, axis=1)
+    return position, np.sqrt((beyond + misfit) / y.shape[1]), fractions
 
 
 def _smoothed_curves(prepared, sigma_px: float, subset: np.ndarray) -> np.ndarray:
@@ -547,7 +692,8 @@ def _smoothed_curves(prepared, sigma_px: float, subset: np.ndarray) -> np.ndarra
     return smoothed.T
 
 
-def _smoothed_delay(prepared, settings: BtexSettings, sigma_px: float, aif_table: AifTable) -> np.ndarray:
+def _smoothed_delay(prepared, settings: BtexSettings, sigma_px: float, aif_table: AifTable,
+                    spillover: SpilloverModel | None = None, spillover_active: np.ndarray | None = None) -> np.ndarray:
     """Delay (s) of every fitted pixel from a fit of the smoothed series.
 
     The smoothed series varies slowly, so only every ``SMOOTHED_STEP``-th (3rd) row and column
@@ -560,7 +706,8 @@ def _smoothed_delay(prepared, settings: BtexSettings, sigma_px: float, aif_table
     if not np.any(on_grid):
         on_grid[:] = True
     smoothed = _smoothed_curves(prepared, sigma_px, on_grid)
-    fittable, position, _ = _fit_positions(smoothed, aif_table, settings, None, 0.25)
+    fittable, position, _, _ = _fit_positions(smoothed, aif_table, settings, None, 0.25, spillover,
+                                              None if spillover_active is None else spillover_active[on_grid])
     fit_rows, fit_cols = rows[on_grid][fittable], cols[on_grid][fittable]
     tent = 1.0 - np.abs(np.arange(1 - step, step)) / step  # linear interpolation between fitted rows
     kernel = np.outer(tent, tent)
@@ -578,6 +725,35 @@ def _smoothed_delay(prepared, settings: BtexSettings, sigma_px: float, aif_table
     return filled[rows, cols] * settings.delay_step_s
 
 
+def blood_pool_curves(gd_series: np.ndarray, labels: np.ndarray, pool_labels: Sequence[int], *,
+                      erosion_px: int = 1, min_pixels: int = 5) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Mean Gd curve of each blood pool of a slice: the regressors of the spill-over fit.
+
+    ``gd_series`` ``[time, rows, cols]`` (mmol/L, baseline-subtracted as the tissue curves that are
+    fitted); ``labels`` ``[rows, cols]`` (docs/conventions.md: 1 LV blood pool, 3 RV); each pool of
+    ``pool_labels`` is eroded by ``erosion_px`` pixels (its own border is partial volume) and kept if
+    at least ``min_pixels`` remain. The curves come from the same images as the tissue, so they carry
+    exactly the slice's sampling, blur and motion correction. Returns (curves ``[K, time]``, the
+    labels kept).
+    """
+    series = np.asarray(gd_series, dtype=np.float64)
+    labels = np.asarray(labels)
+    if series.ndim != 3 or labels.shape != series.shape[1:]:
+        raise MappingInputError(f"need a [time, rows, cols] series and [rows, cols] labels, got {series.shape} "
+                                f"and {labels.shape}")
+    curves, kept = [], []
+    for label in pool_labels:
+        pool = labels == label
+        if erosion_px > 0:
+            pool = ndi.binary_erosion(pool, iterations=erosion_px)
+        if pool.sum() >= min_pixels:
+            curve = series[:, pool].mean(axis=1)
+            if np.all(np.isfinite(curve)) and curve.max() > 0:
+                curves.append(curve)
+                kept.append(int(label))
+    return np.asarray(curves, dtype=np.float64).reshape(len(curves), series.shape[0]), tuple(kept)
+
+
 def map_btex(
     gd_series: np.ndarray,
     aif_plasma_mmol_l: np.ndarray,
@@ -587,6 +763,8 @@ def map_btex(
     settings: BtexSettings | None = None,
     delay_smoothing_px: float = 1.5,
     aif_table: AifTable | None = None,
+    spillover_curves: np.ndarray | None = None,
+    spillover_masks: np.ndarray | None = None,
 ) -> FlowMaps:
     """Pixel-wise BTEX maps from tissue Gd ``[time, rows, cols]`` or ``[N, time]`` (mmol/L).
 
@@ -600,6 +778,11 @@ def map_btex(
     flow trade-off of single noisy pixels. ``delay_smoothing_px = 0`` (or ``[N, time]``
     input) fits every pixel's delay freely. ``aif_table`` (from :func:`build_aif_table` of the
     same plasma AIF, ``dt_s`` and settings) skips building it again, e.g. for every slice of a scan.
+    ``spillover_curves`` ``[K, time]`` (mmol/L, baseline-subtracted like the series, e.g. the
+    slice's LV and RV blood-pool curves from :func:`blood_pool_curves`): every pixel's model gets
+    nonnegative fractions of them (blood spill-over, :func:`_fit_positions`); the maps then carry
+    ``spillover`` ``[K, rows, cols]``. ``spillover_masks`` (bool, ``[K, rows, cols]`` or ``[K, N]``):
+    where each regressor may act (e.g. within a few pixels of its pool), default everywhere.
     """
     settings = settings or BtexSettings()
     prepared, aif = prepare_curves(gd_series, aif_plasma_mmol_l, dt_s, mask)
@@ -607,8 +790,17 @@ def map_btex(
         return scatter_maps(prepared, "btex")
     if aif_table is None:
         aif_table = build_aif_table(aif, dt_s, settings)
+    spillover = active = None
+    if spillover_curves is not None and np.size(spillover_curves):
+        spillover = SpilloverModel.of(aif_table, spillover_curves)
+        if spillover_masks is not None:
+            masks = np.asarray(spillover_masks, dtype=bool).reshape(spillover.gram.shape[1], -1)
+            if masks.shape[1] != int(np.prod(prepared.spatial_shape)):
+                raise MappingInputError(f"spillover_masks must be [K, *{prepared.spatial_shape}], got "
+                                        f"{np.shape(spillover_masks)}")
+            active = masks[:, prepared.index].T  # [P, K]
     delay_prior = None
     if delay_smoothing_px > 0 and len(prepared.spatial_shape) == 2:
-        delay_prior = _smoothed_delay(prepared, settings, delay_smoothing_px, aif_table)
-    values = fit_btex_curves(prepared.curves, aif, dt_s, settings, delay_prior_s=delay_prior, aif_table=aif_table)
+        delay_prior = _smoothed_delay(prepared, settings, delay_smoothing_px, aif_table, spillover, active)
+    values = _fit_values(prepared.curves, aif_table, settings, delay_prior, 0.25, spillover, active)
     return scatter_maps(prepared, "btex", **values)

@@ -40,6 +40,8 @@ class FlowMaps:
     delay_s: np.ndarray
     fit_rmse: np.ndarray  # root-mean-square residual, mmol/L
     model: str
+    # BTEX with spill-over regressors only: fraction of each regressor curve, [K, *spatial] (else None)
+    spillover: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {
@@ -119,6 +121,11 @@ def scatter_maps(prepared: PreparedCurves, model: str, **values: np.ndarray) -> 
         if name in values:
             full[prepared.index] = values[name]
         out[name] = full.reshape(prepared.spatial_shape)
+    spillover = values.get("spillover")
+    if spillover is not None:
+        full = np.full((spillover.shape[1], size), np.nan, dtype=np.float32)
+        full[:, prepared.index] = spillover.T
+        out["spillover"] = full.reshape(spillover.shape[1], *prepared.spatial_shape)
     return FlowMaps(model=model, **out)
 
 
