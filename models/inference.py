@@ -121,7 +121,7 @@ COMPLETE_RING = True
 # how ring completion draws the wall: "rays" (per ray) or "band" (one band between
 # consecutive rays; toolbox/segmentation_post.RING_DRAWINGS); the decision is in
 # docs/segmentation.md "Ring completion, connected band"
-RING_DRAWING = "rays"
+RING_DRAWING = "band"
 # assumed-spacing factors of the label-free spacing search (``Segmenter.segment(...,
 # spacing_factors=...)``), for series whose pixel spacing is not recorded: nominal x 0.7 .. 1.2
 # in steps of 0.1 (true spacings 1.33-2.28 mm for a nominal 1.9 mm; docs/segmentation.md,
