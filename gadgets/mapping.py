@@ -510,8 +510,10 @@ class FlowMap(Gadget):
         except (MappingInputError, FlowModelError) as error:
             raise GadgetError(f"flow-map, slice {series.slice_index}: {error}") from error
         if maps.spillover is not None:
-            self.log.info("slice %d: spill-over fractions (median over fitted pixels) %s", series.slice_index,
-                          ", ".join(f"{float(np.nanmedian(f)):.4f}" for f in maps.spillover))
+            fitted = np.isfinite(maps.spillover[0])
+            self.log.info("slice %d: blood spill-over %s", series.slice_index, "; ".join(
+                f"pool {k}: {100 * np.mean(f[fitted] > 0):.0f} % of the pixels, median fraction there "
+                f"{float(np.median(f[f > 0])) if np.any(f > 0) else 0.0:.4f}" for k, f in enumerate(maps.spillover)))
         finite = maps.mbf_ml_min_g[np.isfinite(maps.mbf_ml_min_g)]
         self.log.info("slice %d: %s map, %d pixels, median MBF %.2f ml/min/g", series.slice_index,
                       self.settings.model, finite.size, float(np.median(finite)) if finite.size else float("nan"))
