@@ -169,6 +169,12 @@ class SurfaceCoilSettings(GadgetSettings):
     guide_tolerance: float = Field(0.05, gt=0.0, le=10.0, description="guide difference scale (relative)")
     air_fraction: float = Field(0.05, ge=0.0, lt=1.0,
                                 description="PD below this fraction of its 99th percentile is air: ratio 0")
+    align_pd: bool = Field(False, description="translate the PD image onto the SR frames (edge direction over "
+                                              "the heart) before the ratio; myocardial slices only")
+    align_pd_window_px: float = Field(15.0, gt=0.0, le=100.0,
+                                      description="sigma (pixels) of the heart window of the PD alignment")
+    align_pd_min_px: float = Field(0.25, ge=0.0, le=5.0,
+                                   description="PD alignment shifts shorter than this (pixels) are not applied")
 
 
 @register_gadget
@@ -200,6 +206,8 @@ class SurfaceCoilCorrection(PureGadget):
         pd_image = frames[:n_pd].mean(axis=0)
         sr = frames[n_pd:]
         guide = sr.mean(axis=0) if self.settings.guided else None
+        if self.settings.align_pd and isinstance(item, SliceSeries):
+            pd_image = self._aligned_pd(item, pd_image, sr)
         try:
             coil_map = surface_coil.coil_map_from_pd(pd_image, box_size_px=self.settings.box_size_px,
                                                      guide=guide, guide_tolerance=self.settings.guide_tolerance)
@@ -213,6 +221,19 @@ class SurfaceCoilCorrection(PureGadget):
         return dataclasses.replace(item, data=data, time_s=np.asarray(item.time_s)[n_pd:], units="sr_over_pd",
                                    n_pd_frames=0, pd_image=pd_image.astype(np.float32),
                                    stages=item.stages + ("surface-coil",))
+
+    def _aligned_pd(self, item: SliceSeries, pd_image: np.ndarray, sr: np.ndarray) -> np.ndarray:
+        """The PD image moved onto the SR frames (motion correction registers the PD frames only
+        among themselves; a 1-2 px offset scales the study's Gd, docs/preprocessing.md)."""
+        try:
+            shift = surface_coil.pd_to_sr_translation(pd_image, sr, window_px=self.settings.align_pd_window_px)
+        except surface_coil.ProtonDensityError as error:
+            raise GadgetError(f"{_label(item)}: {error}") from error
+        length = float(np.hypot(*shift))
+        applied = length >= self.settings.align_pd_min_px
+        self.log.info("%s: PD frames %.2f px (row %+.2f, col %+.2f) from the SR frames%s", _label(item), length,
+                      shift[0], shift[1], ", moved onto them" if applied else ", left (under the minimum)")
+        return surface_coil.translate_image(pd_image, shift) if applied else pd_image
 
 
 class GdConversionSettings(GadgetSettings):

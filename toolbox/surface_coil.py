@@ -4,6 +4,13 @@ Receive-coil sensitivity multiplies both the saturation-recovery (SR) and the PD
 ratio SR / PD removes it (Kellman et al., JCMR 2017; Xue et al., MRM 2020). The PD image is
 first turned into a smooth map - a masked box filter about 7 pixels wide - so that noise and
 small structures of the PD image do not enter the ratio (REFERENCES.md section 2).
+
+The PD frames are acquired at the start of the scan (often in a breath hold) and motion
+correction registers them among themselves only, so after correction they can sit 1-2 pixels
+away from the SR frames; the ratio then divides every SR pixel by the proton density of a
+neighbouring tissue (blood, fat, lung) and scales the whole Gd curve of a study (docs/preprocessing.md,
+"Per-study Gd scale of the tissue curves"). :func:`pd_to_sr_translation` measures that offset
+by edge direction over the heart and :func:`translate_image` moves the PD image onto the SR frames.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import logging
 
 import numpy as np
 from scipy import ndimage
+
+from perfline.toolbox.motion_correction import contrast_invariant_translation, locate_heart
 
 logger = logging.getLogger(__name__)
 
@@ -103,3 +112,52 @@ def normalize_by_pd(series: np.ndarray, coil_map: np.ndarray) -> np.ndarray:
         raise ProtonDensityError(
             f"series frames {series.shape[-2:]} and PD map {coil_map.shape} differ in size")
     return (series / coil_map).astype(np.float32)
+
+
+def pd_to_sr_translation(pd_image: np.ndarray, sr_frames: np.ndarray, *, window_px: float = 15.0,
+                         heart_prior_px: float = 30.0, max_shift_px: int = 3) -> np.ndarray:
+    """Translation that lines the PD image up with the SR frames over the heart, pixels.
+
+    The heart is located in the SR frames (``motion_correction.locate_heart``: largest temporal
+    spread near the image centre, centre weight of sigma ``heart_prior_px``); around it a Gaussian
+    window of sigma ``window_px`` weighs the normalised-gradient (edge direction) match of the PD
+    image against the temporal median of the SR frames (``motion_correction.contrast_invariant_translation``,
+    Haber & Modersitzki 2006): PD and SR frames have different contrast, but the outlines of the
+    heart, lungs and chest wall are the same edges in both.
+
+    Args:
+        pd_image: float [rows, cols] mean of the (motion-corrected) PD frames.
+        sr_frames: float [time, rows, cols] motion-corrected SR frames.
+        window_px: sigma of the heart window, pixels.
+        heart_prior_px: sigma of the image-centre weight of the heart search, pixels.
+        max_shift_px: largest shift searched per axis, pixels.
+
+    Returns:
+        float64 [2] (row, col) shift ``t`` with ``pd_image(x + t) ~ SR anatomy(x)``: pass it to
+        :func:`translate_image`.
+
+    Raises:
+        ProtonDensityError: on shape mismatch or an image too small for the window.
+    """
+    pd_image = np.asarray(pd_image, dtype=np.float32)
+    sr_frames = np.asarray(sr_frames, dtype=np.float32)
+    if pd_image.ndim != 2 or sr_frames.ndim != 3 or sr_frames.shape[1:] != pd_image.shape:
+        raise ProtonDensityError(f"PD image [rows, cols] and SR frames [time, rows, cols] of the same size expected, "
+                                 f"found {pd_image.shape} and {sr_frames.shape}")
+    if min(pd_image.shape) < 5 * window_px:
+        raise ProtonDensityError(f"image of {pd_image.shape} pixels too small for a heart window of sigma "
+                                 f"{window_px} px (needs 5 sigma per axis)")
+    centre = locate_heart(sr_frames, heart_prior_px)
+    rows, cols = np.indices(pd_image.shape, dtype=np.float32)
+    window = np.exp(-0.5 * ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / window_px**2)
+    shift = contrast_invariant_translation(pd_image[None], np.median(sr_frames, axis=0), window,
+                                           max_shift_px=max_shift_px)[0]
+    logger.debug("PD frames vs SR frames: heart at (%.0f, %.0f) px, shift (%.2f, %.2f) px", centre[0], centre[1],
+                 shift[0], shift[1])
+    return shift
+
+
+def translate_image(image: np.ndarray, shift_px: np.ndarray) -> np.ndarray:
+    """``image(x + shift)`` by linear interpolation (edges continued), float32 [rows, cols]."""
+    image = np.asarray(image, dtype=np.float64)
+    return ndimage.shift(image, -np.asarray(shift_px, dtype=np.float64), order=1, mode="nearest").astype(np.float32)
