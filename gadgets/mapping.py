@@ -49,8 +49,8 @@ from perfline.gadgets.perfusion_items import (
 )
 from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import (
-    AIF_SOURCE_HINT_REGION, AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, detect_aif,
-    magnitude_floor_corrected_curve,
+    AIF_SOURCE_HINT_REGION, AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, cross_fitted_pool_curve,
+    detect_aif, magnitude_floor_corrected_curve,
 )
 from perfline.toolbox.btex import (
     AifTable, BtexSettings, aif_on_fine_grid, blood_pool_curves, build_aif_table, fine_grid, fine_table_curves,
@@ -104,6 +104,14 @@ class AifExtractSettings(GadgetSettings):
     lv_hint_max_distance_mm: float = Field(20.0, gt=0.0, description=(
         "the dynamics-only AIF pool is kept when its centre lies within this in-plane distance of the CNN's LV "
         "(aha-report's max_aif_lv_distance_mm flag)"))
+    lv_pool_selection: Literal["core", "cross-fitted"] = Field("core", description=(
+        "'core': the mean of the LV pool's core (lv_core_fraction); 'cross-fitted': of that pool, only the "
+        "pixels enhancing >= lv_purity_fraction of its largest, chosen on the even acquired frames for the odd "
+        "ones and back (toolbox.aif.cross_fitted_pool_curve: purer in small pools of mixed blood / myocardium "
+        "pixels, without the upward bias of choosing pixels on the frames they are averaged on; docs/"
+        "preprocessing.md, 'AIF pool purity'); without acquired frames the grid frames are split"))
+    lv_purity_fraction: float = Field(0.8, gt=0.0, lt=1.0, description=(
+        "cross-fitted: pixels kept enhance by at least this fraction of the pool's largest enhancement"))
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,10 @@ class AifExtract(Gadget):
         try:
             detected = detect_aif(ratio, body=body, settings=settings, lv_hint_rc=hint_rc,
                                   lv_hint_radius_px=radius_px)
-            if table is None:
+            mask = detected.mask
+            if self.settings.lv_pool_selection == "cross-fitted":
+                blood, samples, mask = self._cross_fitted(series, table, ratio, time_s, detected.mask, detected.foot)
+            elif table is None:
                 blood = detected.curve
             else:
                 zero = float(table.to_ratio(0.0))
@@ -222,7 +233,8 @@ class AifExtract(Gadget):
             blood = np.asarray(blood, dtype=np.float64)
             grid_s, blood = resample_to_uniform(blood, time_s, self.settings.interval_s)
             foot, peak = aif_foot_peak(blood)
-            samples = self._acquired_curve(series, table, detected.mask, detected.foot)
+            if self.settings.lv_pool_selection != "cross-fitted":
+                samples = self._acquired_curve(series, table, detected.mask, detected.foot)
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
         subtracted = baseline_subtract(blood, foot)
@@ -236,11 +248,39 @@ class AifExtract(Gadget):
         if detected.source == AIF_SOURCE_HINT_REGION:
             self.log.warning("AIF from the CNN's LV region of the AIF image: no enhancing blood pool was found there")
         self.log.info("AIF: %d LV pixels, foot %.1f s, peak %.2f mmol/L at %.1f s, hematocrit %.3f",
-                      int(detected.mask.sum()), grid_s[foot], blood[peak], grid_s[peak], self._hematocrit)
+                      int(mask.sum()), grid_s[foot], blood[peak], grid_s[peak], self._hematocrit)
         return AifCurve(time_s=grid_s, blood_gd_mmol_l=blood, hematocrit=self._hematocrit,
-                        foot_index=foot, peak_index=peak, mask=detected.mask, geometry=series.geometry,
+                        foot_index=foot, peak_index=peak, mask=mask, geometry=series.geometry,
                         source=detected.source, sample_time_s=None if samples is None else samples[0],
                         sample_blood_gd_mmol_l=None if samples is None else samples[1])
+
+    def _cross_fitted(self, series: AifSeries, table: Any, ratio: np.ndarray, time_s: np.ndarray, pool: np.ndarray,
+                      foot: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, np.ndarray]:
+        """(blood Gd [time] on ``time_s``, acquired samples or None, pixels used) of the pool's purest pixels,
+        cross-fitted on the acquired frames (``lv_pool_selection = 'cross-fitted'``). The grid curve is the
+        acquired curve interpolated linearly in Gd, as temporal-resample interpolates the Gd frames."""
+        zero = None if table is None else float(table.to_ratio(0.0))
+        fraction = self.settings.lv_purity_fraction
+        if series.acquired_time_s is None or series.acquired_data is None:
+            # grid frames interpolated from the same acquisitions share their noise: a weaker split
+            self.log.warning("AIF: no acquired frames (no temporal-resample): the purest pool pixels are "
+                             "cross-fitted on the grid frames")
+            chosen = cross_fitted_pool_curve(ratio, pool, baseline=slice(1, max(foot, 2)), zero_level=zero,
+                                             fraction=fraction)
+            blood = chosen.curve if table is None else self._to_gd(table, chosen.curve)
+            return np.asarray(blood, dtype=np.float64), None, chosen.mask
+        acquired_s = np.asarray(series.acquired_time_s, dtype=np.float64)
+        frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -acquired_s.size:]
+        acquired_ratio = table.to_ratio(frames) if (table is not None and series.units == "gd_mmol_l") else frames
+        # the floor's baseline frames: those acquired up to the grid curve's foot frame (as _acquired_curve)
+        last = int(np.searchsorted(acquired_s, series.time_s[series.n_pd_frames + foot], side="right"))
+        chosen = cross_fitted_pool_curve(acquired_ratio, pool, baseline=slice(1, max(last, 2)), zero_level=zero,
+                                         fraction=fraction)
+        acquired_blood = np.asarray(chosen.curve if table is None else self._to_gd(table, chosen.curve),
+                                    dtype=np.float64)
+        self.log.info("AIF: cross-fitted pool, %d / %d of %d pixels chosen on the even / odd acquired frames",
+                      int(chosen.chosen_on_even.sum()), int(chosen.chosen_on_odd.sum()), int(pool.sum()))
+        return np.interp(time_s, acquired_s, acquired_blood), (acquired_s, acquired_blood), chosen.mask
 
     def _to_gd(self, table: Any, ratio_curve: np.ndarray) -> np.ndarray:
         """Blood Gd (mmol/L) of the pool's SR/PD curve: the table, clipped at 0 or continued below it."""
