@@ -115,9 +115,11 @@ PADDINGS = ("zeros", "edge")
 # the decision is in docs/segmentation.md "QPerf-format phantom"
 CLOSE_RING = True
 # complete a ring still open from the image where the network sees no wall
-# (toolbox/segmentation_post.complete_ring_from_image); flagged on the slice; the decision is
-# in docs/segmentation.md "Ring completion from the image"
-COMPLETE_RING = True
+# (toolbox/segmentation_post.complete_ring_from_image); flagged on the slice; shipped on by its
+# decision rule (docs/segmentation.md "Ring completion from the image"), switched OFF again after
+# the session-7 review found a failure mode the decision sets could not show (an unlabelled RV
+# next to a septal gap taken as LV blood; fixed, but the fix has not passed a rule on new seeds)
+COMPLETE_RING = False
 # how ring completion draws the wall: "rays" (per ray) or "band" (one band between
 # consecutive rays; toolbox/segmentation_post.RING_DRAWINGS); the decision is in
 # docs/segmentation.md "Ring completion, connected band"

@@ -228,3 +228,35 @@ def test_unknown_drawing_is_rejected():
         complete_ring_from_image(labels, probabilities[MYOCARDIUM], series, drawing="polygon")
     with pytest.raises(ValueError, match="ring_drawing must be one of"):
         Segmenter(ring_drawing="polygon")
+
+
+@pytest.mark.parametrize("drawing", ["rays", "band"])
+def test_unlabelled_rv_beyond_a_septal_gap_is_not_taken_as_lv_blood(drawing):
+    """The network misses the septum and labels no RV (as on the real stress example): the RV
+    blood beyond the septum enhances like blood (3 s earlier) and the RV free wall like
+    myocardium. Only blood contiguous with the network's pool may extend the LV pool, so the
+    septum is completed as myocardium and neither the RV nor its free wall joins the ring
+    (before the review fix of 2026-11-27 the RV became LV blood pool and its free wall
+    myocardium, with the ring flagged closed)."""
+    shape, center = (48, 48), (24.0, 28.0)
+    rows, cols = np.indices(shape, dtype=np.float64)
+    radius = np.hypot(rows - center[0], cols - center[1])
+    lv, annulus, left = radius < 8, (radius >= 8) & (radius < 12), cols < center[1] - 4
+    rv = left & (radius >= 12) & (radius < 18)
+    rv_wall = left & (radius >= 18) & (radius < 21)
+    rv_curve = 0.9 * np.interp(TIME_S + 3.0, TIME_S, BLOOD_CURVE)
+    noise = np.random.default_rng(1).normal(0.0, 0.03, (TIME_S.size, *shape))
+    series = (lv[None] * BLOOD_CURVE[:, None, None] + annulus[None] * TISSUE_CURVE[:, None, None]
+              + rv[None] * rv_curve[:, None, None] + rv_wall[None] * TISSUE_CURVE[:, None, None]
+              + noise).astype(np.float32)
+    probabilities = np.zeros((4, *shape), dtype=np.float32)
+    probabilities[1][lv] = 0.9
+    probabilities[2][annulus & ~left] = 0.9
+    probabilities[0] = 1.0 - probabilities[1:].sum(axis=0)
+    result = postprocess(probabilities, close_ring=True, complete_ring=True, series=series,
+                         ring_drawing=drawing)
+    labels = result.labels
+    assert int(((labels == LV_BLOOD) & rv).sum()) == 0
+    assert int(((labels == MYOCARDIUM) & rv_wall).sum()) <= 0.05 * rv_wall.sum()
+    septum = annulus & left
+    assert int(((labels == MYOCARDIUM) & septum).sum()) >= 0.8 * septum.sum()

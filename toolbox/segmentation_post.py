@@ -463,6 +463,13 @@ def complete_ring_from_image(labels: np.ndarray, myocardium_probability: np.ndar
     tissue_like = (amounts[1] >= tissue_amount) & ~blood_like
     in_range = rays.beyond_blood
     blood_score = np.where(in_range, rays.sample(blood_like), 0.0)
+    # only blood contiguous with the network's pool counts: the first sample on a ray that is not
+    # blood-like (the septum) ends the LV pool, so an unlabelled RV beyond it is not taken as LV
+    # blood (review 2026-11-27: otherwise the septum and the RV became LV blood pool and the RV free
+    # wall myocardium, and the ring was flagged closed)
+    contiguous = np.minimum.accumulate(np.where(rays.steps >= rays.start[:, None], blood_score >= 0.5, True),
+                                       axis=1)
+    blood_score = np.where(contiguous, blood_score, 0.0)
     tissue_score = np.where(in_range, rays.sample(tissue_like), 0.0)
     n_steps = in_range.shape[1]
     step = rays.steps
