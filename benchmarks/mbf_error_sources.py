@@ -216,9 +216,8 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
     ``aif_upsample = k``: its curves sampled like the slice (``btex.sampled_aif_table``)."""
     from perfline.gadgets.mapping import FlowMap, _btex_settings
     from perfline.toolbox.aif import aif_foot_peak
-    from perfline.gadgets.mapping import spillover_reach
     from perfline.toolbox.btex import blood_pool_curves, build_aif_table, fine_table_curves, map_btex, \
-        sampled_aif_table, tissue_sampling
+        sampled_aif_table, spillover_reach, tissue_sampling
 
     settings = _btex_settings(flow_map)
     plasma = blood_aif / (1.0 - hematocrit)
@@ -244,9 +243,10 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
     spillover = reach = None
     if flow_map.spillover_labels and labels is not None:
         spillover, kept = blood_pool_curves(tissue, labels, flow_map.spillover_labels)
+        # as flow-map: no pool kept, no spill-over term (spillover_reach gives None for no pool)
         reach = spillover_reach(labels, kept, flow_map.spillover_reach_px)
         if not kept:
-            spillover = reach = None
+            spillover = None
     maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=1.5,
                     aif_table=table_cache[key], spillover_curves=spillover, spillover_masks=reach)
     return maps.mbf_ml_min_g.astype(np.float64)

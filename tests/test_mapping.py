@@ -433,3 +433,61 @@ def test_spillover_acts_only_inside_its_mask_and_pool_curves_skip_small_pools():
     outside = maps.spillover[0, :3]
     assert np.all(outside[np.isfinite(outside)] == 0.0)
     assert np.all(np.abs(maps.spillover[0, 3:5] - 0.02) < 2e-3)
+
+
+def test_spillover_reach_of_no_pool_is_none_and_of_an_absent_label_is_nowhere():
+    from perfline.toolbox.btex import spillover_reach
+
+    labels = np.zeros((8, 6), dtype=np.uint8)
+    labels[:2] = 3
+    # no pool kept (e.g. a slice without an RV label): no term at all, not an error
+    assert spillover_reach(labels, (), 3.5) is None
+    assert spillover_reach(labels, (3,), 0.0) is None
+    reach = spillover_reach(labels, (3, 1), 2.0)
+    assert reach.shape == (2, 8, 6) and reach.dtype == bool
+    np.testing.assert_array_equal(reach[0].any(axis=1), np.arange(8) <= 3)  # rows 0-1 and 2 px beyond
+    assert not reach[1].any()  # label 1 absent: its term acts nowhere
+    with pytest.raises(MappingInputError, match=r"labels \[rows, cols\], got shape \(8,\)"):
+        spillover_reach(labels[:, 0], (3,), 2.0)
+
+
+def test_spillover_basis_keeps_every_regressor_direction_with_zero_and_duplicate_regressors():
+    # a zero regressor first: an unpivoted QR drops its column and the direction the next one needs
+    from perfline.toolbox.btex import SpilloverModel
+
+    _, plasma, rv_blood, _ = _rest_study_curves()
+    table = build_aif_table(plasma, DT, BtexSettings())
+    shifted = np.roll(rv_blood, 4)
+    regressors = np.stack([np.zeros_like(rv_blood), rv_blood, rv_blood, shifted])
+    model = SpilloverModel.of(table, regressors)
+    basis = model.full_basis
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-10)
+    # the zero and the duplicate add no column: at most two new directions
+    assert basis.shape[1] <= table.basis.shape[1] + 2
+    np.testing.assert_allclose(basis @ model.gram, regressors.T, atol=1e-9 * np.abs(rv_blood).max())
+
+
+@pytest.mark.parametrize(("regressor", "match"), [
+    (np.ones(T - 1), r"must be \[K, 60\] \(the table's time samples\), got \(1, 59\)"),
+    (np.where(np.arange(T) == 5, np.nan, 1.0), r"must be finite, found NaN or inf in regressor\(s\) \[0\]"),
+], ids=["shape", "nan"])
+def test_spillover_regressor_errors_say_what_was_expected_and_found(regressor, match):
+    from perfline.toolbox.btex import SpilloverModel
+
+    table = build_aif_table(_plasma_aif(), DT, BtexSettings())
+    with pytest.raises(MappingInputError, match=match):
+        SpilloverModel.of(table, regressor)
+
+
+def test_spillover_fit_with_a_zero_regressor_beside_the_rv_recovers_rest_flow():
+    from perfline.gadgets.mapping import FlowMapSettings, _btex_settings
+    from perfline.toolbox.btex import fit_btex_curves
+
+    curves, plasma, rv_blood, mbf = _rest_study_curves()
+    settings = _btex_settings(FlowMapSettings())
+    table = build_aif_table(plasma, DT, settings)
+    fitted = fit_btex_curves(curves + 0.02 * rv_blood, plasma, DT, settings, aif_table=table,
+                             spillover_curves=np.stack([np.zeros_like(rv_blood), rv_blood]))
+    assert np.max(np.abs(fitted["mbf_ml_min_g"] / mbf - 1.0)) < 0.04
+    np.testing.assert_allclose(fitted["spillover"][:, 1], 0.02, atol=1e-3)
+    np.testing.assert_array_equal(fitted["spillover"][:, 0], 0.0)

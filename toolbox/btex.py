@@ -25,9 +25,11 @@ then local refinement. Here:
    along a flat valley and the pixel-wise MBF scatters by 15-20 % at 0.02 mmol/L noise;
    ``prior_weight = 0`` gives the plain least-squares fit.
 5. Optional blood spill-over terms (``spillover_curves``, e.g. the slice's RV blood-pool curve):
-   nonnegative fractions of given curves added to every pixel's model, eliminated exactly by
-   variable projection so that the same search and refinement run on projected coefficients
-   (``_fit_with_spillover``; docs/mapping.md, "Blood spill-over in the tissue curves").
+   nonnegative fractions of given curves added to every pixel's model. The unconstrained
+   fractions are eliminated exactly by variable projection, so that the same search and
+   refinement run on projected coefficients; nonnegativity by one refit without the pools that
+   come out negative (approximate). ``_fit_with_spillover``; docs/mapping.md, "Blood spill-over
+   in the tissue curves".
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +53,9 @@ from perfline.toolbox import flow_models
 from perfline.toolbox.flow_fit import (
     PIXEL_BLOCK, FlowMaps, MappingInputError, grid_value, prepare_curves, scatter_maps,
 )
-from perfline.toolbox.grid_refine import GridFit, refine_on_grid, thread_pool, warm_compiled_refinement
+from perfline.toolbox.grid_refine import (
+    GridFit, interpolate_grid, refine_on_grid, thread_pool, warm_compiled_refinement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -522,24 +526,33 @@ class SpilloverModel:
     """The spill-over regressors of one table: ``full_basis`` ``[T, R + K']`` (the table's basis
     extended by the regressors' part outside it), ``gram`` ``[R + K', K]`` (the regressors in that
     basis) and, per active set of regressors, the orthonormal complement of their columns and the
-    table projected onto it (built on first use, shared by the smoothed pre-fit and the pixel fit)."""
+    table projected onto it in ``projected``: a mutable cache, filled on first use by
+    :meth:`complement` and shared by the smoothed pre-fit and the pixel fit of one slice (which is
+    why the model is not frozen; build one per table with :meth:`of`)."""
 
     table: AifTable
     full_basis: np.ndarray
     gram: np.ndarray
-    projected: dict[tuple[bool, ...], tuple[np.ndarray, np.ndarray]]
+    projected: dict[tuple[bool, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, table: AifTable, spillover_curves: np.ndarray) -> SpilloverModel:
         basis = table.basis.astype(np.float64)
         regressors = np.atleast_2d(np.asarray(spillover_curves, dtype=np.float64))  # [K, T]
-        if regressors.shape[1] != basis.shape[0] or not np.all(np.isfinite(regressors)):
-            raise MappingInputError(f"spillover_curves must be finite [K, {basis.shape[0]}], got {regressors.shape}")
+        if regressors.ndim != 2 or regressors.shape[1] != basis.shape[0]:
+            raise MappingInputError(f"spillover_curves must be [K, {basis.shape[0]}] (the table's time samples), "
+                                    f"got {regressors.shape}")
+        if not np.all(np.isfinite(regressors)):
+            bad = np.flatnonzero(~np.all(np.isfinite(regressors), axis=1)).tolist()
+            raise MappingInputError(f"spillover_curves must be finite, found NaN or inf in regressor(s) {bad}")
         outside = regressors.T - basis @ (basis.T @ regressors.T)  # [T, K]
-        q, r = np.linalg.qr(outside)
-        independent = np.abs(np.diag(r)) > 1e-6 * max(float(np.linalg.norm(regressors)), 1e-12)
-        full_basis = np.concatenate([basis, q[:, independent]], axis=1)
-        return cls(table, full_basis, full_basis.T @ regressors.T, {})
+        # an orthonormal basis of the span of the outside parts: the SVD keeps every direction some
+        # regressor needs (unpivoted QR can drop a column a later regressor needs when one outside
+        # part is ~0, and the dropped column is then not orthogonal to the rest)
+        u, singular, _ = np.linalg.svd(outside, full_matrices=False)
+        keep = singular > 1e-6 * max(float(np.linalg.norm(regressors)), 1e-12)
+        full_basis = np.concatenate([basis, u[:, keep]], axis=1)
+        return cls(table, full_basis, full_basis.T @ regressors.T)
 
     def complement(self, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(orthonormal complement ``[R + K', W]`` of the active regressors, the table's coefficients
@@ -631,13 +644,13 @@ def _fit_with_spillover(
     and for an active set ``S`` of pools ``min_s |y - l - B_S s|^2 = |Q_S^T (y - l)|^2``, ``Q_S``
     an orthonormal basis of the complement of ``B_S``: the usual search and refinement on
     coefficients and table multiplied by ``Q_S`` (as many components as without spill-over when
-    every pool is active). Nonnegativity by active sets: pixels whose fractions at the fitted
-    point include a negative one are fitted again without those pools (at most K + 1 passes; a
-    dropped pool is not re-admitted). Returns positions ``[F, 5]``, RMSE on the full curves
-    ``[F]`` (mmol/L) and the fractions ``[F, K]`` (0 for pools not in the final set).
+    every pool is active). This is exact for the unconstrained fractions; nonnegativity by one
+    refit without the pools that come out negative (approximate): pixels whose fractions at the
+    fitted point include a negative one are fitted again without those pools (at most K + 1
+    passes; a dropped pool is not re-admitted, so the result need not be the constrained
+    optimum). Returns positions ``[F, 5]``, RMSE on the full curves ``[F]`` (mmol/L) and the
+    fractions ``[F, K]`` (0 for pools not in the final set).
     """
-    from perfline.toolbox.grid_refine import interpolate_grid
-
     table = spillover.table
     n_pools, n_components = spillover.gram.shape[1], table.basis.shape[1]
     coefficients = y @ spillover.full_basis  # [F, R + K']
@@ -752,6 +765,24 @@ def blood_pool_curves(gd_series: np.ndarray, labels: np.ndarray, pool_labels: Se
                 curves.append(curve)
                 kept.append(int(label))
     return np.asarray(curves, dtype=np.float64).reshape(len(curves), series.shape[0]), tuple(kept)
+
+
+def spillover_reach(labels: np.ndarray, pools: Sequence[int], reach_px: float) -> np.ndarray | None:
+    """Where each spill-over regressor may act: bool ``[K, rows, cols]``, the pixels within ``reach_px``
+    (Euclidean distance, px) of pool ``pools[k]``'s label in ``labels`` ``[rows, cols]``.
+
+    None when every pixel may take every term (``reach_px <= 0``) or when there is no pool (``pools``
+    empty, e.g. :func:`blood_pool_curves` kept none: then there is no spill-over term at all). A pool
+    label absent from ``labels`` gives an all-False row (its term acts nowhere).
+    """
+    if reach_px <= 0 or not len(pools):
+        return None
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise MappingInputError(f"spillover_reach needs labels [rows, cols], got shape {labels.shape}")
+    # (an absent label must be handled here: the distance transform of an image without a zero is not 'far')
+    return np.stack([ndi.distance_transform_edt(labels != pool) <= reach_px if np.any(labels == pool)
+                     else np.zeros(labels.shape, dtype=bool) for pool in pools])
 
 
 def map_btex(
