@@ -40,7 +40,7 @@ from typing import Any, Literal
 import ismrmrd
 import numpy as np
 import scipy.ndimage as ndi
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
 from perfline.gadgets.mrd_images import make_image
@@ -54,7 +54,7 @@ from perfline.toolbox.aif import (
 )
 from perfline.toolbox.btex import (
     AifTable, BtexSettings, aif_on_fine_grid, blood_pool_curves, build_aif_table, fine_grid, fine_table_curves,
-    map_btex, sampled_aif_table, WARM_LENGTHS, tissue_sampling, warm_residue_tables,
+    map_btex, sampled_aif_table, spillover_reach, WARM_LENGTHS, tissue_sampling, warm_residue_tables,
 )
 from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.rv_insertion import lv_equivalent_radius_mm
@@ -330,15 +330,26 @@ class FlowMapSettings(GadgetSettings):
         "and delays there, and the table curves sampled at each slice's acquisition times and interpolated "
         "onto the grid as temporal-resample does (one table per slice; docs/mapping.md, 'The per-slice "
         "sampled table'); without acquired samples the grid AIF is used as for 1"))
-    spillover_labels: tuple[int, ...] = Field((), description=(
+    spillover_labels: tuple[Literal[1, 3], ...] = Field((), description=(
         "BTEX: blood pools (1 LV, 3 RV) whose mean Gd curves in the same slice (CNN labels eroded by 1 px) "
         "enter every pixel's fit as nonnegative spill-over terms, tissue = BTEX + s_LV b_LV + s_RV b_RV "
-        "(docs/mapping.md, 'Blood spill-over in the tissue curves'); () = off"))
+        "(docs/mapping.md, 'Blood spill-over in the tissue curves'); () = off. Needs model 'btex' and "
+        "use_segmentation"))
     spillover_reach_px: float = Field(0.0, ge=0.0, description=(
         "spill-over terms only in pixels within this distance (px) of their pool's label; 0 = everywhere"))
     heart_mask_px: int = Field(0, ge=0, le=64, description=(
         "dilation of the labelled region, pixels (0: the CNN myocardium exactly; dilating it mixes blood into "
         "the smoothed delay pre-fit of the border pixels: rest MBF +2 to +10 % on the demo phantom)"))
+
+    @model_validator(mode="after")
+    def _spillover_needs_btex_and_labels(self) -> FlowMapSettings:
+        # the spill-over terms are a BTEX fit option and their pools come from each slice's segmentation:
+        # without either the setting would be ignored silently (or, without waiting for the segmentation,
+        # apply to a slice or not depending on the order of the items)
+        if self.spillover_labels and (self.model != "btex" or not self.use_segmentation):
+            raise ValueError(f"spillover_labels {self.spillover_labels} need model 'btex' and use_segmentation "
+                             f"true, found model {self.model!r} and use_segmentation {self.use_segmentation}")
+        return self
 
 
 @register_gadget
@@ -496,20 +507,27 @@ class FlowMap(Gadget):
         width = self.settings.heart_mask_px
         return ndi.binary_dilation(heart, iterations=width) if width else heart
 
-    def _spillover_curves(self, slice_index: int, tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """The slice's blood-pool curves ``[K, time]`` (baseline-subtracted ``tissue``) for the spill-over
-        terms of the BTEX fit and where each acts (``[K, rows, cols]`` or None: everywhere), or None
-        (setting off, no segmentation of this slice, no pool big enough)."""
+    def _spillover_curves(self, slice_index: int, tissue: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, ...]] | None:
+        """The slice's blood-pool curves ``[K, time]`` (baseline-subtracted ``tissue`` ``[time, rows, cols]``)
+        for the spill-over terms of the BTEX fit, where each acts (``[K, rows, cols]`` or None: everywhere)
+        and the pool labels kept, or None (setting off, no segmentation of this slice, no pool big enough)."""
         labels = self._labels.get(slice_index)
-        if not self.settings.spillover_labels or labels is None or labels.shape != tissue.shape[1:]:
+        if not self.settings.spillover_labels:
             return None
+        if labels is None:
+            self.log.info("slice %d: no segmentation, no spill-over terms", slice_index)
+            return None
+        if labels.shape != tissue.shape[1:]:
+            raise GadgetError(f"flow-map, slice {slice_index}: labels {labels.shape} differ from the image "
+                              f"{tissue.shape[1:]}")
         curves, kept = blood_pool_curves(tissue, labels, self.settings.spillover_labels)
         if len(kept) < len(self.settings.spillover_labels):
-            self.log.info("slice %d: spill-over pools %s (of %s; too small after erosion)", slice_index, kept,
-                          self.settings.spillover_labels)
+            self.log.info("slice %d: spill-over pools %s of %s (the others absent or too small after erosion)",
+                          slice_index, kept, self.settings.spillover_labels)
         if not kept:
             return None
-        return curves, spillover_reach(labels, kept, self.settings.spillover_reach_px)
+        return curves, spillover_reach(labels, kept, self.settings.spillover_reach_px), kept
 
     def _map(self, series: SliceSeries, aif: AifCurve, mask: np.ndarray | None) -> FlowMaps:
         if series.units != "gd_mmol_l":
@@ -529,6 +547,7 @@ class FlowMap(Gadget):
             tissue = tissue - tissue[before].mean(axis=0)
         mapper = map_btex if self.settings.model == "btex" else map_fermi
         kwargs: dict[str, Any] = {}
+        pools: tuple[int, ...] = ()
         if self.settings.model == "btex":
             kwargs["delay_smoothing_px"] = self.settings.delay_smoothing_px
             kwargs["settings"] = self._btex_settings()
@@ -539,7 +558,7 @@ class FlowMap(Gadget):
                 kwargs["aif_table"] = self._aif_table(plasma, dt_s)
             spillover = self._spillover_curves(series.slice_index, tissue)
             if spillover is not None:
-                kwargs["spillover_curves"], kwargs["spillover_masks"] = spillover
+                kwargs["spillover_curves"], kwargs["spillover_masks"], pools = spillover
         if mask is not None:
             if mask.shape != tissue.shape[1:]:
                 raise GadgetError(f"flow-map, slice {series.slice_index}: segmentation shape {mask.shape} differs "
@@ -550,16 +569,24 @@ class FlowMap(Gadget):
         except (MappingInputError, FlowModelError) as error:
             raise GadgetError(f"flow-map, slice {series.slice_index}: {error}") from error
         if maps.spillover is not None:
-            fitted = np.isfinite(maps.spillover[0])
-            self.log.info("slice %d: blood spill-over %s", series.slice_index, "; ".join(
-                f"pool {k}: {100 * np.mean(f[fitted] > 0):.0f} % of the pixels, median fraction there "
-                f"{float(np.median(f[f > 0])) if np.any(f > 0) else 0.0:.4f}" for k, f in enumerate(maps.spillover)))
+            self._log_spillover(series.slice_index, pools, maps.spillover)
         finite = maps.mbf_ml_min_g[np.isfinite(maps.mbf_ml_min_g)]
         self.log.info("slice %d: %s map, %d pixels, median MBF %.2f ml/min/g", series.slice_index,
                       self.settings.model, finite.size, float(np.median(finite)) if finite.size else float("nan"))
         return FlowMaps(slice_index=series.slice_index, model=self.settings.model, mbf_ml_min_g=maps.mbf_ml_min_g,
                         geometry=series.geometry, ps_ml_min_g=maps.ps_ml_min_g, vp=maps.vp, visf=maps.visf,
                         delay_s=maps.delay_s, fit_rmse_mmol_l=maps.fit_rmse)
+
+    def _log_spillover(self, slice_index: int, pools: tuple[int, ...], fractions: np.ndarray) -> None:
+        """One line per slice: for each pool label, the share of fitted pixels with a positive fraction
+        and the median fraction there (``fractions`` ``[K, rows, cols]``, NaN where not fitted)."""
+        fitted = np.isfinite(fractions[0])
+        if not np.any(fitted):
+            self.log.info("slice %d: blood spill-over pools %s, no pixel fitted", slice_index, pools)
+            return
+        self.log.info("slice %d: blood spill-over %s", slice_index, "; ".join(
+            f"pool label {label}: {100 * np.mean(f[fitted] > 0):.0f} % of the pixels, median fraction there "
+            f"{float(np.median(f[f > 0])) if np.any(f > 0) else 0.0:.4f}" for label, f in zip(pools, fractions)))
 
 
 def _table_settings(settings: FlowMapSettings) -> BtexSettings:
@@ -572,15 +599,6 @@ def _btex_settings(settings: FlowMapSettings) -> BtexSettings:
     """The whole BTEX fit of flow-map: grid, priors and global search."""
     return _table_settings(settings).model_copy(update={"coarse_stride": settings.coarse_stride,
                                                         "n_starts": settings.n_starts})
-
-
-def spillover_reach(labels: np.ndarray, pools: tuple[int, ...], reach_px: float) -> np.ndarray | None:
-    """Bool ``[K, rows, cols]``: pixels within ``reach_px`` (Euclidean, px) of each pool's label, or None
-    (``reach_px = 0``: every pixel)."""
-    if reach_px <= 0:
-        return None
-    labels = np.asarray(labels)
-    return np.stack([ndi.distance_transform_edt(labels != pool) <= reach_px for pool in pools])
 
 
 def _plasma_on(time_s: np.ndarray, aif: AifCurve) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -379,10 +380,10 @@ def test_sampled_table_delay_nodes_are_the_fine_step():
         assert np.isclose(settings.delay_step_s, step) and settings.coarse_stride[4] == stride
 
 
-def test_rv_spillover_setting_takes_the_rv_blood_out_of_the_septum():
-    # a 12 x 12 slice: RV blood (rows 0-3, its bolus 3 s before the LV's), myocardium (rows 4-7, BTEX at
-    # rest, Fp 1.0; rows 4-5 hold 3 % RV blood as the septum next to a blurred RV does), LV blood (rows 8-11)
-    (aif,) = list(AifExtract().process(iter([_aif_series()])))
+def _septal_slice(rv_label: int = 3) -> tuple[SliceSeries, SliceSegmentation]:
+    """A 12 x 12 slice: RV blood (rows 0-3, its bolus 3 s before the LV's, labelled ``rv_label``),
+    myocardium (rows 4-7, BTEX at rest, Fp 1.0; rows 4-5 hold 3 % RV blood as the septum next to a
+    blurred RV does), LV blood (rows 8-11)."""
     time_s = DT * np.arange(N)
     plasma = _blood(time_s) / (1 - 0.42)
     plasma[time_s < 8.0] = 0.0
@@ -394,18 +395,63 @@ def test_rv_spillover_setting_takes_the_rv_blood_out_of_the_septum():
     gd[:, 4:6] += 0.03 * _blood(time_s + 3.0)[:, None, None]
     gd[:, 8:] = _blood(time_s)[:, None, None]
     labels = np.zeros((12, 12), dtype=np.uint8)
-    labels[:4], labels[4:8], labels[8:] = 3, 2, 1
+    labels[:4], labels[4:8], labels[8:] = rv_label, 2, 1
     series = SliceSeries(slice_index=0, data=gd.astype(np.float32), time_s=time_s, units="gd_mmol_l",
                          n_pd_frames=0, geometry=GEOMETRY)
-    segmentation = SliceSegmentation(slice_index=0, labels=labels, rv_insertion_deg=120.0, lv_center_rc=(10.0, 6.0))
+    return series, SliceSegmentation(slice_index=0, labels=labels, rv_insertion_deg=120.0, lv_center_rc=(10.0, 6.0))
+
+
+def _flow_maps(settings: FlowMapSettings, *items: Any) -> FlowMaps:
+    (maps,) = [item for item in FlowMap(settings).process(iter(items)) if isinstance(item, FlowMaps)]
+    return maps
+
+
+def test_rv_spillover_setting_takes_the_rv_blood_out_of_the_septum(caplog):
+    (aif,) = list(AifExtract().process(iter([_aif_series()])))
+    series, segmentation = _septal_slice()
 
     def septal_and_far(settings: FlowMapSettings) -> tuple[float, float]:
-        outputs = list(FlowMap(settings).process(iter([aif, series, segmentation])))
-        (maps,) = [item for item in outputs if isinstance(item, FlowMaps)]
+        maps = _flow_maps(settings, aif, series, segmentation)
         return float(np.median(maps.mbf_ml_min_g[4:6])), float(np.median(maps.mbf_ml_min_g[6:8]))
 
     septal, far = septal_and_far(FlowMapSettings())
     assert septal > 1.2 and abs(far - 1.0) < 0.08
-    septal, far_with = septal_and_far(FlowMapSettings(spillover_labels=(3,), spillover_reach_px=3.5))
+    with caplog.at_level(logging.INFO):
+        septal, far_with = septal_and_far(FlowMapSettings(spillover_labels=(3,), spillover_reach_px=3.5))
+    assert "blood spill-over pool label 3: " in caplog.text  # the label, not the regressor's index
     assert abs(septal - 1.0) < 0.08
     assert abs(far_with - far) < 0.01
+
+
+@pytest.mark.parametrize("update", [
+    dict(model="fermi"), dict(use_segmentation=False), dict(spillover_labels=(2,)),
+], ids=["fermi", "no-segmentation", "myocardium-label"])
+def test_spillover_settings_that_would_be_ignored_or_use_the_myocardium_are_rejected(update):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="need model 'btex' and use_segmentation" if "spillover_labels"
+                       not in update else "Input should be 1 or 3"):
+        FlowMapSettings(**{"spillover_labels": (3,), **update})
+    assert FlowMapSettings(spillover_labels=(1, 3)).spillover_labels == (1, 3)
+    FlowMapSettings(**{k: v for k, v in update.items() if k != "spillover_labels"})  # valid without spill-over
+
+
+def test_spillover_labels_of_another_shape_than_the_slice_are_an_error():
+    (aif,) = list(AifExtract().process(iter([_aif_series()])))
+    series, segmentation = _septal_slice()
+    small = SliceSegmentation(slice_index=0, labels=segmentation.labels[:10, :10], rv_insertion_deg=120.0,
+                              lv_center_rc=(8.0, 6.0))
+    with pytest.raises(GadgetError, match=r"flow-map, slice 0: labels \(10, 10\) differ from the image \(12, 12\)"):
+        _flow_maps(FlowMapSettings(spillover_labels=(3,)), aif, series, small)
+
+
+def test_slice_without_the_rv_label_is_logged_and_fitted_without_spillover(caplog):
+    (aif,) = list(AifExtract().process(iter([_aif_series()])))
+    series, segmentation = _septal_slice(rv_label=0)
+    plain = _flow_maps(FlowMapSettings(), aif, series, segmentation)
+    with caplog.at_level(logging.INFO):
+        with_setting = _flow_maps(FlowMapSettings(spillover_labels=(3,), spillover_reach_px=3.5), aif, series,
+                                  segmentation)
+    assert "spill-over pools () of (3,)" in caplog.text
+    for name in ("mbf_ml_min_g", "ps_ml_min_g", "vp", "visf", "delay_s", "fit_rmse_mmol_l"):
+        np.testing.assert_array_equal(getattr(with_setting, name), getattr(plain, name), err_msg=name)
