@@ -241,6 +241,9 @@ class GdConversionSettings(GadgetSettings):
 
     myocardium_gd_max_mmol_l: float = Field(10.0, gt=0.0, le=100.0, description="myocardial table range")
     aif_gd_max_mmol_l: float = Field(40.0, gt=0.0, le=200.0, description="AIF (blood) table range")
+    myocardium_continue_below_zero: bool = Field(
+        False, description="myocardial series: ratios under the native ratio give Gd < 0 (table continued "
+                           "linearly) instead of 0, so pre-bolus noise is not rectified; air stays 0")
 
 
 @register_gadget
@@ -266,7 +269,8 @@ class GdConversion(PureGadget):
                                                gd_max_mmol_l=self.settings.aif_gd_max_mmol_l)
             else:
                 gd = gd_conversion.ratio_to_gd(item.data, sequence, tissue="myocardium",
-                                               gd_max_mmol_l=self.settings.myocardium_gd_max_mmol_l)
+                                               gd_max_mmol_l=self.settings.myocardium_gd_max_mmol_l,
+                                               continue_below_zero=self.settings.myocardium_continue_below_zero)
         except (gd_conversion.HeaderError, ValueError) as error:
             raise GadgetError(f"{_label(item)}: {error}") from error
         return dataclasses.replace(item, data=gd, units="gd_mmol_l", stages=item.stages + ("gd",))

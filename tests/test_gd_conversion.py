@@ -108,3 +108,30 @@ def test_continued_table_is_the_table_above_zero_and_keeps_baseline_noise_zero_m
     clipped = table.to_gd(native + noise)
     assert abs(continued.mean()) < 5e-4
     assert clipped.mean() > 0.01
+
+
+def test_myocardial_gd_continued_below_zero_takes_the_rectification_out_of_noisy_tissue_curves() -> None:
+    """A noisy motion-free simulated slice (1.5 T, low SNR) through the chain's PD map and the
+    myocardial table: the clipped table rectifies the pre-bolus noise (positive pre-bolus Gd) and,
+    baseline-subtracted, reads the enhancement low (slope on the truth < 1); continued below 0 the
+    pre-bolus mean is about 0 and the slope closer to 1. Air (ratio 0) stays 0 mmol/L."""
+    study = st.sample_study(3, kind="rest", field_strength_t=1.5, n_slices=1, n_frames=40)
+    slice_ = image_slice(study, 0, noise=True, motion=False)
+    truth_phantom = st.slice_phantom(study, 0)
+    n_pd = study.n_pd_frames
+    sr, pd = slice_.signal[n_pd:], slice_.signal[:n_pd].mean(axis=0)
+    ratio = normalize_by_pd(sr, coil_map_from_pd(pd, box_size_px=5, guide=sr.mean(axis=0), guide_tolerance=0.05))
+    core = ndimage.binary_erosion(slice_.labels == 2, iterations=1)
+    truth = truth_phantom.gd[n_pd:][:, core].astype(np.float64)
+    pre = int(np.argmax(truth.mean(axis=1) > 1e-3))
+    assert pre >= 3
+    results = {}
+    for continued in (False, True):
+        gd = myocardial_gd(ratio, study.myocardial_sequence, continue_below_zero=continued)[:, core].astype(np.float64)
+        y, x = gd - gd[:pre].mean(axis=0), truth - truth[:pre].mean(axis=0)
+        results[continued] = (float(gd[:pre].mean()), float((y * x).sum() / (x * x).sum()))
+    assert results[False][0] > 0.01
+    assert abs(results[True][0]) < 0.5 * results[False][0]
+    assert abs(results[True][1] - 1.0) < abs(results[False][1] - 1.0) - 0.01
+    air = myocardial_gd(np.zeros((2, 3)), study.myocardial_sequence, continue_below_zero=True)
+    np.testing.assert_array_equal(air, 0.0)

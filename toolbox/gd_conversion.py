@@ -126,8 +126,15 @@ def lookup_table(sequence: SequenceParameters, tissue: str, gd_max_mmol_l: float
 
 
 def ratio_to_gd(ratio: np.ndarray, sequence: SequenceParameters, *, tissue: str = "myocardium",
-                gd_max_mmol_l: float = MYOCARDIUM_GD_MAX_MMOL_L) -> np.ndarray:
+                gd_max_mmol_l: float = MYOCARDIUM_GD_MAX_MMOL_L, continue_below_zero: bool = False) -> np.ndarray:
     """Gd (mmol/L) of every SR/PD ratio (any shape, float32 out), clipped to [0, gd_max].
+
+    With ``continue_below_zero`` ratios under the native (Gd = 0) ratio map linearly below 0 mmol/L
+    (:func:`ratio_to_gd_continued_below_zero`) instead of clipping to 0, so the noise of pre-bolus
+    frames stays zero-mean (the clipped table rectifies it: a positive pre-bolus Gd that a baseline
+    subtraction then takes off the whole curve, a per-study scale below 1 at low SNR;
+    docs/preprocessing.md "Per-study Gd scale of the tissue curves"); a ratio of exactly 0 (air, set
+    by ``surface-coil-correction``) stays 0 mmol/L.
 
     Raises:
         ValueError: if ``ratio`` contains non-finite values.
@@ -140,6 +147,8 @@ def ratio_to_gd(ratio: np.ndarray, sequence: SequenceParameters, *, tissue: str 
     if above > 0.01:
         logger.warning("%.1f %% of SR/PD ratios exceed the %s table (clipped at %.0f mmol/L)",
                        100 * above, tissue, gd_max_mmol_l)
+    if continue_below_zero:
+        return np.where(ratio == 0, 0.0, ratio_to_gd_continued_below_zero(ratio, table)).astype(np.float32)
     return table.to_gd(ratio).astype(np.float32)
 
 
@@ -168,9 +177,11 @@ def ratio_to_gd_continued_below_zero(ratio: np.ndarray | float, table: GdLookupT
     return np.where(values < native, (values - native) / slope, table.to_gd(values))
 
 
-def myocardial_gd(ratio: np.ndarray, sequence: SequenceParameters) -> np.ndarray:
-    """Myocardial series SR/PD -> Gd with the myocardium table (0-10 mmol/L)."""
-    return ratio_to_gd(ratio, sequence, tissue="myocardium", gd_max_mmol_l=MYOCARDIUM_GD_MAX_MMOL_L)
+def myocardial_gd(ratio: np.ndarray, sequence: SequenceParameters, *, continue_below_zero: bool = False) -> np.ndarray:
+    """Myocardial series SR/PD -> Gd with the myocardium table (0-10 mmol/L; ``continue_below_zero``:
+    see :func:`ratio_to_gd`)."""
+    return ratio_to_gd(ratio, sequence, tissue="myocardium", gd_max_mmol_l=MYOCARDIUM_GD_MAX_MMOL_L,
+                       continue_below_zero=continue_below_zero)
 
 
 def aif_gd(ratio: np.ndarray, sequence: SequenceParameters) -> np.ndarray:
