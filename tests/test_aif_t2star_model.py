@@ -84,6 +84,25 @@ def test_flat_regressor_gives_the_weighted_mean_rate() -> None:
     np.testing.assert_allclose(fitted, 40.0, rtol=1e-4)
 
 
+def test_model_smooths_its_own_gd_regressor_once_with_the_rates_kernel() -> None:
+    # uniform PD frames and a linear ratio -> Gd map: the model's first-fit regressor is then exactly the
+    # box-smoothed raw Gd, which r2star_linear_in_gd_per_s smooths once with the echoes' kernel; smoothing
+    # it again (a wider kernel than the rates') would not match
+    rng = np.random.default_rng(11)
+    n_time, shape = 24, (12, 12)
+    gd = np.zeros((n_time, *shape))
+    gd[N_PD:] = rng.uniform(0.0, 6.0, (n_time - N_PD, *shape))  # spatially rough: the kernel matters
+    echo1 = 100.0 * (1.0 - 0.1 * gd)
+    echo2 = echo1 * np.exp(-(30.0 + 15.0 * gd) * 1e-3) * rng.normal(1.0, 0.01, gd.shape)
+
+    def ratio_to_gd(ratio: np.ndarray) -> np.ndarray:
+        return (1.0 - ratio) / 0.1
+
+    corrected = t2star_correct_gd_model(echo1, echo2, 1.0, 2.0, N_PD, ratio_to_gd, smoothing_px=3, iterations=1)
+    rate = r2star_linear_in_gd_per_s(echo1, echo2, 1.0, 2.0, gd, smoothing_px=3).astype(np.float64)
+    np.testing.assert_allclose(corrected, echo1 * np.exp(rate * 1e-3), rtol=2e-6)
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     (dict(echo2=np.ones((4, 2, 3))), "one shape"),
     (dict(gd_mmol_l=np.ones(5)), "regressor"),

@@ -42,18 +42,8 @@ def r2star_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te2_ms: fl
     Returns:
         float32 R2* in 1/s, 0 where the ratio is undefined or S2 >= S1 (no measurable decay).
     """
-    echo1 = np.asarray(echo1, dtype=np.float64)
-    echo2 = np.asarray(echo2, dtype=np.float64)
-    if echo1.shape != echo2.shape:
-        raise EchoError(f"echo images differ in shape: echo 1 {echo1.shape}, echo 2 {echo2.shape}")
-    if not (np.isfinite(te1_ms) and np.isfinite(te2_ms) and 0 <= te1_ms < te2_ms):
-        raise EchoError(f"need finite echo times 0 <= TE1 < TE2, found TE1 {te1_ms} ms, TE2 {te2_ms} ms")
-    if not (np.all(np.isfinite(echo1)) and np.all(np.isfinite(echo2))):
-        raise EchoError("echo images contain non-finite values")
-    if smoothing_px > 1:
-        size = (1,) * (echo1.ndim - 2) + (smoothing_px, smoothing_px)
-        echo1 = ndimage.uniform_filter(echo1, size=size, mode="nearest")
-        echo2 = ndimage.uniform_filter(echo2, size=size, mode="nearest")
+    echo1, echo2 = _checked_echoes(echo1, echo2, te1_ms, te2_ms, series=False)
+    echo1, echo2 = _box(echo1, smoothing_px), _box(echo2, smoothing_px)
     valid = (echo2 > 0) & (echo1 > echo2)
     rate = np.zeros(echo1.shape, dtype=np.float64)
     rate[valid] = np.log(echo1[valid] / echo2[valid]) / ((te2_ms - te1_ms) * 1e-3)
@@ -99,7 +89,8 @@ def r2star_linear_in_gd_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: floa
             estimate of each frame's Gd in mmol/L (0 for the PD frames and before the bolus). Its
             scale does not matter (the slope absorbs it), only that R2* is linear in it.
         smoothing_px: box average of both echoes (and of the regressor) over this many pixels in
-            the last two axes before the ratio, as in :func:`r2star_per_s`.
+            the last two axes before the ratio, as in :func:`r2star_per_s` (pass an unsmoothed
+            regressor: it gets the same kernel as the rates).
         max_r2star_per_s: the fitted rate is clipped to [0, max_r2star_per_s].
 
     Returns:
@@ -109,7 +100,7 @@ def r2star_linear_in_gd_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: floa
     Raises:
         EchoError: shapes or echo times that cannot be used, non-finite values.
     """
-    echo1, echo2 = _checked_echo_series(echo1, echo2, te1_ms, te2_ms)
+    echo1, echo2 = _checked_echoes(echo1, echo2, te1_ms, te2_ms)
     regressor = np.asarray(gd_mmol_l, dtype=np.float64)
     if regressor.ndim == 1 and regressor.shape[0] == echo1.shape[0]:
         regressor = np.broadcast_to(regressor[:, None, None], echo1.shape)
@@ -128,13 +119,13 @@ def t2star_correct_gd_model(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
                             max_r2star_per_s: float = 2000.0) -> np.ndarray:
     """Echo 1 extrapolated to TE = 0 with the fitted R2* of :func:`r2star_linear_in_gd_per_s`.
 
-    The Gd regressor comes from the series itself: echo 1 (box-smoothed) corrected with the
-    current R2* estimate, divided by each pixel's mean PD frame (the SR/PD ratio), through
-    ``ratio_to_gd`` (e.g. the blood table continued below Gd = 0, so noise stays zero-mean); PD
-    frames are Gd 0. The first fit starts from the uncorrected echo 1 (its Gd reads ~10 % low at
-    the peak but still rises monotonically with the truth); each further iteration re-estimates
-    Gd with the corrected signal and refits (on simulated studies one fit and two agree within
-    0.3 % of the AIF's area: docs/preprocessing.md).
+    The Gd regressor comes from the series itself: echo 1 (box-smoothed with the rates' kernel,
+    and not smoothed again) corrected with the current R2* estimate, divided by each pixel's mean
+    PD frame (the SR/PD ratio), through ``ratio_to_gd`` (e.g. the blood table continued below
+    Gd = 0, so noise stays zero-mean); PD frames are Gd 0. The first fit starts from the
+    uncorrected echo 1 (its Gd reads ~10 % low at the peak but still rises monotonically with the
+    truth); each further iteration re-estimates Gd with the corrected signal and refits (on
+    simulated studies one fit and two agree within 0.3 % of the AIF's area: docs/preprocessing.md).
 
     Args:
         echo1, echo2: float magnitude series [time, rows, cols], PD frames first.
@@ -150,7 +141,7 @@ def t2star_correct_gd_model(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
     Raises:
         EchoError: echoes or echo times that cannot be used, or no PD / no SR frames.
     """
-    echo1, echo2 = _checked_echo_series(echo1, echo2, te1_ms, te2_ms)
+    echo1, echo2 = _checked_echoes(echo1, echo2, te1_ms, te2_ms)
     if n_pd_frames < 1 or n_pd_frames >= echo1.shape[0]:
         raise EchoError(f"need 1 <= n_pd_frames < frames, found {n_pd_frames} PD frames of {echo1.shape[0]}")
     if iterations < 1:
@@ -166,18 +157,26 @@ def t2star_correct_gd_model(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
         gd[:n_pd_frames] = 0.0
         if not np.all(np.isfinite(gd)):
             raise EchoError("ratio_to_gd returned non-finite Gd")
-        fitted = np.clip(_weighted_line(rate, weight, _box(gd, smoothing_px)), 0.0, max_r2star_per_s)
+        # gd comes from the box-smoothed echo 1, so it has the rates' kernel already: smoothing it again
+        # (as r2star_linear_in_gd_per_s does once for a raw regressor) would give it a wider one
+        fitted = np.clip(_weighted_line(rate, weight, gd), 0.0, max_r2star_per_s)
     logger.debug("T2* linear-in-Gd model: factor at the series' largest R2* %.3f",
                  float(np.exp(fitted.max() * te1_ms * 1e-3)))
     return (echo1 * np.exp(fitted * (te1_ms * 1e-3))).astype(np.float32)
 
 
-def _checked_echo_series(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te2_ms: float
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def _checked_echoes(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te2_ms: float, *, series: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Both echoes as float64 after the checks shared by every estimate: one shape (``series``: a
+    [time, rows, cols] series; else any axes), finite values, finite echo times 0 <= TE1 < TE2."""
     echo1 = np.asarray(echo1, dtype=np.float64)
     echo2 = np.asarray(echo2, dtype=np.float64)
-    if echo1.ndim != 3 or echo1.shape != echo2.shape:
-        raise EchoError(f"need two echo series [time, rows, cols] of one shape, found {echo1.shape} and {echo2.shape}")
+    expected = "two echo series [time, rows, cols]" if series else "two echo images"
+    if echo1.shape != echo2.shape:
+        raise EchoError(f"need {expected} of one shape; the echo images differ in shape: echo 1 {echo1.shape}, "
+                        f"echo 2 {echo2.shape}")
+    if series and echo1.ndim != 3:
+        raise EchoError(f"need {expected} of one shape, found shape {echo1.shape}")
     if not (np.isfinite(te1_ms) and np.isfinite(te2_ms) and 0 <= te1_ms < te2_ms):
         raise EchoError(f"need finite echo times 0 <= TE1 < TE2, found TE1 {te1_ms} ms, TE2 {te2_ms} ms")
     if not (np.all(np.isfinite(echo1)) and np.all(np.isfinite(echo2))):
@@ -186,15 +185,23 @@ def _checked_echo_series(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te
 
 
 def _box(series: np.ndarray, size_px: int) -> np.ndarray:
-    """Box average over the last two axes of a [time, rows, cols] series (``size_px`` <= 1: as is)."""
+    """Box average over the last two axes (rows, cols) of an image or series, e.g. [time, rows, cols],
+    edges by the nearest value (``size_px`` <= 1: as is, float64)."""
+    series = np.asarray(series, dtype=np.float64)
     if size_px <= 1:
-        return np.asarray(series, dtype=np.float64)
-    return ndimage.uniform_filter(np.asarray(series, dtype=np.float64), size=(1, size_px, size_px), mode="nearest")
+        return series
+    size = (1,) * (series.ndim - 2) + (size_px, size_px)
+    return ndimage.uniform_filter(series, size=size, mode="nearest")
 
 
 def _log_ratio_rate_and_weight(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te2_ms: float
                                ) -> tuple[np.ndarray, np.ndarray]:
-    """Unclipped two-echo rate ln(S1/S2)/(TE2-TE1) (1/s) and its inverse-variance weight (0 where S <= 0)."""
+    """Unclipped two-echo rate ln(S1/S2)/(TE2-TE1) (1/s) and its inverse-variance weight (0 where S <= 0).
+
+    The weights are computed from the same noisy signals as the rates (the true S1, S2 are unknown), so
+    frames whose noise happens to raise the signal count a little more: a small second-order bias of the
+    weighted line, well below the first-order bias of exp(TE1 R2*) of clipped per-frame rates.
+    """
     usable = (echo1 > 0) & (echo2 > 0)
     safe1 = np.where(usable, echo1, 1.0)
     safe2 = np.where(usable, echo2, 1.0)
