@@ -99,23 +99,29 @@ OPEN_RING_SLICES = ((2 ** 30 + 3005, 1, "rest", 1.5), (2 ** 30 + 3007, 0, "rest"
                     (2 ** 30 + 3012, 1, "stress", 1.5), (2 ** 30 + 3013, 1, "rest", 1.5))
 
 
+
+def _tight_crop(seed: int, number: int, kind: str, field: float):
+    """Slice ``number`` of a held-out phantom study as a 40 x 37 QPerf-format crop at a true 1.5 mm
+    (the heart fills the crop), offset from the LV centre by a seeded +-3 px."""
+    from perfline.models.real_data import QPERF_FRAMES
+    from perfline.simulator import simulate_image_study
+
+    slice_ = simulate_image_study(seed, kind=kind, field_strength_t=field)[number]
+    offset = np.random.default_rng([seed, number]).uniform(-3, 3, 2)
+    return qperf_format(slice_.gd, slice_.time_s[slice_.n_pd_frames:], slice_.labels,
+                        slice_.pixel_spacing_mm, slice_.lv_center_rc, matrix=(40, 37),
+                        spacing_mm=1.5, n_frames=QPERF_FRAMES[kind], offset_rc=tuple(offset))
+
 def test_shipped_model_closes_open_rings_of_tight_phantom_crops():
     from perfline.models.data import resample_frames_to_interval
     from perfline.models.inference import Segmenter
-    from perfline.models.real_data import QPERF_FRAMES
     from perfline.models.weights import default_model
-    from perfline.simulator import simulate_image_study
 
     segmenter = Segmenter(default_model("gd"), runtime="onnxruntime")  # fp32 on every CPU
     assert segmenter.close_ring  # shipped default
     closed_without, closed_with, dice_gain = 0, 0, []
     for seed, number, kind, field in OPEN_RING_SLICES:
-        slice_ = simulate_image_study(seed, kind=kind, field_strength_t=field)[number]
-        offset = np.random.default_rng([seed, number]).uniform(-3, 3, 2)
-        formatted = qperf_format(slice_.gd, slice_.time_s[slice_.n_pd_frames:], slice_.labels,
-                                 slice_.pixel_spacing_mm, slice_.lv_center_rc, matrix=(40, 37),
-                                 spacing_mm=1.5, n_frames=QPERF_FRAMES[kind],
-                                 offset_rc=tuple(offset))
+        formatted = _tight_crop(seed, number, kind, field)
         assert is_closed_ring(formatted.labels)
         result = segmenter.segment(resample_frames_to_interval(formatted.series, 0.5), 1.9)
         without = postprocess(result.probabilities)
@@ -162,22 +168,15 @@ COMPLETED_RING_SLICES = ((2 ** 30 + 3001, 0, "rest", 1.5), (2 ** 30 + 3118, 0, "
 def test_shipped_segmenter_completes_open_rings_from_the_image():
     from perfline.models.data import resample_frames_to_interval
     from perfline.models.inference import Segmenter
-    from perfline.models.real_data import QPERF_FRAMES
     from perfline.models.weights import default_model
     from perfline.models.inference import COMPLETE_RING
-    from perfline.simulator import simulate_image_study
 
     # completion is off by default since the session-7 review (models/inference.py); switched on here
     assert not COMPLETE_RING
     segmenter = Segmenter(default_model("gd"), runtime="onnxruntime", complete_ring=True)  # fp32 on every CPU
     assert segmenter.close_ring and segmenter.complete_ring
     for seed, number, kind, field in COMPLETED_RING_SLICES:
-        slice_ = simulate_image_study(seed, kind=kind, field_strength_t=field)[number]
-        offset = np.random.default_rng([seed, number]).uniform(-3, 3, 2)
-        formatted = qperf_format(slice_.gd, slice_.time_s[slice_.n_pd_frames:], slice_.labels,
-                                 slice_.pixel_spacing_mm, slice_.lv_center_rc, matrix=(40, 37),
-                                 spacing_mm=1.5, n_frames=QPERF_FRAMES[kind],
-                                 offset_rc=tuple(offset))
+        formatted = _tight_crop(seed, number, kind, field)
         result = segmenter.segment(resample_frames_to_interval(formatted.series, 0.5), 1.9)
         closed_only = postprocess(result.probabilities, close_ring=True)
         assert result.closed_ring and not closed_only.closed_ring
