@@ -148,10 +148,17 @@ def pd_to_sr_translation(pd_image: np.ndarray, sr_frames: np.ndarray, *, window_
         raise ProtonDensityError(f"image of {pd_image.shape} pixels too small for a heart window of sigma "
                                  f"{window_px} px (needs 5 sigma per axis)")
     centre = locate_heart(sr_frames, heart_prior_px)
-    rows, cols = np.indices(pd_image.shape, dtype=np.float32)
-    window = np.exp(-0.5 * ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / window_px**2)
-    shift = contrast_invariant_translation(pd_image[None], np.median(sr_frames, axis=0), window,
-                                           max_shift_px=max_shift_px)[0]
+    # only a box of 6 sigma around the heart (the window is 0.011 at its border): the temporal
+    # median of the whole frames was 3/4 of the cost
+    n_rows, n_cols = pd_image.shape
+    box_rows, box_cols = (min(n, 2 * int(round(3 * window_px))) for n in (n_rows, n_cols))
+    top = int(np.clip(round(centre[0]) - box_rows // 2, 0, n_rows - box_rows))
+    left = int(np.clip(round(centre[1]) - box_cols // 2, 0, n_cols - box_cols))
+    box = (slice(top, top + box_rows), slice(left, left + box_cols))
+    rows, cols = np.indices((box_rows, box_cols), dtype=np.float32)
+    window = np.exp(-0.5 * ((rows - (centre[0] - top)) ** 2 + (cols - (centre[1] - left)) ** 2) / window_px**2)
+    shift = contrast_invariant_translation(pd_image[box][None], np.median(sr_frames[(slice(None),) + box], axis=0),
+                                           window, max_shift_px=max_shift_px)[0]
     logger.debug("PD frames vs SR frames: heart at (%.0f, %.0f) px, shift (%.2f, %.2f) px", centre[0], centre[1],
                  shift[0], shift[1])
     return shift
