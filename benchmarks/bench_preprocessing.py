@@ -3,9 +3,11 @@
 Prints (no assertions): per-stage times of the whole preprocessing of a 3-slice, 60-frame,
 16-coil R=3 study, the recon NRMSE, the residual motion after motion correction, the Gd
 accuracy at 1.5 and 3 T, the AIF peak error with and without T2* correction and the resampling
-error on analytic curves. Numbers go to docs/preprocessing.md.
+error on analytic curves, and the per-study Gd scale that PD frames left off the SR frames by motion
+correction give (``--sections pd-scale``). Numbers go to docs/preprocessing.md.
 
     python benchmarks/bench_preprocessing.py [--seed 11] [--repeats 3] [--cache /tmp/perfline-bench]
+    python benchmarks/bench_preprocessing.py --sections pd-scale [--pd-seeds 1073741824 ...]
 """
 
 from __future__ import annotations
@@ -36,17 +38,19 @@ from perfline.gadgets.perfusion_recon import PerfusionRecon, PerfusionReconSetti
 from perfline.server.client import dataset_items
 from perfline.simulator import mrd, truth
 from perfline.simulator import study as st
-from perfline.simulator.image_study import image_slice
+from perfline.simulator.image_study import coil_shading, image_slice
 from perfline.simulator.motion import warp
-from perfline.toolbox.gd_conversion import myocardial_gd
+from perfline.toolbox.gd_conversion import lookup_table, myocardial_gd
 from perfline.toolbox.fft import centered_fft
 from perfline.toolbox.interleaved_recon import reconstruct_compact
 from perfline.toolbox.motion_correction import motion_correct_series
 from perfline.toolbox.resample import resample_to_uniform
+from perfline.toolbox import surface_coil
+from perfline.toolbox.motion_correction import contrast_invariant_translation
 from perfline.toolbox.surface_coil import coil_map_from_pd, normalize_by_pd
 
 
-SECTIONS = ("timing", "recon", "chain-gd", "motion", "motion-real", "gd", "aif", "resample")
+SECTIONS = ("timing", "recon", "chain-gd", "motion", "motion-real", "gd", "aif", "resample", "pd-scale")
 DAUGS = Path("/work/shared/data/daugs/images")
 
 
@@ -313,6 +317,57 @@ def resampling_accuracy() -> str:
     return f"  linear curves, irregular stamps + 3 missed triggers: max error {error:.2e}"
 
 
+def pd_scale(seeds: list[int]) -> list[str]:
+    """Per-scan Gd scale of the myocardial core after motion correction, PD map as the chain makes
+    it (PD frames as moco leaves them) / with the PD image aligned (surface-coil-correction
+    ``align_pd``) / with the motion-free phantom's PD moved to where the SR frames sit (oracle).
+
+    Noise-free image-domain series with breathing (``image_slice(noise=False)``), the chain's
+    ``motion_correct_series``; truth and core (true myocardium eroded 1 px) moved to where the
+    corrected SR frames sit, measured against the motion-free phantom by edge direction (same
+    contrast); scale = slope of the baseline-subtracted core Gd on the truth's, 3 slices pooled.
+    """
+    lines = [" scan (field, breathing): scale plain / align_pd / oracle PD; PD-vs-SR shift per slice (px)"]
+    for seed in seeds:
+        for kind in ("stress", "rest"):
+            study = st.sample_study(seed, kind=kind)
+            table = lookup_table(study.myocardial_sequence, "myocardium", 10.0)
+            shading = coil_shading(study)
+            n_pd = study.n_pd_frames
+            pooled: dict[str, tuple[list, list]] = {name: ([], []) for name in ("plain", "align", "oracle")}
+            shifts = []
+            for index in range(study.n_slices):
+                phantom = st.slice_phantom(study, index)
+                static = phantom.clean.astype(np.float64) * shading[None]
+                moving = image_slice(study, index, noise=False, motion=True, shading=shading)
+                corrected = motion_correct_series(moving.signal, n_pd_frames=n_pd).corrected.astype(np.float64)
+                sr, pd = corrected[n_pd:], corrected[:n_pd].mean(axis=0)
+                rows, cols = np.indices(pd.shape)
+                centre = phantom.anatomy.lv_center_rc
+                window = np.exp(-0.5 * ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / 15.0**2).astype(np.float32)
+                where = contrast_invariant_translation(static[n_pd:].mean(axis=0)[None], sr.mean(axis=0), window)[0]
+                truth = np.stack([surface_coil.translate_image(g, where) for g in phantom.gd[n_pd:]]).astype(np.float64)
+                label = surface_coil.translate_image((phantom.anatomy.labels == 2).astype(np.float32), where)
+                core = ndimage.binary_erosion(label > 0.5, iterations=1)
+                pre = max(int(np.argmax(truth[:, core].mean(axis=1) > 1e-3)), 2)
+                shift = surface_coil.pd_to_sr_translation(pd, sr)
+                shifts.append(float(np.hypot(*shift)))
+                for name, image in (("plain", pd), ("align", surface_coil.translate_image(pd, shift)),
+                                    ("oracle", surface_coil.translate_image(static[:n_pd].mean(axis=0), where))):
+                    pd_map = coil_map_from_pd(image, box_size_px=5, guide=sr.mean(axis=0), guide_tolerance=0.05)
+                    gd = table.to_gd(sr / pd_map)[:, core]
+                    pooled[name][0].append((gd - gd[:pre].mean(axis=0)).ravel())
+                    pooled[name][1].append((truth[:, core] - truth[:pre][:, core].mean(axis=0)).ravel())
+            scales = []
+            for name in ("plain", "align", "oracle"):
+                y, x = np.concatenate(pooled[name][0]), np.concatenate(pooled[name][1])
+                scales.append(float(y @ x / (x @ x)))
+            lines.append(f"  {seed} {kind:6s} ({study.field_strength_t} T, {study.breathing.amplitude_mm:.1f} mm): "
+                         f"{scales[0]:.3f} / {scales[1]:.3f} / {scales[2]:.3f}; shifts "
+                         + " ".join(f"{v:.2f}" for v in shifts))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=11)
@@ -328,6 +383,8 @@ def main() -> None:
                         default=[3, 11, 13, 7, 52, 131, 141, 154, 156, 162, 166, 179, 192,
                                  201, 213, 227, 239, 248, 255, 266, 272,
                                  301, 303, 311, 313, 314, 321, 324, 330])
+    parser.add_argument("--pd-seeds", type=int, nargs="*", default=list(range(2**30, 2**30 + 8)),
+                        help="pd-scale: study seeds (stress and rest of each; default the MBF reference studies)")
     parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS,
                         help="what to measure (default: all)")
     args = parser.parse_args()
@@ -377,6 +434,10 @@ def main() -> None:
     if "resample" in args.sections:
         print("temporal resampling:")
         print(resampling_accuracy())
+    if "pd-scale" in args.sections:
+        print(f"myocardial Gd scale after motion correction, PD frames as left / aligned / oracle; load average "
+              f"{os.getloadavg()[0]:.1f}:")
+        print("\n".join(pd_scale(args.pd_seeds)))
 
 
 def _print_recon(study: st.StudyParameters, header_xml: str, acquisitions: list) -> None:
