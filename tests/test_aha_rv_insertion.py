@@ -174,14 +174,19 @@ def enhancement_series(labels: np.ndarray, peaks: dict[int, float], n_frames: in
     return bolus[:, None, None] * scale[None]
 
 
+
+def anterior_epicardial_band(labels: np.ndarray) -> np.ndarray:
+    """bool [rows, cols]: a 2.5-pixel band outside the epicardium at 70-121 deg, in the background."""
+    rows, cols = np.indices(SHAPE)
+    radius = np.hypot(rows - CENTER[0], cols - CENTER[1])
+    angle = np.degrees(np.arctan2(-(rows - CENTER[0]), cols - CENTER[1])) % 360
+    return (angle >= 70.0) & (angle < 121.0) & (radius >= EPI) & (radius < EPI + 2.5) & (labels == 0)
+
 def test_non_enhancing_band_merged_into_the_rv_is_dropped():
     # fresh study 2**30 + 107: a thin band along the anterior epicardium, 8 % of the RV's
     # enhancement, merged into the RV mask moved the insertion by 25-41 degrees
     labels = heart_labels(120.0, 240.0)
-    rows, cols = np.indices(SHAPE)
-    radius = np.hypot(rows - CENTER[0], cols - CENTER[1])
-    angle = np.degrees(np.arctan2(-(rows - CENTER[0]), cols - CENTER[1])) % 360
-    band = (angle >= 70.0) & (angle < 121.0) & (radius >= EPI) & (radius < EPI + 2.5) & (labels == 0)
+    band = anterior_epicardial_band(labels)
     series = enhancement_series(np.where(band, 9, labels), {1: 4.0, 2: 0.6, 3: 5.0, 9: 0.4})
     merged = labels.copy()
     merged[band] = 3
@@ -303,10 +308,7 @@ def test_refine_rv_mask_does_not_grow_back_a_trimmed_weakly_enhancing_band():
     from perfline.toolbox.rv_insertion import angle_difference_deg, refine_rv_mask
 
     labels = heart_labels(120.0, 240.0)
-    rows, cols = np.indices(SHAPE)
-    radius = np.hypot(rows - CENTER[0], cols - CENTER[1])
-    angle = np.degrees(np.arctan2(-(rows - CENTER[0]), cols - CENTER[1])) % 360
-    band = (angle >= 70.0) & (angle < 121.0) & (radius >= EPI) & (radius < EPI + 2.5) & (labels == 0)
+    band = anterior_epicardial_band(labels)
     truth = rv_insertion_deg(labels, CENTER)
     for fraction in (0.08, 0.18, 0.22):  # under the trim's 25 %, above the growth's 15 % for two
         series = enhancement_series(np.where(band, 9, labels), {1: 4.0, 2: 0.6, 3: 5.0, 9: 5.0 * fraction})
