@@ -49,8 +49,8 @@ from perfline.gadgets.perfusion_items import (
 )
 from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import (
-    AIF_SOURCE_HINT_REGION, AifError, AifSettings, aif_foot_peak, baseline_subtract, body_mask, cross_fitted_pool_curve,
-    detect_aif, magnitude_floor_corrected_curve,
+    AIF_SOURCE_HINT_REGION, AifError, AifResult, AifSettings, aif_foot_peak, baseline_subtract, body_mask,
+    cross_fitted_pool_curve, detect_aif, magnitude_floor_corrected_curve,
 )
 from perfline.toolbox.aif_partial_volume import (
     PartialVolumeWeights, partial_volume_corrected_curve, partial_volume_weights,
@@ -303,7 +303,7 @@ class AifExtract(Gadget):
                       int(chosen.chosen_on_even.sum()), int(chosen.chosen_on_odd.sum()), int(pool.sum()))
         return np.interp(time_s, acquired_s, acquired_blood), (acquired_s, acquired_blood), chosen.mask
 
-    def _partial_volume(self, series: AifSeries, ratio: np.ndarray, detected: Any) -> PartialVolumeWeights | None:
+    def _partial_volume(self, series: AifSeries, ratio: np.ndarray, detected: AifResult) -> PartialVolumeWeights | None:
         """The pool's partial-volume weights (``lv_partial_volume``), None when off or not applicable."""
         if not self.settings.lv_partial_volume:
             return None
