@@ -238,19 +238,11 @@ class AifExtract(Gadget):
             pv: PartialVolumeWeights | None = None
             if self.settings.lv_pool_selection == "cross-fitted":
                 blood, samples, mask = self._cross_fitted(series, table, ratio, time_s, detected.mask, detected.foot)
-            elif table is None:
-                pv = self._partial_volume(series, ratio, detected)
-                blood = detected.curve if pv is None else partial_volume_corrected_curve(
-                    ratio, detected.mask, pv, baseline=slice(1, detected.foot), zero_level=None)
             else:
-                zero = float(table.to_ratio(0.0))
                 pv = self._partial_volume(series, ratio, detected)
-                if pv is None:
-                    ratio_curve = magnitude_floor_corrected_curve(ratio, detected.mask, slice(1, detected.foot), zero)
-                else:
-                    ratio_curve = partial_volume_corrected_curve(ratio, detected.mask, pv,
-                                                                 baseline=slice(1, detected.foot), zero_level=zero)
-                blood = self._to_gd(table, ratio_curve)
+                zero = None if table is None else float(table.to_ratio(0.0))
+                ratio_curve = _pool_curve(ratio, detected.mask, slice(1, detected.foot), zero, pv)
+                blood = ratio_curve if table is None else self._to_gd(table, ratio_curve)
             blood = np.asarray(blood, dtype=np.float64)
             grid_s, blood = resample_to_uniform(blood, time_s, self.settings.interval_s)
             foot, peak = aif_foot_peak(blood)
@@ -342,15 +334,24 @@ class AifExtract(Gadget):
         time_s = np.asarray(series.acquired_time_s, dtype=np.float64)
         frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
         if table is None:
-            return time_s, (frames[:, mask].mean(axis=1) if pv is None else partial_volume_corrected_curve(
-                frames, mask, pv, baseline=slice(1, 2), zero_level=None))
+            return time_s, _pool_curve(frames, mask, slice(1, 2), None, pv)
         ratio = table.to_ratio(frames) if series.units == "gd_mmol_l" else frames
         # the floor's baseline frames: those acquired up to the grid curve's foot frame
         last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
-        baseline, zero = slice(1, max(last, 2)), float(table.to_ratio(0.0))
-        curve = (magnitude_floor_corrected_curve(ratio, mask, baseline, zero) if pv is None else
-                 partial_volume_corrected_curve(ratio, mask, pv, baseline=baseline, zero_level=zero))
+        curve = _pool_curve(ratio, mask, slice(1, max(last, 2)), float(table.to_ratio(0.0)), pv)
         return time_s, self._to_gd(table, curve)
+
+
+def _pool_curve(frames: np.ndarray, mask: np.ndarray, baseline: slice, zero: float | None,
+                pv: PartialVolumeWeights | None) -> np.ndarray:
+    """The pool's curve [time] of ``frames`` [time, rows, cols]: with partial-volume weights their corrected
+    curve, else the magnitude-floor-corrected mean (``zero``: the ratio at Gd = 0) or, without a table
+    (``zero`` None), the plain mean."""
+    if pv is not None:
+        return partial_volume_corrected_curve(frames, mask, pv, baseline=baseline, zero_level=zero)
+    if zero is None:
+        return np.asarray(frames, dtype=np.float64)[:, mask].mean(axis=1)
+    return magnitude_floor_corrected_curve(frames, mask, baseline, zero)
 
 
 class FlowMapSettings(GadgetSettings):
