@@ -63,10 +63,11 @@ class PerfusionReconSettings(GadgetSettings):
         "(0: off); needs the noise scan")
     denoise_patch_px: int = Field(16, ge=4, le=64, description="local low-rank filter patch width, pixels")
     workers: int = Field(2, ge=1, le=16, description="series reconstructed in parallel threads")
-    calibrate_by_contrast: bool = Field(
-        False, description="coil sensitivities from the PD frames alone (the SR frames alone where the PD frames "
-        "miss an interleave offset) instead of the time average of every frame, whose unequal PD count per offset "
-        "leaves a PD alias in the sensitivities (toolbox/interleaved_recon.py calibration_kspace)")
+    balance_pd_frames: bool = Field(
+        False, description="coil sensitivities from the time average with as many PD frames on every interleave "
+        "offset (the surplus left out: 3 PD frames at R = 2 put two on the even lines, one on the odd, and leave a "
+        "PD alias in the maps; toolbox/interleaved_recon.py calibration_kspace); no change where the PD count is a "
+        "multiple of R")
 
 
 @dataclass
@@ -252,7 +253,7 @@ class PerfusionRecon(Gadget):
                 virtual_coils=self.settings.virtual_coils or None, noise_sd=noise_sd,
                 denoise_threshold=self.settings.denoise_threshold if noise_sd else 0.0,
                 denoise_patch_px=self.settings.denoise_patch_px,
-                n_pd_frames=n_pd if self.settings.calibrate_by_contrast else 0)
+                n_pd_frames=n_pd if self.settings.balance_pd_frames else 0)
         except ReconError as error:
             raise GadgetError(f"{what}: {error}") from error
         flags = ()
@@ -286,7 +287,7 @@ class PerfusionRecon(Gadget):
             compact, offsets, accel = compacts[0]
             calibration = calibrate(compact, offsets, accel, whitening=whitening,
                                     virtual_coils=self.settings.aif_virtual_coils or None,
-                                    n_pd_frames=n_pd if self.settings.calibrate_by_contrast else 0)
+                                    n_pd_frames=n_pd if self.settings.balance_pd_frames else 0)
             images = np.stack([reconstruct_compact(c, o, a, calibration=calibration,
                                                    regularization=self.settings.regularization)
                                for c, o, a in compacts])

@@ -267,7 +267,7 @@ def pd_and_sr_series(accel: int, n_pd: int, shape: tuple[int, int]) -> tuple[np.
     return compact.astype(np.complex64), offsets, images * rss
 
 
-def test_calibration_by_contrast_removes_the_pd_alias_of_an_unequal_pd_count() -> None:
+def test_balanced_pd_frames_remove_the_pd_alias_of_an_unequal_pd_count() -> None:
     # 3 PD frames at R = 2: two on the even lines, one on the odd ones. The time average then
     # holds an alias of the PD image, and the PD frames alternate with their offset.
     compact, offsets, truth = pd_and_sr_series(2, 3, (48, 40))
@@ -279,18 +279,21 @@ def test_calibration_by_contrast_removes_the_pd_alias_of_an_unequal_pd_count() -
         ratio = recon[3:, pool].mean(axis=1) / pd_pool.mean()
         true_ratio = truth[3:, pool].mean(axis=1) / truth[:3, pool].mean()
         errors[n_pd] = (float(np.ptp(pd_pool) / pd_pool.mean()), float(ratio.sum() / true_ratio.sum() - 1))
-    # measured: PD frames alternate by 61 % and the SR/PD area reads +10 % with the time average,
-    # 4 % and +0.6 % calibrated from the PD frames (what remains is the low-resolution window's
-    # ringing at this phantom's sharp edges)
+    # measured: the PD frames alternate by 61 % and the SR/PD area reads +10 % with the plain
+    # time average; balanced, what remains is the bolus sampled unequally by the two offsets and
+    # the low-resolution window's ringing at this phantom's sharp edges
     assert errors[0][0] > 0.3 and errors[0][1] > 0.05
-    assert errors[3][0] < 0.1 * errors[0][0]
-    assert abs(errors[3][1]) < 0.1 * errors[0][1]
+    assert errors[3][0] < 0.2 * errors[0][0]
+    assert abs(errors[3][1]) < 0.2 * errors[0][1]
 
 
-def test_calibration_falls_back_to_the_sr_frames_when_pd_frames_miss_an_offset() -> None:
-    compact, offsets, _ = pd_and_sr_series(3, 2, (48, 40))
-    # 2 PD frames cannot fill R = 3 k-space: the SR frames alone calibrate
-    sr_only = calibrate(compact[2:], offsets[2:], 3).sensitivities
-    assert np.allclose(calibrate(compact, offsets, 3, n_pd_frames=2).sensitivities, sr_only)
+def test_calibration_balance_keeps_whole_sets_of_pd_frames() -> None:
+    compact, offsets, _ = pd_and_sr_series(3, 4, (48, 40))
+    # 4 PD frames at R = 3: the first 3 (one per offset) are kept, the fourth left out
+    expected = calibrate(np.concatenate([compact[:3], compact[4:]]), np.r_[offsets[:3], offsets[4:]], 3)
+    assert np.allclose(calibrate(compact, offsets, 3, n_pd_frames=4).sensitivities, expected.sensitivities)
+    # a multiple of R changes nothing
+    assert np.array_equal(calibrate(compact, offsets, 3, n_pd_frames=3).sensitivities,
+                          calibrate(compact, offsets, 3).sensitivities)
     with pytest.raises(ReconError, match="no saturation-recovery frame"):
-        calibrate(compact[:2], offsets[:2], 3, n_pd_frames=2)
+        calibrate(compact[:4], offsets[:4], 3, n_pd_frames=4)

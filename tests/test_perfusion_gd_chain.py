@@ -77,21 +77,23 @@ def test_recon_filter_needs_the_noise_scan(acquisitions, caplog: pytest.LogCaptu
     np.testing.assert_allclose(without, unwhitened, rtol=1e-5, atol=1e-6 * float(unwhitened.max()))
 
 
-def test_recon_calibration_by_contrast_steadies_the_aif_pd_frames(acquisitions) -> None:
+def test_recon_balanced_pd_frames_steady_the_aif_pd_frames(acquisitions) -> None:
     """3 PD frames at the AIF's R = 2 sit unequally on the two offsets; calibrated from the time
-    average the PD frames of the LV pool alternate with their offset, from the PD frames they do not."""
+    average the PD frames of the LV pool alternate with their offset, with the surplus PD frame left out
+    of the calibration they do not."""
     header_xml, acqs = acquisitions
     context = ChainContext(header=xsd.CreateFromDocument(header_xml), header_xml=header_xml)
     _, aif_anatomy = st.aif_phantom(st.sample_study(21, n_slices=1, n_frames=N_FRAMES, n_coils=8,
                                                     acceleration=3, flow_model="fermi", field_strength_t=1.5))
     pool = ndimage.binary_erosion(aif_anatomy.labels == 1)
     spread = {}
-    for by_contrast in (False, True):
-        aif = list(PerfusionRecon(PerfusionReconSettings(calibrate_by_contrast=by_contrast),
+    for balanced in (False, True):
+        aif = list(PerfusionRecon(PerfusionReconSettings(balance_pd_frames=balanced),
                                   context=context).process(iter(acqs)))[0]
         pd_pool = aif.data[0, :3][:, pool].mean(axis=1)
-        spread[by_contrast] = float(np.ptp(pd_pool) / pd_pool.mean())
-    assert spread[False] > 0.05 and spread[True] < 0.3 * spread[False], spread
+        spread[balanced] = float(np.ptp(pd_pool) / pd_pool.mean())
+    # measured 0.30 -> 0.11 (the rest: noise and breathing of the 3 PD frames, and the bolus)
+    assert spread[False] > 0.15 and spread[True] < 0.5 * spread[False], spread
 
 
 def test_chain_returns_gd_images(scan: tuple[Path, Path]) -> None:
