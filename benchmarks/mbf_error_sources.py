@@ -101,6 +101,10 @@ def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False) -
             arrays["aif_blood"] = np.asarray(item.blood_gd_mmol_l, dtype=np.float64)
             arrays["aif_foot"] = np.array(item.foot_index)
             arrays["aif_mask"] = np.asarray(item.mask, dtype=bool)
+            if item.sample_time_s is not None and item.sample_blood_gd_mmol_l is not None:
+                # the AIF at its acquisition times, as flow-map's sampled table (aif_upsample > 1) takes it
+                arrays["aif_sample_time"] = np.asarray(item.sample_time_s, dtype=np.float64)
+                arrays["aif_sample_blood"] = np.asarray(item.sample_blood_gd_mmol_l, dtype=np.float64)
     np.savez_compressed(out, **arrays)
     if not keep_mrd:
         mrd.unlink()

@@ -181,8 +181,9 @@ def bland_altman_plot(auto: np.ndarray, truth: np.ndarray, path: str | Path, *, 
     ax.axhline(high, color="r", linestyle="--")
     ax.set_xlabel("mean of automated and true MBF (ml/min/g)")
     ax.set_ylabel("automated - true MBF (ml/min/g)")
-    p_text = "n/a" if result.p_value is None else f"{result.p_value:.3f}"
-    ax.set_title(f"{title} (n={result.n}, paired t-test P={p_text})", fontsize=10)
+    p_text = ("=n/a" if result.p_value is None else "<0.001" if result.p_value < 0.001
+              else f"={result.p_value:.3f}")
+    ax.set_title(f"{title} (n={result.n}, paired t-test P{p_text})", fontsize=10)
     ax.legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
