@@ -297,3 +297,12 @@ def test_calibration_balance_keeps_whole_sets_of_pd_frames() -> None:
                           calibrate(compact, offsets, 3).sensitivities)
     with pytest.raises(ReconError, match="no saturation-recovery frame"):
         calibrate(compact[:4], offsets[:4], 3, n_pd_frames=4)
+    # an interleave that does not cycle through the PD frames: offsets 0, 0, 1 at R = 2 keep frames 0 and 2
+    compact2, offsets2, _ = pd_and_sr_series(2, 3, (48, 40))
+    offsets2 = offsets2.copy()
+    compact2 = compact2.copy()
+    compact2[[1, 2]] = compact2[[2, 1]]
+    offsets2[[1, 2]] = offsets2[[2, 1]]
+    assert list(offsets2[:3]) == [0, 0, 1]
+    expected = calibrate(np.concatenate([compact2[[0, 2]], compact2[3:]]), np.r_[offsets2[[0, 2]], offsets2[3:]], 2)
+    assert np.allclose(calibrate(compact2, offsets2, 2, n_pd_frames=3).sensitivities, expected.sensitivities)

@@ -350,8 +350,9 @@ def calibration_kspace(compact: np.ndarray, offsets: np.ndarray, accel: int, *, 
     the AIF's SR/PD first-pass area 0.5 to 3.7 % high).
 
     With ``n_pd_frames > 0`` the surplus PD frames are left out, so that every offset averages
-    the same number of PD frames (the first ``R * (n_pd_frames // R)``; none if there are fewer
-    PD frames than offsets). Where the PD count is a multiple of R nothing changes. Measured
+    the same number of PD frames: on each offset its first ``k`` PD frames are kept, ``k`` the
+    fewest PD frames any offset has (none if an offset has none). Where every offset has as many
+    PD frames already (a PD count that is a multiple of R, cycled) nothing changes. Measured
     (simulator, AIF at R = 2, 3 PD frames): noise-free SR/PD area within 0.8 % of the phantom
     (what remains: the bolus sampled unequally by the two offsets); the chain's AIF area over
     24 noisy dev scans 1.029 -> 0.996 of the truth, mean abs error 5.7 -> 4.4 % (docs/
@@ -367,11 +368,13 @@ def calibration_kspace(compact: np.ndarray, offsets: np.ndarray, accel: int, *, 
         return compact_time_average(compact, offsets, accel)
     if n_pd >= compact.shape[0]:
         raise ReconError(f"{n_pd} PD frames of {compact.shape[0]}: no saturation-recovery frame left")
-    kept_pd = accel * (n_pd // accel)
-    if kept_pd == n_pd:
+    pd_offsets = np.asarray(offsets[:n_pd])
+    per_offset = [np.flatnonzero(pd_offsets == offset) for offset in range(accel)]
+    kept = min(frames.size for frames in per_offset)
+    if all(frames.size == kept for frames in per_offset):
         return compact_time_average(compact, offsets, accel)
-    keep = np.r_[np.arange(kept_pd), np.arange(n_pd, compact.shape[0])]
-    logger.debug("calibration: %d of %d PD frames kept (R = %d) with the %d SR frames", kept_pd, n_pd, accel,
+    keep = np.sort(np.concatenate([frames[:kept] for frames in per_offset] + [np.arange(n_pd, compact.shape[0])]))
+    logger.debug("calibration: %d of %d PD frames kept (R = %d) with the %d SR frames", kept * accel, n_pd, accel,
                  compact.shape[0] - n_pd)
     return compact_time_average(compact[keep], offsets[keep], accel)
 
