@@ -253,7 +253,7 @@ class PerfusionRecon(Gadget):
                 virtual_coils=self.settings.virtual_coils or None, noise_sd=noise_sd,
                 denoise_threshold=self.settings.denoise_threshold if noise_sd else 0.0,
                 denoise_patch_px=self.settings.denoise_patch_px,
-                n_pd_frames=n_pd if self.settings.balance_pd_frames else 0)
+                n_pd_frames=self._calibration_pd_frames(n_pd))
         except ReconError as error:
             raise GadgetError(f"{what}: {error}") from error
         flags = ()
@@ -269,6 +269,10 @@ class PerfusionRecon(Gadget):
         return SliceSeries(slice_index=slice_index, data=images, time_s=time_s, units="signal",
                            n_pd_frames=n_pd, geometry=geometry, slice_position_mm=position, stages=("recon",),
                            flags=flags)
+
+    def _calibration_pd_frames(self, n_pd: int) -> int:
+        """The PD frames the coil calibration balances over the offsets (``balance_pd_frames``; 0: plain average)."""
+        return n_pd if self.settings.balance_pd_frames else 0
 
     def _aif(self, buffers: dict[tuple[int, int], _SeriesBuffer], echoes: list[int], encoding,  # noqa: ANN001
              n_pd: int, whitening: np.ndarray | None, params: dict) -> AifSeries:
@@ -287,7 +291,7 @@ class PerfusionRecon(Gadget):
             compact, offsets, accel = compacts[0]
             calibration = calibrate(compact, offsets, accel, whitening=whitening,
                                     virtual_coils=self.settings.aif_virtual_coils or None,
-                                    n_pd_frames=n_pd if self.settings.balance_pd_frames else 0)
+                                    n_pd_frames=self._calibration_pd_frames(n_pd))
             images = np.stack([reconstruct_compact(c, o, a, calibration=calibration,
                                                    regularization=self.settings.regularization)
                                for c, o, a in compacts])

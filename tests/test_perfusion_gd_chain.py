@@ -24,11 +24,22 @@ from perfline.simulator import study as st
 N_FRAMES = 30
 
 
+def _study() -> st.StudyParameters:
+    """The small simulated scan of this module (1 slice, 8 coils, R = 3)."""
+    return st.sample_study(21, n_slices=1, n_frames=N_FRAMES, n_coils=8, acceleration=3, flow_model="fermi",
+                           field_strength_t=1.5)
+
+
+def _aif_pool() -> np.ndarray:
+    """The phantom's LV blood pool in the AIF image, eroded by one pixel (bool [rows, cols])."""
+    _, aif_anatomy = st.aif_phantom(_study())
+    return ndimage.binary_erosion(aif_anatomy.labels == 1)
+
+
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("perfusion_gd")
-    study = st.sample_study(21, n_slices=1, n_frames=N_FRAMES, n_coils=8, acceleration=3, flow_model="fermi",
-                            field_strength_t=1.5)
+    study = _study()
     phantoms = [st.slice_phantom(study, 0)]
     mrd.write_kspace(study, str(folder / "scan.h5"), phantoms=phantoms)
     truth.write_truth(study, str(folder / "truth.h5"), phantoms=phantoms)
@@ -83,9 +94,7 @@ def test_recon_balanced_pd_frames_steady_the_aif_pd_frames(acquisitions) -> None
     of the calibration they do not."""
     header_xml, acqs = acquisitions
     context = ChainContext(header=xsd.CreateFromDocument(header_xml), header_xml=header_xml)
-    _, aif_anatomy = st.aif_phantom(st.sample_study(21, n_slices=1, n_frames=N_FRAMES, n_coils=8,
-                                                    acceleration=3, flow_model="fermi", field_strength_t=1.5))
-    pool = ndimage.binary_erosion(aif_anatomy.labels == 1)
+    pool = _aif_pool()
     spread = {}
     for balanced in (False, True):
         aif = list(PerfusionRecon(PerfusionReconSettings(balance_pd_frames=balanced),
@@ -121,9 +130,7 @@ def test_chain_returns_gd_images(scan: tuple[Path, Path]) -> None:
     # the AIF series: LV blood pool peak near the truth peak (T2*-corrected, blood LUT)
     aif = np.stack([image_array(im) for im in aif_images])
     assert aif.max() <= 40.01 and np.all(aif >= 0)
-    _, aif_anatomy = st.aif_phantom(st.sample_study(21, n_slices=1, n_frames=N_FRAMES, n_coils=8,
-                                                    acceleration=3, flow_model="fermi", field_strength_t=1.5))
-    pool = ndimage.binary_erosion(aif_anatomy.labels == 1)
+    pool = _aif_pool()
     peak = np.median(aif[:, pool], axis=1).max()
     assert abs(peak / np.nanmax(reference.aif_gd) - 1) < 0.2, (peak, np.nanmax(reference.aif_gd))
 
