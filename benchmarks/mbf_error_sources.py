@@ -251,7 +251,8 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
         reach = spillover_reach(labels, kept, flow_map.spillover_reach_px)
         if not kept:
             spillover = None
-    maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=1.5,
+    maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=flow_map.delay_smoothing_px,
+                    delay_prior_sd_s=flow_map.delay_prior_sd_s,
                     aif_table=table_cache[key], spillover_curves=spillover, spillover_masks=reach)
     return maps.mbf_ml_min_g.astype(np.float64)
 

@@ -357,6 +357,10 @@ def _pool_curve(frames: np.ndarray, mask: np.ndarray, baseline: slice, zero: flo
 class FlowMapSettings(GadgetSettings):
     model: Literal["btex", "fermi"] = Field("btex", description="flow model")
     delay_smoothing_px: float = Field(1.5, ge=0.0, description="BTEX: Gaussian width of the delay pre-fit, px")
+    delay_prior_sd_s: float = Field(0.25, gt=0.0, le=10.0, description=(
+        "BTEX: SD of each pixel's delay prior at the pre-fit's delay, s (the smoothed fit reads the delay about "
+        "0.25 s early at stress, and a tight prior pulls noisy pixels there, to a lower flow: docs/mapping.md, "
+        "'The delay prior pulls stress flow down')"))
     vp_range: tuple[float, float] = Field((0.02, 0.32), description=(
         "BTEX Vp grid, ml/ml: wider than the tissue range so that blood partial volume near the endocardium "
         "(blood fraction b adds b (1 - Hct) to Vp) is fitted as Vp, not as flow"))
@@ -599,6 +603,7 @@ class FlowMap(Gadget):
         pools: tuple[int, ...] = ()
         if self.settings.model == "btex":
             kwargs["delay_smoothing_px"] = self.settings.delay_smoothing_px
+            kwargs["delay_prior_sd_s"] = self.settings.delay_prior_sd_s
             kwargs["settings"] = self._btex_settings()
             if self._uses_samples(aif):
                 kwargs["settings"] = self._sampled_settings(dt_s)

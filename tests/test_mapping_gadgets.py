@@ -455,3 +455,25 @@ def test_slice_without_the_rv_label_is_logged_and_fitted_without_spillover(caplo
     assert "spill-over pools () of (3,)" in caplog.text
     for name in ("mbf_ml_min_g", "ps_ml_min_g", "vp", "visf", "delay_s", "fit_rmse_mmol_l"):
         np.testing.assert_array_equal(getattr(with_setting, name), getattr(plain, name), err_msg=name)
+
+
+def test_delay_prior_sd_setting_reaches_the_pixel_fit(monkeypatch):
+    import perfline.gadgets.mapping as mapping_gadgets
+    from pydantic import ValidationError
+
+    seen: list[float] = []
+    fit = mapping_gadgets.map_btex
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["delay_prior_sd_s"])
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(mapping_gadgets, "map_btex", recording)
+    (aif,) = list(AifExtract().process(iter([_aif_series()])))
+    series, segmentation = _septal_slice()
+    default = _flow_maps(FlowMapSettings(), aif, series, segmentation)
+    wide = _flow_maps(FlowMapSettings(delay_prior_sd_s=1.0), aif, series, segmentation)
+    assert seen == [0.25, 1.0]
+    assert not np.allclose(default.delay_s, wide.delay_s, equal_nan=True)
+    with pytest.raises(ValidationError, match="delay_prior_sd_s"):
+        FlowMapSettings(delay_prior_sd_s=0.0)
