@@ -339,9 +339,12 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
     fine_true = None
     fine_chain = None
     if aif_upsample > 1:
-        fine_true = (aif_on_fine_grid(*scan.true_aif_samples, scan.grid_s, aif_upsample), aif_upsample)
+        # as flow-map builds its table (aif_smoothing: only where flow-map would use acquired samples)
+        smoothing = flow_map.aif_smoothing if flow_map.aif_upsample > 1 else "none"
+        fine_true = (aif_on_fine_grid(*scan.true_aif_samples, scan.grid_s, aif_upsample, smoothing=smoothing),
+                     aif_upsample)
         if scan.chain_aif_samples is not None:
-            fine = aif_on_fine_grid(*scan.chain_aif_samples, scan.grid_s, aif_upsample)
+            fine = aif_on_fine_grid(*scan.chain_aif_samples, scan.grid_s, aif_upsample, smoothing=smoothing)
             fine[fine_grid(scan.grid_s, aif_upsample) < scan.chain_aif_foot_s] = 0.0
             fine_chain = (fine, aif_upsample)
     for aif_name, gd_name, mask_name in combinations:

@@ -383,6 +383,12 @@ class FlowMapSettings(GadgetSettings):
         "and delays there, and the table curves sampled at each slice's acquisition times and interpolated "
         "onto the grid as temporal-resample does (one table per slice; docs/mapping.md, 'The per-slice "
         "sampled table'); without acquired samples the grid AIF is used as for 1"))
+    aif_smoothing: Literal["none", "gcv"] = Field("none", description=(
+        "with aif_upsample > 1: 'none' = the cubic spline through the AIF's acquired samples; 'gcv' = a cubic "
+        "smoothing spline whose smoothness generalised cross-validation chooses (btex.aif_on_fine_grid): the "
+        "interpolating spline makes the tallest noisy sample of a small pool's first pass the AIF's peak (+2.4 % "
+        "on 34 dev AIFs, docs/mapping.md 'A noisy AIF reads its peak high'); ignored where the AIF has no "
+        "acquired samples (the grid AIF is used as is)"))
     spillover_labels: tuple[Literal[1, 3], ...] = Field((), description=(
         "BTEX: blood pools (1 LV, 3 RV) whose mean Gd curves in the same slice (CNN labels eroded by 1 px) "
         "enter every pixel's fit as nonnegative spill-over terms, tissue = BTEX + s_LV b_LV + s_RV b_RV "
@@ -395,7 +401,10 @@ class FlowMapSettings(GadgetSettings):
         "the smoothed delay pre-fit of the border pixels: rest MBF +2 to +10 % on the demo phantom)"))
 
     @model_validator(mode="after")
-    def _spillover_needs_btex_and_labels(self) -> FlowMapSettings:
+    def _check_combinations(self) -> FlowMapSettings:
+        if self.aif_smoothing != "none" and self.aif_upsample < 2:
+            raise ValueError(f"aif_smoothing {self.aif_smoothing!r} smooths the AIF's acquired samples for the "
+                             f"fine-grid table: it needs aif_upsample >= 2, found {self.aif_upsample}")
         # the spill-over terms are a BTEX fit option and their pools come from each slice's segmentation:
         # without either the setting would be ignored silently (or, without waiting for the segmentation,
         # apply to a slice or not depending on the order of the items)
@@ -493,7 +502,7 @@ class FlowMap(Gadget):
         if key not in self._fine_curves:
             upsample = self.settings.aif_upsample
             plasma = aif_on_fine_grid(aif.sample_time_s, np.asarray(aif.sample_blood_gd_mmol_l) /
-                                      (1.0 - aif.hematocrit), grid_s, upsample)
+                                      (1.0 - aif.hematocrit), grid_s, upsample, smoothing=self.settings.aif_smoothing)
             # as on the grid: zero before the foot
             plasma[fine_grid(grid_s, upsample) < aif.time_s[aif.foot_index]] = 0.0
             fine_dt = float(grid_s[1] - grid_s[0]) / upsample

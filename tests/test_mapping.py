@@ -379,6 +379,46 @@ def test_aif_on_fine_grid_is_the_cubic_spline_of_the_samples():
         build_aif_table(np.ones(10), DT, BtexSettings(), upsample=3)
 
 
+def test_gcv_smoothing_spline_takes_the_noise_out_of_the_aif_peak():
+    """Heartbeat samples (0.8 s) of a first pass (peak 6 mmol/L) with recirculation, white noise of 8 % of
+    the peak, 100 draws: the interpolating spline reads the first-pass peak high (the tallest noisy sample;
+    +4.0 %), the GCV smoothing spline less far from it and low (-2.5 %: the smoothing's own bias on a sharp
+    peak), with a smaller first-pass RMS error (0.049 against 0.071 of the peak); noise-free samples come back
+    as the interpolating spline's (GCV chooses no smoothing)."""
+    from perfline.toolbox.btex import aif_on_fine_grid, fine_grid
+
+    def blood(t: np.ndarray) -> np.ndarray:
+        x = np.clip(t - 10.0, 0.0, None)
+        y = np.clip(t - 22.0, 0.0, None)
+        return (6.0 * (x / 4.0) ** 3 * np.exp(3.0 * (1.0 - x / 4.0)) + 0.8 * (y / 5.0) ** 2 * np.exp(2.0 * (1.0 - y / 5.0))
+                + 0.6 * (1.0 - np.exp(-x / 8.0)))
+
+    samples = 2.0 + 0.8 * np.arange(60)
+    grid = np.arange(3.0, 48.0, 0.5)
+    truth = blood(fine_grid(grid, 4))
+    first_pass = truth > 0.3 * truth.max()
+    rng = np.random.default_rng(3)
+    errors: dict[str, list[tuple[float, float]]] = {"none": [], "gcv": []}
+    for _ in range(100):
+        noisy = blood(samples) + rng.normal(0.0, 0.08 * 6.0, samples.size)
+        for smoothing, found in errors.items():
+            fine = aif_on_fine_grid(samples, noisy, grid, 4, smoothing=smoothing)[first_pass]
+            found.append((fine.max() / truth.max() - 1.0,
+                          float(np.sqrt(np.mean((fine - truth[first_pass]) ** 2)) / truth.max())))
+    peak = {key: float(np.mean([e[0] for e in value])) for key, value in errors.items()}
+    rms = {key: float(np.mean([e[1] for e in value])) for key, value in errors.items()}
+    assert peak["none"] > 0.03, peak
+    assert abs(peak["gcv"]) < 0.75 * peak["none"], peak
+    assert rms["gcv"] < 0.8 * rms["none"], rms
+    clean = {smoothing: aif_on_fine_grid(samples, blood(samples), grid, 4, smoothing=smoothing)
+             for smoothing in ("none", "gcv")}
+    np.testing.assert_allclose(clean["gcv"], clean["none"], atol=1e-3 * truth.max())
+    with pytest.raises(ValueError, match="at least 5"):
+        aif_on_fine_grid(samples[:4], blood(samples[:4]), grid, 4, smoothing="gcv")
+    with pytest.raises(ValueError, match="smoothing must be"):
+        aif_on_fine_grid(samples, blood(samples), grid, 4, smoothing="loess")  # type: ignore[arg-type]
+
+
 def _rest_study_curves() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Noise-free BTEX rest curves [P, T] with a simulated rest study's own parameters (seed 2**30 + 2),
     its plasma AIF and RV blood curve (RV foot 6.3 s before the LV's) on a 0.5 s grid, true MBF [P]."""

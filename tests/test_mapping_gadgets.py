@@ -261,14 +261,10 @@ def test_flow_map_search_finds_rest_flow_of_noisy_curves():
     assert np.mean(np.abs(error) > 0.4) < 0.1
 
 
-def test_acquired_samples_reach_flow_map_and_the_sampled_table_reads_high_flow():
-    """temporal-resample -> aif-extract -> flow-map on a scan acquired once per heartbeat (RR 0.62 s,
-    slice 0.3 s after the AIF): the AifCurve carries the AIF at its acquisition times (the grid
-    curve is their linear interpolation), the resampled slice its acquisition times, and flow-map
-    with ``aif_upsample = 4`` (fine AIF table, tissue sampling modelled) reads a noise-free stress
-    flow of 3 ml/min/g within 6 %, the grid AIF's table more than 10 % high (+46 %). Visf 0.25 is a
-    node of flow-map's Visf axis: at Visf 0.2, between nodes, the sampled table reads +9.6 % (the
-    table's Visf interpolation, docs/mapping.md)."""
+def _sampled_stress_scan() -> tuple[AifCurve, SliceSeries, np.ndarray, np.ndarray]:
+    """A noise-free stress scan acquired once per heartbeat (RR 0.62 s, slice 0.3 s after the AIF; BTEX Fp 3,
+    PS 1, Vp 0.08, Visf 0.25, delay 0.6 s) through temporal-resample and aif-extract: (AifCurve, resampled
+    slice, AIF acquisition times, slice acquisition times)."""
     from perfline.gadgets.perfusion_preprocessing import TemporalResample
 
     fine_dt = 1 / 16
@@ -291,17 +287,57 @@ def test_acquired_samples_reach_flow_map_and_the_sampled_table_reads_high_flow()
                          n_pd_frames=0, geometry=GEOMETRY)
     resampled = list(TemporalResample().process(iter([aif_series, tissue])))
     aif = next(item for item in AifExtract().process(iter(resampled[:1])) if isinstance(item, AifCurve))
+    return aif, resampled[1], aif_times, slice_times
+
+
+def _median_flow(settings: FlowMapSettings, aif: AifCurve, tissue: SliceSeries) -> float:
+    (maps,) = [item for item in FlowMap(settings).process(iter([aif, tissue])) if isinstance(item, FlowMaps)]
+    return float(np.median(maps.mbf_ml_min_g))
+
+
+def test_acquired_samples_reach_flow_map_and_the_sampled_table_reads_high_flow():
+    """temporal-resample -> aif-extract -> flow-map on a scan acquired once per heartbeat (RR 0.62 s,
+    slice 0.3 s after the AIF): the AifCurve carries the AIF at its acquisition times (the grid
+    curve is their linear interpolation), the resampled slice its acquisition times, and flow-map
+    with ``aif_upsample = 4`` (fine AIF table, tissue sampling modelled) reads a noise-free stress
+    flow of 3 ml/min/g within 6 %, the grid AIF's table more than 10 % high (+46 %). Visf 0.25 is a
+    node of flow-map's Visf axis: at Visf 0.2, between nodes, the sampled table reads +9.6 % (the
+    table's Visf interpolation, docs/mapping.md)."""
+    aif, tissue, aif_times, slice_times = _sampled_stress_scan()
     np.testing.assert_array_equal(aif.sample_time_s, aif_times)
     np.testing.assert_allclose(np.interp(aif.time_s, aif.sample_time_s, aif.sample_blood_gd_mmol_l),
                                aif.blood_gd_mmol_l, atol=1e-6)
-    np.testing.assert_array_equal(resampled[1].acquired_time_s, slice_times)
-    read = {}
-    for upsample in (1, 4):
-        gadget = FlowMap(FlowMapSettings(aif_upsample=upsample, use_segmentation=False, delay_smoothing_px=0.0))
-        (maps,) = [item for item in gadget.process(iter([aif, resampled[1]])) if isinstance(item, FlowMaps)]
-        read[upsample] = float(np.median(maps.mbf_ml_min_g)) / 3.0 - 1.0
+    np.testing.assert_array_equal(tissue.acquired_time_s, slice_times)
+    read = {upsample: _median_flow(FlowMapSettings(aif_upsample=upsample, use_segmentation=False,
+                                                   delay_smoothing_px=0.0), aif, tissue) / 3.0 - 1.0
+            for upsample in (1, 4)}
     assert abs(read[4]) < 0.04, read
     assert read[1] > 0.10, read
+
+
+def test_aif_smoothing_setting_reaches_the_fine_table_and_leaves_a_noise_free_aif_alone(monkeypatch):
+    """``aif_smoothing = 'gcv'`` is passed to the fine-grid AIF of the sampled table; on the noise-free scan
+    above GCV chooses (almost) no smoothing and the flow read is the interpolating spline's within 1 %;
+    without ``aif_upsample`` > 1 the setting is refused (it would be ignored)."""
+    import perfline.gadgets.mapping as mapping_gadgets
+    from pydantic import ValidationError
+
+    seen: list[str] = []
+    spline = mapping_gadgets.aif_on_fine_grid
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("smoothing", "none"))
+        return spline(*args, **kwargs)
+
+    monkeypatch.setattr(mapping_gadgets, "aif_on_fine_grid", recording)
+    aif, tissue, _, _ = _sampled_stress_scan()
+    read = {smoothing: _median_flow(FlowMapSettings(aif_upsample=4, aif_smoothing=smoothing, use_segmentation=False,
+                                                    delay_smoothing_px=0.0), aif, tissue)
+            for smoothing in ("none", "gcv")}
+    assert seen == ["none", "gcv"]
+    assert abs(read["gcv"] / read["none"] - 1.0) < 0.01, read
+    with pytest.raises(ValidationError, match="aif_upsample >= 2"):
+        FlowMapSettings(aif_smoothing="gcv")
 
 
 def _two_echo_aif_series(seed: int, sigma: float, sequence: Any) -> tuple[AifSeries, np.ndarray]:

@@ -44,6 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -346,7 +347,7 @@ def _prior_penalty(grid_shape: tuple[int, ...], settings: BtexSettings) -> np.nd
 
 
 def aif_on_fine_grid(sample_time_s: np.ndarray, plasma_mmol_l: np.ndarray, grid_s: np.ndarray,
-                     upsample: int = 4) -> np.ndarray:
+                     upsample: int = 4, *, smoothing: Literal["none", "gcv"] = "none") -> np.ndarray:
     """Plasma AIF (mmol/L) ``[upsample * T]`` at ``grid_s[0] + k dt / upsample`` from its samples.
 
     ``sample_time_s`` / ``plasma_mmol_l`` ``[S]``: the AIF at its acquisition times (once per
@@ -354,6 +355,15 @@ def aif_on_fine_grid(sample_time_s: np.ndarray, plasma_mmol_l: np.ndarray, grid_
     (not-a-knot) through the samples, held at the end values outside them and clipped at 0: the
     blood curve is smooth, and linear interpolation of heartbeat samples cuts its peak, which the
     BTEX fit reads as higher flow at stress (docs/mapping.md, "High flow").
+
+    ``smoothing = "gcv"``: a cubic smoothing spline instead of the interpolating one, its
+    smoothness chosen by generalised cross-validation (Craven & Wahba, Numer. Math. 1979;31:377;
+    ``scipy.interpolate.make_smoothing_spline``), needs >= 5 samples. An interpolating spline
+    passes through every noisy sample, and the tallest of the noisy samples of the first pass
+    becomes the AIF's peak: on 34 chain AIFs of small 3 T pools (docs/mapping.md, "A noisy AIF
+    reads its peak high") the peak read +2.4 % high and the first-pass RMS error was 4.0 % of the
+    peak; with the GCV spline -0.1 % and 3.4 %. Noise-free samples come back within 0.5 % of the
+    peak (GCV then chooses almost no smoothing).
     """
     import scipy.interpolate
 
@@ -362,8 +372,15 @@ def aif_on_fine_grid(sample_time_s: np.ndarray, plasma_mmol_l: np.ndarray, grid_
     grid_s = np.asarray(grid_s, dtype=np.float64)
     if upsample < 1 or grid_s.size < 2:
         raise ValueError(f"need upsample >= 1 and a grid of >= 2 points, got {upsample} and {grid_s.size}")
+    if smoothing not in ("none", "gcv"):
+        raise ValueError(f"smoothing must be 'none' or 'gcv', got {smoothing!r}")
     fine = fine_grid(grid_s, upsample)
-    spline = scipy.interpolate.CubicSpline(sample_time_s, plasma, extrapolate=False)
+    if smoothing == "gcv":
+        if sample_time_s.size < 5:
+            raise ValueError(f"a GCV smoothing spline needs at least 5 AIF samples, got {sample_time_s.size}")
+        spline = scipy.interpolate.make_smoothing_spline(sample_time_s, plasma)
+    else:
+        spline = scipy.interpolate.CubicSpline(sample_time_s, plasma, extrapolate=False)
     values = spline(np.clip(fine, sample_time_s[0], sample_time_s[-1]))
     return np.maximum(values, 0.0)
 
