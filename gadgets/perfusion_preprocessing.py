@@ -62,6 +62,10 @@ class MotionCorrectionSettings(GadgetSettings):
                                                "(RMS over frames and heart pixels, pixels) is under it; 0 = off; "
                                                "myocardial slices only")
     correct_aif: bool = Field(True, description="also register the AIF series (echo 1 field on both echoes)")
+    interpolation: Literal["linear", "cubic"] = Field("linear", description=(
+        "resampling of the corrected frames: 'linear' (bilinear) or 'cubic' (cubic B-spline; bilinear resampling "
+        "carries LV blood one pixel into the myocardium in every moved frame, docs/mapping.md 'Session 11'); "
+        "the estimation passes always resample bilinearly"))
 
 
 @register_gadget
@@ -82,10 +86,11 @@ class PerfusionMotionCorrection(PureGadget):
         # pixels and their 0.5 px target; the AIF series (48 x 64 pixels of 5.6 mm) keeps the
         # intensity passes and the per-frame guard (neither was measured on it)
         aif = isinstance(item, AifSeries)
+        order = 3 if self.settings.interpolation == "cubic" else 1
         options = dict(reference_passes=self.settings.reference_passes, kl_passes=self.settings.kl_passes,
                        n_components=self.settings.n_components, crop_fraction=self.settings.crop_fraction,
                        still_series_px=0.0 if aif else self.settings.still_series_px,
-                       heart_window_px=0.0 if aif else self.settings.heart_window_px)
+                       heart_window_px=0.0 if aif else self.settings.heart_window_px, output_order=order)
         started = time.perf_counter()
         series = item.data[0] if aif else item.data
         _require_finite(series, item, "image data")
@@ -95,7 +100,7 @@ class PerfusionMotionCorrection(PureGadget):
         except motion_correction.MotionCorrectionError as error:
             raise GadgetError(f"{_label(item)}: {error}") from error
         if aif:
-            data = np.stack([result.corrected] + [motion_correction.warp_series(echo, result.displacement_px)
+            data = np.stack([result.corrected] + [motion_correction.warp_series(echo, result.displacement_px, order)
                                                   for echo in item.data[1:]])
         else:
             data = result.corrected
