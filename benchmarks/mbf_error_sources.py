@@ -339,8 +339,8 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
     fine_true = None
     fine_chain = None
     if aif_upsample > 1:
-        # as flow-map builds its table (aif_smoothing: only where flow-map would use acquired samples)
-        smoothing = flow_map.aif_smoothing if flow_map.aif_upsample > 1 else "none"
+        # as flow-map builds its table (FlowMapSettings allows aif_smoothing only with aif_upsample > 1)
+        smoothing = flow_map.aif_smoothing
         fine_true = (aif_on_fine_grid(*scan.true_aif_samples, scan.grid_s, aif_upsample, smoothing=smoothing),
                      aif_upsample)
         if scan.chain_aif_samples is not None:

@@ -387,8 +387,8 @@ class FlowMapSettings(GadgetSettings):
         "with aif_upsample > 1: 'none' = the cubic spline through the AIF's acquired samples; 'gcv' = a cubic "
         "smoothing spline whose smoothness generalised cross-validation chooses (btex.aif_on_fine_grid): the "
         "interpolating spline makes the tallest noisy sample of a small pool's first pass the AIF's peak (+2.4 % "
-        "on 34 dev AIFs, docs/mapping.md 'Session 11'; adopted by the session-11 decision run); ignored where the AIF has no "
-        "acquired samples (the grid AIF is used as is)"))
+        "on 34 dev AIFs, docs/mapping.md 'Session 11'; adopted by the session-11 decision run); ignored where the "
+        "AIF has no acquired samples (the grid AIF is used as is)"))
     spillover_labels: tuple[Literal[1, 3], ...] = Field((), description=(
         "BTEX: blood pools (1 LV, 3 RV) whose mean Gd curves in the same slice (CNN labels eroded by 1 px) "
         "enter every pixel's fit as nonnegative spill-over terms, tissue = BTEX + s_LV b_LV + s_RV b_RV "

@@ -64,8 +64,9 @@ class MotionCorrectionSettings(GadgetSettings):
     correct_aif: bool = Field(True, description="also register the AIF series (echo 1 field on both echoes)")
     interpolation: Literal["linear", "cubic"] = Field("linear", description=(
         "resampling of the corrected frames: 'linear' (bilinear) or 'cubic' (cubic B-spline; bilinear resampling "
-        "carries LV blood one pixel into the myocardium in every moved frame, docs/mapping.md 'Session 11'); "
-        "the estimation passes always resample bilinearly"))
+        "carries LV blood one pixel into the myocardium in every moved frame, docs/mapping.md 'Session 11'; "
+        "'cubic' lost its decision run, docs/integration.md 'Session 11, second decision'); the estimation passes "
+        "always resample bilinearly"))
 
 
 @register_gadget

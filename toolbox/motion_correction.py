@@ -87,7 +87,7 @@ def warp_series(series: np.ndarray, displacement_px: np.ndarray, order: int = 1)
     if order == 3:  # frame by frame: the spline prefilter must not couple neighbouring frames
         frames = np.asarray(series, dtype=np.float32)
         return np.stack([ndimage.map_coordinates(frames[f], [row_coords[f], col_coords[f]], order=3, mode="nearest",
-                                                 prefilter=True) for f in range(n_frames)]).astype(np.float32)
+                                                 prefilter=True) for f in range(n_frames)])
     # one 2-D interpolation over the frames stacked along rows: the row clip keeps every
     # sample inside its own frame, so no 3-D (trilinear) interpolation is needed
     row_coords += (np.arange(n_frames, dtype=np.float32) * n_rows)[:, None, None]
