@@ -9,7 +9,7 @@ import pytest
 
 from perfline.toolbox.aif import (
     AIF_SOURCE_HINT_REGION, AIF_SOURCE_POOL_AT_HINT, AIF_SOURCE_POOLS, AIF_SOURCE_POOLS_AT_HINT, AifError, AifSettings,
-    aif_foot_peak, baseline_subtract, blood_to_plasma, body_mask, detect_aif,
+    aif_foot_peak, baseline_subtract, blood_to_plasma, body_mask, detect_aif, first_pass_contrast,
 )
 
 AIF_DATA = Path("/work/shared/data/qperf/aif_detection")
@@ -193,6 +193,44 @@ def test_lv_merged_with_a_brighter_aorta_keeps_the_lv_part():
     assert np.sum(old.mask & aorta) >= 0.5 * old.mask.sum()
     hinted = detect_aif(series, settings=settings, lv_hint_rc=LV_CENTRE, lv_hint_radius_px=LV_RADIUS)
     assert np.sum(hinted.mask & lv) >= 0.9 * hinted.mask.sum()
+
+
+def test_myocardium_around_the_lv_is_not_taken_for_the_lv_behind_the_rv():
+    # simulated rest 2**30+788: the pool at the CNN's LV held the LV blood and the myocardium around it;
+    # split by arrival, its later part (the myocardium) was taken for "the LV behind the RV" and the AIF
+    # read 0.2 of the blood peak. The later part must look like blood (first-pass contrast) to be taken.
+    rng = np.random.default_rng(15)
+    series, lv, decoy = _with_decoy(rng)
+    n = series.shape[0]
+    rows, cols = np.mgrid[:48, :48]
+    radius = np.hypot(rows - LV_CENTRE[0], cols - LV_CENTRE[1])
+    ring = (radius > 6.0) & (radius <= 9.0)  # myocardium around the LV, joined to its pool
+    x = np.clip(np.arange(n) - 27.0, 0.0, None)
+    bump = x**2 * np.exp(-x / 3.0)
+    tissue = 90.0 * (1.0 - np.exp(-x / 4.0)) + 60.0 * bump / bump.max()  # rises late, stays up
+    series[:, ring] += tissue[:, None]
+    assert first_pass_contrast(tissue) < 2.0 < first_pass_contrast(_bolus(n, 20, 2.5, 250.0))
+    settings = AifSettings(core_fraction=0.9)
+    hint = {"lv_hint_rc": LV_CENTRE, "lv_hint_radius_px": 8.0}  # the CNN's LV disc covers the ring
+    unguarded = detect_aif(series, settings=settings.model_copy(update={"min_first_pass_contrast": 1.01}), **hint)
+    assert np.sum(unguarded.mask & ring) >= 0.9 * unguarded.mask.sum()  # the failure
+    hinted = detect_aif(series, settings=settings, **hint)
+    assert hinted.source == AIF_SOURCE_POOL_AT_HINT
+    assert hinted.mask.sum() >= 8 and np.all(lv[hinted.mask])
+    assert first_pass_contrast(hinted.curve) > 3.0
+
+
+def test_first_pass_contrast_of_blood_tissue_and_bad_curves():
+    n = 60
+    assert first_pass_contrast(_bolus(n, 15, 2.5, 4.0)) > 4.0  # first pass over a low recirculation
+    x = np.clip(np.arange(n) - 15.0, 0.0, None)
+    assert 1.0 < first_pass_contrast(1.0 - np.exp(-x / 5.0) + 0.3 * np.exp(-((x - 8.0) / 4.0) ** 2)) < 2.0
+    washout = np.exp(-((np.arange(n) - 20.0) / 3.0) ** 2)  # no recirculation: late level at baseline
+    assert first_pass_contrast(washout) == np.inf
+    with pytest.raises(AifError, match="at least 10 frames"):
+        first_pass_contrast(np.ones(5))
+    with pytest.raises(AifError, match="does not rise"):
+        first_pass_contrast(np.ones(30))
 
 
 def test_no_enhancing_pool_at_the_hint_takes_the_lv_region():

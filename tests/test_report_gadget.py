@@ -119,6 +119,22 @@ def test_aif_from_few_pixels_is_flagged():
     assert any("AIF from only 16 LV blood-pool pixels (fewer than 20)" in f for f in few.flags)
 
 
+def test_aif_that_does_not_look_like_blood_is_flagged():
+    # a first pass over no recirculation (the fixture) is blood; a curve that rises and stays up is the
+    # myocardium taken for the LV (simulated rest 2**30+788 before the guard in toolbox.aif)
+    fine = PerfusionReport.model_validate_json(split(run(items(2.0)))[1][0].text)
+    assert not any("late level" in f for f in fine.flags)
+    REPORT_STORE.clear()
+    tissue_items = items(2.0)
+    aif = tissue_items[-1]
+    t = aif.time_s
+    rise = np.clip(t - 9.0, 0.0, None)
+    tissue_items[-1] = replace(aif, blood_gd_mmol_l=1.0 - np.exp(-rise / 3.0) + 0.3 * np.exp(-((rise - 4.0) / 2.0) ** 2))
+    flagged = PerfusionReport.model_validate_json(split(run(tissue_items))[1][0].text)
+    message = [f for f in flagged.flags if "late level" in f]
+    assert len(message) == 1 and "AIF peaks only 1." in message[0] and "may hold myocardium" in message[0]
+
+
 def test_aif_away_from_the_lv_is_flagged():
     # the fixture's AIF (4 x 4 pixels on the image centre) lies 1.3 mm from the CNN's LV centre
     near = PerfusionReport.model_validate_json(split(run(items(2.0)))[1][0].text)
