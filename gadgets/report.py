@@ -79,7 +79,7 @@ class AhaReportSettings(GadgetSettings):
         "50 held-out studies, docs/report_schema.md)"))
     min_aif_first_pass_contrast: float = Field(2.0, gt=1, description=(
         "flag the report when the AIF's first-pass peak is less than this many times its late level "
-        "(toolbox.aif.first_pass_contrast; arterial blood 3.2-13 on 100 simulated dev scans, myocardium about 1.5): "
+        "(toolbox.aif.first_pass_contrast; arterial blood 3.2-11 on 100 simulated dev scans, myocardium about 1.5): "
         "the AIF pool then holds tissue, not blood, and every MBF value is too high"))
     fit_limit_mbf_ml_min_g: float = Field(5.9, gt=0, description=(
         "MBF at or above this value is the top of the flow fit's grid (BTEX: 6.0 ml/min/g)"))
