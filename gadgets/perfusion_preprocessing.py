@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import ismrmrd
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, PureGadget, register_gadget
 from perfline.gadgets.mrd_images import make_image
@@ -120,6 +120,17 @@ class T2StarSettings(GadgetSettings):
         "per-frame: each frame's R2* from its own echo ratio (clipped at 0); linear-in-gd: per pixel, "
         "R2* = R2*_0 + k Gd fitted over all frames (Gd from echo 1 and the blood table), less noise "
         "in the low-signal tail and no upward bias from the clip (docs/preprocessing.md)"))
+    combine_echoes: bool = Field(False, description=(
+        "linear-in-gd only: the AIF image is the inverse-variance weighted mean of both echoes extrapolated to "
+        "TE = 0 with the fitted R2* (t2star.t2star_correct_gd_model), not echo 1 alone: less noise in the "
+        "small LV pools whose AIF scatters most (docs/preprocessing.md, 'Both echoes for the AIF')"))
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> T2StarSettings:
+        if self.combine_echoes and self.r2star_model != "linear-in-gd":
+            raise ValueError(f"combine_echoes extrapolates echo 2 with the fitted R2* model: it needs r2star_model "
+                             f"'linear-in-gd', found {self.r2star_model!r}")
+        return self
 
 
 @register_gadget
@@ -164,7 +175,7 @@ class AifT2StarCorrection(PureGadget):
         return t2star.t2star_correct_gd_model(
             item.data[0], item.data[1], item.echo_times_ms[0], item.echo_times_ms[1], item.n_pd_frames,
             lambda ratio: gd_conversion.ratio_to_gd_continued_below_zero(ratio, table),
-            smoothing_px=self.settings.smoothing_px)
+            smoothing_px=self.settings.smoothing_px, combine_echoes=self.settings.combine_echoes)
 
 
 class SurfaceCoilSettings(GadgetSettings):

@@ -190,3 +190,56 @@ def test_gadget_linear_in_gd_needs_the_header() -> None:
     gadget = AifT2StarCorrection(T2StarSettings(r2star_model="linear-in-gd"), context=ChainContext())
     with pytest.raises(GadgetError, match="header"):
         gadget.process_item(series)
+
+
+@pytest.mark.parametrize("r2star_0, slope", [(25.0, 12.0), (30.0, 25.0)])
+def test_both_echoes_combined_read_the_same_pool_with_less_noise(r2star_0: float, slope: float) -> None:
+    """combine_echoes: both echoes extrapolated to TE = 0 with the fitted R2* and averaged with inverse-
+    variance weights. The pool's Gd curve against the noise-free truth (echo 1 corrected by the TRUE R2*
+    without noise): the same area as echo 1 alone, frame scatter clearly lower (independent noise on the
+    echoes, echo 2 only a little weaker at these TE; not the ideal 1 / sqrt(2): the fitted R2* is shared)."""
+    context = _header_context()
+    sequence = gd_conversion.sequence_from_header(context.header, gd_conversion.AIF_ENCODING)
+    table = gd_conversion.lookup_table(sequence, "blood", gd_conversion.AIF_GD_MAX_MMOL_L)
+    to_gd = lambda r: gd_conversion.ratio_to_gd_continued_below_zero(r, table)  # noqa: E731
+    scatter: dict[bool, list[float]] = {False: [], True: []}
+    areas: dict[bool, list[float]] = {False: [], True: []}
+    for seed in range(10):
+        echoes, _, pool, blood = _two_echo_pool(seed, 0.003, sequence, r2star_0, slope)
+        clean, _, _, _ = _two_echo_pool(seed, 0.0, sequence, r2star_0, slope)
+        gd = np.where(pool, blood[:, None, None], 0.3)
+        gd[:N_PD] = 0.0
+        truth = _pool_gd(clean[0] * np.exp(TE_MS[0] * 1e-3 * (r2star_0 + slope * gd)), pool, table)
+        for combine in (False, True):
+            corrected = t2star_correct_gd_model(echoes[0], echoes[1], *TE_MS, N_PD, to_gd, combine_echoes=combine)
+            curve = _pool_gd(np.asarray(corrected, dtype=np.float64), pool, table)
+            areas[combine].append(curve.sum() / truth.sum())
+            scatter[combine].append(float(np.std(np.diff(curve - truth))))
+    # both read the magnitude floor of this low-SNR baseline (+2.6 %; aif-extract removes it downstream): the
+    # combination adds no bias of its own beyond 0.5 % and scatters 16-21 % less frame to frame
+    assert abs(np.mean(areas[True]) / np.mean(areas[False]) - 1.0) < 0.005
+    assert np.mean(scatter[True]) < 0.9 * np.mean(scatter[False])
+
+
+def test_gadget_combine_echoes_setting_reaches_the_correction_and_needs_the_model() -> None:
+    from pydantic import ValidationError
+
+    from perfline.gadgets.perfusion_preprocessing import AifT2StarCorrection, T2StarSettings
+
+    assert not T2StarSettings().combine_echoes
+    with pytest.raises(ValidationError, match="linear-in-gd"):
+        T2StarSettings(combine_echoes=True)
+    context = _header_context()
+    sequence = gd_conversion.sequence_from_header(context.header, gd_conversion.AIF_ENCODING)
+    table = gd_conversion.lookup_table(sequence, "blood", gd_conversion.AIF_GD_MAX_MMOL_L)
+    echoes, time_s, _, _ = _two_echo_pool(3, 0.002, sequence, 25.0, 26.0)
+    series = AifSeries(data=echoes.astype(np.float32), time_s=time_s, echo_times_ms=TE_MS, units="signal",
+                       n_pd_frames=N_PD, geometry=ImageGeometry(field_of_view_mm=(180.0, 180.0, 8.0)))
+    item = AifT2StarCorrection(T2StarSettings(r2star_model="linear-in-gd", combine_echoes=True),
+                               context=context).process_item(series)
+    expected = t2star_correct_gd_model(echoes[0], echoes[1], *TE_MS, N_PD,
+                                       lambda r: gd_conversion.ratio_to_gd_continued_below_zero(r, table),
+                                       combine_echoes=True)
+    np.testing.assert_allclose(item.data[0], expected, rtol=1e-6)
+    single = AifT2StarCorrection(T2StarSettings(r2star_model="linear-in-gd"), context=context).process_item(series)
+    assert not np.allclose(item.data[0], single.data[0])

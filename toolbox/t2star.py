@@ -116,7 +116,7 @@ def r2star_linear_in_gd_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: floa
 def t2star_correct_gd_model(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te2_ms: float,
                             n_pd_frames: int, ratio_to_gd: Callable[[np.ndarray], np.ndarray], *,
                             smoothing_px: int = 3, iterations: int = 2,
-                            max_r2star_per_s: float = 2000.0) -> np.ndarray:
+                            max_r2star_per_s: float = 2000.0, combine_echoes: bool = False) -> np.ndarray:
     """Echo 1 extrapolated to TE = 0 with the fitted R2* of :func:`r2star_linear_in_gd_per_s`.
 
     The Gd regressor comes from the series itself: echo 1 (box-smoothed with the rates' kernel,
@@ -134,9 +134,15 @@ def t2star_correct_gd_model(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
         ratio_to_gd: maps SR/PD ratios (any shape) to Gd in mmol/L.
         smoothing_px, max_r2star_per_s: as in :func:`r2star_linear_in_gd_per_s`.
         iterations: fits (>= 1).
+        combine_echoes: return the inverse-variance weighted mean of BOTH echoes extrapolated to TE = 0,
+            ``sum_i w_i S_i exp(TE_i R2*) / sum_i w_i`` with ``w_i = exp(-2 TE_i R2*)`` (the echoes carry
+            independent noise of the same SD, and extrapolating echo i multiplies its noise by
+            ``exp(TE_i R2*)``): the same signal with less noise (about 1 / sqrt(2) of echo 1's where R2*
+            TE is small), as multi-echo images are combined; it leans on the fitted R2* model for echo 2
+            as well.
 
     Returns:
-        float32 [time, rows, cols]: ``echo1 * exp(TE1 * R2*_fit)``.
+        float32 [time, rows, cols]: ``echo1 * exp(TE1 * R2*_fit)`` (or the combination above).
 
     Raises:
         EchoError: echoes or echo times that cannot be used, or no PD / no SR frames.
@@ -162,7 +168,13 @@ def t2star_correct_gd_model(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
         fitted = np.clip(_weighted_line(rate, weight, gd), 0.0, max_r2star_per_s)
     logger.debug("T2* linear-in-Gd model: factor at the series' largest R2* %.3f",
                  float(np.exp(fitted.max() * te1_ms * 1e-3)))
-    return (echo1 * np.exp(fitted * (te1_ms * 1e-3))).astype(np.float32)
+    if not combine_echoes:
+        return (echo1 * np.exp(fitted * (te1_ms * 1e-3))).astype(np.float32)
+    w1 = np.exp(-2.0 * fitted * (te1_ms * 1e-3))
+    w2 = np.exp(-2.0 * fitted * (te2_ms * 1e-3))
+    s0_1 = echo1 * np.exp(fitted * (te1_ms * 1e-3))
+    s0_2 = echo2 * np.exp(fitted * (te2_ms * 1e-3))
+    return ((w1 * s0_1 + w2 * s0_2) / (w1 + w2)).astype(np.float32)
 
 
 def _checked_echoes(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te2_ms: float, *, series: bool = True
