@@ -220,6 +220,33 @@ def test_myocardium_around_the_lv_is_not_taken_for_the_lv_behind_the_rv():
     assert first_pass_contrast(hinted.curve) > 3.0
 
 
+def test_a_strong_myocardial_rim_is_not_taken_for_the_lv_by_the_dynamics_choice():
+    # a rim enhancing half as much as the LV joins its pool; split by arrival, the rim is the largest late
+    # candidate of the dynamics-only path, which took it (and, agreeing with the hint, kept it). Candidates
+    # that do not look like blood are dropped: without a hint a blood pool wins (here the aorta: the decoy
+    # pools make the dynamics-only choice a known failure), with the hint the LV.
+    series, lv, _ = _with_decoy(np.random.default_rng(16))
+    n = series.shape[0]
+    rows, cols = np.mgrid[:48, :48]
+    radius = np.hypot(rows - LV_CENTRE[0], cols - LV_CENTRE[1])
+    ring = (radius > 6.0) & (radius <= 9.0)
+    x = np.clip(np.arange(n) - 27.0, 0.0, None)
+    bump = x**2 * np.exp(-x / 3.0)
+    series[:, ring] += (120.0 * (1.0 - np.exp(-x / 4.0)) + 80.0 * bump / bump.max())[:, None]
+    settings = AifSettings(core_fraction=0.9)
+    unguarded = settings.model_copy(update={"min_first_pass_contrast": 1.01})
+    hint = {"lv_hint_rc": LV_CENTRE, "lv_hint_radius_px": LV_RADIUS}
+    for kwargs in ({}, hint):  # the failure, with and without the hint
+        failed = detect_aif(series, settings=unguarded, **kwargs)
+        assert failed.source in (AIF_SOURCE_POOLS, AIF_SOURCE_POOLS_AT_HINT)
+        assert np.sum(failed.mask & ring) == failed.mask.sum()
+    plain = detect_aif(series, settings=settings)
+    assert plain.source == AIF_SOURCE_POOLS and not np.any(plain.mask & ring) and first_pass_contrast(plain.curve) > 3.0
+    hinted = detect_aif(series, settings=settings, **hint)
+    assert hinted.mask.sum() >= 8 and np.all(lv[hinted.mask])
+    assert first_pass_contrast(hinted.curve) > 3.0
+
+
 def test_first_pass_contrast_of_blood_tissue_and_bad_curves():
     n = 60
     assert first_pass_contrast(_bolus(n, 15, 2.5, 4.0)) > 4.0  # first pass over a low recirculation

@@ -63,7 +63,8 @@ class AifSettings(BaseModel):
             "arterial blood peaks at least this many times higher than its late level (first_pass_contrast: 3.1-13 "
             "on the AIF pools of 100 simulated dev scans, the myocardium about 1.5): at the CNN's LV, the later-"
             "arriving part of a split pool that stays below it is myocardium around the LV, not LV blood behind the "
-            "RV, and the pool is not split (docs/preprocessing.md, 'Myocardium taken for the AIF')")
+            "RV, and the pool is not split; without a hint, LV candidates below it are dropped unless none reaches it "
+            "(docs/preprocessing.md, 'Myocardium taken for the AIF')")
     )
     foot_fraction: float = Field(0.05, gt=0, lt=1, description="foot: last frame below this fraction of the upslope")
     skip_frames: int = Field(1, ge=0, description="first frames left out of the baseline (steady state)")
@@ -388,6 +389,11 @@ def _dynamics_choice(smooth: np.ndarray, labels: np.ndarray, pools: list[_Pool],
     rv = min(major, key=lambda pool: (pool.peak_frame, -pool.area))
     rv_region = labels == rv.label
     lv_candidates = _lv_candidates(smooth, labels, rv, rv_region, pools, settings)
+    # the LV must look like blood: a myocardial rim joined to the LV pool and split off by its later arrival
+    # can be the largest late candidate (tests/test_aif.py); dropped unless no candidate looks like blood
+    blood_like = [candidate for candidate in lv_candidates
+                  if _mask_contrast(smooth, candidate[0], settings) >= settings.min_first_pass_contrast]
+    lv_candidates = blood_like or lv_candidates
     if not lv_candidates:
         rv_mask, lv_mask, _ = _arrival_split(smooth, rv_region)
         return lv_mask, rv_mask
@@ -440,10 +446,7 @@ def _hint_choice(smooth: np.ndarray, labels: np.ndarray, pools: list[_Pool],
         region = (labels == pool.label) & disc
         early, late, separation = _arrival_split(smooth, region)
         if separation >= settings.min_split_frames and late.sum() >= settings.min_pool_pixels:
-            try:
-                contrast = first_pass_contrast(smooth[:, late].mean(axis=1), settings=settings)
-            except AifError:  # no rise at all: not blood either
-                contrast = 0.0
+            contrast = _mask_contrast(smooth, late, settings)
             if contrast >= settings.min_first_pass_contrast:
                 return late, early, AIF_SOURCE_POOL_AT_HINT  # the RV's blood reaches into the disc
             # the later part is the myocardium around the LV (it enhances late and stays up), not the LV
@@ -454,6 +457,14 @@ def _hint_choice(smooth: np.ndarray, labels: np.ndarray, pools: list[_Pool],
         return region, no_rv, AIF_SOURCE_POOL_AT_HINT
     logger.warning("AIF: no enhancing blood pool at the CNN's LV: taking the most enhancing pixels of the LV disc")
     return _enhancing_core_of(smooth, disc, hint_rc), no_rv, AIF_SOURCE_HINT_REGION
+
+
+def _mask_contrast(smooth: np.ndarray, mask: np.ndarray, settings: AifSettings) -> float:
+    """:func:`first_pass_contrast` of the mean curve of ``mask`` (0 when it does not rise at all)."""
+    try:
+        return first_pass_contrast(smooth[:, mask].mean(axis=1), settings=settings)
+    except AifError:
+        return 0.0
 
 
 def _enhancing_core_of(smooth: np.ndarray, region: np.ndarray, hint_rc: tuple[float, float]) -> np.ndarray:
