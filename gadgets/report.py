@@ -86,7 +86,8 @@ class AhaReportSettings(GadgetSettings):
     exclude_fit_limit: bool = Field(True, description=(
         "MBF statistics leave out pixels at the fit limit (no estimate: the optimum lies outside the fit's grid)"))
     max_fit_limit_fraction: float = Field(0.5, gt=0, le=1, description=(
-        "a slice with more analysed myocardial pixels at the fit limit fails (segmentation off the myocardium)"))
+        "a slice with more analysed myocardial pixels at the fit limit fails (segmentation off the myocardium, or "
+        "an AIF that reads low)"))
     rv_placement: bool = Field(True, description=(
         "place the anterior RV insertion from each slice's RV arc, checked across the slices (a slice that "
         "disagrees or has no RV takes the others' value, flagged); false: the segmentation's insertion as is"))

@@ -129,7 +129,8 @@ def test_aif_that_does_not_look_like_blood_is_flagged():
     aif = tissue_items[-1]
     t = aif.time_s
     rise = np.clip(t - 9.0, 0.0, None)
-    tissue_items[-1] = replace(aif, blood_gd_mmol_l=1.0 - np.exp(-rise / 3.0) + 0.3 * np.exp(-((rise - 4.0) / 2.0) ** 2))
+    tissue = 1.0 - np.exp(-rise / 3.0) + 0.3 * np.exp(-((rise - 4.0) / 2.0) ** 2)  # rises, stays up
+    tissue_items[-1] = replace(aif, blood_gd_mmol_l=tissue)
     flagged = PerfusionReport.model_validate_json(split(run(tissue_items))[1][0].text)
     message = [f for f in flagged.flags if "late level" in f]
     assert len(message) == 1 and "AIF peaks only 1." in message[0] and "may hold myocardium" in message[0]

@@ -67,7 +67,9 @@ class ReportSettings(BaseModel):
         "(the optimum lies outside the grid); they count as pixels without a fit"))
     max_fit_limit_fraction: float = Field(0.5, gt=0, le=1, description=(
         "a slice with more of its analysed myocardial pixels at the fit limit fails: the segmented 'myocardium' "
-        "does not behave like perfused tissue (segmentation off the myocardium, or no usable enhancement)"))
+        "does not behave like perfused tissue (segmentation off the myocardium, or no usable enhancement), or "
+        "every MBF reads high (an AIF that reads low: held-out stress 2**30+819, a 9-pixel pool at 81 % of the "
+        "blood peak, failed its basal and mid slices)"))
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -465,7 +467,8 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
             at_limit = float(np.mean(mbf_values[np.isfinite(mbf_values)] >= settings.fit_limit_mbf_ml_min_g))
             if at_limit > settings.max_fit_limit_fraction:
                 slice_flags.append(f"MBF at the fit limit (>= {settings.fit_limit_mbf_ml_min_g:g} ml/min/g) on "
-                                   f"{100 * at_limit:.0f} % of the myocardium: segmentation off the myocardium?")
+                                   f"{100 * at_limit:.0f} % of the myocardium: segmentation off the myocardium, "
+                                   "or an AIF that reads low (small LV pool)?")
                 failed = True
         if settings.exclude_fit_limit:
             mbf = np.where(mbf >= settings.fit_limit_mbf_ml_min_g, np.nan, mbf)
