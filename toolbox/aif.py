@@ -295,7 +295,8 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
     ``body`` (bool [rows, cols], e.g. :func:`body_mask` of the PD image); the LV keeps its
     core pixels (``core_fraction``) and its curve is the mean of the unsmoothed series there.
 
-    Without a hint the LV is chosen by the pools' dynamics and shape alone (module docstring).
+    Without a hint the LV is chosen by the pools' dynamics and shape alone (module docstring), among
+    the candidates that look like blood (``min_first_pass_contrast``) when any does.
     With ``lv_hint_rc`` (row, col of the LV centre in pixels of this image, e.g. the CNN's LV
     centre of the myocardial slices projected into the AIF plane) and ``lv_hint_radius_px``
     (the LV blood-pool radius in these pixels; ``hint_radius_px`` if None), the LV disc is the
@@ -306,7 +307,8 @@ def detect_aif(aif_series: np.ndarray, *, settings: AifSettings | None = None,
        hint, restricted to the LV disc;
     2. else the enhancing pool with the most pixels in the LV disc, restricted to it (a pool
        far from the hint is never taken when one at the hint exists; a pool that merged the LV
-       with the aorta or lung keeps only its LV part);
+       with the aorta or lung keeps only its LV part; split by arrival, its later part is taken
+       only if it looks like blood, ``min_first_pass_contrast``);
     3. else (no enhancing pool at the hint) the enhancing pixels of the LV disc itself.
 
     The core is then taken as without a hint. Returns the LV mask, the mean LV curve, its foot,
