@@ -362,8 +362,8 @@ def aif_on_fine_grid(sample_time_s: np.ndarray, plasma_mmol_l: np.ndarray, grid_
     passes through every noisy sample, and the tallest of the noisy samples of the first pass
     becomes the AIF's peak: on 34 dev chain AIFs (docs/mapping.md, "Session 11"; the noisiest
     from 8-pixel pools, 16 % frame-to-frame scatter) the peak read +2.4 % high and the first-pass
-    RMS error was 4.0 % of the peak; with the GCV spline -0.1 % and 3.4 %. Noise-free samples come back within 0.5 % of the
-    peak (GCV then chooses almost no smoothing).
+    RMS error was 4.0 % of the peak; with the GCV spline -0.1 % and 3.4 %. Noise-free samples come
+    back within 0.5 % of the peak (GCV then chooses almost no smoothing).
     """
     import scipy.interpolate
 

@@ -170,11 +170,10 @@ def t2star_correct_gd_model(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
                  float(np.exp(fitted.max() * te1_ms * 1e-3)))
     if not combine_echoes:
         return (echo1 * np.exp(fitted * (te1_ms * 1e-3))).astype(np.float32)
-    w1 = np.exp(-2.0 * fitted * (te1_ms * 1e-3))
-    w2 = np.exp(-2.0 * fitted * (te2_ms * 1e-3))
-    s0_1 = echo1 * np.exp(fitted * (te1_ms * 1e-3))
-    s0_2 = echo2 * np.exp(fitted * (te2_ms * 1e-3))
-    return ((w1 * s0_1 + w2 * s0_2) / (w1 + w2)).astype(np.float32)
+    # w_i S0_i = exp(-TE_i R2*) S_i: the weighted sum needs only the decay factors
+    decay1 = np.exp(-fitted * (te1_ms * 1e-3))
+    decay2 = np.exp(-fitted * (te2_ms * 1e-3))
+    return ((decay1 * echo1 + decay2 * echo2) / (decay1 * decay1 + decay2 * decay2)).astype(np.float32)
 
 
 def _checked_echoes(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te2_ms: float, *, series: bool = True
