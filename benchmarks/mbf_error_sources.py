@@ -58,8 +58,11 @@ CHAIN_UNTIL = "flow-map"  # the chain is run up to (not including) this gadget
 
 
 # ------------------------------------------------------------------------------ prepare
-def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False) -> Path:
-    """Run the ``perfusion`` chain up to ``flow-map`` on one simulated scan; cache its intermediates (npz)."""
+def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, chains: Path | None = None) -> Path:
+    """Run the ``perfusion`` chain up to ``flow-map`` on one simulated scan; cache its intermediates (npz).
+
+    ``chains``: a chain directory whose ``perfusion.toml`` replaces the shipped one (a settings
+    variant, e.g. ``perfusion-moco interpolation = "cubic"``); default the shipped chains."""
     import ismrmrd
 
     from perfline.core.chain import resolve_chain
@@ -81,7 +84,7 @@ def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False) -
     xml, items = dataset_items(str(mrd))
     header = ismrmrd.xsd.CreateFromDocument(xml)
     parameters = {"scan": kind, "hematocrit": round(float(study.bolus.hematocrit), 4)}
-    spec = resolve_chain("perfusion")
+    spec = resolve_chain("perfusion", chains)
     gadgets = spec.instantiate(ChainContext(header=header, header_xml=xml, parameters=parameters))
     names = [g.gadget.name for g in spec.gadgets]
     started = time.perf_counter()
@@ -446,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=8)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--keep-mrd", action="store_true", help="prepare: keep the simulated MRD files")
+    parser.add_argument("--chains", type=Path, default=None, help=(
+        "prepare: chain directory whose perfusion.toml replaces the shipped one (a settings variant)"))
     parser.add_argument("--json", type=Path, default=None, help="attribute: also write the rows as JSON")
     parser.add_argument("--flow-map", default="{}", help=(
         "attribute: flow-map settings to change, JSON (e.g. '{\"coarse_stride\": [2, 2, 2, 2, 2], \"n_starts\": 3}')"))
@@ -473,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         for seed in seeds:
             for kind in KINDS:
-                prepare_scan(seed, kind, args.cache, keep_mrd=args.keep_mrd)
+                prepare_scan(seed, kind, args.cache, keep_mrd=args.keep_mrd, chains=args.chains)
         return 0
     if args.command == "aif-tail":
         return aif_tail(seeds, args.cache, args.aif_cache)

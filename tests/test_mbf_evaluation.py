@@ -258,3 +258,16 @@ def test_evaluate_studies_end_to_end(tmp_path):
     assert result.sector_mbf.max_abs_relative_error_pct < 2.0
     assert result.n_missing_sectors == 0
     assert result.rv_insertion_abs_error_deg_max == pytest.approx(1.0)
+
+
+def test_evaluate_mbf_rejects_a_chain_directory_without_the_perfusion_chain(tmp_path):
+    import argparse
+
+    from perfline.toolbox.mbf_evaluation import run
+
+    (tmp_path / "other.toml").write_text('name = "other"\n')
+    args = argparse.Namespace(studies=2, first_seed=None, out=tmp_path / "out", json=None, lab_hematocrit=True,
+                              chains=tmp_path)
+    with pytest.raises(EvaluationError, match="perfusion.toml"):
+        run(args)
+    assert not (tmp_path / "out").exists()

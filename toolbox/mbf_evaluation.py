@@ -414,8 +414,9 @@ def write_evaluation(comparison: MbfComparison, automated: Sequence[StudyMbf], t
 
 def run(args: argparse.Namespace) -> int:
     """Entry of ``perfline evaluate --mbf``: reads ``args.studies``, ``args.first_seed`` and ``args.out``
-    (or the folder of ``args.json``; default ``evaluation_mbf``), and ``args.lab_hematocrit`` (default
-    True: the simulated hematocrit is sent to the chain)."""
+    (or the folder of ``args.json``; default ``evaluation_mbf``), ``args.lab_hematocrit`` (default
+    True: the simulated hematocrit is sent to the chain) and ``args.chains`` (a chain directory
+    whose ``perfusion.toml`` replaces the shipped one; default None, the shipped chains)."""
     n_studies = int(getattr(args, "studies", 50))
     out = getattr(args, "out", None)
     json_path = getattr(args, "json", None)
@@ -424,10 +425,15 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluationError(f"--studies must be at least 2 for a paired t-test, got {n_studies}")
     from tqdm import tqdm
 
+    chain_dir = getattr(args, "chains", None)
+    if chain_dir is not None and not (Path(chain_dir) / "perfusion.toml").is_file():
+        raise EvaluationError(f"--chains {chain_dir}: expected a chain directory holding perfusion.toml, "
+                              f"found no such file")
     simulate = default_simulator(getattr(args, "first_seed", None))
     with tqdm(total=n_studies, desc="MBF evaluation", unit="study") as bar:
         automated, truth = evaluate_studies(n_studies, simulate, out_dir / "studies",
                                             lab_hematocrit=bool(getattr(args, "lab_hematocrit", True)),
+                                            chain_dir=Path(chain_dir) if chain_dir is not None else None,
                                             progress=lambda done: bar.update(done - bar.n))
     comparison = compare_mbf(automated, truth)
     paths = write_evaluation(comparison, automated, truth, out_dir)

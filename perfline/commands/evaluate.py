@@ -73,6 +73,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-lab-hematocrit", dest="lab_hematocrit", action="store_false",
                         help="--mbf only: do not send the simulated study's hematocrit as a lab value "
                              "(the chain then uses its 0.42 setting)")
+    parser.add_argument("--chains", type=Path, default=None, metavar="DIR",
+                        help="--mbf only: chain directory (its perfusion.toml) instead of the shipped "
+                             "chains, to evaluate a settings variant")
     parser.set_defaults(func=run)
     return parser
 
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
                              "(the chain's cnn-segmentation uses its own settings)")
 
         return int(mbf_evaluation.run(args))
+    if args.chains is not None:
+        raise SystemExit("--chains applies to --mbf only (the segmentation evaluation runs no chain)")
     from tqdm import tqdm
 
     from perfline.models.data import TEST_SEED_START, resample_frames_to_interval
