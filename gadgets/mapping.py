@@ -360,7 +360,9 @@ class FlowMapSettings(GadgetSettings):
     delay_prior_sd_s: float = Field(0.25, gt=0.0, le=10.0, description=(
         "BTEX: SD of each pixel's delay prior at the pre-fit's delay, s (the smoothed fit reads the delay about "
         "0.25 s early, and a tight prior pulls noisy pixels there, to a lower flow, most at stress: docs/mapping.md, "
-        "'The delay prior pulls stress flow down'; 0.5 s lost its decision run, docs/integration.md 'Session 10')"))
+        "'The delay prior pulls stress flow down'; 0.5 s alone lost session 10's decision run; with perfusion-moco "
+        "interpolation = 'cubic' it won session 13's and the perfusion chains set 0.5 s, docs/integration.md "
+        "'Session 13')"))
     vp_range: tuple[float, float] = Field((0.02, 0.32), description=(
         "BTEX Vp grid, ml/ml: wider than the tissue range so that blood partial volume near the endocardium "
         "(blood fraction b adds b (1 - Hct) to Vp) is fitted as Vp, not as flow"))

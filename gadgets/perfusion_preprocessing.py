@@ -65,7 +65,8 @@ class MotionCorrectionSettings(GadgetSettings):
     interpolation: Literal["linear", "cubic"] = Field("linear", description=(
         "resampling of the corrected frames: 'linear' (bilinear) or 'cubic' (cubic B-spline; bilinear resampling "
         "carries LV blood one pixel into the myocardium in every moved frame, docs/mapping.md 'Session 11'; "
-        "'cubic' lost its decision run, docs/integration.md 'Session 11, second decision'); the estimation passes "
+        "'cubic' alone lost session 11's decision run; with flow-map delay_prior_sd_s = 0.5 it won session 13's and the "
+        "perfusion chains set it, docs/integration.md 'Session 13'); the estimation passes "
         "always resample bilinearly"))
 
 
