@@ -556,3 +556,31 @@ def test_spillover_fit_with_a_zero_regressor_beside_the_rv_recovers_rest_flow():
     assert np.max(np.abs(fitted["mbf_ml_min_g"] / mbf - 1.0)) < 0.04
     np.testing.assert_allclose(fitted["spillover"][:, 1], 0.02, atol=1e-3)
     np.testing.assert_array_equal(fitted["spillover"][:, 0], 0.0)
+
+
+def test_three_refinement_starts_can_miss_the_optimum_of_a_rest_curve_and_sixteen_find_it():
+    """Noise-free rest curves of one simulated study (seed 2**30 + 753, rest: PS 1.46, Vp 0.085, Visf
+    0.18, delay 0.90 s, its own bolus): with the global search's 3 best coarse entries all in the far
+    basin of the delay / transit trade-off the local refinement stops at Vp 0.02, a late delay and
+    Fp 1.4-3x the truth; 16 starts (the perfusion chains' flow-map setting) reach the truth
+    (docs/mapping.md "Session 13")."""
+    from perfline.simulator import dynamics
+    from perfline.simulator.study import sample_study
+
+    study = sample_study(2**30 + 753, kind="rest")
+    tissue, bolus = study.tissue, study.bolus
+    fine = np.arange(0.0, 80.0, 0.05)
+    plasma = dynamics.blood_curves(fine, bolus)["lv"] / (1.0 - bolus.hematocrit)
+    grid = np.arange(0.0, 80.0, DT)
+    settings = dict(vp_range=(0.02, 0.32), vp_steps=11, prior_vp_sd=0.1, coarse_stride=(2, 2, 2, 1, 2))
+    for mbf in (0.9, 1.1):
+        curve = fm.btex_tissue_curves(plasma, 0.05, np.array([mbf]), np.array([tissue.ps_ml_min_g]),
+                                      np.array([tissue.vp]), np.array([tissue.visf]), tissue.delay_s)[0]
+        series = np.repeat(np.interp(grid, fine, curve)[:, None], 25, axis=1).reshape(grid.size, 5, 5)
+        series = series + np.random.default_rng(0).normal(0.0, 0.003, series.shape)
+        fits = {n: map_btex(series, np.interp(grid, fine, plasma), DT, delay_prior_sd_s=0.5,
+                            settings=BtexSettings(n_starts=n, **settings)) for n in (3, 16)}
+        assert np.median(fits[3].mbf_ml_min_g) > 1.3 * mbf
+        assert np.median(fits[16].mbf_ml_min_g) == pytest.approx(mbf, rel=0.03)
+        assert np.median(fits[16].delay_s) == pytest.approx(tissue.delay_s, abs=0.1)
+        assert np.median(fits[16].fit_rmse) < np.median(fits[3].fit_rmse)
