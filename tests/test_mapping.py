@@ -562,8 +562,8 @@ def test_three_refinement_starts_can_miss_the_optimum_of_a_rest_curve_and_sixtee
     """Noise-free rest curves of one simulated study (seed 2**30 + 753, rest: PS 1.46, Vp 0.085, Visf
     0.18, delay 0.90 s, its own bolus): with the global search's 3 best coarse entries all in the far
     basin of the delay / transit trade-off the local refinement stops at Vp 0.02, a late delay and
-    Fp 1.4-3x the truth; 16 starts (the perfusion chains' flow-map setting) reach the truth
-    (docs/mapping.md "Session 13")."""
+    Fp 1.4-3x the truth; 16 starts (``flow-map n_starts = 16``) reach the truth (docs/mapping.md
+    "Session 13"; the setting did not pass its end-to-end decision run, docs/integration.md)."""
     from perfline.simulator import dynamics
     from perfline.simulator.study import sample_study
 
