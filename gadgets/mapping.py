@@ -126,7 +126,7 @@ class AifExtractSettings(GadgetSettings):
         "(coil-shading and PD-normalisation residuals), not mixing, and the regression reads it as partial volume "
         "(area +5 to +20 % on 18 large dev pools, session 8)"))
     foot_max_lead_frames: int | None = Field(None, ge=0, le=20, description=(
-        "the AIF's foot (0.5 s grid frames) at most this many frames before its upslope's baseline crossing "
+        "the AIF's foot at most this many frames (of the interval_s grid) before its upslope's baseline crossing "
         "(toolbox.aif.aif_foot_peak); None: off. A small pool's pre-bolus noise bumps put the foot seconds early "
         "and the pixel fit at its limit (docs/preprocessing.md 'AIF foot on pre-bolus noise'; not decided)"))
 
