@@ -425,15 +425,15 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluationError(f"--studies must be at least 2 for a paired t-test, got {n_studies}")
     from tqdm import tqdm
 
-    chain_dir = getattr(args, "chains", None)
-    if chain_dir is not None and not (Path(chain_dir) / "perfusion.toml").is_file():
+    chain_dir = None if getattr(args, "chains", None) is None else Path(args.chains)
+    if chain_dir is not None and not (chain_dir / "perfusion.toml").is_file():
         raise EvaluationError(f"--chains {chain_dir}: expected a chain directory holding perfusion.toml, "
                               f"found no such file")
     simulate = default_simulator(getattr(args, "first_seed", None))
     with tqdm(total=n_studies, desc="MBF evaluation", unit="study") as bar:
         automated, truth = evaluate_studies(n_studies, simulate, out_dir / "studies",
                                             lab_hematocrit=bool(getattr(args, "lab_hematocrit", True)),
-                                            chain_dir=Path(chain_dir) if chain_dir is not None else None,
+                                            chain_dir=chain_dir,
                                             progress=lambda done: bar.update(done - bar.n))
     comparison = compare_mbf(automated, truth)
     paths = write_evaluation(comparison, automated, truth, out_dir)
