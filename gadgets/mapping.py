@@ -50,7 +50,7 @@ from perfline.gadgets.perfusion_items import (
 from perfline.toolbox import gd_conversion
 from perfline.toolbox.aif import (
     AIF_SOURCE_HINT_REGION, AifError, AifResult, AifSettings, aif_foot_peak, baseline_subtract, body_mask,
-    cross_fitted_pool_curve, detect_aif, magnitude_floor_corrected_curve,
+    cross_fitted_pool_curve, detect_aif, magnitude_floor_corrected_curve, sample_foot_time,
 )
 from perfline.toolbox.aif_partial_volume import (
     PartialVolumeWeights, partial_volume_corrected_curve, partial_volume_weights,
@@ -129,6 +129,12 @@ class AifExtractSettings(GadgetSettings):
         "the AIF's foot at most this many frames (of the interval_s grid) before its upslope's baseline crossing "
         "(toolbox.aif.aif_foot_peak); None: off. A small pool's pre-bolus noise bumps put the foot seconds early "
         "and the pixel fit at its limit (docs/preprocessing.md 'AIF foot on pre-bolus noise'; not decided)"))
+    foot_from_samples: bool = Field(False, description=(
+        "the bolus arrival from the acquired samples (toolbox.aif.sample_foot_time: the last upward crossing of 5 % "
+        "of the peak before the samples' maximum, interpolated between samples) where the series kept them and it "
+        "lies after the grid curve's foot; curve and samples are zero before it. The grid foot (3-frame smoothing, "
+        "last frame within 5 %) sits 0.55 s (median) and up to 3 s before the true arrival, on a small pool's "
+        "pre-bolus noise bumps (docs/preprocessing.md 'AIF foot from the acquired samples')"))
 
 
 @dataclass(frozen=True)
@@ -262,18 +268,30 @@ class AifExtract(Gadget):
         if samples is not None:  # the same baseline (of the grid curve) off the acquired samples
             samples = (samples[0], samples[1] - (blood - subtracted)[0])
         blood = subtracted
+        foot_time_s = None
+        if self.settings.foot_from_samples and samples is not None:
+            try:
+                arrival = sample_foot_time(samples[0], samples[1], AifSettings().foot_fraction * float(blood[peak]))
+            except AifError as error:
+                raise GadgetError(f"aif-extract: {error}") from error
+            if grid_s[foot] < arrival < grid_s[peak]:
+                foot_time_s = arrival
+                blood = np.where(grid_s < arrival, 0.0, blood)
+                samples = (samples[0], np.where(samples[0] < arrival, 0.0, samples[1]))
+                foot = int(np.searchsorted(grid_s, arrival, side="right")) - 1
         if hint_rc is not None:
             self.log.info("AIF: CNN's LV of slice %d at (%.1f, %.1f) of the AIF image, radius %s px; pool: %s",
                           hint.slice_index, hint_rc[0], hint_rc[1],
                           f"{radius_px:.1f}" if radius_px is not None else "unknown", detected.source)
         if detected.source == AIF_SOURCE_HINT_REGION:
             self.log.warning("AIF from the CNN's LV region of the AIF image: no enhancing blood pool was found there")
-        self.log.info("AIF: %d LV pixels, foot %.1f s, peak %.2f mmol/L at %.1f s, hematocrit %.3f",
-                      int(mask.sum()), grid_s[foot], blood[peak], grid_s[peak], self._hematocrit)
+        self.log.info("AIF: %d LV pixels, foot %.2f s, peak %.2f mmol/L at %.1f s, hematocrit %.3f",
+                      int(mask.sum()), grid_s[foot] if foot_time_s is None else foot_time_s, blood[peak],
+                      grid_s[peak], self._hematocrit)
         return AifCurve(time_s=grid_s, blood_gd_mmol_l=blood, hematocrit=self._hematocrit,
                         foot_index=foot, peak_index=peak, mask=mask, geometry=series.geometry,
                         source=detected.source, sample_time_s=None if samples is None else samples[0],
-                        sample_blood_gd_mmol_l=None if samples is None else samples[1])
+                        sample_blood_gd_mmol_l=None if samples is None else samples[1], foot_time_s=foot_time_s)
 
     def _cross_fitted(self, series: AifSeries, table: Any, ratio: np.ndarray, time_s: np.ndarray, pool: np.ndarray,
                       foot: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, np.ndarray]:
@@ -514,7 +532,7 @@ class FlowMap(Gadget):
             plasma = aif_on_fine_grid(aif.sample_time_s, np.asarray(aif.sample_blood_gd_mmol_l) /
                                       (1.0 - aif.hematocrit), grid_s, upsample, smoothing=self.settings.aif_smoothing)
             # as on the grid: zero before the foot
-            plasma[fine_grid(grid_s, upsample) < aif.time_s[aif.foot_index]] = 0.0
+            plasma[fine_grid(grid_s, upsample) < aif.arrival_time_s] = 0.0
             fine_dt = float(grid_s[1] - grid_s[0]) / upsample
             self._fine_curves[key] = fine_table_curves(plasma, fine_dt, self._btex_settings())
         return self._fine_curves[key]
@@ -677,7 +695,7 @@ def _btex_settings(settings: FlowMapSettings) -> BtexSettings:
 def _plasma_on(time_s: np.ndarray, aif: AifCurve) -> np.ndarray:
     """Plasma AIF (mmol/L) on a slice's time grid, zero before the bolus foot."""
     blood = np.interp(time_s, aif.time_s, aif.blood_gd_mmol_l)
-    blood[time_s < aif.time_s[aif.foot_index]] = 0.0
+    blood[time_s < aif.arrival_time_s] = 0.0
     return blood / (1.0 - aif.hematocrit)
 
 

@@ -133,6 +133,8 @@ class AifCurve:
             pixels, same baseline subtracted) at the AIF's acquisition times, once per heartbeat,
             before resampling (None when the series came without them): ``flow-map`` interpolates
             them smoothly for its BTEX table (docs/mapping.md).
+        foot_time_s: the bolus arrival (s) when aif-extract took it between grid frames (from the
+            acquired samples; the curve and samples are zero before it), else None: the foot frame's time.
     """
 
     time_s: np.ndarray
@@ -145,6 +147,12 @@ class AifCurve:
     source: str = "pools"
     sample_time_s: np.ndarray | None = None
     sample_blood_gd_mmol_l: np.ndarray | None = None
+    foot_time_s: float | None = None
+
+    @property
+    def arrival_time_s(self) -> float:
+        """The bolus arrival (s): ``foot_time_s`` when set, else the foot frame's time."""
+        return float(self.time_s[self.foot_index]) if self.foot_time_s is None else float(self.foot_time_s)
 
     @property
     def plasma_gd_mmol_l(self) -> np.ndarray:

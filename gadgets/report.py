@@ -274,7 +274,7 @@ class AhaReportGadget(Gadget):
         else:
             n_pixels = int(np.count_nonzero(aif.mask))
             aif_summary = AifSummary(peak_gd_mmol_l=float(np.max(aif.blood_gd_mmol_l)),
-                                     foot_time_s=float(aif.time_s[aif.foot_index]),
+                                     foot_time_s=aif.arrival_time_s,
                                      peak_time_s=float(aif.time_s[aif.peak_index]), hematocrit=aif.hematocrit,
                                      n_pixels=n_pixels)
             if n_pixels < settings.min_aif_pixels:

@@ -388,3 +388,35 @@ def test_foot_lead_limit_keeps_pre_bolus_noise_bumps_out_of_the_aif():
     crossing = upslope_baseline_crossing(clean[: peak + 1], 0.0, clean[peak])
     assert 40 <= crossing <= 43  # frames: the rise starts at frame 40 (20 s)
     assert aif_foot_peak(clean, settings=AifSettings(foot_max_lead_frames=2)) == aif_foot_peak(clean)
+
+
+def test_sample_foot_is_the_last_crossing_before_the_peak_and_skips_pre_bolus_bumps():
+    """The acquired AIF samples of simulated study 2**30+995 stress (3 T, 8-pixel pool; baseline
+    subtracted, mmol/L): noise bumps of 0.4-0.5 mmol/L before the bolus (true 5 % arrival 13.22 s). The
+    grid foot of the chain sat at 10.0 s; the samples' last crossing of 5 % of the peak is at 13.3 s."""
+    from perfline.toolbox.aif import sample_foot_time
+
+    t = np.array([8.54, 9.30, 10.09, 10.86, 11.57, 12.36, 13.14, 13.93, 14.72, 15.49, 16.3, 17.1])
+    blood = np.array([-0.06, -0.06, -0.06, 0.47, -0.06, 0.39, -0.06, 0.87, 2.60, 3.38, 2.9, 2.2])
+    level = 0.05 * 3.1
+    foot = sample_foot_time(t, blood, level)
+    assert 13.14 < foot < 13.93
+    np.testing.assert_allclose(foot, 13.14 + 0.79 * (level + 0.06) / 0.93, atol=1e-9)
+    # a clean curve: the interpolated crossing itself
+    clean_t = np.arange(20) * 0.8
+    clean = np.clip(clean_t - 6.0, 0.0, None) * 2.0
+    np.testing.assert_allclose(sample_foot_time(clean_t, clean, 0.2), 5.6 + 0.8 * 0.2 / 0.8, atol=1e-9)
+    # no sample at or below the level before the peak: the first sample
+    assert sample_foot_time(clean_t[8:], clean[8:], 0.2) == clean_t[8]
+
+
+@pytest.mark.parametrize(("t", "values", "match"), [
+    (np.arange(5.0), np.zeros(4), "matching"),
+    (np.arange(5.0), np.array([0.0, 1.0, np.nan, 1.0, 0.0]), "not finite"),
+    (np.array([0.0, 1.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.0, 2.0, 1.0, 0.0]), "increase"),
+], ids=["length", "nan", "times"])
+def test_sample_foot_bad_input_is_a_clear_error(t, values, match):
+    from perfline.toolbox.aif import AifError, sample_foot_time
+
+    with pytest.raises(AifError, match=match):
+        sample_foot_time(t, values, 0.1)

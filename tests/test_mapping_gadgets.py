@@ -533,3 +533,40 @@ def test_aif_foot_lead_limit_moves_the_foot_past_pre_bolus_bumps_and_keeps_the_b
     assert plain.time_s[plain.foot_index] < 5.5  # before the bumps
     assert 7.5 <= limited.time_s[limited.foot_index] <= 9.0  # the bolus starts at 8 s (5 % at 9.1 s)
     np.testing.assert_allclose(limited.blood_gd_mmol_l, plain.blood_gd_mmol_l)  # same baseline
+
+
+def test_aif_foot_from_samples_skips_pre_bolus_bumps_and_zeroes_the_aif_before_the_arrival():
+    """aif-extract foot_from_samples: an AIF acquired once per 0.8 s beat and resampled (the acquired samples
+    kept) with noise bumps of 0.5 mmol/L in the LV pool at 5.9 and 7.5 s. The grid foot (3-frame smoothing) lies
+    before the last bump; the samples' last 5 % crossing lies at the bolus (the curve starts at 8 s, its 5 %
+    point is at 8.7 s), curve and samples are zero before it, and flow-map's plasma starts there."""
+    from perfline.gadgets.mapping import _plasma_on
+    from perfline.gadgets.perfusion_preprocessing import TemporalResample
+
+    times = 0.3 + 0.8 * np.arange(45)
+    rows, cols = np.mgrid[:32, :32]
+    lv = (rows - 16) ** 2 + (cols - 18) ** 2 <= 16
+    rv = (rows - 16) ** 2 / 9 + (cols - 9) ** 2 / 4 <= 1
+    gd = np.zeros((times.size, 32, 32))
+    gd[:, lv] = _blood(times)[:, None]
+    gd[:, rv] = _blood(times + 3.0)[:, None]
+    gd += np.random.default_rng(3).normal(0.0, 0.05, gd.shape)
+    bumps = np.isin(np.arange(times.size), (7, 9))  # 5.9 and 7.5 s, the bolus starts at 8 s
+    gd[np.ix_(bumps, np.arange(32), np.arange(32))] += 0.5 * lv
+    series = AifSeries(data=gd[None].astype(np.float32), time_s=times, echo_times_ms=(1.0,), units="gd_mmol_l",
+                       n_pd_frames=0, geometry=GEOMETRY)
+    (resampled,) = list(TemporalResample().process(iter([series])))
+    settings = AifExtractSettings(lv_hint=False)
+    (plain,) = list(AifExtract(settings).process(iter([resampled])))
+    (sampled,) = list(AifExtract(settings.model_copy(update={"foot_from_samples": True})).process(iter([resampled])))
+    fine = np.linspace(0.0, 40.0, 40001)
+    true_arrival = fine[np.argmax(_blood(fine) > 0.05 * _blood(fine).max())]
+    assert plain.foot_time_s is None and plain.arrival_time_s < 7.5  # before the last bump
+    assert abs(sampled.arrival_time_s - true_arrival) < 0.3  # measured 0.08 s
+    assert sampled.time_s[sampled.foot_index] <= sampled.foot_time_s < sampled.time_s[sampled.foot_index + 1]
+    assert np.all(sampled.blood_gd_mmol_l[sampled.time_s < sampled.foot_time_s] == 0.0)
+    assert np.all(sampled.sample_blood_gd_mmol_l[sampled.sample_time_s < sampled.foot_time_s] == 0.0)
+    after = sampled.time_s >= sampled.foot_time_s
+    np.testing.assert_allclose(sampled.blood_gd_mmol_l[after], plain.blood_gd_mmol_l[after])  # same baseline
+    plasma = _plasma_on(sampled.time_s, sampled)
+    assert np.all(plasma[sampled.time_s < sampled.foot_time_s] == 0.0) and plasma[after][0] >= 0.0

@@ -201,6 +201,40 @@ def upslope_baseline_crossing(curve: np.ndarray, baseline: float, rise: float) -
     return t20 - 0.2 * (t80 - t20) / 0.6
 
 
+def sample_foot_time(time_s: np.ndarray, blood: np.ndarray, level: float) -> float:
+    """Bolus arrival (s) on a baseline-subtracted blood curve at its acquisition times.
+
+    The fractional time where the samples last cross ``level`` upwards before their maximum, by
+    linear interpolation between the two samples around it; the first sample's time when no sample
+    before the maximum is at or below ``level``. Unlike :func:`aif_foot_peak` it uses the acquired
+    samples (once per heartbeat, 0.6-1.1 s apart) without smoothing or a grid: the 3-frame moving
+    average on the 0.5 s grid merges a small pool's pre-bolus noise bumps with the upslope and puts
+    that foot 0.5 s (median) to 3 s before the arrival (docs/preprocessing.md "AIF foot from the
+    acquired samples").
+
+    Args:
+        time_s: [S] acquisition times (s), increasing.
+        blood: [S] blood Gd (mmol/L), baseline subtracted.
+        level: arrival level (mmol/L), e.g. 5 % of the first-pass peak.
+    """
+    t = np.asarray(time_s, dtype=np.float64).ravel()
+    values = np.asarray(blood, dtype=np.float64).ravel()
+    if t.size != values.size or t.size < 2:
+        raise AifError(f"need matching sample times and values (2 or more), got {t.size} and {values.size}")
+    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(values)) and math.isfinite(level)):
+        raise AifError("AIF samples or arrival level not finite")
+    if np.any(np.diff(t) <= 0):
+        raise AifError("AIF sample times must increase")
+    peak = int(np.argmax(values))
+    below = np.flatnonzero(values[:peak] <= level)
+    if not below.size:
+        return float(t[0])
+    i = int(below[-1])
+    step = values[i + 1] - values[i]
+    fraction = float((level - values[i]) / step) if step > 0 else 0.0
+    return float(t[i] + fraction * (t[i + 1] - t[i]))
+
+
 def first_pass_contrast(curve: np.ndarray, *, settings: AifSettings | None = None) -> float:
     """First-pass peak enhancement over the late enhancement of a curve [time] (any units linear in Gd
     at low Gd: signal, SR/PD, Gd), a dimensionless shape measure that separates arterial blood from tissue.
