@@ -103,6 +103,8 @@ def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, c
             arrays["aif_time"] = np.asarray(item.time_s, dtype=np.float64)
             arrays["aif_blood"] = np.asarray(item.blood_gd_mmol_l, dtype=np.float64)
             arrays["aif_foot"] = np.array(item.foot_index)
+            if item.foot_time_s is not None:  # aif-extract foot_from_samples: the arrival between grid frames
+                arrays["aif_foot_time"] = np.array(item.foot_time_s, dtype=np.float64)
             arrays["aif_mask"] = np.asarray(item.mask, dtype=bool)
             if item.sample_time_s is not None and item.sample_blood_gd_mmol_l is not None:
                 # the AIF at its acquisition times, as flow-map's sampled table (aif_upsample > 1) takes it
@@ -142,7 +144,7 @@ class ScanInputs:
     truth: object                 # StudyMbf of truth_from_simulator
     slice_times: list[np.ndarray] | None = None  # each slice's acquisition times (s), the phantom's frames
     chain_aif_samples: tuple[np.ndarray, np.ndarray] | None = None  # (s, blood Gd) as aif-extract takes them
-    chain_aif_foot_s: float | None = None  # the chain AIF's foot on the grid (s)
+    chain_aif_foot_s: float | None = None  # the chain AIF's arrival (s): foot_time_s, else its foot frame on the grid
 
 
 def _best_shift(chain: np.ndarray, truth: np.ndarray, region: np.ndarray, radius: int = 4) -> tuple[int, int]:
@@ -182,7 +184,9 @@ def load_scan(seed: int, kind: str, cache: Path, aif_cache: Path | None = None) 
     aif_time, aif_blood = simulated.aif_gd_truth(study)
     true_aif = np.interp(grid, aif_time, aif_blood)
     chain_aif = np.interp(grid, data["aif_time"], data["aif_blood"])
-    chain_aif[grid < data["aif_time"][int(data["aif_foot"])]] = 0.0
+    chain_foot_s = float(data["aif_foot_time"]) if "aif_foot_time" in data \
+        else float(data["aif_time"][int(data["aif_foot"])])
+    chain_aif[grid < chain_foot_s] = 0.0
     chain_gd, true_gd, cnn, true, true_mbf, shifts, slice_times = [], [], [], [], [], [], []
     for index in range(study.n_slices):
         phantom = simulated.slice_phantom(study, index)
@@ -207,7 +211,7 @@ def load_scan(seed: int, kind: str, cache: Path, aif_cache: Path | None = None) 
                       true_aif=true_aif, true_aif_samples=(aif_time, aif_blood), chain_gd=chain_gd, true_gd=true_gd,
                       cnn=cnn, true=true, true_mbf=true_mbf, levels=tuple(study.levels), shift_rc=shifts,
                       truth=truth_from_simulator(study), slice_times=slice_times, chain_aif_samples=samples,
-                      chain_aif_foot_s=float(data["aif_time"][int(data["aif_foot"])]))
+                      chain_aif_foot_s=chain_foot_s)
 
 
 # ------------------------------------------------------------------------------ attribution
