@@ -244,11 +244,13 @@ def test_evaluate_studies_end_to_end(tmp_path):
     REPORT_STORE.clear()
     SEEN_PARAMETERS.clear()
     automated, truth = evaluate_studies(3, simulate, tmp_path / "studies", chain_dir=chain_dir, timeout_s=60)
+    assert not list((tmp_path / "studies").rglob("*.h5"))  # each scan's file removed once analysed
     # the simulated hematocrit reaches the chain as the JSON parameter ("lab value known")
     assert [p.get("hematocrit") for p in SEEN_PARAMETERS] == pytest.approx([0.38, 0.38, 0.39, 0.39, 0.40, 0.40])
     SEEN_PARAMETERS.clear()
     evaluate_studies(1, simulate, tmp_path / "studies_default", chain_dir=chain_dir, timeout_s=60,
-                     scans=("rest",), lab_hematocrit=False)
+                     scans=("rest",), lab_hematocrit=False, keep_kspace=True)
+    assert (tmp_path / "studies_default" / "study_000" / "rest.h5").is_file()
     assert len(SEEN_PARAMETERS) == 1 and "hematocrit" not in SEEN_PARAMETERS[0]
     REPORT_STORE.clear()
     assert len(automated) == len(truth) == 6

@@ -273,7 +273,8 @@ def report_from_results(texts: Sequence[str]) -> str:
 def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *, chain: str = "perfusion",
                      scans: Sequence[str] = ("stress", "rest"), timeout_s: float = 600.0,
                      chain_dir: Path | None = None, lab_hematocrit: bool = True,
-                     progress: Callable[[int], None] | None = None) -> tuple[list[StudyMbf], list[StudyMbf]]:
+                     progress: Callable[[int], None] | None = None,
+                     keep_kspace: bool = False) -> tuple[list[StudyMbf], list[StudyMbf]]:
     """Simulate, stream and collect: (automated, truth) per scan of ``n_studies`` studies.
 
     Each study index uses its own simulator seed; every scan is streamed through ``chain`` (from
@@ -281,6 +282,8 @@ def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *
     id in the parameters so stress and rest pair. With ``lab_hematocrit`` (default) the study's
     hematocrit (``SimulatedStudy.hematocrit``) is sent as the JSON parameter ``hematocrit``, as a
     scanner integrator passes a measured lab value; without it the chain uses its setting (0.42).
+    Each scan's simulated file is removed once its results are in (a 16-coil k-space scan is 150-200
+    MB: 50 studies would leave 18 GB behind) unless ``keep_kspace``.
     """
     from perfline.server.client import send_dataset
     from perfline.server.testing import running_server
@@ -295,6 +298,8 @@ def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *
                 if lab_hematocrit and study.hematocrit is not None:
                     parameters["hematocrit"] = round(float(study.hematocrit), 4)
                 results = send_dataset(study.mrd_path, host, port, chain, timeout_s=timeout_s, parameters=parameters)
+                if not keep_kspace:
+                    Path(study.mrd_path).unlink(missing_ok=True)
                 if results.errors:
                     raise EvaluationError(f"study {index} ({scan}): the server reported {results.errors}")
                 label = f"study {index} {scan} {study.patient_id}"
@@ -416,7 +421,8 @@ def run(args: argparse.Namespace) -> int:
     """Entry of ``perfline evaluate --mbf``: reads ``args.studies``, ``args.first_seed`` and ``args.out``
     (or the folder of ``args.json``; default ``evaluation_mbf``), ``args.lab_hematocrit`` (default
     True: the simulated hematocrit is sent to the chain) and ``args.chains`` (a chain directory
-    whose ``perfusion.toml`` replaces the shipped one; default None, the shipped chains)."""
+    whose ``perfusion.toml`` replaces the shipped one; default None, the shipped chains) and
+    ``args.keep_kspace`` (default False: each simulated k-space file is removed after its scan)."""
     n_studies = int(getattr(args, "studies", 50))
     out = getattr(args, "out", None)
     json_path = getattr(args, "json", None)
@@ -433,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=n_studies, desc="MBF evaluation", unit="study") as bar:
         automated, truth = evaluate_studies(n_studies, simulate, out_dir / "studies",
                                             lab_hematocrit=bool(getattr(args, "lab_hematocrit", True)),
-                                            chain_dir=chain_dir,
+                                            chain_dir=chain_dir, keep_kspace=bool(getattr(args, "keep_kspace", False)),
                                             progress=lambda done: bar.update(done - bar.n))
     comparison = compare_mbf(automated, truth)
     paths = write_evaluation(comparison, automated, truth, out_dir)

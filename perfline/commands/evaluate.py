@@ -76,6 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--chains", type=Path, default=None, metavar="DIR",
                         help="--mbf only: chain directory (its perfusion.toml) instead of the shipped "
                              "chains, to evaluate a settings variant")
+    parser.add_argument("--keep-kspace", action="store_true",
+                        help="--mbf only: keep each simulated k-space file (150-200 MB per scan) under "
+                             "OUT/studies; by default it is removed once its scan has been analysed")
     parser.set_defaults(func=run)
     return parser
 
