@@ -125,10 +125,6 @@ class AifExtractSettings(GadgetSettings):
         "5-6 mm grid holds a handful of pure pixels. In larger pools the spread of the pixels' enhancement is gain "
         "(coil-shading and PD-normalisation residuals), not mixing, and the regression reads it as partial volume "
         "(area +5 to +20 % on 18 large dev pools, session 8)"))
-    foot_max_lead_frames: int | None = Field(None, ge=0, le=20, description=(
-        "the AIF's foot at most this many frames (of the interval_s grid) before its upslope's baseline crossing "
-        "(toolbox.aif.aif_foot_peak); None: off. A small pool's pre-bolus noise bumps put the foot seconds early "
-        "and the pixel fit at its limit (docs/preprocessing.md 'AIF foot on pre-bolus noise'; not decided)"))
     foot_from_samples: bool = Field(False, description=(
         "the bolus arrival from the acquired samples (toolbox.aif.sample_foot_time: the last upward crossing of 5 % "
         "of the peak before the samples' maximum, interpolated between samples) where the series kept them and it "
@@ -256,15 +252,11 @@ class AifExtract(Gadget):
             blood = np.asarray(blood, dtype=np.float64)
             grid_s, blood = resample_to_uniform(blood, time_s, self.settings.interval_s)
             foot, peak = aif_foot_peak(blood)
-            baseline_foot = foot  # the baseline stays that of the threshold foot (pre-bolus frames)
-            if self.settings.foot_max_lead_frames is not None:
-                foot, peak = aif_foot_peak(blood, settings=AifSettings(
-                    foot_max_lead_frames=self.settings.foot_max_lead_frames))
             if self.settings.lv_pool_selection != "cross-fitted":
                 samples = self._acquired_curve(series, table, detected.mask, detected.foot, pv)
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
-        subtracted = baseline_subtract(blood, baseline_foot)
+        subtracted = baseline_subtract(blood, foot)
         if samples is not None:  # the same baseline (of the grid curve) off the acquired samples
             samples = (samples[0], samples[1] - (blood - subtracted)[0])
         blood = subtracted

@@ -370,26 +370,6 @@ def test_hint_on_the_last_half_pixel_is_inside():
         detect_aif(series, lv_hint_rc=(rows - 0.5, cols - 0.5), lv_hint_radius_px=2.0)
 
 
-def test_foot_lead_limit_keeps_pre_bolus_noise_bumps_out_of_the_aif():
-    """A small pool's pre-bolus noise bumps above the foot fraction put the foot seconds before the
-    bolus (simulated study 2**30+995 stress: foot 10.0 s, bolus at 13.4 s, MBF at the fit limit on two of
-    three slices); with ``foot_max_lead_frames`` the foot stays within that many frames of the
-    upslope's baseline crossing. Without bumps the foot does not move."""
-    from perfline.toolbox.aif import AifSettings, aif_foot_peak, upslope_baseline_crossing
-
-    t = np.arange(60) * 0.5
-    clean = np.where(t > 20.0, ((t - 20.0) / 2.0) ** 3 * np.exp(3 * (1 - (t - 20.0) / 2.0)), 0.0) * 4.0
-    bumpy = clean.copy()
-    bumpy[30:40] = [0.45, 0.2, 0.4, 0.3, 0.45, 0.2, 0.4, 0.3, 0.45, 0.3]  # 15-19.5 s, 5-11 % of the peak
-    old, _ = aif_foot_peak(bumpy)
-    new, peak = aif_foot_peak(bumpy, settings=AifSettings(foot_max_lead_frames=2))
-    assert t[old] < 15.5  # before the bumps
-    assert 19.0 <= t[new] <= 20.5 and new < peak
-    crossing = upslope_baseline_crossing(clean[: peak + 1], 0.0, clean[peak])
-    assert 40 <= crossing <= 43  # frames: the rise starts at frame 40 (20 s)
-    assert aif_foot_peak(clean, settings=AifSettings(foot_max_lead_frames=2)) == aif_foot_peak(clean)
-
-
 def test_sample_foot_is_the_last_crossing_before_the_peak_and_skips_pre_bolus_bumps():
     """The acquired AIF samples of simulated study 2**30+995 stress (3 T, 8-pixel pool; baseline
     subtracted, mmol/L): noise bumps of 0.4-0.5 mmol/L before the bolus (true 5 % arrival 13.22 s). The

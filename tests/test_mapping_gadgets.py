@@ -515,26 +515,6 @@ def test_delay_prior_sd_setting_reaches_the_pixel_fit(monkeypatch):
         FlowMapSettings(delay_prior_sd_s=0.0)
 
 
-def test_aif_foot_lead_limit_moves_the_foot_past_pre_bolus_bumps_and_keeps_the_baseline():
-    """aif-extract foot_max_lead_frames: pre-bolus bumps of the LV pool (7-10 % of the peak, 5-8.6 s) put the
-    threshold foot before them; with the limit the foot sits within 2 frames of the upslope, and the
-    baseline is still that of the threshold foot (the curve before it unchanged)."""
-    series = _aif_series()
-    data = np.array(series.data)
-    rows, cols = np.mgrid[:32, :32]
-    lv = (rows - 16) ** 2 + (cols - 18) ** 2 <= 16
-    bumps = (series.time_s > 5.0) & (series.time_s < 8.6)
-    for frame in np.flatnonzero(bumps):
-        data[0, frame][lv] += 0.5 if frame % 3 else 0.35
-    bumpy = AifSeries(data=data, time_s=series.time_s, echo_times_ms=(1.0,), units="gd_mmol_l", n_pd_frames=0,
-                      geometry=GEOMETRY)
-    (plain,) = list(AifExtract().process(iter([bumpy])))
-    (limited,) = list(AifExtract(AifExtractSettings(foot_max_lead_frames=2)).process(iter([bumpy])))
-    assert plain.time_s[plain.foot_index] < 5.5  # before the bumps
-    assert 7.5 <= limited.time_s[limited.foot_index] <= 9.0  # the bolus starts at 8 s (5 % at 9.1 s)
-    np.testing.assert_allclose(limited.blood_gd_mmol_l, plain.blood_gd_mmol_l)  # same baseline
-
-
 def test_aif_foot_from_samples_skips_pre_bolus_bumps_and_zeroes_the_aif_before_the_arrival():
     """aif-extract foot_from_samples: an AIF acquired once per 0.8 s beat and resampled (the acquired samples
     kept) with noise bumps of 0.5 mmol/L in the LV pool at 5.9 and 7.5 s. The grid foot (3-frame smoothing) lies

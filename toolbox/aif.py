@@ -68,10 +68,6 @@ class AifSettings(BaseModel):
             "(docs/preprocessing.md, 'Myocardium taken for the AIF')")
     )
     foot_fraction: float = Field(0.05, gt=0, lt=1, description="foot: last frame below this fraction of the upslope")
-    foot_max_lead_frames: int | None = Field(None, ge=0, description=(
-        "foot at most this many frames before the upslope's baseline crossing (the line through the 20 % and 80 % "
-        "rise points); None: off. Noise bumps of a small pool above the foot fraction before the bolus otherwise "
-        "put the foot seconds early (docs/preprocessing.md 'AIF foot on pre-bolus noise')"))
     skip_frames: int = Field(1, ge=0, description="first frames left out of the baseline (steady state)")
     spatial_smoothing_px: int = Field(
         3, ge=1, description="box width in pixels applied before the pool detection only (not to the curve)"
@@ -171,34 +167,7 @@ def aif_foot_peak(curve: np.ndarray, *, settings: AifSettings | None = None) -> 
         )
     below = np.flatnonzero(smooth[: peak + 1] <= baseline + settings.foot_fraction * rise)
     foot = int(below[-1]) if below.size else start
-    if settings.foot_max_lead_frames is not None:
-        crossing = upslope_baseline_crossing(smooth[: peak + 1], baseline, rise)
-        foot = min(max(foot, int(math.floor(crossing)) - settings.foot_max_lead_frames), peak - 1)
     return foot, peak
-
-
-def upslope_baseline_crossing(curve: np.ndarray, baseline: float, rise: float) -> float:
-    """Fractional frame where the line through the upslope's 20 % and 80 % rise points (the last
-    crossings of those levels before the curve's end, linearly interpolated) meets the baseline.
-
-    Args:
-        curve: [time] smoothed curve up to and including its peak.
-        baseline, rise: the curve's baseline and peak-to-baseline rise (same units).
-    """
-    values = np.asarray(curve, dtype=np.float64)
-
-    def last_crossing(level: float) -> float:
-        below = np.flatnonzero(values[:-1] <= level)
-        if not below.size:
-            return 0.0
-        i = int(below[-1])
-        step = values[i + 1] - values[i]
-        return i + (float((level - values[i]) / step) if step > 0 else 0.0)
-
-    t20, t80 = last_crossing(baseline + 0.2 * rise), last_crossing(baseline + 0.8 * rise)
-    if t80 <= t20:
-        return t20
-    return t20 - 0.2 * (t80 - t20) / 0.6
 
 
 def sample_foot_time(time_s: np.ndarray, blood: np.ndarray, level: float) -> float:
