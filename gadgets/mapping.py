@@ -261,7 +261,9 @@ class AifExtract(Gadget):
             samples = (samples[0], samples[1] - (blood - subtracted)[0])
         blood = subtracted
         foot_time_s = None
-        if self.settings.foot_from_samples and samples is not None:
+        if self.settings.foot_from_samples and samples is None:
+            self.log.info("AIF: no acquired samples (no temporal-resample before): the foot stays the grid curve's")
+        elif self.settings.foot_from_samples and samples is not None:
             try:
                 arrival = sample_foot_time(samples[0], samples[1], AifSettings().foot_fraction * float(blood[peak]))
             except AifError as error:
