@@ -28,15 +28,21 @@ def _blood(time_s: np.ndarray) -> np.ndarray:
     return 5.0 * bolus / bolus.max() + 0.3 * (1.0 - np.exp(-x / 8.0))
 
 
-def _aif_series() -> AifSeries:
-    # irregular heartbeats: the gadget resamples the curve onto a uniform grid
-    time_s = np.cumsum(np.r_[0.0, np.random.default_rng(0).uniform(0.45, 0.55, N - 1)])
+def _lv_rv_pools(time_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(blood Gd [time, 32, 32] of an LV pool and an RV pool whose bolus comes 3 s earlier, the LV mask)."""
     rows, cols = np.mgrid[:32, :32]
     lv = (rows - 16) ** 2 + (cols - 18) ** 2 <= 16
     rv = (rows - 16) ** 2 / 9 + (cols - 9) ** 2 / 4 <= 1
-    gd = np.zeros((N, 32, 32))
+    gd = np.zeros((time_s.size, 32, 32))
     gd[:, lv] = _blood(time_s)[:, None]
     gd[:, rv] = _blood(time_s + 3.0)[:, None]
+    return gd, lv
+
+
+def _aif_series() -> AifSeries:
+    # irregular heartbeats: the gadget resamples the curve onto a uniform grid
+    time_s = np.cumsum(np.r_[0.0, np.random.default_rng(0).uniform(0.45, 0.55, N - 1)])
+    gd, _ = _lv_rv_pools(time_s)
     gd += np.random.default_rng(1).normal(0.0, 0.05, gd.shape)
     return AifSeries(data=gd[None].astype(np.float32), time_s=time_s, echo_times_ms=(1.0,), units="gd_mmol_l",
                      n_pd_frames=0, geometry=GEOMETRY)
@@ -271,12 +277,7 @@ def _sampled_stress_scan() -> tuple[AifCurve, SliceSeries, np.ndarray, np.ndarra
     fine_time = np.arange(0.0, 45.0, fine_dt)
     aif_times = 0.1 + 0.62 * np.arange(68)
     slice_times = aif_times + 0.3
-    rows, cols = np.mgrid[:32, :32]
-    lv = (rows - 16) ** 2 + (cols - 18) ** 2 <= 16
-    rv = (rows - 16) ** 2 / 9 + (cols - 9) ** 2 / 4 <= 1
-    gd = np.zeros((aif_times.size, 32, 32))
-    gd[:, lv] = _blood(aif_times)[:, None]
-    gd[:, rv] = _blood(aif_times + 3.0)[:, None]
+    gd, _ = _lv_rv_pools(aif_times)
     aif_series = AifSeries(data=gd[None].astype(np.float32), time_s=aif_times, echo_times_ms=(1.0,),
                            units="gd_mmol_l", n_pd_frames=0, geometry=GEOMETRY)
     plasma = _blood(fine_time) / (1 - 0.42)
@@ -524,12 +525,7 @@ def test_aif_foot_from_samples_skips_pre_bolus_bumps_and_zeroes_the_aif_before_t
     from perfline.gadgets.perfusion_preprocessing import TemporalResample
 
     times = 0.3 + 0.8 * np.arange(45)
-    rows, cols = np.mgrid[:32, :32]
-    lv = (rows - 16) ** 2 + (cols - 18) ** 2 <= 16
-    rv = (rows - 16) ** 2 / 9 + (cols - 9) ** 2 / 4 <= 1
-    gd = np.zeros((times.size, 32, 32))
-    gd[:, lv] = _blood(times)[:, None]
-    gd[:, rv] = _blood(times + 3.0)[:, None]
+    gd, lv = _lv_rv_pools(times)
     gd += np.random.default_rng(3).normal(0.0, 0.05, gd.shape)
     bumps = np.isin(np.arange(times.size), (7, 9))  # 5.9 and 7.5 s, the bolus starts at 8 s
     gd[np.ix_(bumps, np.arange(32), np.arange(32))] += 0.5 * lv
