@@ -219,12 +219,13 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
               table_cache: dict, flow_map: FlowMapSettings, *,
               fine_blood_aif: tuple[np.ndarray, int] | None = None,
               sampling: tuple[np.ndarray, np.ndarray] | None = None,
-              labels: np.ndarray | None = None) -> np.ndarray:
+              labels: np.ndarray | None = None, slice_index: int = 0) -> np.ndarray:
     """MBF map (ml/min/g) [rows, cols] of one slice as ``flow-map`` fits it (BTEX with the gadget's
     ``flow_map`` settings, tissue baseline = mean before the AIF foot). ``fine_blood_aif`` = (blood
     AIF on a k times finer grid, k): the table is built from it (``btex.build_aif_table(upsample=k)``);
     with ``sampling`` = (grid s [T], the slice's acquisition times s) too, the table is flow-map's with
-    ``aif_upsample = k``: its curves sampled like the slice (``btex.sampled_aif_table``)."""
+    ``aif_upsample = k``: its curves sampled like the slice (``btex.sampled_aif_table``). With
+    ``flow_map.simex_pairs`` and ``labels`` the SIMEX correction as flow-map applies it to slice ``slice_index``."""
     from perfline.gadgets.mapping import FlowMap, _btex_settings
     from perfline.toolbox.aif import aif_foot_peak
     from perfline.toolbox.btex import blood_pool_curves, build_aif_table, fine_table_curves, map_btex, \
@@ -258,9 +259,14 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
         reach = spillover_reach(labels, kept, flow_map.spillover_reach_px)
         if not kept:
             spillover = None
+    simex = None
+    if flow_map.simex_pairs and labels is not None:
+        gadget = FlowMap(flow_map)
+        gadget._labels = {slice_index: np.asarray(labels)}
+        simex = gadget._simex(slice_index, np.shape(labels))
     maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=flow_map.delay_smoothing_px,
                     delay_prior_sd_s=flow_map.delay_prior_sd_s,
-                    aif_table=table_cache[key], spillover_curves=spillover, spillover_masks=reach)
+                    aif_table=table_cache[key], spillover_curves=spillover, spillover_masks=reach, simex=simex)
     return maps.mbf_ml_min_g.astype(np.float64)
 
 

@@ -63,6 +63,7 @@ from perfline.toolbox.fermi import map_fermi
 from perfline.toolbox.rv_insertion import lv_equivalent_radius_mm
 from perfline.toolbox.flow_fit import MappingInputError
 from perfline.toolbox.flow_models import FlowModelError
+from perfline.toolbox.noise_bias import SimexOptions
 from perfline.toolbox.resample import resample_to_uniform
 
 
@@ -418,6 +419,13 @@ class FlowMapSettings(GadgetSettings):
         "use_segmentation"))
     spillover_reach_px: float = Field(0.0, ge=0.0, description=(
         "spill-over terms only in pixels within this distance (px) of their pool's label; 0 = everywhere"))
+    simex_pairs: int = Field(0, ge=0, le=8, description=(
+        "BTEX: correct each slice's MBF map for the pixel fit's noise bias by SIMEX (toolbox.noise_bias): the "
+        "myocardial core (labels 2 eroded by 1 px, as the report summarises it) refitted with this many "
+        "antithetic pairs of white noise of the slice's noise SD, the map divided by the ratio of the medians "
+        "(clipped to 0.8-1.25; docs/mapping.md 'Session 15'); 0 = off. Needs use_segmentation"))
+    simex_max_pixels: int | None = Field(None, ge=20, description=(
+        "SIMEX: refit at most this many core pixels per slice, drawn at random (None: all)"))
     heart_mask_px: int = Field(0, ge=0, le=64, description=(
         "dilation of the labelled region, pixels (0: the CNN myocardium exactly; dilating it mixes blood into "
         "the smoothed delay pre-fit of the border pixels: rest MBF +2 to +10 % on the demo phantom)"))
@@ -433,6 +441,10 @@ class FlowMapSettings(GadgetSettings):
         if self.spillover_labels and (self.model != "btex" or not self.use_segmentation):
             raise ValueError(f"spillover_labels {self.spillover_labels} need model 'btex' and use_segmentation "
                              f"true, found model {self.model!r} and use_segmentation {self.use_segmentation}")
+        if self.simex_pairs and (self.model != "btex" or not self.use_segmentation):
+            raise ValueError(f"simex_pairs {self.simex_pairs} needs model 'btex' and use_segmentation true (the "
+                             f"ratio is taken on the myocardial core), found model {self.model!r} and "
+                             f"use_segmentation {self.use_segmentation}")
         return self
 
 
@@ -644,6 +656,7 @@ class FlowMap(Gadget):
             spillover = self._spillover_curves(series.slice_index, tissue)
             if spillover is not None:
                 kwargs["spillover_curves"], kwargs["spillover_masks"], pools = spillover
+            kwargs["simex"] = self._simex(series.slice_index, tissue.shape[1:])
         if mask is not None:
             if mask.shape != tissue.shape[1:]:
                 raise GadgetError(f"flow-map, slice {series.slice_index}: segmentation shape {mask.shape} differs "
@@ -655,12 +668,27 @@ class FlowMap(Gadget):
             raise GadgetError(f"flow-map, slice {series.slice_index}: {error}") from error
         if maps.spillover is not None:
             self._log_spillover(series.slice_index, pools, maps.spillover)
+        if maps.noise_bias is not None:
+            bias = maps.noise_bias
+            self.log.info("slice %d: SIMEX noise-bias ratio %.3f on %d core pixels (%d pair(s), noise SD %.4f mmol/L), "
+                          "MBF divided by %.3f", series.slice_index, bias.ratio, bias.n_pixels, bias.pairs,
+                          bias.noise_sd_mmol_l, bias.applied)
         finite = maps.mbf_ml_min_g[np.isfinite(maps.mbf_ml_min_g)]
         self.log.info("slice %d: %s map, %d pixels, median MBF %.2f ml/min/g", series.slice_index,
                       self.settings.model, finite.size, float(np.median(finite)) if finite.size else float("nan"))
         return FlowMaps(slice_index=series.slice_index, model=self.settings.model, mbf_ml_min_g=maps.mbf_ml_min_g,
                         geometry=series.geometry, ps_ml_min_g=maps.ps_ml_min_g, vp=maps.vp, visf=maps.visf,
-                        delay_s=maps.delay_s, fit_rmse_mmol_l=maps.fit_rmse)
+                        delay_s=maps.delay_s, fit_rmse_mmol_l=maps.fit_rmse,
+                        mbf_noise_ratio=None if maps.noise_bias is None else maps.noise_bias.applied)
+
+    def _simex(self, slice_index: int, shape: tuple[int, ...]) -> SimexOptions | None:
+        """SIMEX options of a slice: its myocardial core, seeded by the slice index (None: off or no labels)."""
+        labels = self._labels.get(slice_index)
+        if not self.settings.simex_pairs or labels is None or labels.shape != shape:
+            return None
+        core = ndi.binary_erosion(labels == 2, iterations=1)
+        return SimexOptions(pairs=self.settings.simex_pairs, max_pixels=self.settings.simex_max_pixels,
+                            seed=slice_index, pixels=core if core.any() else labels == 2)
 
     def _log_spillover(self, slice_index: int, pools: tuple[int, ...], fractions: np.ndarray) -> None:
         """One line per slice: for each pool label, the share of fitted pixels with a positive fraction

@@ -165,7 +165,8 @@ class FlowMaps:
 
     ``mbf_ml_min_g`` is myocardial blood flow; ``ps_ml_min_g`` permeability-surface product;
     ``vp`` and ``visf`` plasma and interstitial volume fractions (BTEX only, NaN for Fermi);
-    ``fit_rmse_mmol_l`` the root-mean-square residual of the fit.
+    ``fit_rmse_mmol_l`` the root-mean-square residual of the fit; ``mbf_noise_ratio`` the SIMEX
+    ratio the MBF map was divided by (flow-map ``simex_pairs``; None: no correction).
     """
 
     slice_index: int
@@ -177,6 +178,8 @@ class FlowMaps:
     visf: np.ndarray | None = None
     delay_s: np.ndarray | None = None
     fit_rmse_mmol_l: np.ndarray | None = None
+    # SIMEX noise-bias ratio the MBF map was divided by (flow-map simex_pairs > 0), else None
+    mbf_noise_ratio: float | None = None
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,8 @@ class AhaReportGadget(Gadget):
                 slice_index=index, mbf_ml_min_g=flow.mbf_ml_min_g, labels=segmentation.labels,
                 lv_center_rc=segmentation.lv_center_rc, rv_insertion_deg=segmentation.rv_insertion_deg,
                 slice_position_mm=slice_position_mm(flow.geometry), pixel_spacing_mm=flow.geometry.pixel_spacing_mm,
-                ps_ml_min_g=flow.ps_ml_min_g, vp=flow.vp, flags=tuple(segmentation.flags)))
+                ps_ml_min_g=flow.ps_ml_min_g, vp=flow.vp, flags=tuple(segmentation.flags),
+                mbf_noise_ratio=flow.mbf_noise_ratio))
         for index in sorted(set(segmentations) - set(maps)):
             extra_flags.append(f"slice {index}: segmented but no flow maps")
         # acquisition problems found upstream (perfusion-recon: a scan stopped early) concern the

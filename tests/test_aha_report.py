@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -205,6 +206,22 @@ def test_pixels_at_the_fit_limit_are_left_out_of_the_statistics():
     kept = build_report(slices, settings=ReportSettings(exclude_fit_limit=False))
     assert kept.global_values.mbf_mean_ml_min_g == pytest.approx(2.0 + 0.2 * 4.0, abs=0.15)
     assert report.segment(1).n_pixels < kept.segment(1).n_pixels
+
+
+def test_the_fit_limit_is_tested_on_the_fit_values_before_a_noise_bias_correction():
+    # flow-map with simex_pairs divides the map by the slice's SIMEX ratio: a valid fit at 5.8 divided by
+    # 0.95 reads 6.1 but is no fit-limit pixel; a fit at the grid's top (6.0) still is
+    slices = three_slices(values={seg: 5.8 / 0.95 for seg in range(1, 17)})
+    rng = np.random.default_rng(0)
+    for item in slices:
+        item.mbf_ml_min_g[rng.random(SHAPE) < 0.2] = 6.0 / 0.95
+    corrected = [dataclasses.replace(item, mbf_noise_ratio=0.95) for item in slices]
+    report = build_report(corrected)
+    assert report.global_values.mbf_mean_ml_min_g == pytest.approx(5.8 / 0.95, rel=1e-5)
+    assert [s.mbf_noise_ratio for s in report.slices] == [0.95] * 3
+    assert not any(s.failed for s in report.slices)
+    uncorrected = build_report(slices)  # without the ratio every pixel is at or above the limit
+    assert all(s.failed for s in uncorrected.slices) and uncorrected.slices[0].mbf_noise_ratio is None
 
 
 def test_thin_wall_and_few_pixels_flagged():

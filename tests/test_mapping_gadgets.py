@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -514,6 +515,29 @@ def test_delay_prior_sd_setting_reaches_the_pixel_fit(monkeypatch):
     assert not np.allclose(default.delay_s, wide.delay_s, equal_nan=True)
     with pytest.raises(ValidationError, match="delay_prior_sd_s"):
         FlowMapSettings(delay_prior_sd_s=0.0)
+
+
+def test_simex_setting_divides_the_map_by_the_ratio_of_the_myocardial_core(caplog):
+    from pydantic import ValidationError
+
+    (aif,) = list(AifExtract().process(iter([_aif_series()])))
+    series, segmentation = _septal_slice()
+    noisy = np.asarray(series.data) + np.random.default_rng(0).normal(0.0, 0.02, np.shape(series.data))
+    series = dataclasses.replace(series, data=noisy.astype(np.float32))
+    plain = _flow_maps(FlowMapSettings(), aif, series, segmentation)
+    with caplog.at_level(logging.INFO):
+        corrected = _flow_maps(FlowMapSettings(simex_pairs=1), aif, series, segmentation)
+    assert plain.mbf_noise_ratio is None and corrected.mbf_noise_ratio is not None
+    assert corrected.mbf_noise_ratio != 1.0
+    # the core: myocardium rows 4-7 eroded by 1 px, rows 5-6 and columns 1-10
+    assert "SIMEX noise-bias ratio" in caplog.text and "on 20 core pixels (1 pair(s)" in caplog.text
+    np.testing.assert_allclose(corrected.mbf_ml_min_g, plain.mbf_ml_min_g / corrected.mbf_noise_ratio, rtol=1e-6)
+    np.testing.assert_array_equal(corrected.ps_ml_min_g, plain.ps_ml_min_g)
+    again = _flow_maps(FlowMapSettings(simex_pairs=1), aif, series, segmentation)
+    np.testing.assert_array_equal(again.mbf_ml_min_g, corrected.mbf_ml_min_g)  # seeded: the same report twice
+    for update in (dict(use_segmentation=False), dict(model="fermi")):
+        with pytest.raises(ValidationError, match="simex_pairs 1 needs model 'btex' and use_segmentation"):
+            FlowMapSettings(simex_pairs=1, **update)
 
 
 def test_aif_foot_from_samples_skips_pre_bolus_bumps_and_zeroes_the_aif_before_the_arrival():

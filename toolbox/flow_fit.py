@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perfline.toolbox.noise_bias import NoiseBias
+
 logger = logging.getLogger(__name__)
 
 PIXEL_BLOCK = 4096  # pixels per matrix product (bounds the memory of the cost matrices)
@@ -42,6 +44,9 @@ class FlowMaps:
     model: str
     # BTEX with spill-over regressors only: fraction of each regressor curve, [K, *spatial] (else None)
     spillover: np.ndarray | None = None
+    # with a SIMEX correction (noise_bias.py): its ratio; ``mbf_ml_min_g`` is then already divided by
+    # ``noise_bias.applied``
+    noise_bias: NoiseBias | None = None
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {
