@@ -245,6 +245,8 @@ def test_evaluate_studies_end_to_end(tmp_path):
     SEEN_PARAMETERS.clear()
     automated, truth = evaluate_studies(3, simulate, tmp_path / "studies", chain_dir=chain_dir, timeout_s=60)
     assert not list((tmp_path / "studies").rglob("*.h5"))  # each scan's file removed once analysed
+    kept = json.loads((tmp_path / "studies" / "study_002" / "stress_report.json").read_text())
+    assert kept["global_values"]["mbf_ml_min_g"] == pytest.approx(automated[4].global_mbf)  # the report, kept
     # the simulated hematocrit reaches the chain as the JSON parameter ("lab value known")
     assert [p.get("hematocrit") for p in SEEN_PARAMETERS] == pytest.approx([0.38, 0.38, 0.39, 0.39, 0.40, 0.40])
     SEEN_PARAMETERS.clear()

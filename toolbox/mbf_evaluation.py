@@ -283,7 +283,8 @@ def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *
     hematocrit (``SimulatedStudy.hematocrit``) is sent as the JSON parameter ``hematocrit``, as a
     scanner integrator passes a measured lab value; without it the chain uses its setting (0.42).
     Each scan's simulated file is removed once its results are in (a 16-coil k-space scan is 150-200
-    MB: 50 studies would leave 18 GB behind) unless ``keep_kspace``.
+    MB: 50 studies would leave 18 GB behind) unless ``keep_kspace``; its report JSON is kept beside it
+    (``SCAN_report.json`` in the study's directory).
     """
     from perfline.server.client import send_dataset
     from perfline.server.testing import running_server
@@ -303,7 +304,10 @@ def evaluate_studies(n_studies: int, simulate: StudySimulator, work_dir: Path, *
                 if results.errors:
                     raise EvaluationError(f"study {index} ({scan}): the server reported {results.errors}")
                 label = f"study {index} {scan} {study.patient_id}"
-                automated.append(replace(study_mbf_from_report(report_from_results(results.texts)), label=label))
+                report = report_from_results(results.texts)
+                # the scan's report, for an audit of any one number (a few kB)
+                (Path(study.mrd_path).parent / f"{scan}_report.json").write_text(report)
+                automated.append(replace(study_mbf_from_report(report), label=label))
                 truths.append(replace(study.truth, label=label))
             if progress is not None:
                 progress(index + 1)
