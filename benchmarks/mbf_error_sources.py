@@ -371,7 +371,7 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
                 gd = gd + rng.normal(0.0, noise, gd.shape)
             sampled = (scan.grid_s, scan.slice_times[index]) if (tissue_sampling and fine is not None) else None
             maps.append(fit_slice(gd, aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map, fine_blood_aif=fine,
-                                  sampling=sampled, labels=labels))
+                                  sampling=sampled, labels=labels, slice_index=index))
         errors(f"{aif_name} AIF / {gd_name} Gd / {mask_name} mask",
                *summarise(maps, segmentation, scan.levels, global_statistic, place_rv=mask_name == "cnn"))
     return row
