@@ -429,6 +429,11 @@ class FlowMapSettings(GadgetSettings):
         "'Session 15')"))
     simex_max_pixels: int | None = Field(None, ge=20, description=(
         "SIMEX: refit at most this many core pixels per slice, drawn at random (None: all)"))
+    simex_min_aif_pixels: int = Field(0, ge=0, description=(
+        "SIMEX only where the AIF was averaged over at least this many LV pool pixels (AifCurve.mask); below, no "
+        "correction (logged; the report's mbf_noise_ratio is null). A small pool's AIF error scales the fitted "
+        "flow, and where it reads low the flow is high, where the fit's noise bias is largest: the correction "
+        "then lifts an over-read further (docs/integration.md 'Session 15'). 0: every scan"))
     heart_mask_px: int = Field(0, ge=0, le=64, description=(
         "dilation of the labelled region, pixels (0: the CNN myocardium exactly; dilating it mixes blood into "
         "the smoothed delay pre-fit of the border pixels: rest MBF +2 to +10 % on the demo phantom)"))
@@ -659,7 +664,7 @@ class FlowMap(Gadget):
             spillover = self._spillover_curves(series.slice_index, tissue)
             if spillover is not None:
                 kwargs["spillover_curves"], kwargs["spillover_masks"], pools = spillover
-            kwargs["simex"] = self._simex(series.slice_index, tissue.shape[1:])
+            kwargs["simex"] = self._simex(series.slice_index, tissue.shape[1:], aif)
         if mask is not None:
             if mask.shape != tissue.shape[1:]:
                 raise GadgetError(f"flow-map, slice {series.slice_index}: segmentation shape {mask.shape} differs "
@@ -684,10 +689,16 @@ class FlowMap(Gadget):
                         delay_s=maps.delay_s, fit_rmse_mmol_l=maps.fit_rmse,
                         mbf_noise_ratio=None if maps.noise_bias is None else maps.noise_bias.applied)
 
-    def _simex(self, slice_index: int, shape: tuple[int, ...]) -> SimexOptions | None:
-        """SIMEX options of a slice: its myocardial core, seeded by the slice index (None: off or no labels)."""
+    def _simex(self, slice_index: int, shape: tuple[int, ...], aif: AifCurve | None = None) -> SimexOptions | None:
+        """SIMEX options of a slice: its myocardial core, seeded by the slice index (None: off, no labels, or
+        an AIF pool under ``simex_min_aif_pixels``)."""
         labels = self._labels.get(slice_index)
         if not self.settings.simex_pairs or labels is None or labels.shape != shape:
+            return None
+        pool = None if aif is None else int(np.count_nonzero(aif.mask))
+        if pool is not None and pool < self.settings.simex_min_aif_pixels:
+            self.log.info("slice %d: no SIMEX correction: the AIF pool has %d pixels (fewer than %d)", slice_index,
+                          pool, self.settings.simex_min_aif_pixels)
             return None
         core = ndi.binary_erosion(labels == 2, iterations=1)
         return SimexOptions(pairs=self.settings.simex_pairs, max_pixels=self.settings.simex_max_pixels,

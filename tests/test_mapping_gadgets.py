@@ -535,6 +535,13 @@ def test_simex_setting_divides_the_map_by_the_ratio_of_the_myocardial_core(caplo
     np.testing.assert_array_equal(corrected.ps_ml_min_g, plain.ps_ml_min_g)
     again = _flow_maps(FlowMapSettings(simex_pairs=1), aif, series, segmentation)
     np.testing.assert_array_equal(again.mbf_ml_min_g, corrected.mbf_ml_min_g)  # seeded: the same report twice
+    pool = int(np.count_nonzero(aif.mask))
+    with caplog.at_level(logging.INFO):
+        skipped = _flow_maps(FlowMapSettings(simex_pairs=1, simex_min_aif_pixels=pool + 1), aif, series, segmentation)
+    assert skipped.mbf_noise_ratio is None and f"the AIF pool has {pool} pixels (fewer than {pool + 1})" in caplog.text
+    np.testing.assert_array_equal(skipped.mbf_ml_min_g, plain.mbf_ml_min_g)
+    kept = _flow_maps(FlowMapSettings(simex_pairs=1, simex_min_aif_pixels=pool), aif, series, segmentation)
+    np.testing.assert_array_equal(kept.mbf_ml_min_g, corrected.mbf_ml_min_g)
     for update in (dict(use_segmentation=False), dict(model="fermi")):
         with pytest.raises(ValidationError, match="simex_pairs 1 needs model 'btex' and use_segmentation"):
             FlowMapSettings(simex_pairs=1, **update)
