@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 # 1.1: global_values.mbf_ml_min_g, reserve from segment medians
 # 1.2: slices[].rv_insertion_own_deg and rv_insertion_source (cross-slice RV insertion placement)
+# 1.3: slices[].mbf_noise_ratio (flow-map's SIMEX noise-bias correction)
 REPORT_SCHEMA_VERSION = "1.3"
 MYOCARDIUM_LABEL = 2
 SEGMENTS_OF_LEVEL: dict[str, tuple[int, ...]] = {
