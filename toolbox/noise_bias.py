@@ -92,7 +92,9 @@ def simex_ratio(
         pairs: antithetic pairs of noise draws per pixel (2 ``pairs`` refits of each pixel).
         max_pixels: refit at most this many pixels, drawn at random (None: all usable ones).
         upper_limit: flow values at or above this (the top of the fit grid) are left out of both
-            medians.
+            medians. Pixels measured at or above it are not refitted, while refits that reach it are
+            dropped: the noisier median can lose high values but not regain them (a small downward pull
+            on the ratio; refitting every finite pixel would be the consistent form, docs/mapping.md).
         min_pixels: fewer usable pixels give no correction (``applied`` = 1).
         ratio_range: ``applied`` is ``ratio`` clipped to this range.
 
