@@ -226,7 +226,7 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
     with ``sampling`` = (grid s [T], the slice's acquisition times s) too, the table is flow-map's with
     ``aif_upsample = k``: its curves sampled like the slice (``btex.sampled_aif_table``). With
     ``flow_map.simex_pairs`` and ``labels`` the SIMEX correction as flow-map applies it to slice ``slice_index``."""
-    from perfline.gadgets.mapping import FlowMap, _btex_settings
+    from perfline.gadgets.mapping import FlowMap, _btex_settings, simex_options
     from perfline.toolbox.aif import aif_foot_peak
     from perfline.toolbox.btex import blood_pool_curves, build_aif_table, fine_table_curves, map_btex, \
         sampled_aif_table, spillover_reach, tissue_sampling
@@ -259,11 +259,7 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
         reach = spillover_reach(labels, kept, flow_map.spillover_reach_px)
         if not kept:
             spillover = None
-    simex = None
-    if flow_map.simex_pairs and labels is not None:
-        gadget = FlowMap(flow_map)
-        gadget._labels = {slice_index: np.asarray(labels)}
-        simex = gadget._simex(slice_index, np.shape(labels))
+    simex = simex_options(flow_map, labels, slice_index) if flow_map.simex_pairs and labels is not None else None
     maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=flow_map.delay_smoothing_px,
                     delay_prior_sd_s=flow_map.delay_prior_sd_s,
                     aif_table=table_cache[key], spillover_curves=spillover, spillover_masks=reach, simex=simex)

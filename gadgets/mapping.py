@@ -48,6 +48,7 @@ from perfline.gadgets.perfusion_items import (
     AifCurve, AifSeries, FlowMaps, ImageGeometry, SliceSegmentation, SliceSeries, image_point_mm, image_rc_of_point,
 )
 from perfline.toolbox import gd_conversion
+from perfline.toolbox.aha_report import _myocardial_core
 from perfline.toolbox.aif import (
     AIF_SOURCE_HINT_REGION, AifError, AifResult, AifSettings, aif_foot_peak, baseline_subtract, body_mask,
     cross_fitted_pool_curve, detect_aif, magnitude_floor_corrected_curve, sample_foot_time,
@@ -700,9 +701,7 @@ class FlowMap(Gadget):
             self.log.info("slice %d: no SIMEX correction: the AIF pool has %d pixels (fewer than %d)", slice_index,
                           pool, self.settings.simex_min_aif_pixels)
             return None
-        core = ndi.binary_erosion(labels == 2, iterations=1)
-        return SimexOptions(pairs=self.settings.simex_pairs, max_pixels=self.settings.simex_max_pixels,
-                            seed=slice_index, pixels=core if core.any() else labels == 2)
+        return simex_options(self.settings, labels, slice_index)
 
     def _log_spillover(self, slice_index: int, pools: tuple[int, ...], fractions: np.ndarray) -> None:
         """One line per slice: for each pool label, the share of fitted pixels with a positive fraction
@@ -726,6 +725,13 @@ def _btex_settings(settings: FlowMapSettings) -> BtexSettings:
     """The whole BTEX fit of flow-map: grid, priors and global search."""
     return _table_settings(settings).model_copy(update={"coarse_stride": settings.coarse_stride,
                                                         "n_starts": settings.n_starts})
+
+
+def simex_options(settings: FlowMapSettings, labels: np.ndarray, slice_index: int) -> SimexOptions:
+    """flow-map's SIMEX options for a slice with CNN ``labels`` [rows, cols]: the ratio on the myocardial core
+    the report summarises (``aha_report._myocardial_core``, 1 px border), seeded by the slice index."""
+    return SimexOptions(pairs=settings.simex_pairs, max_pixels=settings.simex_max_pixels, seed=slice_index,
+                        pixels=_myocardial_core(np.asarray(labels) == 2, 1))
 
 
 def _plasma_on(time_s: np.ndarray, aif: AifCurve) -> np.ndarray:
