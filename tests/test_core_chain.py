@@ -53,6 +53,24 @@ def test_shipped_chains_are_valid() -> None:
         assert spec.gadgets and spec.input
 
 
+PREPROCESSING = ("perfusion-recon", "perfusion-moco", "aif-t2star", "surface-coil-correction", "gd-conversion",
+                 "temporal-resample")
+
+
+@pytest.mark.parametrize("other", ["perfusion-map", "perfusion-gd"])
+def test_perfusion_chains_share_their_preprocessing_settings(other: str) -> None:
+    """The three perfusion chains are edited by hand and each decision run changes `perfusion`: the Gd
+    series, the AIF and hence the maps of `perfusion-map` / `perfusion-gd` must come from the same
+    preprocessing (settings compared after validation, so a default written out equals one left out)."""
+    def steps(name: str) -> dict[str, dict]:
+        return {g.gadget.name: g.settings.model_dump() for g in resolve_chain(name).gadgets}
+
+    shipped, variant = steps("perfusion"), steps(other)
+    for gadget in PREPROCESSING:
+        assert gadget in shipped and gadget in variant, f"{gadget} missing from perfusion or {other}"
+        assert variant[gadget] == shipped[gadget], f"{other}: {gadget} settings differ from perfusion's"
+
+
 def test_valid_chain_with_settings_and_type_flow() -> None:
     spec = parse_chain(chain_text('gadget = "test-image-to-series"\nsettings = { factor = 2.5 }',
                                   'gadget = "test-needs-series"'))
