@@ -11,8 +11,17 @@ the ``AifSeries`` (SR/PD frames [echo, time, rows, cols], times, PD image, acqui
 pickles). :func:`replay` rebuilds ``aif-extract`` with any ``AifExtractSettings`` on those inputs;
 ``check`` confirms that the shipped settings reproduce the cached curves exactly.
 
-    python benchmarks/aif_replay.py capture --first-seed 1073742574 --studies 50 --out DIR [--part 0 --parts 2]
-    python benchmarks/aif_replay.py check DIR
+The capture also keeps the AIF series as it reaches ``aif-t2star`` (both echoes, PD frames):
+:func:`replay_from_t2star` runs ``aif-t2star`` .. ``gd-conversion`` with any chain directory's settings,
+resamples onto the cached grid as ``temporal-resample`` does, and then ``aif-extract``: T2* and surface-coil
+variants are tried in seconds (docs/preprocessing.md, "T2* fit noise in the AIF"). ``--noise-free``
+captures the same scans from k-space simulated without noise (the study's SNR x 1e5), to separate what noise
+does from what the method does. ``mbf`` refits each captured scan's MBF with the AIF of one or more chain
+directories and the chain's cached tissue series (``mbf_error_sources``), against the simulator's truth.
+
+    python benchmarks/aif_replay.py capture --first-seed 1073742574 --studies 50 --out DIR [--part 0 --parts 2] [--noise-free]
+    python benchmarks/aif_replay.py check DIR [--from-t2star]
+    python benchmarks/aif_replay.py mbf DIR --chains shipped /path/to/variant [--part 0 --parts 2] --json OUT.jsonl
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ import numpy as np
 logger = logging.getLogger("perfline.benchmarks.aif_replay")
 
 
-def save_aif_inputs(path: Path, context: Any, series: Any, hint: Any, curve: Any) -> Path:
-    """Write one scan's ``aif-extract`` inputs (series, hint, header, parameters) and output curve."""
+def save_aif_inputs(path: Path, context: Any, series: Any, hint: Any, curve: Any, t2star_input: Any = None) -> Path:
+    """Write one scan's ``aif-extract`` inputs (series, hint, header, parameters) and output curve; with
+    ``t2star_input`` (the ``AifSeries`` as it reached ``aif-t2star``) that too, keys ``t2_*``."""
     arrays: dict[str, np.ndarray] = {
         "data": np.asarray(series.data, np.float32), "time_s": np.asarray(series.time_s, np.float64),
         "echo_times_ms": np.asarray(series.echo_times_ms, np.float64), "units": np.array(series.units),
@@ -48,6 +58,12 @@ def save_aif_inputs(path: Path, context: Any, series: Any, hint: Any, curve: Any
     if series.acquired_time_s is not None and series.acquired_data is not None:
         arrays["acquired_time_s"] = np.asarray(series.acquired_time_s, np.float64)
         arrays["acquired_data"] = np.asarray(series.acquired_data, np.float32)
+    if t2star_input is not None:
+        arrays.update({"t2_data": np.asarray(t2star_input.data, np.float32),
+                       "t2_time_s": np.asarray(t2star_input.time_s, np.float64),
+                       "t2_echo_times_ms": np.asarray(t2star_input.echo_times_ms, np.float64),
+                       "t2_units": np.array(t2star_input.units), "t2_n_pd_frames": np.array(t2star_input.n_pd_frames),
+                       "t2_stages": np.array(json.dumps(list(t2star_input.stages)))})
     if hint is not None:
         arrays["hint_point_mm"] = np.asarray(hint.point_mm, np.float64)
         arrays["hint_radius_mm"] = np.array(np.nan if hint.radius_mm is None else hint.radius_mm)
@@ -81,6 +97,59 @@ def load_aif_inputs(path: Path) -> tuple[Any, Any, str, dict, dict[str, np.ndarr
         return series, hint, str(z["header_xml"]), json.loads(str(z["parameters"])), curve
 
 
+def load_t2star_input(path: Path) -> Any:
+    """The ``AifSeries`` as it reached ``aif-t2star`` (saved by a capture since session 16)."""
+    from perfline.gadgets.perfusion_items import AifSeries
+
+    series = load_aif_inputs(path)[0]
+    with np.load(path, allow_pickle=False) as z:
+        if "t2_data" not in z.files:
+            raise ValueError(f"{path}: no aif-t2star input saved (captured before session 16): capture it again")
+        return AifSeries(data=z["t2_data"], time_s=z["t2_time_s"],
+                         echo_times_ms=tuple(float(v) for v in z["t2_echo_times_ms"]), units=str(z["t2_units"]),
+                         n_pd_frames=int(z["t2_n_pd_frames"]), geometry=series.geometry,
+                         stages=tuple(json.loads(str(z["t2_stages"]))))
+
+
+def chain_settings(chain_dir: Path | None = None) -> dict[str, Any]:
+    """{gadget name: validated settings} of the ``perfusion`` chain (shipped, or ``chain_dir``'s)."""
+    from perfline.core.chain import resolve_chain
+
+    return {step.gadget.name: step.settings for step in resolve_chain("perfusion", chain_dir).gadgets}
+
+
+def replay_from_t2star(path: Path, chain_dir: Path | None = None) -> Any:
+    """The ``AifCurve`` of a cached scan from its ``aif-t2star`` input on: ``aif-t2star``,
+    ``surface-coil-correction`` and ``gd-conversion`` with ``chain_dir``'s ``perfusion`` settings (None:
+    the shipped chain), linear resampling onto the cached grid as ``temporal-resample`` does (acquired
+    frames kept), then ``aif-extract`` with that chain's settings."""
+    import ismrmrd
+
+    from perfline.core.gadget import ChainContext
+    from perfline.gadgets.mapping import AifExtract, hematocrit_from_parameters
+    from perfline.gadgets.perfusion_preprocessing import AifT2StarCorrection, GdConversion, SurfaceCoilCorrection
+    from perfline.toolbox.resample import resample_series
+
+    cached, hint, xml, parameters, _ = load_aif_inputs(path)
+    settings = chain_settings(chain_dir)
+    context = ChainContext(header=ismrmrd.xsd.CreateFromDocument(xml) if xml else None, header_xml=xml,
+                           parameters=parameters)
+    series = load_t2star_input(path)
+    for gadget in (AifT2StarCorrection(settings.get("aif-t2star"), context),
+                   SurfaceCoilCorrection(settings.get("surface-coil-correction"), context),
+                   GdConversion(settings.get("gd-conversion"), context)):
+        series = gadget.process_item(series)
+    grid = np.asarray(cached.time_s, dtype=np.float64)  # temporal-resample's grid spans every series of the scan
+    series = dataclasses.replace(series, data=resample_series(series.data[0], series.time_s, grid)[None],
+                                 time_s=grid.copy(), stages=series.stages + ("resample",),
+                                 acquired_time_s=np.asarray(series.time_s, dtype=np.float64).copy(),
+                                 acquired_data=np.asarray(series.data))
+    extract = settings["aif-extract"]
+    gadget = AifExtract(extract, context)
+    gadget._hematocrit = hematocrit_from_parameters(parameters, extract.hematocrit)
+    return gadget._extract(series, hint if extract.lv_hint else None)
+
+
 def replay(path: Path, settings: Any) -> Any:
     """The ``AifCurve`` that ``aif-extract`` with ``settings`` (``AifExtractSettings``) makes of a cached scan."""
     import ismrmrd
@@ -107,41 +176,59 @@ def shipped_settings(chain_dir: Path | None = None) -> Any:
     return AifExtractSettings(**settings)
 
 
-def capture(first_seed: int, studies: int, out: Path, part: int = 0, parts: int = 1) -> int:
-    """Run ``studies`` stress + rest scans from ``first_seed`` through the chain; save their AIF inputs."""
+def capture(first_seed: int, studies: int, out: Path, part: int = 0, parts: int = 1, noise_free: bool = False) -> int:
+    """Run ``studies`` stress + rest scans from ``first_seed`` through the chain; save their AIF inputs
+    (and the AIF series as it reached ``aif-t2star``). ``noise_free``: k-space simulated without noise."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mbf_error_sources
-    from perfline.gadgets import mapping
+    from perfline.gadgets import mapping, perfusion_preprocessing
+    from perfline.simulator import study as simulator_study
 
     original = mapping.AifExtract._extract
-    current: dict[str, str] = {}
+    original_t2star = perfusion_preprocessing.AifT2StarCorrection.process_item
+    original_study = simulator_study.sample_study
+    current: dict[str, Any] = {}
 
     def recording(self: Any, series: Any, hint: Any) -> Any:
         curve = original(self, series, hint)
-        save_aif_inputs(out / f"{current['name']}.npz", self.context, series, hint, curve)
+        save_aif_inputs(out / f"{current['name']}.npz", self.context, series, hint, curve, current.get("t2star"))
         return curve
 
+    def recording_t2star(self: Any, item: Any) -> Any:
+        current["t2star"] = item
+        return original_t2star(self, item)
+
+    def noise_free_study(seed: int, **kwargs: Any) -> Any:
+        study = original_study(seed, **kwargs)
+        return dataclasses.replace(study, snr_blood_peak=study.snr_blood_peak * 1e5)
+
     mapping.AifExtract._extract = recording  # type: ignore[method-assign]
+    perfusion_preprocessing.AifT2StarCorrection.process_item = recording_t2star  # type: ignore[method-assign]
+    if noise_free:
+        simulator_study.sample_study = noise_free_study
     try:
         jobs = [(seed, kind) for seed in range(first_seed, first_seed + studies) for kind in ("stress", "rest")]
         for index, (seed, kind) in enumerate(jobs):
             if index % parts != part or (out / f"{seed}_{kind}.npz").is_file():
                 continue
-            current["name"] = f"{seed}_{kind}"
+            current.update(name=f"{seed}_{kind}", t2star=None)
             mbf_error_sources.prepare_scan(seed, kind, out / "chain")
             logger.info("captured %d %s", seed, kind)
     finally:
         mapping.AifExtract._extract = original  # type: ignore[method-assign]
+        perfusion_preprocessing.AifT2StarCorrection.process_item = original_t2star  # type: ignore[method-assign]
+        simulator_study.sample_study = original_study
     return 0
 
 
-def check(directory: Path) -> int:
-    """Replay every cached scan with the shipped settings; 1 if any curve differs from the cached one."""
+def check(directory: Path, from_t2star: bool = False) -> int:
+    """Replay every cached scan with the shipped settings (``from_t2star``: from its ``aif-t2star`` input
+    on); 1 if any curve differs from the cached one."""
     settings = shipped_settings()
     worst = 0.0
     files = sorted(directory.glob("*_*.npz"))
     for path in files:
-        curve = replay(path, settings)
+        curve = replay_from_t2star(path) if from_t2star else replay(path, settings)
         cached = load_aif_inputs(path)[4]["curve_blood_gd_mmol_l"]
         difference = float(np.max(np.abs(np.asarray(curve.blood_gd_mmol_l) - cached)))
         worst = max(worst, difference)
@@ -149,6 +236,56 @@ def check(directory: Path) -> int:
             logger.error("%s: replayed curve differs by %.3g mmol/L", path.name, difference)
     print(f"{len(files)} scans replayed, largest difference {worst:.3g} mmol/L")
     return int(worst > 1e-9 or not files)
+
+
+def refit_mbf(path: Path, curve: Any, cache: Path) -> dict[str, float]:
+    """Global MBF error (%) and sector mean abs error (%) of one captured scan refitted with ``curve``
+    (an ``AifCurve``) and the chain's cached tissue series (``cache``: the capture's ``chain`` folder),
+    flow-map at the shipped chain's settings, report summary as ``mbf_error_sources``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import mbf_error_sources as sources
+    from perfline.toolbox.btex import aif_on_fine_grid, fine_grid
+
+    flow_map = chain_settings()["flow-map"]
+    seed, kind = path.stem.split("_")
+    scan = sources.load_scan(int(seed), kind, cache)
+    arrival = curve.arrival_time_s
+    grid_aif = np.interp(scan.grid_s, curve.time_s, curve.blood_gd_mmol_l)
+    grid_aif[scan.grid_s < arrival] = 0.0
+    upsample = flow_map.aif_upsample
+    fine = aif_on_fine_grid(curve.sample_time_s, curve.sample_blood_gd_mmol_l, scan.grid_s, upsample,
+                            smoothing=flow_map.aif_smoothing)
+    fine[fine_grid(scan.grid_s, upsample) < arrival] = 0.0
+    dt_s = float(np.mean(np.diff(scan.grid_s)))
+    tables: dict = {}
+    maps = [sources.fit_slice(scan.chain_gd[i], grid_aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map,
+                              fine_blood_aif=(fine, upsample), sampling=(scan.grid_s, scan.slice_times[i]),
+                              labels=labels, slice_index=i) for i, (labels, _, _) in enumerate(scan.cnn)]
+    global_mbf, sectors = sources.summarise(maps, scan.cnn, scan.levels, place_rv=True)
+    truth = np.asarray(scan.truth.segment_mbf, dtype=float)
+    found = np.isfinite(sectors) & np.isfinite(truth)
+    return {"global_pct": 100.0 * (global_mbf / float(scan.truth.global_mbf) - 1.0),
+            "sectors_abs_pct": float(np.mean(np.abs(sectors[found] / truth[found] - 1.0)) * 100.0)}
+
+
+def mbf(directory: Path, chains: list[str], json_path: Path, part: int = 0, parts: int = 1) -> int:
+    """Refit every captured scan's MBF with the AIF of each chain directory ("shipped": the shipped chains),
+    one JSON line per scan appended to ``json_path`` (scans already there are skipped)."""
+    done = set()
+    if json_path.is_file():
+        done = {row["scan"] for row in map(json.loads, json_path.read_text().splitlines())}
+    with open(json_path, "a") as handle:
+        for index, path in enumerate(sorted(directory.glob("*_*.npz"))):
+            if index % parts != part or path.stem in done:
+                continue
+            row: dict[str, Any] = {"scan": path.stem, "aif_pixels": int(load_aif_inputs(path)[4]["curve_mask"].sum())}
+            for chain in chains:
+                curve = replay_from_t2star(path, None if chain == "shipped" else Path(chain))
+                for key, value in refit_mbf(path, curve, directory / "chain").items():
+                    row[f"{Path(chain).name}_{key}"] = value
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,13 +297,23 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--out", type=Path, required=True)
     cap.add_argument("--part", type=int, default=0, help="this process's share (index % parts == part)")
     cap.add_argument("--parts", type=int, default=1)
+    cap.add_argument("--noise-free", action="store_true", help="k-space simulated without noise (SNR x 1e5)")
     chk = sub.add_parser("check", help="replay the cached scans with the shipped settings")
     chk.add_argument("directory", type=Path)
+    chk.add_argument("--from-t2star", action="store_true", help="replay from the aif-t2star input on")
+    refit = sub.add_parser("mbf", help="refit the captured scans' MBF with the AIF of chain variants")
+    refit.add_argument("directory", type=Path)
+    refit.add_argument("--chains", nargs="+", required=True, help="'shipped' or chain directories")
+    refit.add_argument("--json", type=Path, required=True, help="JSON lines, appended")
+    refit.add_argument("--part", type=int, default=0)
+    refit.add_argument("--parts", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "capture":
-        return capture(args.first_seed, args.studies, args.out, args.part, args.parts)
-    return check(args.directory)
+        return capture(args.first_seed, args.studies, args.out, args.part, args.parts, args.noise_free)
+    if args.command == "mbf":
+        return mbf(args.directory, args.chains, args.json, args.part, args.parts)
+    return check(args.directory, args.from_t2star)
 
 
 if __name__ == "__main__":

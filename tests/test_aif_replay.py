@@ -50,3 +50,70 @@ def test_saved_inputs_load_back_and_replay_to_the_same_curve(tmp_path):
 def test_shipped_settings_are_the_perfusion_chains():
     settings = _module().shipped_settings()
     assert settings.foot_from_samples and settings.lv_partial_volume
+
+
+def _chain_curve(series, context):
+    """The AIF curve the shipped chain's aif-t2star .. aif-extract make of a dual-echo AIF series."""
+    from perfline.gadgets.perfusion_preprocessing import (AifT2StarCorrection, GdConversion, SurfaceCoilCorrection,
+                                                          TemporalResample)
+
+    settings = _module().chain_settings()
+    item = series
+    for gadget in (AifT2StarCorrection(settings["aif-t2star"], context),
+                   SurfaceCoilCorrection(settings["surface-coil-correction"], context),
+                   GdConversion(settings["gd-conversion"], context)):
+        item = gadget.process_item(item)
+    (resampled,) = list(TemporalResample(settings["temporal-resample"], context).process(iter([item])))
+    (curve,) = list(AifExtract(settings["aif-extract"].model_copy(update={"lv_hint": False}), context)
+                    .process(iter([resampled])))
+    return resampled, curve
+
+
+def test_replay_from_the_t2star_input_reproduces_the_chain_and_follows_a_variant_chain(tmp_path):
+    """A dual-echo pool (test_aif_t2star_model) through the shipped chain's aif-t2star .. aif-extract; saved
+    with its aif-t2star input, replay_from_t2star gives the same curve with the shipped chain's settings and
+    another with a chain directory whose T2* fit is the session-15 one (3 x 3 box, echo 1 only)."""
+    import shutil
+
+    from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry
+    from perfline.toolbox import gd_conversion
+    from test_aif_t2star_model import N_PD, TE_MS, _header_context, _two_echo_pool
+
+    replay = _module()
+    context = _header_context()
+    context = dataclasses.replace(context, parameters={"hematocrit": 0.43})
+    sequence = gd_conversion.sequence_from_header(context.header, gd_conversion.AIF_ENCODING)
+    echoes, time_s, _, _ = _two_echo_pool(4, 0.002, sequence, 25.0, 26.0)
+    series = AifSeries(data=echoes.astype(np.float32), time_s=time_s + 0.13, echo_times_ms=TE_MS, units="signal",
+                       n_pd_frames=N_PD, geometry=ImageGeometry(field_of_view_mm=(144.0, 144.0, 8.0)))
+    resampled, curve = _chain_curve(series, context)
+    path = replay.save_aif_inputs(tmp_path / "1_stress.npz", context, resampled, None, curve, t2star_input=series)
+
+    again = replay.replay_from_t2star(path)
+    np.testing.assert_array_equal(again.blood_gd_mmol_l, curve.blood_gd_mmol_l)
+    np.testing.assert_array_equal(again.sample_blood_gd_mmol_l, curve.sample_blood_gd_mmol_l)
+    loaded = replay.load_t2star_input(path)
+    np.testing.assert_array_equal(loaded.data, series.data)
+    assert (loaded.n_pd_frames, loaded.echo_times_ms, loaded.units) == (N_PD, TE_MS, "signal")
+
+    variant = tmp_path / "chains"
+    shutil.copytree(ROOT / "chains", variant, ignore=shutil.ignore_patterns("__pycache__"))
+    text = (variant / "perfusion.toml").read_text()
+    assert "smoothing_px = 7\ncombine_echoes = true\n" in text
+    (variant / "perfusion.toml").write_text(text.replace("smoothing_px = 7\ncombine_echoes = true\n", ""))
+    other = replay.replay_from_t2star(path, variant)
+    assert not np.allclose(other.blood_gd_mmol_l, curve.blood_gd_mmol_l)
+    # the same pool and a close curve: only the T2* correction differs
+    np.testing.assert_array_equal(other.mask, curve.mask)
+    assert abs(other.blood_gd_mmol_l.max() / curve.blood_gd_mmol_l.max() - 1.0) < 0.05
+
+
+def test_inputs_captured_before_the_t2star_capture_say_so(tmp_path):
+    replay = _module()
+    series = dataclasses.replace(_aif_series(), pd_image=np.full((32, 32), 5.0, np.float32))
+    context = ChainContext(parameters={})
+    (curve,) = list(AifExtract(AifExtractSettings(lv_hint=False), context).process(iter([series])))
+    path = replay.save_aif_inputs(tmp_path / "old.npz", context, series, None, curve)
+    import pytest
+    with pytest.raises(ValueError, match="no aif-t2star input"):
+        replay.load_t2star_input(path)
