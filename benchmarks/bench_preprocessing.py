@@ -442,7 +442,8 @@ def main() -> None:
         _, shipped = run_stages(header_xml, acquisitions, chain="perfusion")
         print(f"AIF peak (LV pool median) vs truth: with T2* correction "
               f"{100 * aif_peak(study, items, truth_path):+.1f} % (gadget defaults: per-frame T2*), "
-              f"{100 * aif_peak(study, shipped, truth_path):+.1f} % (the perfusion chain's settings), without {100 * aif_peak(study, uncorrected, truth_path):+.1f} %")
+              f"{100 * aif_peak(study, shipped, truth_path):+.1f} % (the perfusion chain's settings), "
+              f"without {100 * aif_peak(study, uncorrected, truth_path):+.1f} %")
     if "resample" in args.sections:
         print("temporal resampling:")
         print(resampling_accuracy())

@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from perfline.core.gadget import ChainContext
 from perfline.gadgets.mapping import AifExtract, AifExtractSettings, LvHint
@@ -114,6 +115,5 @@ def test_inputs_captured_before_the_t2star_capture_say_so(tmp_path):
     context = ChainContext(parameters={})
     (curve,) = list(AifExtract(AifExtractSettings(lv_hint=False), context).process(iter([series])))
     path = replay.save_aif_inputs(tmp_path / "old.npz", context, series, None, curve)
-    import pytest
     with pytest.raises(ValueError, match="no aif-t2star input"):
         replay.load_t2star_input(path)
