@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +122,12 @@ def replay_from_t2star(path: Path, chain_dir: Path | None = None) -> Any:
     ``surface-coil-correction`` and ``gd-conversion`` with ``chain_dir``'s ``perfusion`` settings (None:
     the shipped chain), linear resampling onto the cached grid as ``temporal-resample`` does (acquired
     frames kept), then ``aif-extract`` with that chain's settings."""
-    import ismrmrd
-
-    from perfline.core.gadget import ChainContext
-    from perfline.gadgets.mapping import AifExtract, hematocrit_from_parameters
     from perfline.gadgets.perfusion_preprocessing import AifT2StarCorrection, GdConversion, SurfaceCoilCorrection
     from perfline.toolbox.resample import resample_series
 
     cached, hint, xml, parameters, _ = load_aif_inputs(path)
     settings = chain_settings(chain_dir)
-    context = ChainContext(header=ismrmrd.xsd.CreateFromDocument(xml) if xml else None, header_xml=xml,
-                           parameters=parameters)
+    context = _context(xml, parameters)
     series = load_t2star_input(path)
     for gadget in (AifT2StarCorrection(settings.get("aif-t2star"), context),
                    SurfaceCoilCorrection(settings.get("surface-coil-correction"), context),
@@ -144,36 +138,38 @@ def replay_from_t2star(path: Path, chain_dir: Path | None = None) -> Any:
                                  time_s=grid.copy(), stages=series.stages + ("resample",),
                                  acquired_time_s=np.asarray(series.time_s, dtype=np.float64).copy(),
                                  acquired_data=np.asarray(series.data))
-    extract = settings["aif-extract"]
-    gadget = AifExtract(extract, context)
-    gadget._hematocrit = hematocrit_from_parameters(parameters, extract.hematocrit)
-    return gadget._extract(series, hint if extract.lv_hint else None)
+    return _extract(settings["aif-extract"], context, series, hint)
+
+
+def _context(xml: str, parameters: dict) -> Any:
+    """The chain context of a cached scan: its MRD header (None without XML) and client parameters."""
+    import ismrmrd
+
+    from perfline.core.gadget import ChainContext
+
+    return ChainContext(header=ismrmrd.xsd.CreateFromDocument(xml) if xml else None, header_xml=xml,
+                        parameters=parameters)
+
+
+def _extract(settings: Any, context: Any, series: Any, hint: Any) -> Any:
+    """``aif-extract``'s curve of ``series`` as its ``process`` makes it: the client's hematocrit, and the
+    CNN's LV only with ``lv_hint`` on."""
+    from perfline.gadgets.mapping import AifExtract, hematocrit_from_parameters
+
+    gadget = AifExtract(settings, context)
+    gadget._hematocrit = hematocrit_from_parameters(context.parameters, settings.hematocrit)
+    return gadget._extract(series, hint if settings.lv_hint else None)
 
 
 def replay(path: Path, settings: Any) -> Any:
     """The ``AifCurve`` that ``aif-extract`` with ``settings`` (``AifExtractSettings``) makes of a cached scan."""
-    import ismrmrd
-
-    from perfline.core.gadget import ChainContext
-    from perfline.gadgets.mapping import AifExtract, hematocrit_from_parameters
-
     series, hint, xml, parameters, _ = load_aif_inputs(path)
-    header = ismrmrd.xsd.CreateFromDocument(xml) if xml else None
-    gadget = AifExtract(settings, ChainContext(header=header, header_xml=xml, parameters=parameters))
-    gadget._hematocrit = hematocrit_from_parameters(parameters, settings.hematocrit)
-    # as aif-extract's process: with lv_hint off it never takes the CNN's LV
-    return gadget._extract(series, hint if settings.lv_hint else None)
+    return _extract(settings, _context(xml, parameters), series, hint)
 
 
 def shipped_settings(chain_dir: Path | None = None) -> Any:
     """``AifExtractSettings`` of the ``perfusion`` chain (the shipped one, or ``chain_dir``'s)."""
-    from perfline.gadgets.mapping import AifExtractSettings
-
-    path = (chain_dir or Path(__file__).resolve().parents[1] / "chains") / "perfusion.toml"
-    with open(path, "rb") as handle:
-        chain = tomllib.load(handle)
-    (settings,) = [g.get("settings", {}) for g in chain["gadgets"] if g["gadget"] == "aif-extract"]
-    return AifExtractSettings(**settings)
+    return chain_settings(chain_dir)["aif-extract"]
 
 
 def capture(first_seed: int, studies: int, out: Path, part: int = 0, parts: int = 1, noise_free: bool = False) -> int:
