@@ -178,11 +178,9 @@ def capture(first_seed: int, studies: int, out: Path, part: int = 0, parts: int 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mbf_error_sources
     from perfline.gadgets import mapping, perfusion_preprocessing
-    from perfline.simulator import study as simulator_study
 
     original = mapping.AifExtract._extract
     original_t2star = perfusion_preprocessing.AifT2StarCorrection.process_item
-    original_study = simulator_study.sample_study
     current: dict[str, Any] = {}
 
     def recording(self: Any, series: Any, hint: Any) -> Any:
@@ -194,26 +192,19 @@ def capture(first_seed: int, studies: int, out: Path, part: int = 0, parts: int 
         current["t2star"] = item
         return original_t2star(self, item)
 
-    def noise_free_study(seed: int, **kwargs: Any) -> Any:
-        study = original_study(seed, **kwargs)
-        return dataclasses.replace(study, snr_blood_peak=study.snr_blood_peak * 1e5)
-
     mapping.AifExtract._extract = recording  # type: ignore[method-assign]
     perfusion_preprocessing.AifT2StarCorrection.process_item = recording_t2star  # type: ignore[method-assign]
-    if noise_free:
-        simulator_study.sample_study = noise_free_study
     try:
         jobs = [(seed, kind) for seed in range(first_seed, first_seed + studies) for kind in ("stress", "rest")]
         for index, (seed, kind) in enumerate(jobs):
             if index % parts != part or (out / f"{seed}_{kind}.npz").is_file():
                 continue
             current.update(name=f"{seed}_{kind}", t2star=None)
-            mbf_error_sources.prepare_scan(seed, kind, out / "chain")
+            mbf_error_sources.prepare_scan(seed, kind, out / "chain", noise_free=noise_free)
             logger.info("captured %d %s", seed, kind)
     finally:
         mapping.AifExtract._extract = original  # type: ignore[method-assign]
         perfusion_preprocessing.AifT2StarCorrection.process_item = original_t2star  # type: ignore[method-assign]
-        simulator_study.sample_study = original_study
     return 0
 
 

@@ -55,14 +55,20 @@ logger = logging.getLogger("mbf_error_sources")
 KINDS = ("stress", "rest")
 DEFAULT_CACHE = Path("/tmp/mbf_error_sources")
 CHAIN_UNTIL = "flow-map"  # the chain is run up to (not including) this gadget
+NOISE_FREE_SNR_FACTOR = 1e5  # prepare_scan(noise_free=True): the study's SNR times this
 
 
 # ------------------------------------------------------------------------------ prepare
-def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, chains: Path | None = None) -> Path:
+def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, chains: Path | None = None,
+                 noise_free: bool = False) -> Path:
     """Run the ``perfusion`` chain up to ``flow-map`` on one simulated scan; cache its intermediates (npz).
 
     ``chains``: a chain directory whose ``perfusion.toml`` replaces the shipped one (a settings
-    variant, e.g. ``perfusion-moco interpolation = "cubic"``); default the shipped chains."""
+    variant, e.g. ``perfusion-moco interpolation = "cubic"``); default the shipped chains.
+    ``noise_free``: the study's k-space without noise (its SNR times ``NOISE_FREE_SNR_FACTOR``; same
+    anatomy, motion, contrast and timing), e.g. to separate the chain's systematic errors from its noise."""
+    import dataclasses
+
     import ismrmrd
 
     from perfline.core.chain import resolve_chain
@@ -77,6 +83,8 @@ def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, c
     if out.is_file():
         return out
     study = sample_study(seed, kind=kind)
+    if noise_free:
+        study = dataclasses.replace(study, snr_blood_peak=study.snr_blood_peak * NOISE_FREE_SNR_FACTOR)
     mrd = cache / "mrd" / f"{seed}_{kind}.h5"
     mrd.parent.mkdir(parents=True, exist_ok=True)
     if not mrd.is_file():
@@ -455,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=8)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--keep-mrd", action="store_true", help="prepare: keep the simulated MRD files")
+    parser.add_argument("--noise-free", action="store_true", help="prepare: k-space simulated without noise")
     parser.add_argument("--chains", type=Path, default=None, help=(
         "prepare: chain directory whose perfusion.toml replaces the shipped one (a settings variant)"))
     parser.add_argument("--json", type=Path, default=None, help="attribute: also write the rows as JSON")
@@ -484,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         for seed in seeds:
             for kind in KINDS:
-                prepare_scan(seed, kind, args.cache, keep_mrd=args.keep_mrd, chains=args.chains)
+                prepare_scan(seed, kind, args.cache, keep_mrd=args.keep_mrd, chains=args.chains,
+                             noise_free=args.noise_free)
         return 0
     if args.command == "aif-tail":
         return aif_tail(seeds, args.cache, args.aif_cache)
