@@ -400,3 +400,32 @@ def test_sample_foot_bad_input_is_a_clear_error(t, values, match):
 
     with pytest.raises(AifError, match=match):
         sample_foot_time(t, values, 0.1)
+
+
+def test_a_pool_centred_on_the_lv_but_outside_its_disc_is_not_taken_for_it():
+    # noise-free simulated rest 2**30+788: the dynamics-only choice was a large pool around the LV (its centre
+    # within hint_max_distance_px of the CNN's LV, almost none of it in the LV disc); kept whole, its core read
+    # the AIF at 0.44 of the blood peak. The pool at the LV is taken instead.
+    from perfline.toolbox.aif import _hint_choice, _lv_disc, _Pool
+
+    settings = AifSettings()
+    n = 60
+    rows, cols = np.mgrid[:48, :48]
+    radius = np.hypot(rows - LV_CENTRE[0], cols - LV_CENTRE[1])
+    lv = radius <= LV_RADIUS
+    around = (radius > LV_RADIUS + settings.hint_margin_px + 1.5) & (radius <= LV_RADIUS + settings.hint_margin_px + 5.0)
+    labels = np.zeros((48, 48), dtype=np.int32)
+    labels[around], labels[lv] = 1, 2
+    smooth = np.zeros((n, 48, 48))
+    smooth[:, around] = _bolus(n, 20, 2.5, 150.0)[:, None]
+    smooth[:, lv] = _bolus(n, 20, 2.5, 250.0)[:, None]
+    pools = [_Pool(label=1, area=int(around.sum()), peak_frame=25, enhancement=150.0),
+             _Pool(label=2, area=int(lv.sum()), peak_frame=25, enhancement=250.0)]
+    disc = _lv_disc((48, 48), LV_CENTRE, LV_RADIUS, settings)
+    assert not np.any(around & disc)  # the failure's geometry: centred on the LV, outside its disc
+    mask, _, source = _hint_choice(smooth, labels, pools, (around, np.zeros_like(lv)), disc, LV_CENTRE, settings)
+    assert source == AIF_SOURCE_POOL_AT_HINT
+    np.testing.assert_array_equal(mask, lv & disc)
+    # a dynamics-only choice that is the LV itself is still kept (step 1)
+    mask, _, source = _hint_choice(smooth, labels, pools, (lv, np.zeros_like(lv)), disc, LV_CENTRE, settings)
+    assert source == AIF_SOURCE_POOLS_AT_HINT and np.array_equal(mask, lv & disc)
