@@ -231,7 +231,6 @@ def refit_mbf(path: Path, curve: Any, cache: Path) -> dict[str, float]:
     flow-map at the shipped chain's settings, report summary as ``mbf_error_sources``."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mbf_error_sources as sources
-    from perfline.toolbox.btex import aif_on_fine_grid, fine_grid
 
     flow_map = chain_settings()["flow-map"]
     seed, kind = path.stem.split("_")
@@ -240,19 +239,11 @@ def refit_mbf(path: Path, curve: Any, cache: Path) -> dict[str, float]:
     grid_aif = np.interp(scan.grid_s, curve.time_s, curve.blood_gd_mmol_l)
     grid_aif[scan.grid_s < arrival] = 0.0
     upsample = flow_map.aif_upsample
-    fine = aif_on_fine_grid(curve.sample_time_s, curve.sample_blood_gd_mmol_l, scan.grid_s, upsample,
-                            smoothing=flow_map.aif_smoothing)
-    fine[fine_grid(scan.grid_s, upsample) < arrival] = 0.0
-    dt_s = float(np.mean(np.diff(scan.grid_s)))
-    tables: dict = {}
-    maps = [sources.fit_slice(scan.chain_gd[i], grid_aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map,
-                              fine_blood_aif=(fine, upsample), sampling=(scan.grid_s, scan.slice_times[i]),
-                              labels=labels, slice_index=i) for i, (labels, _, _) in enumerate(scan.cnn)]
-    global_mbf, sectors = sources.summarise(maps, scan.cnn, scan.levels, place_rv=True)
-    truth = np.asarray(scan.truth.segment_mbf, dtype=float)
-    found = np.isfinite(sectors) & np.isfinite(truth)
-    return {"global_pct": 100.0 * (global_mbf / float(scan.truth.global_mbf) - 1.0),
-            "sectors_abs_pct": float(np.mean(np.abs(sectors[found] / truth[found] - 1.0)) * 100.0)}
+    fine = sources.fine_chain_aif(curve.sample_time_s, curve.sample_blood_gd_mmol_l, scan.grid_s, upsample,
+                                  flow_map.aif_smoothing, arrival)
+    global_pct, sectors_pct = sources.errors_pct(scan, *sources.fit_and_summarise(
+        scan, scan.chain_gd, grid_aif, (fine, upsample), scan.cnn, flow_map, place_rv=True))
+    return {"global_pct": global_pct, "sectors_abs_pct": sectors_pct}
 
 
 def mbf(directory: Path, chains: list[str], json_path: Path, part: int = 0, parts: int = 1) -> int:

@@ -299,6 +299,44 @@ def summarise(mbf: list[np.ndarray], segmentation: list[tuple[np.ndarray, tuple[
     return value, np.asarray(study.segment_mbf, dtype=np.float64)
 
 
+def fine_chain_aif(sample_time_s: np.ndarray, blood: np.ndarray, grid_s: np.ndarray, upsample: int,
+                   smoothing: str, arrival_s: float) -> np.ndarray:
+    """A chain AIF's acquired samples on flow-map's fine grid, as flow-map builds its sampled table: the
+    spline (``smoothing``) of ``btex.aif_on_fine_grid``, zero before the AIF's arrival ``arrival_s`` (s)."""
+    from perfline.toolbox.btex import aif_on_fine_grid, fine_grid
+
+    fine = aif_on_fine_grid(sample_time_s, blood, grid_s, upsample, smoothing=smoothing)
+    fine[fine_grid(grid_s, upsample) < arrival_s] = 0.0
+    return fine
+
+
+def fit_and_summarise(scan: ScanInputs, series: Sequence[np.ndarray], blood_aif: np.ndarray,
+                      fine_blood_aif: tuple[np.ndarray, int] | None,
+                      segmentation: list[tuple[np.ndarray, tuple[float, float], float]], flow_map: FlowMapSettings,
+                      *, place_rv: bool, global_statistic: str = "sectors", tissue_sampling: bool = True,
+                      tables: dict | None = None) -> tuple[float, np.ndarray]:
+    """(global, [16] sector) MBF of one scan: every slice's ``series`` fitted by :func:`fit_slice` with the
+    labels of ``segmentation`` (its table sampled at the slice's acquisition times when ``tissue_sampling``
+    and a fine AIF are given), summarised by :func:`summarise`. ``tables``: :func:`fit_slice`'s table cache,
+    to share between calls with the same AIF."""
+    dt_s = float(np.mean(np.diff(scan.grid_s)))
+    tables = {} if tables is None else tables
+    maps = []
+    for index, (labels, _, _) in enumerate(segmentation):
+        sampled = (scan.grid_s, scan.slice_times[index]) if (tissue_sampling and fine_blood_aif is not None) else None
+        maps.append(fit_slice(series[index], blood_aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map,
+                              fine_blood_aif=fine_blood_aif, sampling=sampled, labels=labels, slice_index=index))
+    return summarise(maps, segmentation, scan.levels, global_statistic, place_rv=place_rv)
+
+
+def errors_pct(scan: ScanInputs, global_mbf: float, sectors: np.ndarray) -> tuple[float, float]:
+    """(global error %, mean abs sector error % over the sectors found) against the scan's truth."""
+    truth = np.asarray(scan.truth.segment_mbf, dtype=np.float64)
+    found = np.isfinite(sectors) & np.isfinite(truth)
+    return (100.0 * (global_mbf / float(scan.truth.global_mbf) - 1.0),
+            float(np.mean(np.abs(sectors[found] / truth[found] - 1.0)) * 100.0))
+
+
 COMBINATIONS = [  # (AIF, tissue Gd, mask)
     ("chain", "chain", "cnn"), ("true", "chain", "cnn"), ("chain", "true", "cnn"), ("true", "true", "cnn"),
     ("chain", "chain", "true"), ("true", "chain", "true"), ("chain", "true", "true"), ("true", "true", "true"),
@@ -318,9 +356,8 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
     samples (``--aif-cache``; zero before its foot, as ``flow-map``), else its grid curve;
     ``tissue_sampling``: and its table curves are sampled at each slice's acquisition times and
     interpolated onto the grid (flow-map's ``aif_upsample``, ``btex.sampled_aif_table``)."""
-    from perfline.toolbox.btex import aif_on_fine_grid, fine_grid, noise_sd
+    from perfline.toolbox.btex import aif_on_fine_grid, noise_sd
 
-    dt_s = float(np.mean(np.diff(scan.grid_s)))
     truth_global = float(scan.truth.global_mbf)
     truth_sectors = np.asarray(scan.truth.segment_mbf, dtype=np.float64)
     tables: dict = {}
@@ -361,23 +398,18 @@ def attribute_scan(scan: ScanInputs, rng: np.random.Generator, flow_map: FlowMap
         fine_true = (aif_on_fine_grid(*scan.true_aif_samples, scan.grid_s, aif_upsample, smoothing=smoothing),
                      aif_upsample)
         if scan.chain_aif_samples is not None:
-            fine = aif_on_fine_grid(*scan.chain_aif_samples, scan.grid_s, aif_upsample, smoothing=smoothing)
-            fine[fine_grid(scan.grid_s, aif_upsample) < scan.chain_aif_foot_s] = 0.0
-            fine_chain = (fine, aif_upsample)
+            fine_chain = (fine_chain_aif(*scan.chain_aif_samples, scan.grid_s, aif_upsample, smoothing,
+                                         scan.chain_aif_foot_s), aif_upsample)
     for aif_name, gd_name, mask_name in combinations:
         aif = scan.chain_aif if aif_name == "chain" else scan.true_aif
         fine = fine_true if aif_name == "true" else fine_chain
         segmentation = scan.cnn if mask_name == "cnn" else scan.true
-        maps = []
-        for index, (labels, _, _) in enumerate(segmentation):
-            gd = scan.chain_gd[index] if gd_name == "chain" else scan.true_gd[index]
-            if gd_name == "true+noise":
-                gd = gd + rng.normal(0.0, noise, gd.shape)
-            sampled = (scan.grid_s, scan.slice_times[index]) if (tissue_sampling and fine is not None) else None
-            maps.append(fit_slice(gd, aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map, fine_blood_aif=fine,
-                                  sampling=sampled, labels=labels, slice_index=index))
+        series = list(scan.chain_gd if gd_name == "chain" else scan.true_gd)
+        if gd_name == "true+noise":
+            series = [gd + rng.normal(0.0, noise, gd.shape) for gd in series]
         errors(f"{aif_name} AIF / {gd_name} Gd / {mask_name} mask",
-               *summarise(maps, segmentation, scan.levels, global_statistic, place_rv=mask_name == "cnn"))
+               *fit_and_summarise(scan, series, aif, fine, segmentation, flow_map, place_rv=mask_name == "cnn",
+                                  global_statistic=global_statistic, tissue_sampling=tissue_sampling, tables=tables))
     return row
 
 

@@ -66,13 +66,10 @@ def continuous_aif(seed: int, kind: str, grid_s: np.ndarray, upsample: int) -> n
 
 def _fine_chain_aif(scan: sources.ScanInputs, smoothing: str) -> tuple[np.ndarray, int]:
     """The chain AIF's fine curve as flow-map builds it (its samples, zero before its arrival)."""
-    from perfline.toolbox.btex import aif_on_fine_grid, fine_grid
-
     if scan.chain_aif_samples is None or scan.chain_aif_foot_s is None:
         raise ValueError(f"seed {scan.seed} {scan.kind}: the cache holds no AIF samples (prepared before session 9?)")
-    fine = aif_on_fine_grid(*scan.chain_aif_samples, scan.grid_s, UPSAMPLE, smoothing=smoothing)
-    fine[fine_grid(scan.grid_s, UPSAMPLE) < scan.chain_aif_foot_s] = 0.0
-    return fine, UPSAMPLE
+    return sources.fine_chain_aif(*scan.chain_aif_samples, scan.grid_s, UPSAMPLE, smoothing,
+                                  scan.chain_aif_foot_s), UPSAMPLE
 
 
 def ladder_scan(noisy: sources.ScanInputs, clean: sources.ScanInputs, flow_map: Any) -> dict[str, Any]:
@@ -82,9 +79,6 @@ def ladder_scan(noisy: sources.ScanInputs, clean: sources.ScanInputs, flow_map: 
 
     if noisy.grid_s.shape != clean.grid_s.shape or len(noisy.chain_gd) != len(clean.chain_gd):
         raise ValueError(f"seed {noisy.seed} {noisy.kind}: the noisy and noise-free runs are not on one grid")
-    dt_s = float(np.mean(np.diff(noisy.grid_s)))
-    truth_global = float(noisy.truth.global_mbf)
-    truth_sectors = np.asarray(noisy.truth.segment_mbf, dtype=np.float64)
     smoothing = flow_map.aif_smoothing
     true_fine = (aif_on_fine_grid(*noisy.true_aif_samples, noisy.grid_s, UPSAMPLE, smoothing=smoothing), UPSAMPLE)
     residual = [a - b for a, b in zip(noisy.chain_gd, clean.chain_gd)]
@@ -98,19 +92,13 @@ def ladder_scan(noisy: sources.ScanInputs, clean: sources.ScanInputs, flow_map: 
         "continuous AIF": (noisy.true_aif, (continuous_aif(noisy.seed, noisy.kind, noisy.grid_s, UPSAMPLE), UPSAMPLE),
                            noisy.true_gd, noisy.true, False),
     }
-    row: dict[str, Any] = {"seed": noisy.seed, "kind": noisy.kind, "truth": truth_global}
+    row: dict[str, Any] = {"seed": noisy.seed, "kind": noisy.kind, "truth": float(noisy.truth.global_mbf)}
 
     def record(name: str, global_mbf: float, sectors: np.ndarray) -> None:
-        found = np.isfinite(sectors) & np.isfinite(truth_sectors)
-        row[name] = 100.0 * (global_mbf / truth_global - 1.0)
-        row[name + " sectors"] = float(np.mean(np.abs(sectors[found] / truth_sectors[found] - 1.0)) * 100.0)
+        row[name], row[name + " sectors"] = sources.errors_pct(noisy, global_mbf, sectors)
 
     for name, (aif, fine, series, segmentation, cnn) in rungs.items():
-        tables: dict = {}
-        maps = [sources.fit_slice(series[i], aif, noisy.hematocrit, dt_s, labels == 2, tables, flow_map,
-                                  fine_blood_aif=fine, sampling=(noisy.grid_s, noisy.slice_times[i]), labels=labels,
-                                  slice_index=i) for i, (labels, _, _) in enumerate(segmentation)]
-        record(name, *sources.summarise(maps, segmentation, noisy.levels, place_rv=cnn))
+        record(name, *sources.fit_and_summarise(noisy, series, aif, fine, segmentation, flow_map, place_rv=cnn))
     record("summary", *sources.summarise(noisy.true_mbf, noisy.true, noisy.levels, place_rv=False))
     return row
 
