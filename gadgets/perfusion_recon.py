@@ -61,6 +61,13 @@ class PerfusionReconSettings(GadgetSettings):
     denoise_threshold: float = Field(
         1.0, ge=0.0, le=3.0, description="local low-rank filter of the myocardial series, in noise edges "
         "(0: off); needs the noise scan")
+    coil_mask_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="coil sensitivities of the myocardial series set to zero where the "
+        "calibration's low-resolution root-sum-of-squares is under this fraction of its maximum (0: no mask; the "
+        "5 % mask takes dark tissue for background and folds its signal onto the myocardium, "
+        "toolbox/interleaved_recon.py coil_sensitivities)")
+    aif_coil_mask_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="the same for the AIF series")
     denoise_patch_px: int = Field(16, ge=4, le=64, description="local low-rank filter patch width, pixels")
     workers: int = Field(2, ge=1, le=16, description="series reconstructed in parallel threads")
     balance_pd_frames: bool = Field(
@@ -253,7 +260,7 @@ class PerfusionRecon(Gadget):
                 virtual_coils=self.settings.virtual_coils or None, noise_sd=noise_sd,
                 denoise_threshold=self.settings.denoise_threshold if noise_sd else 0.0,
                 denoise_patch_px=self.settings.denoise_patch_px,
-                n_pd_frames=self._calibration_pd_frames(n_pd))
+                n_pd_frames=self._calibration_pd_frames(n_pd), mask_fraction=self.settings.coil_mask_fraction)
         except ReconError as error:
             raise GadgetError(f"{what}: {error}") from error
         flags = ()
@@ -291,7 +298,8 @@ class PerfusionRecon(Gadget):
             compact, offsets, accel = compacts[0]
             calibration = calibrate(compact, offsets, accel, whitening=whitening,
                                     virtual_coils=self.settings.aif_virtual_coils or None,
-                                    n_pd_frames=self._calibration_pd_frames(n_pd))
+                                    n_pd_frames=self._calibration_pd_frames(n_pd),
+                                    mask_fraction=self.settings.aif_coil_mask_fraction)
             images = np.stack([reconstruct_compact(c, o, a, calibration=calibration,
                                                    regularization=self.settings.regularization)
                                for c, o, a in compacts])
