@@ -168,7 +168,8 @@ def recon_accuracy(study: st.StudyParameters, items: list, label: str, settings:
         clean = reconstruct_compact(compact.astype(np.complex64), offsets, study.acceleration,
                                     virtual_coils=settings.virtual_coils or None, noise_sd=noise_sd,
                                     denoise_threshold=settings.denoise_threshold,
-                                    denoise_patch_px=settings.denoise_patch_px)
+                                    denoise_patch_px=settings.denoise_patch_px,
+                                    mask_fraction=settings.coil_mask_fraction)
         artefact = np.linalg.norm((clean - reference)[:, body]) / np.linalg.norm(reference[:, body])
         gain = float(np.median(item.data[:, body] / np.maximum(reference[:, body], 1e-9)))
         myocardium, pool = _moving_masks(study, item.slice_index, reference.shape[0])
