@@ -169,8 +169,8 @@ def coil_sensitivities(calibration: np.ndarray, *, low_resolution_fraction: floa
     taken for background, and SENSE folds its signal onto the pixels that share an aliased line:
     noise-free and motionless, the myocardium's SR frames then alternated +10 / 0 / -7 % with the
     interleave offset at baseline and -24 / +38 % at the first pass; with ``mask_fraction = 0`` about
-    +-1.5 % (docs/preprocessing.md, "TSENSE sensitivity mask"). Without a mask the background's
-    maps are its noise normalised to unit root-sum-of-squares; the Tikhonov term keeps them harmless.
+    +-1.5 % (docs/preprocessing.md, "TSENSE sensitivity mask"). Without a mask the air's maps
+    (whatever the window spreads there, or noise, normalised) are unknowns of the unfolding too: more noise.
 
     Args:
         calibration: complex [coils, ky, kx].
