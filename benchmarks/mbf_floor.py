@@ -12,6 +12,9 @@ rung            AIF / tissue Gd / mask
 chain           the chain's AIF / the chain's Gd / the CNN's labels (noisy run: what the chain reports)
 true AIF        the TRUE AIF's heartbeat samples / the chain's Gd / the CNN (noisy run)
 noise-free      TRUE AIF / the noise-free run's Gd / its CNN (the chain's own systematic tissue errors)
+chain tissue    TRUE AIF / the noise-free run's Gd / TRUE labels: the tissue curves' part of "noise-free"
+CNN labels      TRUE AIF / TRUE Gd / the noise-free run's CNN (its RV insertions placed as aha-report does):
+                the labels' and the sector placement's part
 nf chain AIF    the noise-free run's AIF / its Gd / its CNN (with the AIF chain's systematic errors)
 chain noise     TRUE AIF / TRUE Gd + (noisy - noise-free chain Gd) / TRUE labels: the chain's own noise,
                 as it is (temporally correlated by the low-rank filter and the 0.5 s resampling), on
@@ -30,8 +33,9 @@ runs' motion corrections differ by little, and what they differ by is counted as
     python benchmarks/mbf_floor.py ladder --noisy N --noise-free F --json L.jsonl [--kinds stress] [--part 0 --parts 2]
     python benchmarks/mbf_floor.py table L.jsonl [L2.jsonl ...]
 
-``prepare`` takes 8-15 s per scan and run, ``ladder`` about 25 s per scan (8 rungs of 3 slices) on this
-2-core machine. Results and their reading: docs/mapping.md, "Session 17".
+``prepare`` takes 8-15 s per scan and run, ``ladder`` about 30 s per scan (9 fitted rungs of 3 slices) on this
+2-core machine. Results and their reading: docs/mapping.md, "Session 17" and "Session 18" (the two rungs that
+split "noise-free" -> "perfect"; rows written before them lack them and are skipped by ``table``).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ import mbf_error_sources as sources  # noqa: E402
 logger = logging.getLogger("mbf_floor")
 
 UPSAMPLE = 4  # flow-map aif_upsample in the shipped chain
-RUNGS = ("chain", "true AIF", "noise-free", "nf chain AIF", "chain noise", "perfect", "continuous AIF", "summary")
+RUNGS = ("chain", "true AIF", "noise-free", "chain tissue", "CNN labels", "nf chain AIF", "chain noise", "perfect",
+         "continuous AIF", "summary")
 
 
 def continuous_aif(seed: int, kind: str, grid_s: np.ndarray, upsample: int) -> np.ndarray:
@@ -86,6 +91,8 @@ def ladder_scan(noisy: sources.ScanInputs, clean: sources.ScanInputs, flow_map: 
         "chain": (noisy.chain_aif, _fine_chain_aif(noisy, smoothing), noisy.chain_gd, noisy.cnn, True),
         "true AIF": (noisy.true_aif, true_fine, noisy.chain_gd, noisy.cnn, True),
         "noise-free": (noisy.true_aif, true_fine, clean.chain_gd, clean.cnn, True),
+        "chain tissue": (noisy.true_aif, true_fine, clean.chain_gd, noisy.true, False),
+        "CNN labels": (noisy.true_aif, true_fine, noisy.true_gd, clean.cnn, True),
         "nf chain AIF": (clean.chain_aif, _fine_chain_aif(clean, smoothing), clean.chain_gd, clean.cnn, True),
         "chain noise": (noisy.true_aif, true_fine, [g + r for g, r in zip(noisy.true_gd, residual)], noisy.true, False),
         "perfect": (noisy.true_aif, true_fine, noisy.true_gd, noisy.true, False),
@@ -135,7 +142,7 @@ def table(paths: list[Path]) -> str:
     for rung in RUNGS:
         cells = []
         for kind in ("stress", "rest", "all"):
-            chosen = [r for r in rows if kind in ("all", r["kind"]) and np.isfinite(r[rung])]
+            chosen = [r for r in rows if kind in ("all", r["kind"]) and np.isfinite(r.get(rung, np.nan))]
             if not chosen:
                 cells.append("-")
                 continue

@@ -60,6 +60,8 @@ def test_rungs_agree_where_their_inputs_are_the_same(tmp_path):
     # identical runs: no noise residual, and the noise-free rung is the true-AIF rung
     assert row["chain noise"] == row["perfect"]
     assert row["noise-free"] == row["true AIF"]
+    # the noise-free run's tissue is the truth here (stored as float32): its rung is the perfect one
+    assert abs(row["chain tissue"] - row["perfect"]) < 1e-3
     # the "chain" AIF is the true one zeroed before its foot: the same MBF within a fraction of a per cent
     assert abs(row["chain"] - row["true AIF"]) < 0.5
     for rung in floor.RUNGS:
