@@ -65,7 +65,8 @@ class PerfusionReconSettings(GadgetSettings):
         0.05, ge=0.0, lt=1.0, description="coil sensitivities of the myocardial series set to zero where the "
         "calibration's low-resolution root-sum-of-squares is under this fraction of its maximum (0: no mask; the "
         "5 % mask takes dark tissue for background and folds its signal onto the myocardium, "
-        "toolbox/interleaved_recon.py coil_sensitivities)")
+        "toolbox/interleaved_recon.py coil_sensitivities; 0 read the dev MBF worse, docs/preprocessing.md "
+        "'TSENSE sensitivity mask')")
     aif_coil_mask_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="the same for the AIF series")
     denoise_patch_px: int = Field(16, ge=4, le=64, description="local low-rank filter patch width, pixels")

@@ -164,8 +164,8 @@ def coil_sensitivities(calibration: np.ndarray, *, low_resolution_fraction: floa
 
     The mask is only right where the masked pixels hold no signal in any frame. Its threshold is
     relative to the brightest pixel of the calibration (the time average), so tissue that is dark
-    in that average but not empty (lungs, tissue far from the coils: 24 % of the simulator's
-    myocardial field of view under 5 % of the maximum, at 9 % of the myocardium's SR signal) is
+    in that average but not empty (lungs, tissue far from the coils: on one simulated slice 24 % of
+    the field of view under 5 % of the maximum, at 9 % of the myocardium's SR signal) is
     taken for background, and SENSE folds its signal onto the pixels that share an aliased line:
     noise-free and motionless, the myocardium's SR frames then alternated +10 / 0 / -7 % with the
     interleave offset at baseline and -24 / +38 % at the first pass; with ``mask_fraction = 0`` about
