@@ -471,9 +471,9 @@ def _hint_choice(smooth: np.ndarray, labels: np.ndarray, pools: list[_Pool],
         lv_mask, rv_mask = chosen
         distance = float(np.linalg.norm(np.argwhere(lv_mask).mean(axis=0) - np.asarray(hint_rc, dtype=np.float64)))
         inside = lv_mask & disc
-        if distance <= settings.hint_max_distance_px and inside.sum() >= settings.min_pool_pixels:
-            return inside, rv_mask & ~disc, AIF_SOURCE_POOLS_AT_HINT
         if distance <= settings.hint_max_distance_px:
+            if inside.sum() >= settings.min_pool_pixels:
+                return inside, rv_mask & ~disc, AIF_SOURCE_POOLS_AT_HINT
             # centred on the LV but (almost) not in its disc: a pool around the LV (tissue or vessels that
             # enhance with it), not its blood. Noise-free simulated rest 2**30+788 kept such a 435-pixel pool
             # whole, and its core read the AIF at 0.44 of the blood peak (docs/mapping.md "Session 17")
