@@ -60,16 +60,20 @@ NOISE_FREE_SNR_FACTOR = 1e5  # prepare_scan(noise_free=True): the study's SNR ti
 
 # ------------------------------------------------------------------------------ prepare
 def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, chains: Path | None = None,
-                 noise_free: bool = False) -> Path:
+                 noise_free: bool = False, oracle: str | None = None) -> Path:
     """Run the ``perfusion`` chain up to ``flow-map`` on one simulated scan; cache its intermediates (npz).
 
     ``chains``: a chain directory whose ``perfusion.toml`` replaces the shipped one (a settings
     variant, e.g. ``perfusion-moco interpolation = "cubic"``); default the shipped chains.
     ``noise_free``: the study's k-space without noise (its SNR times ``NOISE_FREE_SNR_FACTOR``; same
-    anatomy, motion, contrast and timing), e.g. to separate the chain's systematic errors from its noise."""
+    anatomy, motion, contrast and timing), e.g. to separate the chain's systematic errors from its noise.
+    ``oracle``: the myocardial slices reconstructed by a lab oracle of ``recon_oracles`` (``coil-maps``: TSENSE with
+    the simulator's TRUE coil maps; ``image`` / ``image-unwarped``: its image-domain frames, noise-free only)."""
+    import contextlib
     import dataclasses
 
     import ismrmrd
+    from recon_oracles import ORACLES, myocardial_recon_oracle
 
     from perfline.core.chain import resolve_chain
     from perfline.core.gadget import ChainContext
@@ -82,6 +86,11 @@ def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, c
     out = cache / f"{seed}_{kind}.npz"
     if out.is_file():
         return out
+    if oracle is not None and oracle not in ORACLES:
+        raise ValueError(f"oracle must be one of {ORACLES}, got {oracle!r}")
+    if oracle in ("image", "image-unwarped") and not noise_free:
+        raise ValueError(f"the {oracle!r} oracle replaces the recon by noise-free image-domain frames: "
+                         f"prepare with noise_free=True")
     study = sample_study(seed, kind=kind)
     if noise_free:
         study = dataclasses.replace(study, snr_blood_peak=study.snr_blood_peak * NOISE_FREE_SNR_FACTOR)
@@ -96,7 +105,8 @@ def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, c
     gadgets = spec.instantiate(ChainContext(header=header, header_xml=xml, parameters=parameters))
     names = [g.gadget.name for g in spec.gadgets]
     started = time.perf_counter()
-    outputs = run_gadgets(gadgets[: names.index(CHAIN_UNTIL)], items)
+    with myocardial_recon_oracle(study, oracle) if oracle else contextlib.nullcontext():
+        outputs = run_gadgets(gadgets[: names.index(CHAIN_UNTIL)], items)
     arrays: dict[str, np.ndarray] = {"hematocrit": np.array(parameters["hematocrit"])}
     for item in outputs:
         if isinstance(item, SliceSeries) and item.units == "gd_mmol_l":
@@ -498,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-free", action="store_true", help="prepare: k-space simulated without noise")
     parser.add_argument("--chains", type=Path, default=None, help=(
         "prepare: chain directory whose perfusion.toml replaces the shipped one (a settings variant)"))
+    parser.add_argument("--oracle", choices=("coil-maps", "image", "image-unwarped"), default=None, help=(
+        "prepare: the myocardial recon by a lab oracle (benchmarks/recon_oracles.py): TSENSE with the TRUE coil "
+        "maps, or the image-domain frames (noise-free only; 'image-unwarped' with a chain whose moco is off)"))
     parser.add_argument("--json", type=Path, default=None, help="attribute: also write the rows as JSON")
     parser.add_argument("--flow-map", default="{}", help=(
         "attribute: flow-map settings to change, JSON (e.g. '{\"coarse_stride\": [2, 2, 2, 2, 2], \"n_starts\": 3}')"))
@@ -526,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for kind in KINDS:
                 prepare_scan(seed, kind, args.cache, keep_mrd=args.keep_mrd, chains=args.chains,
-                             noise_free=args.noise_free)
+                             noise_free=args.noise_free, oracle=args.oracle)
         return 0
     if args.command == "aif-tail":
         return aif_tail(seeds, args.cache, args.aif_cache)

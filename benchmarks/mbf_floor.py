@@ -99,40 +99,76 @@ def ladder_scan(noisy: sources.ScanInputs, clean: sources.ScanInputs, flow_map: 
         "continuous AIF": (noisy.true_aif, (continuous_aif(noisy.seed, noisy.kind, noisy.grid_s, UPSAMPLE), UPSAMPLE),
                            noisy.true_gd, noisy.true, False),
     }
-    row: dict[str, Any] = {"seed": noisy.seed, "kind": noisy.kind, "truth": float(noisy.truth.global_mbf)}
-
-    def record(name: str, global_mbf: float, sectors: np.ndarray) -> None:
-        row[name], row[name + " sectors"] = sources.errors_pct(noisy, global_mbf, sectors)
-
-    tables: dict = {}  # the rungs with the TRUE AIF share its BTEX tables (fit_slice's cache is keyed by the AIF)
-    for name, (aif, fine, series, segmentation, cnn) in rungs.items():
-        record(name, *sources.fit_and_summarise(noisy, series, aif, fine, segmentation, flow_map, place_rv=cnn,
-                                                tables=tables))
+    row = _fit_rungs(noisy, rungs, flow_map)
+    record = _recorder(noisy, row)
     record("summary", *sources.summarise(noisy.true_mbf, noisy.true, noisy.levels, place_rv=False))
     return row
 
 
-def ladder(noisy: Path, clean: Path, json_path: Path, kinds: tuple[str, ...], part: int = 0, parts: int = 1) -> int:
-    """Append one JSON line per scan found in both caches to ``json_path`` (scans already there are skipped)."""
+TISSUE_RUNGS = ("noise-free", "chain tissue", "perfect")
+
+
+def tissue_scan(clean: sources.ScanInputs, flow_map: Any) -> dict[str, Any]:
+    """The rungs of one cache alone (``TISSUE_RUNGS``, defined as in :func:`ladder_scan` with ``clean`` for
+    both runs): a noise-free run, or one prepared with a recon oracle (``mbf_error_sources prepare --oracle``),
+    against the same scan's TRUE curves."""
+    from perfline.toolbox.btex import aif_on_fine_grid
+
+    true_fine = (aif_on_fine_grid(*clean.true_aif_samples, clean.grid_s, UPSAMPLE, smoothing=flow_map.aif_smoothing),
+                 UPSAMPLE)
+    rungs = {
+        "noise-free": (clean.true_aif, true_fine, clean.chain_gd, clean.cnn, True),
+        "chain tissue": (clean.true_aif, true_fine, clean.chain_gd, clean.true, False),
+        "perfect": (clean.true_aif, true_fine, clean.true_gd, clean.true, False),
+    }
+    return _fit_rungs(clean, rungs, flow_map)
+
+
+def _recorder(scan: sources.ScanInputs, row: dict[str, Any]):  # noqa: ANN202
+    def record(name: str, global_mbf: float, sectors: np.ndarray) -> None:
+        row[name], row[name + " sectors"] = sources.errors_pct(scan, global_mbf, sectors)
+    return record
+
+
+def _fit_rungs(scan: sources.ScanInputs, rungs: dict[str, tuple], flow_map: Any) -> dict[str, Any]:
+    """A JSON row: every rung's (AIF, fine AIF, series, segmentation, place the CNN's RV) fitted and summarised."""
+    row: dict[str, Any] = {"seed": scan.seed, "kind": scan.kind, "truth": float(scan.truth.global_mbf)}
+    record = _recorder(scan, row)
+    tables: dict = {}  # the rungs with the TRUE AIF share its BTEX tables (fit_slice's cache is keyed by the AIF)
+    for name, (aif, fine, series, segmentation, cnn) in rungs.items():
+        record(name, *sources.fit_and_summarise(scan, series, aif, fine, segmentation, flow_map, place_rv=cnn,
+                                                tables=tables))
+    return row
+
+
+def ladder(noisy: Path | None, clean: Path, json_path: Path, kinds: tuple[str, ...], part: int = 0,
+           parts: int = 1) -> int:
+    """Append one JSON line per scan found in both caches to ``json_path`` (scans already there are skipped);
+    ``noisy`` None: the ``TISSUE_RUNGS`` of every scan of ``clean`` alone (:func:`tissue_scan`)."""
     import aif_replay
 
     flow_map = aif_replay.chain_settings()["flow-map"]
     done = set()
     if json_path.is_file():
         done = {(r["seed"], r["kind"]) for r in map(json.loads, json_path.read_text().splitlines())}
-    scans = sorted({tuple(p.stem.split("_")) for p in noisy.glob("*_*.npz")} &
-                   {tuple(p.stem.split("_")) for p in clean.glob("*_*.npz")})
-    scans = [(int(seed), kind) for seed, kind in scans if kind in kinds]
+    found = {tuple(p.stem.split("_")) for p in clean.glob("*_*.npz")}
+    if noisy is not None:
+        found &= {tuple(p.stem.split("_")) for p in noisy.glob("*_*.npz")}
+    scans = [(int(seed), kind) for seed, kind in sorted(found) if kind in kinds]
     if not scans:
-        raise SystemExit(f"no scan of kinds {kinds} is in both {noisy} and {clean}")
+        raise SystemExit(f"no scan of kinds {kinds} is in {clean}" + ("" if noisy is None else f" and {noisy}"))
     with open(json_path, "a") as handle:
         for index, (seed, kind) in enumerate(scans):
             if index % parts != part or (seed, kind) in done:
                 continue
-            row = ladder_scan(sources.load_scan(seed, kind, noisy), sources.load_scan(seed, kind, clean), flow_map)
+            if noisy is None:
+                row = tissue_scan(sources.load_scan(seed, kind, clean), flow_map)
+            else:
+                row = ladder_scan(sources.load_scan(seed, kind, noisy), sources.load_scan(seed, kind, clean), flow_map)
             handle.write(json.dumps(row) + "\n")
             handle.flush()
-            logger.info("%d %s: chain %+.1f %%, perfect %+.1f %%", seed, kind, row["chain"], row["perfect"])
+            logger.info("%d %s: %s %+.1f %%, perfect %+.1f %%", seed, kind, "chain" if noisy is not None else
+                        "noise-free", row["chain" if noisy is not None else "noise-free"], row["perfect"])
     return 0
 
 
@@ -170,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--kinds", default="stress,rest", help="comma-separated: stress, rest")
         command.add_argument("--part", type=int, default=0, help="this process's share (index % parts == part)")
         command.add_argument("--parts", type=int, default=1)
+    tis = sub.add_parser("tissue", help=(
+        "the rungs of one cache alone (noise-free, chain tissue, perfect): a noise-free run or a recon oracle's"))
+    tis.add_argument("--json", type=Path, required=True, help="output, one JSON line per scan (appended)")
+    tis.add_argument("--cache", type=Path, required=True, help="cache of noise-free (or oracle) runs")
+    tis.add_argument("--kinds", default="stress,rest", help="comma-separated: stress, rest")
+    tis.add_argument("--part", type=int, default=0, help="this process's share (index % parts == part)")
+    tis.add_argument("--parts", type=int, default=1)
     tab = sub.add_parser("table", help="mean signed (mean abs, median abs) global error % / sector mean abs %")
     tab.add_argument("json", type=Path, nargs="+")
     args = parser.parse_args(argv)
@@ -190,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 sources.prepare_scan(seed, kind, args.noisy)
                 sources.prepare_scan(seed, kind, args.noise_free, noise_free=True)
         return 0
+    if args.command == "tissue":
+        return ladder(None, args.cache, args.json, kinds, args.part, args.parts)
     return ladder(args.noisy, args.noise_free, args.json, kinds, args.part, args.parts)
 
 

@@ -73,6 +73,14 @@ def test_rungs_agree_where_their_inputs_are_the_same(tmp_path):
     assert floor.main(["ladder", "--noisy", str(tmp_path / "noisy"), "--noise-free", str(tmp_path / "clean"),
                        "--json", str(out), "--kinds", "stress"]) == 0
     assert len(out.read_text().splitlines()) == 1
+    # "tissue": the same rungs from the noise-free cache alone (for caches of a recon oracle)
+    alone = tmp_path / "tissue.jsonl"
+    assert floor.main(["tissue", "--cache", str(tmp_path / "clean"), "--json", str(alone), "--kinds", "stress"]) == 0
+    (tissue,) = [json.loads(line) for line in alone.read_text().splitlines()]
+    assert {key for key in tissue if key not in ("seed", "kind", "truth")} == \
+        {name + suffix for name in floor.TISSUE_RUNGS for suffix in ("", " sectors")}
+    for rung in floor.TISSUE_RUNGS:
+        assert tissue[rung] == row[rung] and tissue[rung + " sectors"] == row[rung + " sectors"], rung
 
 
 def test_table_averages_each_rung_per_kind(tmp_path):
