@@ -508,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-free", action="store_true", help="prepare: k-space simulated without noise")
     parser.add_argument("--chains", type=Path, default=None, help=(
         "prepare: chain directory whose perfusion.toml replaces the shipped one (a settings variant)"))
-    parser.add_argument("--oracle", choices=("coil-maps", "image", "image-unwarped"), default=None, help=(
+    from recon_oracles import ORACLES
+
+    parser.add_argument("--oracle", choices=ORACLES, default=None, help=(
         "prepare: the myocardial recon by a lab oracle (benchmarks/recon_oracles.py): TSENSE with the TRUE coil "
         "maps, or the image-domain frames (noise-free only; 'image-unwarped' with a chain whose moco is off)"))
     parser.add_argument("--json", type=Path, default=None, help="attribute: also write the rows as JSON")

@@ -32,6 +32,11 @@ runs' motion corrections differ by little, and what they differ by is counted as
     python benchmarks/mbf_floor.py prepare --first-seed 1073742574 --studies 50 --noisy N --noise-free F [--part 0 --parts 2]
     python benchmarks/mbf_floor.py ladder --noisy N --noise-free F --json L.jsonl [--kinds stress] [--part 0 --parts 2]
     python benchmarks/mbf_floor.py table L.jsonl [L2.jsonl ...]
+    python benchmarks/mbf_floor.py tissue --cache C --json T.jsonl [--kinds stress]   # one cache alone
+
+``tissue`` refits only the rungs that need one noise-free cache ("noise-free", "chain tissue", "perfect"): for a
+cache prepared with a recon oracle (``mbf_error_sources.py prepare --noise-free --oracle coil-maps``,
+``benchmarks/recon_oracles.py``; docs/preprocessing.md "Where the tissue curves' error comes from").
 
 ``prepare`` takes 8-15 s per scan and run, ``ladder`` 11 s per scan (9 fitted rungs of 3 slices, the TRUE AIF's
 tables shared; one quiet core) on this 2-core machine. Results and their reading: docs/mapping.md, "Session 17" and "Session 18" (the two rungs that
