@@ -68,7 +68,8 @@ def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, c
     ``noise_free``: the study's k-space without noise (its SNR times ``NOISE_FREE_SNR_FACTOR``; same
     anatomy, motion, contrast and timing), e.g. to separate the chain's systematic errors from its noise.
     ``oracle``: the myocardial slices reconstructed by a lab oracle of ``recon_oracles`` (``coil-maps``: TSENSE with
-    the simulator's TRUE coil maps; ``image`` / ``image-unwarped``: its image-domain frames, noise-free only)."""
+    the simulator's TRUE coil maps, ``coil-maps-masked`` zeroed where the chain's calibration masks; ``image`` /
+    ``image-unwarped``: its image-domain frames, noise-free only)."""
     import contextlib
     import dataclasses
 
@@ -512,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser.add_argument("--oracle", choices=ORACLES, default=None, help=(
         "prepare: the myocardial recon by a lab oracle (benchmarks/recon_oracles.py): TSENSE with the TRUE coil "
-        "maps, or the image-domain frames (noise-free only; 'image-unwarped' with a chain whose moco is off)"))
+        "maps (-masked: zeroed where the chain's calibration masks), or the image-domain frames (noise-free only; "
+        "'image-unwarped' with a chain whose moco is off)"))
     parser.add_argument("--json", type=Path, default=None, help="attribute: also write the rows as JSON")
     parser.add_argument("--flow-map", default="{}", help=(
         "attribute: flow-map settings to change, JSON (e.g. '{\"coarse_stride\": [2, 2, 2, 2, 2], \"n_starts\": 3}')"))
