@@ -84,14 +84,14 @@ def prepare_scan(seed: int, kind: str, cache: Path, *, keep_mrd: bool = False, c
     from perfline.simulator.mrd import write_kspace
     from perfline.simulator.study import sample_study
 
-    out = cache / f"{seed}_{kind}.npz"
-    if out.is_file():
-        return out
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"oracle must be one of {ORACLES}, got {oracle!r}")
     if oracle in ("image", "image-unwarped") and not noise_free:
         raise ValueError(f"the {oracle!r} oracle replaces the recon by noise-free image-domain frames: "
                          f"prepare with noise_free=True")
+    out = cache / f"{seed}_{kind}.npz"
+    if out.is_file():
+        return out
     study = sample_study(seed, kind=kind)
     if noise_free:
         study = dataclasses.replace(study, snr_blood_peak=study.snr_blood_peak * NOISE_FREE_SNR_FACTOR)

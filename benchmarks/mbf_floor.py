@@ -85,12 +85,10 @@ def _fine_chain_aif(scan: sources.ScanInputs, smoothing: str) -> tuple[np.ndarra
 def ladder_scan(noisy: sources.ScanInputs, clean: sources.ScanInputs, flow_map: Any) -> dict[str, Any]:
     """Global error (%) and sector mean abs error (%) of every rung for one scan (``noisy`` and ``clean``:
     the same scan's noisy and noise-free runs)."""
-    from perfline.toolbox.btex import aif_on_fine_grid
-
     if noisy.grid_s.shape != clean.grid_s.shape or len(noisy.chain_gd) != len(clean.chain_gd):
         raise ValueError(f"seed {noisy.seed} {noisy.kind}: the noisy and noise-free runs are not on one grid")
     smoothing = flow_map.aif_smoothing
-    true_fine = (aif_on_fine_grid(*noisy.true_aif_samples, noisy.grid_s, UPSAMPLE, smoothing=smoothing), UPSAMPLE)
+    true_fine = _true_fine_aif(noisy, smoothing)
     residual = [a - b for a, b in zip(noisy.chain_gd, clean.chain_gd)]
     rungs = {
         "chain": (noisy.chain_aif, _fine_chain_aif(noisy, smoothing), noisy.chain_gd, noisy.cnn, True),
@@ -105,8 +103,8 @@ def ladder_scan(noisy: sources.ScanInputs, clean: sources.ScanInputs, flow_map: 
                            noisy.true_gd, noisy.true, False),
     }
     row = _fit_rungs(noisy, rungs, flow_map)
-    record = _recorder(noisy, row)
-    record("summary", *sources.summarise(noisy.true_mbf, noisy.true, noisy.levels, place_rv=False))
+    row["summary"], row["summary sectors"] = sources.errors_pct(
+        noisy, *sources.summarise(noisy.true_mbf, noisy.true, noisy.levels, place_rv=False))
     return row
 
 
@@ -117,10 +115,7 @@ def tissue_scan(clean: sources.ScanInputs, flow_map: Any) -> dict[str, Any]:
     """The rungs of one cache alone (``TISSUE_RUNGS``, defined as in :func:`ladder_scan` with ``clean`` for
     both runs): a noise-free run, or one prepared with a recon oracle (``mbf_error_sources prepare --oracle``),
     against the same scan's TRUE curves."""
-    from perfline.toolbox.btex import aif_on_fine_grid
-
-    true_fine = (aif_on_fine_grid(*clean.true_aif_samples, clean.grid_s, UPSAMPLE, smoothing=flow_map.aif_smoothing),
-                 UPSAMPLE)
+    true_fine = _true_fine_aif(clean, flow_map.aif_smoothing)
     rungs = {
         "noise-free": (clean.true_aif, true_fine, clean.chain_gd, clean.cnn, True),
         "chain tissue": (clean.true_aif, true_fine, clean.chain_gd, clean.true, False),
@@ -129,20 +124,21 @@ def tissue_scan(clean: sources.ScanInputs, flow_map: Any) -> dict[str, Any]:
     return _fit_rungs(clean, rungs, flow_map)
 
 
-def _recorder(scan: sources.ScanInputs, row: dict[str, Any]):  # noqa: ANN202
-    def record(name: str, global_mbf: float, sectors: np.ndarray) -> None:
-        row[name], row[name + " sectors"] = sources.errors_pct(scan, global_mbf, sectors)
-    return record
+def _true_fine_aif(scan: sources.ScanInputs, smoothing: str) -> tuple[np.ndarray, int]:
+    """The TRUE AIF's heartbeat samples on flow-map's fine grid, as flow-map builds its sampled table."""
+    from perfline.toolbox.btex import aif_on_fine_grid
+
+    return aif_on_fine_grid(*scan.true_aif_samples, scan.grid_s, UPSAMPLE, smoothing=smoothing), UPSAMPLE
 
 
 def _fit_rungs(scan: sources.ScanInputs, rungs: dict[str, tuple], flow_map: Any) -> dict[str, Any]:
     """A JSON row: every rung's (AIF, fine AIF, series, segmentation, place the CNN's RV) fitted and summarised."""
     row: dict[str, Any] = {"seed": scan.seed, "kind": scan.kind, "truth": float(scan.truth.global_mbf)}
-    record = _recorder(scan, row)
     tables: dict = {}  # the rungs with the TRUE AIF share its BTEX tables (fit_slice's cache is keyed by the AIF)
     for name, (aif, fine, series, segmentation, cnn) in rungs.items():
-        record(name, *sources.fit_and_summarise(scan, series, aif, fine, segmentation, flow_map, place_rv=cnn,
-                                                tables=tables))
+        global_mbf, sectors = sources.fit_and_summarise(scan, series, aif, fine, segmentation, flow_map,
+                                                        place_rv=cnn, tables=tables)
+        row[name], row[name + " sectors"] = sources.errors_pct(scan, global_mbf, sectors)
     return row
 
 
@@ -160,6 +156,7 @@ def ladder(noisy: Path | None, clean: Path, json_path: Path, kinds: tuple[str, .
     if noisy is not None:
         found &= {tuple(p.stem.split("_")) for p in noisy.glob("*_*.npz")}
     scans = [(int(seed), kind) for seed, kind in sorted(found) if kind in kinds]
+    first = "noise-free" if noisy is None else "chain"  # the rung logged
     if not scans:
         raise SystemExit(f"no scan of kinds {kinds} is in {clean}" + ("" if noisy is None else f" and {noisy}"))
     with open(json_path, "a") as handle:
@@ -172,8 +169,7 @@ def ladder(noisy: Path | None, clean: Path, json_path: Path, kinds: tuple[str, .
                 row = ladder_scan(sources.load_scan(seed, kind, noisy), sources.load_scan(seed, kind, clean), flow_map)
             handle.write(json.dumps(row) + "\n")
             handle.flush()
-            logger.info("%d %s: %s %+.1f %%, perfect %+.1f %%", seed, kind, "chain" if noisy is not None else
-                        "noise-free", row["chain" if noisy is not None else "noise-free"], row["perfect"])
+            logger.info("%d %s: %s %+.1f %%, perfect %+.1f %%", seed, kind, first, row[first], row["perfect"])
     return 0
 
 
