@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--first-seed", type=int, required=True)
     cap.add_argument("--studies", type=int, required=True)
     cap.add_argument("--out", type=Path, required=True)
-    cap.add_argument("--part", type=int, default=0, help="this process's share (index % parts == part)")
+    cap.add_argument("--part", type=int, default=0, help="this process's share (index %% parts == part)")
     cap.add_argument("--parts", type=int, default=1)
     cap.add_argument("--noise-free", action="store_true", help="k-space simulated without noise (SNR x 1e5)")
     chk = sub.add_parser("check", help="replay the cached scans with the shipped settings")

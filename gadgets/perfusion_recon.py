@@ -69,6 +69,10 @@ class PerfusionReconSettings(GadgetSettings):
         "'TSENSE sensitivity mask')")
     aif_coil_mask_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="the same for the AIF series")
+    coil_map_detail_mm: float = Field(
+        0.0, ge=0.0, le=500.0, description="coil sensitivities of the myocardial series fitted as band-limited "
+        "maps with detail down to this length, mm (the order in cycles per field of view: field of view / this "
+        "length, each axis; toolbox/interleaved_recon.py fitted_sensitivities); 0: the ratio of low-pass images")
     denoise_patch_px: int = Field(16, ge=4, le=64, description="local low-rank filter patch width, pixels")
     workers: int = Field(2, ge=1, le=16, description="series reconstructed in parallel threads")
     balance_pd_frames: bool = Field(
@@ -261,7 +265,8 @@ class PerfusionRecon(Gadget):
                 virtual_coils=self.settings.virtual_coils or None, noise_sd=noise_sd,
                 denoise_threshold=self.settings.denoise_threshold if noise_sd else 0.0,
                 denoise_patch_px=self.settings.denoise_patch_px,
-                n_pd_frames=self._calibration_pd_frames(n_pd), mask_fraction=self.settings.coil_mask_fraction)
+                n_pd_frames=self._calibration_pd_frames(n_pd), mask_fraction=self.settings.coil_mask_fraction,
+                map_fit_order=self._map_fit_order(encoding))
         except ReconError as error:
             raise GadgetError(f"{what}: {error}") from error
         flags = ()
@@ -277,6 +282,14 @@ class PerfusionRecon(Gadget):
         return SliceSeries(slice_index=slice_index, data=images, time_s=time_s, units="signal",
                            n_pd_frames=n_pd, geometry=geometry, slice_position_mm=position, stages=("recon",),
                            flags=flags)
+
+    def _map_fit_order(self, encoding) -> tuple[int, int] | None:  # noqa: ANN001 - xsd type
+        """(rows, cols) order of the fitted coil maps from ``coil_map_detail_mm`` and the encoded field of view."""
+        detail = self.settings.coil_map_detail_mm
+        if detail <= 0:
+            return None
+        fov = encoding.encodedSpace.fieldOfView_mm
+        return max(1, round(float(fov.y) / detail)), max(1, round(float(fov.x) / detail))
 
     def _calibration_pd_frames(self, n_pd: int) -> int:
         """The PD frames the coil calibration balances over the offsets (``balance_pd_frames``; 0: plain average)."""
