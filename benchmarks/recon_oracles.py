@@ -34,7 +34,8 @@ import numpy as np
 
 ORACLES = ("coil-maps", "coil-maps-masked", "image", "image-unwarped")
 # keyword arguments of reconstruct_compact that only its own calibration uses
-_CALIBRATION_ONLY = ("virtual_coils", "mask_fraction", "n_pd_frames", "calibration")
+_CALIBRATION_ONLY = ("virtual_coils", "mask_fraction", "n_pd_frames", "calibration", "map_fit_order",
+                     "fit_pd_frames")
 
 
 def true_myocardial_sensitivities(study: Any, slice_index: int, whitening: np.ndarray | None) -> np.ndarray:

@@ -25,10 +25,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import ismrmrd
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, register_gadget
 from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry, SliceSeries
@@ -69,6 +70,12 @@ class PerfusionReconSettings(GadgetSettings):
         "'TSENSE sensitivity mask')")
     aif_coil_mask_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="the same for the AIF series")
+    coil_calibration: Literal["time-average", "time-average+pd"] = Field(
+        "time-average", description="what the myocardial series' coil maps are fitted to (with coil_map_detail_mm): "
+        "the time average of the interleaved frames, or jointly that and the PD frames (one per offset at R = 3; "
+        "under breathing the time average's offsets hold different mean positions and bolus samples, the PD frames "
+        "only a few seconds' breathing); the PD frames are left out, with a warning, where they do not sample "
+        "every offset")
     coil_map_detail_mm: float = Field(
         0.0, ge=0.0, le=500.0, description="coil sensitivities of the myocardial series fitted as band-limited "
         "maps with detail down to this length, mm (the order in cycles per field of view: field of view / this "
@@ -80,6 +87,13 @@ class PerfusionReconSettings(GadgetSettings):
         "offset (the surplus left out: 3 PD frames at R = 2 put two on the even lines, one on the odd, and leave a "
         "PD alias in the maps; toolbox/interleaved_recon.py calibration_kspace); no change where the PD count is a "
         "multiple of R")
+
+    @model_validator(mode="after")
+    def _check_calibration(self) -> PerfusionReconSettings:
+        if self.coil_calibration != "time-average" and self.coil_map_detail_mm <= 0:
+            raise ValueError(f"coil_calibration {self.coil_calibration!r} fits band-limited coil maps: it needs "
+                             f"coil_map_detail_mm > 0, found {self.coil_map_detail_mm}")
+        return self
 
 
 @dataclass
@@ -259,14 +273,20 @@ class PerfusionRecon(Gadget):
         compact, offsets, accel, time_s = self._compact(buffer, what, whitening)
         if compact.shape[0] < n_pd + 2:
             raise GadgetError(f"{what}: {compact.shape[0]} frames, need {n_pd} PD frames + at least 2 SR frames")
+        with_pd = self.settings.coil_calibration == "time-average+pd"
+        if with_pd and not (n_pd > 0 and set(offsets[:n_pd].tolist()) == set(range(accel))):
+            self.log.warning("%s: the %d PD frames do not sample every offset of R = %d: coil maps from the time "
+                             "average alone", what, n_pd, accel)
+            with_pd = False
         try:
             images = reconstruct_compact(
                 compact, offsets, accel, whitening=whitening, regularization=self.settings.regularization,
                 virtual_coils=self.settings.virtual_coils or None, noise_sd=noise_sd,
                 denoise_threshold=self.settings.denoise_threshold if noise_sd else 0.0,
                 denoise_patch_px=self.settings.denoise_patch_px,
-                n_pd_frames=self._calibration_pd_frames(n_pd), mask_fraction=self.settings.coil_mask_fraction,
-                map_fit_order=self._map_fit_order(encoding))
+                n_pd_frames=n_pd if with_pd else self._calibration_pd_frames(n_pd),
+                mask_fraction=self.settings.coil_mask_fraction, map_fit_order=self._map_fit_order(encoding),
+                fit_pd_frames=with_pd)
         except ReconError as error:
             raise GadgetError(f"{what}: {error}") from error
         flags = ()

@@ -153,7 +153,8 @@ def time_averaged_kspace(kspace: np.ndarray, sampled: np.ndarray) -> np.ndarray:
 
 
 def coil_sensitivities(calibration: np.ndarray, *, low_resolution_fraction: float = 0.25,
-                       mask_fraction: float = 0.05, fit_order: tuple[int, int] | None = None) -> np.ndarray:
+                       mask_fraction: float = 0.05, fit_order: tuple[int, int] | None = None,
+                       also_fit: tuple[np.ndarray, ...] = ()) -> np.ndarray:
     """Smooth coil sensitivities from fully sampled calibration k-space.
 
     The calibration image is low-pass filtered (Gaussian k-space window whose standard
@@ -173,7 +174,8 @@ def coil_sensitivities(calibration: np.ndarray, *, low_resolution_fraction: floa
     (whatever the window spreads there, or noise, normalised) are unknowns of the unfolding too: more noise.
 
     With ``fit_order`` the maps inside the mask are instead :func:`fitted_sensitivities`: band-limited
-    maps fitted to the full-resolution calibration (the ratio maps only combine the coils for the fit).
+    maps fitted to the full-resolution calibration (the ratio maps only combine the coils for the fit),
+    jointly with the calibrations ``also_fit`` (e.g. the PD frames'); the mask stays ``calibration``'s.
 
     Args:
         calibration: complex [coils, ky, kx].
@@ -182,6 +184,8 @@ def coil_sensitivities(calibration: np.ndarray, *, low_resolution_fraction: floa
             root-sum-of-squares (0: no mask).
         fit_order: (rows, cols) highest spatial frequency of the fitted maps, in cycles per field of
             view (None: the ratio maps).
+        also_fit: more calibration k-spaces [coils, ky, kx] of the same coils fitted jointly (with
+            ``fit_order`` only).
 
     Returns:
         complex64 [coils, ky, kx] with unit root-sum-of-squares inside the mask.
@@ -194,35 +198,49 @@ def coil_sensitivities(calibration: np.ndarray, *, low_resolution_fraction: floa
     mask = rss > mask_fraction * rss.max()
     maps = low_res / np.maximum(rss, 1e-30)
     if fit_order is not None:
-        maps = fitted_sensitivities(calibration, fit_order, initial=maps)
+        others = [np.asarray(extra) for extra in also_fit]
+        initial = [maps] + [coil_sensitivities(extra, low_resolution_fraction=low_resolution_fraction, mask_fraction=0.0)
+                            for extra in others]
+        maps = fitted_sensitivities([calibration] + others, fit_order, initial=initial)
+    elif also_fit:
+        raise ReconError("more calibrations to fit need a fit order (band-limited maps)")
     return np.where(mask, maps, 0).astype(np.complex64)
 
 
-def fitted_sensitivities(calibration: np.ndarray, order: tuple[int, int], *, initial: np.ndarray,
-                         robust_iterations: int = 4, robust_scale: float = 1.0, ridge: float = 1e-6) -> np.ndarray:
-    """Band-limited coil maps fitted to the full-resolution calibration image, robust to its inconsistency.
+def fitted_sensitivities(calibrations: np.ndarray | list[np.ndarray], order: tuple[int, int], *,
+                         initial: np.ndarray | list[np.ndarray], robust_iterations: int = 4,
+                         robust_scale: float = 1.0, ridge: float = 1e-6) -> np.ndarray:
+    """Band-limited coil maps fitted to full-resolution calibration images, robust to their inconsistency.
 
     Each coil's calibration image ``d_c`` is modelled as ``s_c * m``: ``m`` the coil-combined
     calibration image (``sum_c conj(initial_c) d_c``), ``s_c`` a 2D Fourier series with frequencies
     up to ``order`` cycles per field of view; the coefficients minimise the weighted squares
     ``sum_x w(x) |d_c - s_c m|^2`` (image-domain least squares, as the polynomial maps of JSENSE:
-    Ying and Sheng, MRM 2007;57:1196). Under breathing the interleaved time average is not one
-    image: each offset's lines hold a different mean position of the moving body edges, and that
-    inconsistency aliases by FOV/R into the calibration image as sharp structure that the ratio of
-    low-pass images carries into the maps. A band-limited map cannot follow it, and iteratively
-    reweighted least squares (Cauchy weights ``1 / (1 + (r / (robust_scale * sigma))^2)`` on the
-    pixel's residual norm ``r`` over the coils, ``sigma`` 1.4826 x its median over the object)
-    then takes the pixels it cannot explain out of the fit. Simulator, noise-free breathing stress
-    slices (lab ``/tmp/s20/irls.py``, docs/preprocessing.md "Fitted coil maps"): heart 90th-percentile
-    map error 1.2-3.2 % with the ratio maps, 0.4-1.8 % fitted, 0.3-0.7 % after 4 reweightings.
+    Ying and Sheng, MRM 2007;57:1196), summed over the calibrations given (each scaled to unit RMS
+    combined image, so that each counts alike). Under breathing the interleaved time average is not
+    one image: each offset's lines hold a different mean position of the moving body edges and a
+    different sample of the bolus, and that inconsistency aliases by FOV/R into the calibration
+    image as sharp structure that the ratio of low-pass images carries into the maps. A band-limited
+    map cannot follow it, and iteratively reweighted least squares (Cauchy weights
+    ``1 / (1 + (r / (robust_scale * sigma))^2)`` on each pixel's residual norm ``r`` over the coils,
+    ``sigma`` 1.4826 x its median over the object, per calibration) then takes the pixels it cannot
+    explain out of the fit. Where two calibrations are inconsistent in different places (the time
+    average where the bolus and the breathing differ between offsets, the PD frames only where the
+    body moved during those few seconds) the joint fit keeps what each explains. Simulator,
+    noise-free breathing stress slices (docs/preprocessing.md "Fitted coil maps (session 20)"):
+    heart 90th-percentile map error 1.2-3.2 % with the ratio maps, 0.3-0.7 % fitted to the time
+    average; SD of the myocardium's mean over the SR frames 0.4-1.8 % -> 0.2-0.9 % fitted jointly to
+    the time average and the PD frames (2 % mask; the TRUE maps 0.1-0.4 %).
 
     The normal equations need only the weighted object power at integer frequencies (its DFT at
     frequency differences up to twice the order): a [modes, modes] Toeplitz-block system.
 
     Args:
-        calibration: complex [coils, ky, kx] fully sampled calibration k-space.
+        calibrations: complex [coils, ky, kx] fully sampled calibration k-space, or a list of them
+            (same coils and matrix).
         order: (rows, cols) highest frequency, cycles per field of view, each >= 1.
-        initial: complex [coils, ky, kx] maps that combine the coils into ``m``.
+        initial: complex [coils, ky, kx] maps that combine the coils of each calibration into its
+            ``m`` (a list when ``calibrations`` is).
         robust_iterations: reweighted refits after the first (0: plain least squares).
         robust_scale: Cauchy scale in robust residual SDs.
         ridge: Tikhonov load relative to the mean diagonal of the normal matrix.
@@ -230,16 +248,29 @@ def fitted_sensitivities(calibration: np.ndarray, order: tuple[int, int], *, ini
     Returns:
         complex128 [coils, ky, kx], unit root-sum-of-squares.
     """
+    if isinstance(calibrations, np.ndarray) and calibrations.ndim == 3:
+        calibrations, initial = [calibrations], [np.asarray(initial)]
+    if len(calibrations) != len(initial) or not calibrations:
+        raise ReconError(f"{len(calibrations)} calibrations and {len(initial)} initial maps: need one each")
     order_rows, order_cols = (int(v) for v in order)
     if order_rows < 1 or order_cols < 1:
         raise ReconError(f"coil map fit order must be >= 1 cycle per field of view, found {order}")
-    n_coils, n_rows, n_cols = calibration.shape
+    n_coils, n_rows, n_cols = np.shape(calibrations[0])
+    if any(np.shape(c) != (n_coils, n_rows, n_cols) for c in list(calibrations) + list(initial)):
+        raise ReconError(f"calibrations and initial maps must all be {(n_coils, n_rows, n_cols)}, found "
+                         f"{[np.shape(c) for c in calibrations]} and {[np.shape(m) for m in initial]}")
     if 2 * order_rows >= n_rows or 2 * order_cols >= n_cols:
         raise ReconError(f"coil map fit order {order} too high for a {n_rows} x {n_cols} matrix")
-    coil_images = centered_ifft(centered_ifft(np.asarray(calibration, dtype=np.complex128), axis=-2), axis=-1)
-    combined = np.sum(np.conj(initial) * coil_images, axis=0)
-    object_power = np.abs(combined) ** 2
-    on_object = np.abs(combined) > 0.05 * np.abs(combined).max()
+    coil_images, combined = [], []
+    for calibration, maps in zip(calibrations, initial):
+        images = centered_ifft(centered_ifft(np.asarray(calibration, dtype=np.complex128), axis=-2), axis=-1)
+        image = np.sum(np.conj(maps) * images, axis=0)
+        norm = np.sqrt(np.mean(np.abs(image) ** 2))
+        if not norm > 0:
+            raise ReconError("a calibration image without signal cannot be fitted")
+        coil_images.append(images / norm)
+        combined.append(image / norm)
+    on_object = [np.abs(image) > 0.05 * np.abs(image).max() for image in combined]
     rows = (np.arange(n_rows) - n_rows // 2) / n_rows
     cols = (np.arange(n_cols) - n_cols // 2) / n_cols
 
@@ -251,24 +282,27 @@ def fitted_sensitivities(calibration: np.ndarray, order: tuple[int, int], *, ini
     mode_rows, mode_cols = mode_rows.ravel(), mode_cols.ravel()
     analysis_rows, analysis_cols = exponentials(order_rows, rows).conj(), exponentials(order_cols, cols).conj()
     power_rows, power_cols = exponentials(2 * order_rows, rows), exponentials(2 * order_cols, cols)
-    weights = np.ones((n_rows, n_cols))
+    weights = [np.ones((n_rows, n_cols)) for _ in combined]
     for iteration in range(int(robust_iterations) + 1):
-        # weighted object power at every frequency difference: P(q) = sum_x w |m|^2 exp(2 pi i q . x)
-        power = power_rows @ (weights * object_power) @ power_cols.T
-        normal = power[mode_rows[None, :] - mode_rows[:, None] + 2 * order_rows,
-                       mode_cols[None, :] - mode_cols[:, None] + 2 * order_cols]
-        normal = normal + ridge * np.real(np.trace(normal)) / normal.shape[0] * np.eye(normal.shape[0])
-        weighted = (weights * np.conj(combined))[None] * coil_images
-        rhs = np.stack([(analysis_rows @ weighted[c] @ analysis_cols.T).ravel() for c in range(n_coils)], axis=1)
+        normal = np.zeros((mode_rows.size, mode_rows.size), dtype=np.complex128)
+        rhs = np.zeros((mode_rows.size, n_coils), dtype=np.complex128)
+        for images, image, weight in zip(coil_images, combined, weights):
+            # weighted object power at every frequency difference: P(q) = sum_x w |m|^2 exp(2 pi i q . x)
+            power = power_rows @ (weight * np.abs(image) ** 2) @ power_cols.T
+            normal += power[mode_rows[None, :] - mode_rows[:, None] + 2 * order_rows,
+                            mode_cols[None, :] - mode_cols[:, None] + 2 * order_cols]
+            weighted = (weight * np.conj(image))[None] * images
+            rhs += np.stack([(analysis_rows @ weighted[c] @ analysis_cols.T).ravel() for c in range(n_coils)], axis=1)
+        normal += ridge * np.real(np.trace(normal)) / normal.shape[0] * np.eye(normal.shape[0])
         coefficients = np.linalg.solve(normal, rhs).T.reshape(n_coils, 2 * order_rows + 1, 2 * order_cols + 1)
         maps = np.stack([analysis_rows.conj().T @ coefficients[c] @ analysis_cols.conj() for c in range(n_coils)])
         maps /= np.maximum(np.sqrt(np.sum(np.abs(maps) ** 2, axis=0)), 1e-30)
-        if iteration < robust_iterations:
-            residual = np.sqrt(np.sum(np.abs(coil_images - maps * combined[None]) ** 2, axis=0))
-            sigma = 1.4826 * np.median(residual[on_object]) if on_object.any() else 0.0
-            if sigma <= 0:
-                break
-            weights = 1.0 / (1.0 + (residual / (robust_scale * sigma)) ** 2)
+        if iteration == robust_iterations:
+            break
+        for index, (images, image, inside) in enumerate(zip(coil_images, combined, on_object)):
+            residual = np.sqrt(np.sum(np.abs(images - maps * image[None]) ** 2, axis=0))
+            sigma = 1.4826 * np.median(residual[inside])
+            weights[index] = 1.0 / (1.0 + (residual / (robust_scale * max(sigma, 1e-12))) ** 2)
     return maps
 
 
@@ -431,7 +465,8 @@ class TsenseCalibration:
     scale: np.ndarray
 
 
-def calibration_kspace(compact: np.ndarray, offsets: np.ndarray, accel: int, *, n_pd_frames: int = 0) -> np.ndarray:
+def calibration_kspace(compact: np.ndarray, offsets: np.ndarray, accel: int, *, n_pd_frames: int = 0,
+                       pd_frames_only: bool = False) -> np.ndarray:
     """Fully sampled calibration k-space [coils, ky, kx]: the time average of the frames.
 
     The plain time average (``n_pd_frames = 0``, :func:`compact_time_average`) mixes the
@@ -453,11 +488,23 @@ def calibration_kspace(compact: np.ndarray, offsets: np.ndarray, accel: int, *, 
     preprocessing.md, "TSENSE calibration with an unequal PD count"). Calibrating from the PD
     frames alone is exact noise-free but read the noisy AIF area 4 % low.
 
+    With ``pd_frames_only`` the calibration is the PD frames' time average alone (the first ``k`` PD
+    frames of every offset): no contrast changes between the offsets' lines, and a few seconds of
+    breathing at most instead of the whole scan's; fitted jointly with the time average by
+    :func:`fitted_sensitivities` (:func:`calibrate` ``fit_pd_frames``; docs/preprocessing.md "Fitted coil
+    maps (session 20)").
+
     Args:
         compact: complex [time, coils, M, kx]; offsets int [time]; accel R.
         n_pd_frames: number of leading PD frames (0: the time average of every frame).
+        pd_frames_only: calibrate from the PD frames alone (needs PD frames on every offset).
+
+    Raises:
+        ReconError: with ``pd_frames_only``, when some offset has no PD frame.
     """
     n_pd = int(n_pd_frames)
+    if pd_frames_only and n_pd <= 0:
+        raise ReconError("a calibration from the PD frames needs PD frames (n_pd_frames = 0)")
     if n_pd <= 0:
         return compact_time_average(compact, offsets, accel)
     if n_pd >= compact.shape[0]:
@@ -465,6 +512,13 @@ def calibration_kspace(compact: np.ndarray, offsets: np.ndarray, accel: int, *, 
     pd_offsets = np.asarray(offsets[:n_pd])
     per_offset = [np.flatnonzero(pd_offsets == offset) for offset in range(accel)]
     kept = min(frames.size for frames in per_offset)
+    if pd_frames_only:
+        if kept == 0:
+            missing = [offset for offset, frames in enumerate(per_offset) if frames.size == 0]
+            raise ReconError(f"the {n_pd} PD frames sample the offsets {sorted(set(pd_offsets.tolist()))} of R = "
+                             f"{accel}, none samples {missing}: they are not a fully sampled calibration")
+        keep = np.sort(np.concatenate([frames[:kept] for frames in per_offset]))
+        return compact_time_average(compact[keep], offsets[keep], accel)
     if all(frames.size == kept for frames in per_offset):
         return compact_time_average(compact, offsets, accel)
     keep = np.sort(np.concatenate([frames[:kept] for frames in per_offset] + [np.arange(n_pd, compact.shape[0])]))
@@ -475,7 +529,8 @@ def calibration_kspace(compact: np.ndarray, offsets: np.ndarray, accel: int, *, 
 
 def calibrate(compact: np.ndarray, offsets: np.ndarray, accel: int, *, whitening: np.ndarray | None = None,
               virtual_coils: int | None = None, n_pd_frames: int = 0,
-              mask_fraction: float = 0.05, map_fit_order: tuple[int, int] | None = None) -> TsenseCalibration:
+              mask_fraction: float = 0.05, map_fit_order: tuple[int, int] | None = None,
+              fit_pd_frames: bool = False) -> TsenseCalibration:
     """Calibration of compact interleaved data (see :func:`reconstruct_compact`) from
     :func:`calibration_kspace`.
 
@@ -486,8 +541,14 @@ def calibrate(compact: np.ndarray, offsets: np.ndarray, accel: int, *, whitening
         n_pd_frames: leading PD frames, balanced over the offsets (0: time average of every frame).
         mask_fraction: :func:`coil_sensitivities`' background threshold (0: no mask).
         map_fit_order: :func:`coil_sensitivities`' ``fit_order`` (None: the ratio maps).
+        fit_pd_frames: fit the maps jointly to the time average and to the ``n_pd_frames`` PD frames'
+            calibration (:func:`calibration_kspace` ``pd_frames_only``; needs ``map_fit_order``).
     """
+    if fit_pd_frames and map_fit_order is None:
+        raise ReconError("a joint fit to the PD frames needs band-limited maps (a map fit order)")
     calibration = calibration_kspace(compact, offsets, accel, n_pd_frames=n_pd_frames)
+    pd_calibration = (calibration_kspace(compact, offsets, accel, n_pd_frames=n_pd_frames, pd_frames_only=True)
+                      if fit_pd_frames else None)
     n_coils = calibration.shape[0]
     transform = None if whitening is None else np.asarray(whitening, dtype=np.complex64)
     if virtual_coils is not None and virtual_coils < n_coils:
@@ -495,15 +556,17 @@ def calibrate(compact: np.ndarray, offsets: np.ndarray, accel: int, *, whitening
         compression = coil_compression_matrix(whitened, virtual_coils)
         transform = compression if transform is None else compression @ transform
     if transform is None:
+        also = () if pd_calibration is None else (pd_calibration,)
         return TsenseCalibration(None, coil_sensitivities(calibration, mask_fraction=mask_fraction,
-                                                          fit_order=map_fit_order),
+                                                          fit_order=map_fit_order, also_fit=also),
                                  np.ones(calibration.shape[1:], dtype=np.float32))
     virtual = np.einsum("dc,cyx->dyx", transform, calibration)
     physical_rss = np.sqrt(np.sum(np.abs(_low_resolution_images(calibration, 0.25)) ** 2, axis=0))
     virtual_rss = np.sqrt(np.sum(np.abs(_low_resolution_images(virtual, 0.25)) ** 2, axis=0))
     scale = np.where(virtual_rss > 0, physical_rss / np.maximum(virtual_rss, 1e-30), 1.0).astype(np.float32)
+    also = () if pd_calibration is None else (np.einsum("dc,cyx->dyx", transform, pd_calibration),)
     return TsenseCalibration(transform, coil_sensitivities(virtual, mask_fraction=mask_fraction,
-                                                           fit_order=map_fit_order), scale)
+                                                           fit_order=map_fit_order, also_fit=also), scale)
 
 
 def local_low_rank_filter(images: np.ndarray, noise_sd: np.ndarray, *, patch_px: int = 16,
@@ -585,7 +648,7 @@ def reconstruct_compact(compact: np.ndarray, offsets: np.ndarray, accel: int, *,
                         virtual_coils: int | None = None, noise_sd: float | None = None,
                         denoise_threshold: float = 0.0, denoise_patch_px: int = 16,
                         n_pd_frames: int = 0, mask_fraction: float = 0.05,
-                        map_fit_order: tuple[int, int] | None = None) -> np.ndarray:
+                        map_fit_order: tuple[int, int] | None = None, fit_pd_frames: bool = False) -> np.ndarray:
     """TSENSE recon from the acquired lines only (no zero-filled copy of k-space).
 
     Steps: coil transform (whitening, then optional PCA coil compression) applied to the
@@ -615,6 +678,8 @@ def reconstruct_compact(compact: np.ndarray, offsets: np.ndarray, accel: int, *,
             (:func:`coil_sensitivities`; 0: no mask).
         map_fit_order: band-limited maps of this order when calibrating here
             (:func:`fitted_sensitivities`; None: the ratio maps).
+        fit_pd_frames: when calibrating here, fit the maps jointly to the PD frames' calibration
+            (:func:`calibrate`).
 
     Returns:
         float32 [time, ky, kx] magnitude images.
@@ -639,7 +704,8 @@ def reconstruct_compact(compact: np.ndarray, offsets: np.ndarray, accel: int, *,
                                         np.ones((n_lines, n_cols), dtype=np.float32))
     elif calibration is None:
         calibration = calibrate(compact, offsets, accel, whitening=whitening, virtual_coils=virtual_coils,
-                                n_pd_frames=n_pd_frames, mask_fraction=mask_fraction, map_fit_order=map_fit_order)
+                                n_pd_frames=n_pd_frames, mask_fraction=mask_fraction, map_fit_order=map_fit_order,
+                                fit_pd_frames=fit_pd_frames)
     transform = calibration.coil_transform
     n_virtual = n_coils if transform is None else transform.shape[0]
     if transform is not None and transform.shape != (n_virtual, n_coils):
