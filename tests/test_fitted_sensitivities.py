@@ -14,7 +14,7 @@ SHAPE = (72, 96)
 
 
 def body_and_heart(shift_rows: float = 0.0, texture: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """Image [rows, cols] of a (textured) body ellipse with a bright heart, moved by ``shift_rows`` pixels; heart mask."""
+    """Image [rows, cols]: a (textured) body ellipse, a bright heart, moved by ``shift_rows`` px; heart mask."""
     rows, cols = np.mgrid[: SHAPE[0], : SHAPE[1]].astype(float)
     r, c = (rows - shift_rows - SHAPE[0] / 2) / SHAPE[0], (cols - SHAPE[1] / 2) / SHAPE[1]
     body = np.clip(20 * (1 - (r / 0.40) ** 2 - (c / 0.44) ** 2), 0, 1)  # soft-edged body, 1-2 px ramp

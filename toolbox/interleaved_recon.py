@@ -199,8 +199,8 @@ def coil_sensitivities(calibration: np.ndarray, *, low_resolution_fraction: floa
     maps = low_res / np.maximum(rss, 1e-30)
     if fit_order is not None:
         others = [np.asarray(extra) for extra in also_fit]
-        initial = [maps] + [coil_sensitivities(extra, low_resolution_fraction=low_resolution_fraction, mask_fraction=0.0)
-                            for extra in others]
+        initial = [maps] + [coil_sensitivities(extra, low_resolution_fraction=low_resolution_fraction,
+                                               mask_fraction=0.0) for extra in others]
         maps = fitted_sensitivities([calibration] + others, fit_order, initial=initial)
     elif also_fit:
         raise ReconError("more calibrations to fit need a fit order (band-limited maps)")
@@ -230,7 +230,8 @@ def fitted_sensitivities(calibrations: np.ndarray | list[np.ndarray], order: tup
     noise-free breathing stress slices (docs/preprocessing.md "Fitted coil maps (session 20)"):
     heart 90th-percentile map error 1.2-3.2 % with the ratio maps, 0.3-0.7 % fitted to the time
     average; SD of the myocardium's mean over the SR frames 0.4-1.8 % -> 0.2-0.9 % fitted jointly to
-    the time average and the PD frames (2 % mask; the TRUE maps 0.1-0.4 %).
+    the time average and the PD frames (2 % mask; the TRUE maps 0.1-0.4 %), but with the study's noise
+    the three PD frames' calibration makes the joint maps noisier than the time average's alone.
 
     The normal equations need only the weighted object power at integer frequencies (its DFT at
     frequency differences up to twice the order): a [modes, modes] Toeplitz-block system.
@@ -292,7 +293,8 @@ def fitted_sensitivities(calibrations: np.ndarray | list[np.ndarray], order: tup
             normal += power[mode_rows[None, :] - mode_rows[:, None] + 2 * order_rows,
                             mode_cols[None, :] - mode_cols[:, None] + 2 * order_cols]
             weighted = (weight * np.conj(image))[None] * images
-            rhs += np.stack([(analysis_rows @ weighted[c] @ analysis_cols.T).ravel() for c in range(n_coils)], axis=1)
+            rhs += np.stack([(analysis_rows @ weighted[c] @ analysis_cols.T).ravel() for c in range(n_coils)],
+                            axis=1)
         normal += ridge * np.real(np.trace(normal)) / normal.shape[0] * np.eye(normal.shape[0])
         coefficients = np.linalg.solve(normal, rhs).T.reshape(n_coils, 2 * order_rows + 1, 2 * order_cols + 1)
         maps = np.stack([analysis_rows.conj().T @ coefficients[c] @ analysis_cols.conj() for c in range(n_coils)])
