@@ -74,12 +74,15 @@ class PerfusionReconSettings(GadgetSettings):
         "time-average", description="what the myocardial series' coil maps are fitted to (with coil_map_detail_mm): "
         "the time average of the interleaved frames, or jointly that and the PD frames (one per offset at R = 3; "
         "under breathing the time average's offsets hold different mean positions and bolus samples, the PD frames "
-        "only a few seconds' breathing); the PD frames are left out, with a warning, where they do not sample "
-        "every offset")
+        "only a few seconds' breathing; noise-free the frames are better, with the study's noise the three PD "
+        "frames make the maps noisier: not run through the noisy chain, docs/preprocessing.md 'Fitted coil maps'); "
+        "the PD frames are left out, with a warning, where they do not sample every offset")
     coil_map_detail_mm: float = Field(
         0.0, ge=0.0, le=500.0, description="coil sensitivities of the myocardial series fitted as band-limited "
         "maps with detail down to this length, mm (the order in cycles per field of view: field of view / this "
-        "length, each axis; toolbox/interleaved_recon.py fitted_sensitivities); 0: the ratio of low-pass images")
+        "length, each axis; toolbox/interleaved_recon.py fitted_sensitivities); 0: the ratio of low-pass images. "
+        "35 mm with coil_mask_fraction 0.02 read the sectors 9.06 -> 8.68 % on 200 new scans but 1.3 points higher "
+        "(sector bias P = 3e-6): not adopted, docs/integration.md 'Session 20'")
     denoise_patch_px: int = Field(16, ge=4, le=64, description="local low-rank filter patch width, pixels")
     workers: int = Field(2, ge=1, le=16, description="series reconstructed in parallel threads")
     balance_pd_frames: bool = Field(
@@ -284,6 +287,7 @@ class PerfusionRecon(Gadget):
                 virtual_coils=self.settings.virtual_coils or None, noise_sd=noise_sd,
                 denoise_threshold=self.settings.denoise_threshold if noise_sd else 0.0,
                 denoise_patch_px=self.settings.denoise_patch_px,
+                # the joint fit needs the PD frames counted (the time average is then PD-balanced too)
                 n_pd_frames=n_pd if with_pd else self._calibration_pd_frames(n_pd),
                 mask_fraction=self.settings.coil_mask_fraction, map_fit_order=self._map_fit_order(encoding),
                 fit_pd_frames=with_pd)
