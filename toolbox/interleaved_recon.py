@@ -514,16 +514,17 @@ def calibration_kspace(compact: np.ndarray, offsets: np.ndarray, accel: int, *, 
     pd_offsets = np.asarray(offsets[:n_pd])
     per_offset = [np.flatnonzero(pd_offsets == offset) for offset in range(accel)]
     kept = min(frames.size for frames in per_offset)
+    pd_kept = np.concatenate([frames[:kept] for frames in per_offset])  # the first k PD frames of every offset
     if pd_frames_only:
         if kept == 0:
             missing = [offset for offset, frames in enumerate(per_offset) if frames.size == 0]
             raise ReconError(f"the {n_pd} PD frames sample the offsets {sorted(set(pd_offsets.tolist()))} of R = "
                              f"{accel}, none samples {missing}: they are not a fully sampled calibration")
-        keep = np.sort(np.concatenate([frames[:kept] for frames in per_offset]))
+        keep = np.sort(pd_kept)
         return compact_time_average(compact[keep], offsets[keep], accel)
     if all(frames.size == kept for frames in per_offset):
         return compact_time_average(compact, offsets, accel)
-    keep = np.sort(np.concatenate([frames[:kept] for frames in per_offset] + [np.arange(n_pd, compact.shape[0])]))
+    keep = np.sort(np.concatenate([pd_kept, np.arange(n_pd, compact.shape[0])]))
     logger.debug("calibration: %d of %d PD frames kept (R = %d) with the %d SR frames", kept * accel, n_pd, accel,
                  compact.shape[0] - n_pd)
     return compact_time_average(compact[keep], offsets[keep], accel)
