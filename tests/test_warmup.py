@@ -47,12 +47,12 @@ def test_flow_map_warms_the_chain_grid_with_its_own_btex_settings(monkeypatch):
     # the shipped chain's sampled AIF table (aif_upsample = 4): the 0.5 s grid's tables 4x finer and longer
     upsample = flow_spec.settings.aif_upsample
     assert upsample == 4
-    assert calls == [(0.5 / upsample, btex.BtexSettings(vp_range=(0.02, 0.32), vp_steps=11, prior_vp_sd=0.1),
+    assert calls == [(0.5 / upsample, btex.BtexSettings(vp_range=(0.02, 0.32), vp_steps=21, prior_vp_sd=0.1),
                       tuple(upsample * n for n in mapping.WARM_LENGTHS))]
     assert "128 samples" in line
     calls.clear()
     FlowMap.warm_up(flow_spec.settings.model_copy(update={"aif_upsample": 1}), chain)
-    assert calls == [(0.5, btex.BtexSettings(vp_range=(0.02, 0.32), vp_steps=11, prior_vp_sd=0.1), None)]
+    assert calls == [(0.5, btex.BtexSettings(vp_range=(0.02, 0.32), vp_steps=21, prior_vp_sd=0.1), None)]
     calls.clear()
     # Fermi needs no residue table; a chain without temporal-resample has no known grid
     assert FlowMap.warm_up(FlowMapSettings(model="fermi"), chain) is None
