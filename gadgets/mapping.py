@@ -388,7 +388,10 @@ class FlowMapSettings(GadgetSettings):
     vp_range: tuple[float, float] = Field((0.02, 0.32), description=(
         "BTEX Vp grid, ml/ml: wider than the tissue range so that blood partial volume near the endocardium "
         "(blood fraction b adds b (1 - Hct) to Vp) is fitted as Vp, not as flow"))
-    vp_steps: int = Field(11, ge=3, le=40, description="BTEX Vp grid points")
+    vp_steps: int = Field(11, ge=3, le=40, description=(
+        "BTEX Vp grid points (the perfusion chains: 21, 0.015 apart; the refinement interpolates the table "
+        "between them and 11 made the fit read high on perfect inputs, docs/mapping.md 'Session 17'; "
+        "session-21 decision run, docs/integration.md)"))
     prior_vp_sd: float = Field(0.1, gt=0.0, description="BTEX Vp prior SD (centre 0.07), ml/ml")
     coarse_stride: tuple[int, int, int, int, int] = Field((2, 2, 2, 1, 2), description=(
         "BTEX global search on every k-th grid point of (Fp, PS, Vp, Visf, delay): every Visf point (the "

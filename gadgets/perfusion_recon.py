@@ -67,7 +67,7 @@ class PerfusionReconSettings(GadgetSettings):
         "calibration's low-resolution root-sum-of-squares is under this fraction of its maximum (0: no mask; the "
         "5 % mask takes dark tissue for background and folds its signal onto the myocardium, "
         "toolbox/interleaved_recon.py coil_sensitivities; 0 read the dev MBF worse, docs/preprocessing.md "
-        "'TSENSE sensitivity mask')")
+        "'TSENSE sensitivity mask'); the perfusion chains: 0.02 with the fitted maps of coil_map_detail_mm)")
     aif_coil_mask_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="the same for the AIF series")
     coil_calibration: Literal["time-average", "time-average+pd"] = Field(
@@ -81,8 +81,9 @@ class PerfusionReconSettings(GadgetSettings):
         0.0, ge=0.0, le=500.0, description="coil sensitivities of the myocardial series fitted as band-limited "
         "maps with detail down to this length, mm (the order in cycles per field of view: field of view / this "
         "length, each axis; toolbox/interleaved_recon.py fitted_sensitivities); 0: the ratio of low-pass images. "
-        "35 mm with coil_mask_fraction 0.02 read the sectors 9.06 -> 8.68 % on 200 new scans but 1.3 points higher "
-        "(sector bias P = 3e-6): not adopted, docs/integration.md 'Session 20'")
+        "The perfusion chains: 35 mm with coil_mask_fraction 0.02 and flow-map vp_steps 21 (session-21 decision "
+        "run, 200 new scans: global 6.69 -> 6.23 %, sectors 9.53 -> 8.72 %; without the finer Vp grid it read "
+        "1.3 points higher, session 20; docs/integration.md)")
     denoise_patch_px: int = Field(16, ge=4, le=64, description="local low-rank filter patch width, pixels")
     workers: int = Field(2, ge=1, le=16, description="series reconstructed in parallel threads")
     balance_pd_frames: bool = Field(
