@@ -51,7 +51,7 @@ from perfline.toolbox import gd_conversion
 from perfline.toolbox.aha_report import _myocardial_core
 from perfline.toolbox.aif import (
     AIF_SOURCE_HINT_REGION, AifError, AifResult, AifSettings, aif_foot_peak, baseline_subtract, body_mask,
-    cross_fitted_pool_curve, detect_aif, magnitude_floor_corrected_curve, sample_foot_time,
+    cross_fitted_pool_curve, detect_aif, magnitude_floor_corrected_curve, pool_frame_noise_sd, sample_foot_time,
 )
 from perfline.toolbox.aif_partial_volume import (
     PartialVolumeWeights, partial_volume_corrected_curve, partial_volume_weights,
@@ -254,8 +254,11 @@ class AifExtract(Gadget):
             blood = np.asarray(blood, dtype=np.float64)
             grid_s, blood = resample_to_uniform(blood, time_s, self.settings.interval_s)
             foot, peak = aif_foot_peak(blood)
+            sample_sd = None
             if self.settings.lv_pool_selection != "cross-fitted":
                 samples = self._acquired_curve(series, table, detected.mask, detected.foot, pv)
+                if samples is not None:
+                    sample_sd = self._acquired_noise(series, table, detected.mask, detected.foot, pv)
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
         subtracted = baseline_subtract(blood, foot)
@@ -287,7 +290,8 @@ class AifExtract(Gadget):
         return AifCurve(time_s=grid_s, blood_gd_mmol_l=blood, hematocrit=self._hematocrit,
                         foot_index=foot, peak_index=peak, mask=mask, geometry=series.geometry,
                         source=detected.source, sample_time_s=None if samples is None else samples[0],
-                        sample_blood_gd_mmol_l=None if samples is None else samples[1], foot_time_s=foot_time_s)
+                        sample_blood_gd_mmol_l=None if samples is None else samples[1], foot_time_s=foot_time_s,
+                        sample_noise_sd_mmol_l=sample_sd)
 
     def _cross_fitted(self, series: AifSeries, table: Any, ratio: np.ndarray, time_s: np.ndarray, pool: np.ndarray,
                       foot: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, np.ndarray]:
@@ -362,6 +366,24 @@ class AifExtract(Gadget):
         last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
         curve = _pool_curve(ratio, mask, slice(1, max(last, 2)), float(table.to_ratio(0.0)), pv)
         return time_s, self._to_gd(table, curve)
+
+    def _acquired_noise(self, series: AifSeries, table: Any, mask: np.ndarray, foot: int,
+                        pv: PartialVolumeWeights | None = None) -> np.ndarray | None:
+        """SD (mmol/L) of each acquired sample of ``_acquired_curve`` from white frame noise: the pool's
+        frame SD in SR/PD units (``toolbox.aif.pool_frame_noise_sd``, the same baseline frames as the
+        floor) times the Gd table's slope at the sample; None without acquired frames or table."""
+        if table is None or series.acquired_time_s is None or series.acquired_data is None:
+            return None
+        time_s = np.asarray(series.acquired_time_s, dtype=np.float64)
+        frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
+        ratio = table.to_ratio(frames) if series.units == "gd_mmol_l" else frames
+        last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
+        baseline, zero = slice(1, max(last, 2)), float(table.to_ratio(0.0))
+        sd_ratio = pool_frame_noise_sd(ratio, mask, baseline, zero, None if pv is None else pv.weights)
+        curve = _pool_curve(ratio, mask, baseline, zero, pv)
+        step = 1e-3
+        slope = (self._to_gd(table, curve + step) - self._to_gd(table, curve - step)) / (2.0 * step)
+        return sd_ratio * np.abs(slope)
 
 
 def _pool_curve(frames: np.ndarray, mask: np.ndarray, baseline: slice, zero: float | None,

@@ -7,10 +7,13 @@ array after emitting the item.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from perfline.toolbox.aif import first_pass_area_noise_pct
 
 SeriesUnits = Literal["signal", "sr_over_pd", "gd_mmol_l"]
 
@@ -135,6 +138,8 @@ class AifCurve:
             them smoothly for its BTEX table (docs/mapping.md).
         foot_time_s: the bolus arrival (s) when aif-extract took it between grid frames (from the
             acquired samples; the curve and samples are zero before it), else None: the foot frame's time.
+        sample_noise_sd_mmol_l: float64 [frames] SD of each acquired sample from the AIF images' white
+            frame noise (``toolbox.aif.pool_frame_noise_sd`` through the Gd table), or None.
     """
 
     time_s: np.ndarray
@@ -148,6 +153,7 @@ class AifCurve:
     sample_time_s: np.ndarray | None = None
     sample_blood_gd_mmol_l: np.ndarray | None = None
     foot_time_s: float | None = None
+    sample_noise_sd_mmol_l: np.ndarray | None = None
 
     @property
     def arrival_time_s(self) -> float:
@@ -157,6 +163,16 @@ class AifCurve:
     @property
     def plasma_gd_mmol_l(self) -> np.ndarray:
         return self.blood_gd_mmol_l / (1.0 - self.hematocrit)
+
+    @property
+    def first_pass_frame_noise_pct(self) -> float | None:
+        """Relative SD (%) of the first-pass area of the acquired samples from their white frame noise
+        (``toolbox.aif.first_pass_area_noise_pct``); None without samples or their noise."""
+        if self.sample_time_s is None or self.sample_blood_gd_mmol_l is None or self.sample_noise_sd_mmol_l is None:
+            return None
+        value = first_pass_area_noise_pct(self.sample_time_s, self.sample_blood_gd_mmol_l,
+                                          self.sample_noise_sd_mmol_l, self.arrival_time_s)
+        return None if math.isnan(value) else value
 
 
 @dataclass(frozen=True)

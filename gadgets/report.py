@@ -77,6 +77,11 @@ class AhaReportSettings(GadgetSettings):
         "has a radius under this many AIF pixels: the low-resolution, blurred AIF pool is then mostly "
         "partial volume (0: never, the default: at 3 pixels the flag did not separate larger MBF errors on "
         "50 held-out studies, docs/report_schema.md)"))
+    max_aif_first_pass_frame_noise_pct: float = Field(3.0, gt=0, description=(
+        "flag the report when the AIF's first-pass area has a larger relative SD (%) from the AIF images' white "
+        "frame noise (AifCurve.first_pass_frame_noise_pct: a small LV pool in noisy images; a lower bound). On 100 "
+        "simulated dev scans 9 exceeded 3 %; their AIF areas scattered 7.6 % RMS against 3.0 % for the others, "
+        "their global MBF 7.4 % mean abs error against 5.9 % (docs/mapping.md, 'Session 22')"))
     min_aif_first_pass_contrast: float = Field(2.0, gt=1, description=(
         "flag the report when the AIF's first-pass peak is less than this many times its late level "
         "(toolbox.aif.first_pass_contrast; arterial blood 3.2-11 on 100 simulated dev scans, myocardium about 1.5): "
@@ -277,7 +282,7 @@ class AhaReportGadget(Gadget):
             aif_summary = AifSummary(peak_gd_mmol_l=float(np.max(aif.blood_gd_mmol_l)),
                                      foot_time_s=aif.arrival_time_s,
                                      peak_time_s=float(aif.time_s[aif.peak_index]), hematocrit=aif.hematocrit,
-                                     n_pixels=n_pixels)
+                                     n_pixels=n_pixels, first_pass_frame_noise_pct=aif.first_pass_frame_noise_pct)
             if n_pixels < settings.min_aif_pixels:
                 aif_flag = [f"AIF from only {n_pixels} LV blood-pool pixels (fewer than {settings.min_aif_pixels}): "
                             "MBF may be unreliable"]
@@ -293,6 +298,11 @@ class AhaReportGadget(Gadget):
                 aif_flag.append(f"small LV: blood-pool radius {radius_px:.1f} AIF pixels (under "
                                 f"{settings.min_aif_lv_radius_px:g}): the AIF pool is mostly partial volume, "
                                 "the AIF and so every MBF value may be off")
+            noise = aif_summary.first_pass_frame_noise_pct
+            if noise is not None and noise > settings.max_aif_first_pass_frame_noise_pct:
+                aif_flag.append(f"noisy AIF: its first-pass area varies by {noise:.1f} % (SD) from the AIF images' "
+                                f"frame noise alone (more than {settings.max_aif_first_pass_frame_noise_pct:g} %; "
+                                f"{n_pixels} LV pool pixels): MBF scales about inversely with that area")
             try:
                 contrast = first_pass_contrast(aif.blood_gd_mmol_l)
             except AifError:  # no rise above the baseline at all

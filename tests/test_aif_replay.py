@@ -117,3 +117,39 @@ def test_inputs_captured_before_the_t2star_capture_say_so(tmp_path):
     path = replay.save_aif_inputs(tmp_path / "old.npz", context, series, None, curve)
     with pytest.raises(ValueError, match="no aif-t2star input"):
         replay.load_t2star_input(path)
+
+
+def test_aif_extract_reports_the_frame_noise_of_its_first_pass_as_a_lower_bound():
+    """The dual-echo pool of test_aif_t2star_model through the shipped chain's aif-t2star .. aif-extract
+    with complex noise of SD 0.002 and 0.006: the AifCurve's per-sample noise scales with it (about 3 x),
+    and over 10 noise draws at 0.004 the first pass's area scatters more than the frame noise predicts
+    (the T2* and PD normalisations add gains shared by the pool's pixels: a lower bound)."""
+    from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry
+    from perfline.toolbox import gd_conversion
+    from test_aif_t2star_model import N_PD, TE_MS, _header_context, _two_echo_pool
+
+    context = _header_context()
+    sequence = gd_conversion.sequence_from_header(context.header, gd_conversion.AIF_ENCODING)
+
+    def curve(seed: int, sigma: float):
+        echoes, time_s, _, _ = _two_echo_pool(seed, sigma, sequence, 25.0, 26.0)
+        series = AifSeries(data=echoes.astype(np.float32), time_s=time_s + 0.13, echo_times_ms=TE_MS,
+                           units="signal", n_pd_frames=N_PD,
+                           geometry=ImageGeometry(field_of_view_mm=(144.0, 144.0, 8.0)))
+        return _chain_curve(series, context)[1]
+
+    low = [curve(seed, 0.002) for seed in range(5)]
+    high = [curve(seed, 0.006) for seed in range(5)]
+    assert low[0].sample_noise_sd_mmol_l.shape == low[0].sample_time_s.shape
+    assert np.all(np.isfinite(low[0].sample_noise_sd_mmol_l)) and np.all(low[0].sample_noise_sd_mmol_l >= 0)
+    ratio = (np.median([c.first_pass_frame_noise_pct for c in high])
+             / np.median([c.first_pass_frame_noise_pct for c in low]))
+    assert 2.2 < ratio < 3.8, ratio
+    areas, predicted = [], []
+    for seed in range(10):
+        c = curve(seed, 0.004)
+        t, b = c.sample_time_s, c.sample_blood_gd_mmol_l
+        inside = (t >= c.arrival_time_s) & (t <= t[np.argmax(b)] + 8.0)
+        areas.append(float(np.sum(b[inside] * np.gradient(t)[inside])))
+        predicted.append(c.first_pass_frame_noise_pct)
+    assert 0.0 < np.median(predicted) < 100 * np.std(areas, ddof=1) / np.mean(areas)

@@ -136,6 +136,30 @@ def test_aif_that_does_not_look_like_blood_is_flagged():
     assert len(message) == 1 and "AIF peaks only 1." in message[0] and "may hold myocardium" in message[0]
 
 
+def test_noisy_aif_is_reported_and_flagged():
+    # without sample noise (the fixture) the summary has none and no flag; with 0.05 mmol/L per acquired
+    # sample (0.9 s apart) of a 4 mmol/L Gaussian bolus the first-pass area's SD is about 1 %, with 0.4 about 8 %
+    plain = PerfusionReport.model_validate_json(split(run(items(2.0)))[1][0].text)
+    assert plain.aif.first_pass_frame_noise_pct is None and not any("noisy AIF" in f for f in plain.flags)
+    for sd, flagged in ((0.05, False), (0.4, True)):
+        REPORT_STORE.clear()
+        noisy_items = items(2.0)
+        aif = noisy_items[-1]
+        samples = np.arange(2.0, 29.0, 0.9)
+        noisy_items[-1] = replace(aif, sample_time_s=samples,
+                                  sample_blood_gd_mmol_l=np.exp(-0.5 * ((samples - 12) / 2) ** 2) * 4.0,
+                                  sample_noise_sd_mmol_l=np.full(samples.size, sd), foot_time_s=8.0)
+        report = PerfusionReport.model_validate_json(split(run(noisy_items))[1][0].text)
+        inside = (samples >= 8.0) & (samples <= samples[np.argmin(np.abs(samples - 12))] + 8.0)  # arrival .. peak + 8 s
+        area = np.sum(np.exp(-0.5 * ((samples[inside] - 12) / 2) ** 2) * 4.0 * 0.9)
+        expected = 100 * sd * 0.9 * np.sqrt(inside.sum()) / area
+        assert report.aif.first_pass_frame_noise_pct == pytest.approx(expected, rel=0.02)
+        message = [f for f in report.flags if "noisy AIF" in f]
+        assert bool(message) == flagged, report.flags
+        if flagged:
+            assert f"{expected:.1f} %" in message[0] and "more than 3 %" in message[0]
+
+
 def test_aif_away_from_the_lv_is_flagged():
     # the fixture's AIF (4 x 4 pixels on the image centre) lies 1.3 mm from the CNN's LV centre
     near = PerfusionReport.model_validate_json(split(run(items(2.0)))[1][0].text)

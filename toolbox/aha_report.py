@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 # 1.1: global_values.mbf_ml_min_g, reserve from segment medians
 # 1.2: slices[].rv_insertion_own_deg and rv_insertion_source (cross-slice RV insertion placement)
 # 1.3: slices[].mbf_noise_ratio (flow-map's SIMEX noise-bias correction)
-REPORT_SCHEMA_VERSION = "1.3"
+REPORT_SCHEMA_VERSION = "1.4"
 MYOCARDIUM_LABEL = 2
 SEGMENTS_OF_LEVEL: dict[str, tuple[int, ...]] = {
     "basal": tuple(range(1, 7)), "mid": tuple(range(7, 13)), "apical": tuple(range(13, 17)),
@@ -202,6 +202,8 @@ class AifSummary(BaseModel):
     peak_time_s: float
     hematocrit: float
     n_pixels: int | None = None  # LV blood-pool pixels averaged for the AIF
+    # relative SD (%) of the first-pass area from the AIF images' white frame noise (AifCurve.first_pass_frame_noise_pct)
+    first_pass_frame_noise_pct: float | None = None
 
 
 class PerfusionReport(BaseModel):

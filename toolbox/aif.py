@@ -260,6 +260,77 @@ def magnitude_floor_corrected_curve(series: np.ndarray, mask: np.ndarray, baseli
     return np.sqrt(np.maximum(second_moment - floor, 0.0))
 
 
+def pool_frame_noise_sd(series: np.ndarray, mask: np.ndarray, baseline: slice, zero_level: float,
+                        weights: np.ndarray | None = None) -> float:
+    """SD of one frame of a pool curve from the white noise of its magnitude images (``series`` units).
+
+    The baseline frames' magnitude floor (:func:`magnitude_floor_corrected_curve`: ``2 sigma^2 =
+    mean_mask(M^2) - zero_level^2`` before the bolus, Gudbjartsson & Patz, MRM 1995) gives the noise
+    ``sigma`` of one pixel in one frame; where the signal is well above it a pixel's magnitude has SD
+    ``sigma``, and a pool curve ``sum_i w_i M_i`` (uniform ``1/N`` or the partial-volume weights of
+    ``toolbox.aif_partial_volume``) has SD ``sigma * ||w||``. Frame noise only: it leaves out the noise
+    of the pixel choice, of the weights and of the floor itself (on 100 simulated dev scans the AIF's
+    first-pass area scatters about twice what this predicts; docs/mapping.md, "Session 22").
+
+    Args:
+        series: [time, rows, cols] magnitude or SR/PD ratio images.
+        mask: bool [rows, cols] pool pixels (``weights`` in ``np.flatnonzero(mask)`` order).
+        baseline: frames before the bolus arrival (at least 2, else NaN is returned).
+        zero_level: true pre-contrast value of the images in the mask.
+        weights: [N] pixel weights summing to 1; None: the plain mean.
+
+    Returns:
+        float: the SD (>= 0), NaN when the baseline has fewer than 2 frames.
+    """
+    values = np.asarray(series, dtype=np.float64)[:, np.asarray(mask, dtype=bool)]
+    if values.shape[1] == 0:
+        raise AifError("the AIF mask is empty")
+    w = np.full(values.shape[1], 1.0 / values.shape[1]) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (values.shape[1],):
+        raise AifError(f"weights for {w.size} pixels, the mask holds {values.shape[1]}")
+    frames = np.mean(values**2, axis=1)[baseline]
+    if frames.size < 2:
+        return math.nan
+    floor = max(float(np.mean(frames)) - zero_level**2, 0.0)
+    return math.sqrt(floor / 2.0) * float(np.sqrt(w @ w))
+
+
+def first_pass_area_noise_pct(time_s: np.ndarray, blood: np.ndarray, noise_sd: np.ndarray, arrival_s: float, *,
+                              window_s: float = 8.0) -> float:
+    """Relative SD (%) of an AIF's first-pass area from independent per-sample noise.
+
+    The area is the trapezoid-weighted sum of the acquired samples (once per heartbeat) from the
+    arrival to ``window_s`` after the peak, where the MBF fit reads the AIF (on simulated scans the
+    global MBF moves about -0.9 % per % of that area, docs/mapping.md "Session 21"); each sample's
+    noise SD ``noise_sd`` (e.g. :func:`pool_frame_noise_sd` through the Gd table's slope) is
+    independent of the others.
+
+    Args:
+        time_s: [S] acquisition times (s), increasing.
+        blood: [S] blood Gd (mmol/L), baseline subtracted.
+        noise_sd: [S] SD of each sample (mmol/L).
+        arrival_s: bolus arrival (s).
+        window_s: the window's end after the peak (s).
+
+    Returns:
+        float: 100 * SD(area) / area; NaN when the window holds fewer than 2 samples or no area.
+    """
+    t = np.asarray(time_s, dtype=np.float64).ravel()
+    b = np.asarray(blood, dtype=np.float64).ravel()
+    sd = np.asarray(noise_sd, dtype=np.float64).ravel()
+    if not (t.size == b.size == sd.size) or t.size < 2:
+        raise AifError(f"need matching sample times, values and SDs (2 or more), got {t.size}, {b.size}, {sd.size}")
+    peak = int(np.argmax(b))
+    inside = (t >= arrival_s) & (t <= t[peak] + window_s)
+    if inside.sum() < 2:
+        return math.nan
+    dt = np.gradient(t)[inside]
+    area = float(np.sum(b[inside] * dt))
+    if not area > 0:
+        return math.nan
+    return 100.0 * float(np.sqrt(np.sum((sd[inside] * dt) ** 2))) / area
+
+
 def baseline_subtract(curve: np.ndarray, foot: int, *, skip_frames: int = 1) -> np.ndarray:
     """Subtract the mean of frames ``skip_frames .. foot`` (inclusive) from the curve."""
     values = np.asarray(curve, dtype=np.float64)
