@@ -358,14 +358,11 @@ class AifExtract(Gadget):
         if series.acquired_time_s is None or series.acquired_data is None:
             return None
         time_s = np.asarray(series.acquired_time_s, dtype=np.float64)
-        frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
         if table is None:
+            frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
             return time_s, _pool_curve(frames, mask, slice(1, 2), None, pv)
-        ratio = table.to_ratio(frames) if series.units == "gd_mmol_l" else frames
-        # the floor's baseline frames: those acquired up to the grid curve's foot frame
-        last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
-        curve = _pool_curve(ratio, mask, slice(1, max(last, 2)), float(table.to_ratio(0.0)), pv)
-        return time_s, self._to_gd(table, curve)
+        ratio, baseline = _acquired_ratio(series, table, foot)
+        return time_s, self._to_gd(table, _pool_curve(ratio, mask, baseline, float(table.to_ratio(0.0)), pv))
 
     def _acquired_noise(self, series: AifSeries, table: Any, mask: np.ndarray, foot: int,
                         pv: PartialVolumeWeights | None = None) -> np.ndarray | None:
@@ -374,16 +371,23 @@ class AifExtract(Gadget):
         floor) times the Gd table's slope at the sample; None without acquired frames or table."""
         if table is None or series.acquired_time_s is None or series.acquired_data is None:
             return None
-        time_s = np.asarray(series.acquired_time_s, dtype=np.float64)
-        frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
-        ratio = table.to_ratio(frames) if series.units == "gd_mmol_l" else frames
-        last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
-        baseline, zero = slice(1, max(last, 2)), float(table.to_ratio(0.0))
+        ratio, baseline = _acquired_ratio(series, table, foot)
+        zero = float(table.to_ratio(0.0))
         sd_ratio = pool_frame_noise_sd(ratio, mask, baseline, zero, None if pv is None else pv.weights)
         curve = _pool_curve(ratio, mask, baseline, zero, pv)
         step = 1e-3
         slope = (self._to_gd(table, curve + step) - self._to_gd(table, curve - step)) / (2.0 * step)
         return sd_ratio * np.abs(slope)
+
+
+def _acquired_ratio(series: AifSeries, table: Any, foot: int) -> tuple[np.ndarray, slice]:
+    """The acquired AIF frames before resampling as SR/PD ratios [frames, rows, cols], and the magnitude
+    floor's baseline frames: those acquired up to the grid curve's ``foot`` frame (at least frame 1)."""
+    time_s = np.asarray(series.acquired_time_s, dtype=np.float64)
+    frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
+    ratio = table.to_ratio(frames) if series.units == "gd_mmol_l" else frames
+    last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
+    return ratio, slice(1, max(last, 2))
 
 
 def _pool_curve(frames: np.ndarray, mask: np.ndarray, baseline: slice, zero: float | None,
