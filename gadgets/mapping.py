@@ -409,8 +409,8 @@ class FlowMapSettings(GadgetSettings):
         "BTEX: SD of each pixel's delay prior at the pre-fit's delay, s (the smoothed fit reads the delay about "
         "0.25 s early, and a tight prior pulls noisy pixels there, to a lower flow, most at stress: docs/mapping.md, "
         "'The delay prior pulls stress flow down'; 0.5 s alone lost session 10's decision run; with perfusion-moco "
-        "interpolation = 'cubic' it won session 13's and the perfusion chains set 0.5 s, docs/integration.md "
-        "'Session 13')"))
+        "interpolation = 'cubic' it won session 13's, and 0.35 s won session 22's: the perfusion chains set "
+        "0.35 s, docs/integration.md 'Session 13', 'Session 22')"))
     vp_range: tuple[float, float] = Field((0.02, 0.32), description=(
         "BTEX Vp grid, ml/ml: wider than the tissue range so that blood partial volume near the endocardium "
         "(blood fraction b adds b (1 - Hct) to Vp) is fitted as Vp, not as flow"))
