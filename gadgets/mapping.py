@@ -256,9 +256,7 @@ class AifExtract(Gadget):
             foot, peak = aif_foot_peak(blood)
             sample_sd = None
             if self.settings.lv_pool_selection != "cross-fitted":
-                samples = self._acquired_curve(series, table, detected.mask, detected.foot, pv)
-                if samples is not None:
-                    sample_sd = self._acquired_noise(series, table, detected.mask, detected.foot, pv)
+                samples, sample_sd = self._acquired_curve(series, table, detected.mask, detected.foot, pv)
         except (AifError, ValueError) as error:
             raise GadgetError(f"aif-extract: {error}") from error
         subtracted = baseline_subtract(blood, foot)
@@ -351,43 +349,28 @@ class AifExtract(Gadget):
         return np.asarray(table.to_gd(ratio_curve), dtype=np.float64)
 
     def _acquired_curve(self, series: AifSeries, table: Any, mask: np.ndarray, foot: int,
-                        pv: PartialVolumeWeights | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-        """(acquisition times [frames], LV blood Gd [frames]) of the series before resampling, from the
-        same pixels and the same ratio / floor / (partial-volume weights) / table steps as the grid curve;
-        None without them."""
+                        pv: PartialVolumeWeights | None = None
+                        ) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]:
+        """((acquisition times [frames], LV blood Gd [frames]), SD of each sample [frames]) of the series
+        before resampling, from the same pixels and the same ratio / floor / (partial-volume weights) /
+        table steps as the grid curve; (None, None) without acquired frames. The SD is the white frame
+        noise (``toolbox.aif.pool_frame_noise_sd``, the floor's baseline frames) times the Gd table's slope
+        at the sample; None without a table."""
         if series.acquired_time_s is None or series.acquired_data is None:
-            return None
+            return None, None
         time_s = np.asarray(series.acquired_time_s, dtype=np.float64)
+        frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
         if table is None:
-            frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
-            return time_s, _pool_curve(frames, mask, slice(1, 2), None, pv)
-        ratio, baseline = _acquired_ratio(series, table, foot)
-        return time_s, self._to_gd(table, _pool_curve(ratio, mask, baseline, float(table.to_ratio(0.0)), pv))
-
-    def _acquired_noise(self, series: AifSeries, table: Any, mask: np.ndarray, foot: int,
-                        pv: PartialVolumeWeights | None = None) -> np.ndarray | None:
-        """SD (mmol/L) of each acquired sample of ``_acquired_curve`` from white frame noise: the pool's
-        frame SD in SR/PD units (``toolbox.aif.pool_frame_noise_sd``, the same baseline frames as the
-        floor) times the Gd table's slope at the sample; None without acquired frames or table."""
-        if table is None or series.acquired_time_s is None or series.acquired_data is None:
-            return None
-        ratio, baseline = _acquired_ratio(series, table, foot)
-        zero = float(table.to_ratio(0.0))
-        sd_ratio = pool_frame_noise_sd(ratio, mask, baseline, zero, None if pv is None else pv.weights)
+            return (time_s, _pool_curve(frames, mask, slice(1, 2), None, pv)), None
+        ratio = table.to_ratio(frames) if series.units == "gd_mmol_l" else frames
+        # the floor's baseline frames: those acquired up to the grid curve's foot frame
+        last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
+        baseline, zero = slice(1, max(last, 2)), float(table.to_ratio(0.0))
         curve = _pool_curve(ratio, mask, baseline, zero, pv)
+        sd_ratio = pool_frame_noise_sd(ratio, mask, baseline, zero, None if pv is None else pv.weights)
         step = 1e-3
         slope = (self._to_gd(table, curve + step) - self._to_gd(table, curve - step)) / (2.0 * step)
-        return sd_ratio * np.abs(slope)
-
-
-def _acquired_ratio(series: AifSeries, table: Any, foot: int) -> tuple[np.ndarray, slice]:
-    """The acquired AIF frames before resampling as SR/PD ratios [frames, rows, cols], and the magnitude
-    floor's baseline frames: those acquired up to the grid curve's ``foot`` frame (at least frame 1)."""
-    time_s = np.asarray(series.acquired_time_s, dtype=np.float64)
-    frames = np.asarray(series.acquired_data, dtype=np.float64)[0, -time_s.size:]
-    ratio = table.to_ratio(frames) if series.units == "gd_mmol_l" else frames
-    last = int(np.searchsorted(time_s, series.time_s[series.n_pd_frames + foot], side="right"))
-    return ratio, slice(1, max(last, 2))
+        return (time_s, self._to_gd(table, curve)), sd_ratio * np.abs(slope)
 
 
 def _pool_curve(frames: np.ndarray, mask: np.ndarray, baseline: slice, zero: float | None,

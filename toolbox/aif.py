@@ -253,11 +253,19 @@ def magnitude_floor_corrected_curve(series: np.ndarray, mask: np.ndarray, baseli
     if values.shape[1] == 0:
         raise AifError("the AIF mask is empty")
     second_moment = np.mean(values**2, axis=1)
+    floor = _magnitude_floor(second_moment, baseline, zero_level)
+    if floor is None:
+        return values.mean(axis=1)
+    return np.sqrt(np.maximum(second_moment - floor, 0.0))
+
+
+def _magnitude_floor(second_moment: np.ndarray, baseline: slice, zero_level: float) -> float | None:
+    """``2 sigma^2`` (>= 0) from the baseline frames of a pool's mean squared magnitude [time] whose true
+    pre-contrast value is ``zero_level``; None when the baseline has fewer than 2 frames."""
     frames = second_moment[baseline]
     if frames.size < 2:
-        return values.mean(axis=1)
-    floor = max(float(np.mean(frames)) - zero_level**2, 0.0)
-    return np.sqrt(np.maximum(second_moment - floor, 0.0))
+        return None
+    return max(float(np.mean(frames)) - zero_level**2, 0.0)
 
 
 def pool_frame_noise_sd(series: np.ndarray, mask: np.ndarray, baseline: slice, zero_level: float,
@@ -288,10 +296,9 @@ def pool_frame_noise_sd(series: np.ndarray, mask: np.ndarray, baseline: slice, z
     w = np.full(values.shape[1], 1.0 / values.shape[1]) if weights is None else np.asarray(weights, np.float64)
     if w.shape != (values.shape[1],):
         raise AifError(f"weights for {w.size} pixels, the mask holds {values.shape[1]}")
-    frames = np.mean(values**2, axis=1)[baseline]
-    if frames.size < 2:
+    floor = _magnitude_floor(np.mean(values**2, axis=1), baseline, zero_level)
+    if floor is None:
         return math.nan
-    floor = max(float(np.mean(frames)) - zero_level**2, 0.0)
     return math.sqrt(floor / 2.0) * float(np.sqrt(w @ w))
 
 
