@@ -133,6 +133,11 @@ class AifExtractSettings(GadgetSettings):
         "lies after the grid curve's foot; curve and samples are zero before it. The grid foot (3-frame smoothing, "
         "last frame within 5 %) sits 0.55 s (median) and up to 3 s before the true arrival, on a small pool's "
         "pre-bolus noise bumps (docs/preprocessing.md 'AIF foot from the acquired samples')"))
+    foot_noise_sds: float = Field(0.0, ge=0.0, le=10.0, description=(
+        "with foot_from_samples: pre-bolus samples up to this many times the samples' white-noise SD (median of the "
+        "SDs of the samples before the peak, toolbox.aif.pool_frame_noise_sd through the blood table) count as "
+        "baseline noise even above 5 % of the peak; the arrival is the 5 % crossing after the last of them "
+        "(toolbox.aif.sample_foot_time's noise_level; 0: the plain 5 % crossing)"))
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,11 @@ class AifExtract(Gadget):
             self.log.info("AIF: no acquired samples (no temporal-resample before): the foot stays the grid curve's")
         elif self.settings.foot_from_samples and samples is not None:
             try:
-                arrival = sample_foot_time(samples[0], samples[1], AifSettings().foot_fraction * float(blood[peak]))
+                noise_level = 0.0
+                if self.settings.foot_noise_sds > 0 and sample_sd is not None:
+                    noise_level = self.settings.foot_noise_sds * _pre_peak_noise_sd(samples[1], sample_sd)
+                arrival = sample_foot_time(samples[0], samples[1], AifSettings().foot_fraction * float(blood[peak]),
+                                           noise_level)
             except AifError as error:
                 raise GadgetError(f"aif-extract: {error}") from error
             if grid_s[foot] < arrival < grid_s[peak]:
@@ -371,6 +380,13 @@ class AifExtract(Gadget):
         step = 1e-3
         slope = (self._to_gd(table, curve + step) - self._to_gd(table, curve - step)) / (2.0 * step)
         return (time_s, self._to_gd(table, curve)), sd_ratio * np.abs(slope)
+
+
+def _pre_peak_noise_sd(blood: np.ndarray, sample_sd: np.ndarray) -> float:
+    """Median white-noise SD (mmol/L) of the acquired samples before the curve's maximum (all samples when the
+    maximum is the first): the noise of the pre-bolus samples that the arrival level must stand clear of."""
+    before = np.asarray(sample_sd, dtype=np.float64)[: max(int(np.argmax(blood)), 1)]
+    return float(np.median(before))
 
 
 def _pool_curve(frames: np.ndarray, mask: np.ndarray, baseline: slice, zero: float | None,

@@ -390,6 +390,28 @@ def test_sample_foot_is_the_last_crossing_before_the_peak_and_skips_pre_bolus_bu
     assert sample_foot_time(clean_t[8:], clean[8:], 0.2) == clean_t[8]
 
 
+def test_sample_foot_noise_level_reads_pre_bolus_noise_as_baseline():
+    # simulated stress 2**30+1636 (the chain's acquired AIF samples, mmol/L; sample noise SD 0.14): two
+    # pre-bolus samples above 5 % of the 3.28 peak put the plain crossing 0.9 s early (the truth's arrival is
+    # about 11.9 s); with the noise band at 3 SD the last of them counts as baseline and the 5 % crossing is
+    # interpolated from zero at its time
+    from perfline.toolbox.aif import sample_foot_time
+
+    t = np.array([8.85, 9.59, 10.33, 11.07, 11.83, 12.63, 13.38, 14.18, 14.93, 15.66])
+    blood = np.array([0.0, 0.0, 0.0, 0.187, 0.322, 1.269, 2.992, 3.281, 3.131, 2.285])
+    level = 0.05 * 3.281
+    plain = sample_foot_time(t, blood, level)
+    np.testing.assert_allclose(plain, 10.33 + 0.74 * level / 0.187, atol=1e-9)
+    noisy = sample_foot_time(t, blood, level, noise_level=3 * 0.14)
+    np.testing.assert_allclose(noisy, 11.83 + 0.80 * level / 1.269, atol=1e-9)
+    # a noise band below the level changes nothing; a band that the samples before the upslope stay under
+    # but whose last sample is below the level interpolates from that sample as the plain crossing does
+    assert sample_foot_time(t, blood, level, noise_level=0.5 * level) == plain
+    quiet = np.array([0.0, 0.05, -0.02, 0.03, 0.10, 1.269, 2.992, 3.281, 3.131, 2.285])
+    np.testing.assert_allclose(sample_foot_time(t, quiet, level, noise_level=0.42),
+                               sample_foot_time(t, quiet, level), atol=1e-12)
+
+
 @pytest.mark.parametrize(("t", "values", "match"), [
     (np.arange(5.0), np.zeros(4), "matching"),
     (np.arange(5.0), np.array([0.0, 1.0, np.nan, 1.0, 0.0]), "not finite"),

@@ -153,3 +153,47 @@ def test_aif_extract_reports_the_frame_noise_of_its_first_pass_as_a_lower_bound(
         areas.append(float(np.sum(b[inside] * np.gradient(t)[inside])))
         predicted.append(c.first_pass_frame_noise_pct)
     assert 0.0 < np.median(predicted) < 100 * np.std(areas, ddof=1) / np.mean(areas)
+
+
+def test_aif_extract_foot_noise_sds_sets_the_arrival_noise_band_from_the_samples_noise(monkeypatch):
+    """aif-extract foot_noise_sds = 3 on the noisy dual-echo pool: sample_foot_time gets 3 times the median
+    SD of the acquired samples before the peak as its noise band (0 with the setting off), and the arrival
+    it returns is the curve's."""
+    from perfline.gadgets import mapping
+    from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry
+    from perfline.gadgets.perfusion_preprocessing import (AifT2StarCorrection, GdConversion, SurfaceCoilCorrection,
+                                                          TemporalResample)
+    from perfline.toolbox import gd_conversion
+    from test_aif_t2star_model import N_PD, TE_MS, _header_context, _two_echo_pool
+
+    context = _header_context()
+    sequence = gd_conversion.sequence_from_header(context.header, gd_conversion.AIF_ENCODING)
+    echoes, time_s, _, _ = _two_echo_pool(1, 0.006, sequence, 25.0, 26.0)
+    series = AifSeries(data=echoes.astype(np.float32), time_s=time_s + 0.13, echo_times_ms=TE_MS, units="signal",
+                       n_pd_frames=N_PD, geometry=ImageGeometry(field_of_view_mm=(144.0, 144.0, 8.0)))
+    settings = _module().chain_settings()
+    item = series
+    for gadget in (AifT2StarCorrection(settings["aif-t2star"], context),
+                   SurfaceCoilCorrection(settings["surface-coil-correction"], context),
+                   GdConversion(settings["gd-conversion"], context)):
+        item = gadget.process_item(item)
+    (resampled,) = list(TemporalResample(settings["temporal-resample"], context).process(iter([item])))
+    calls = []
+    original = mapping.sample_foot_time
+
+    def spy(time_s, blood, level, noise_level=0.0):
+        calls.append((np.array(blood), level, noise_level))
+        return original(time_s, blood, level, noise_level)
+
+    monkeypatch.setattr(mapping, "sample_foot_time", spy)
+    curves = {}
+    for k in (0.0, 3.0):
+        extract = settings["aif-extract"].model_copy(update={"lv_hint": False, "foot_noise_sds": k})
+        (curves[k],) = list(AifExtract(extract, context).process(iter([resampled])))
+    (blood0, level0, band0), (blood3, level3, band3) = calls
+    assert band0 == 0.0 and level3 == level0
+    sd = curves[3.0].sample_noise_sd_mmol_l
+    np.testing.assert_allclose(band3, 3.0 * np.median(sd[:int(np.argmax(blood3))]), rtol=1e-12)
+    assert band3 > 0.0
+    assert curves[3.0].arrival_time_s == original(curves[3.0].sample_time_s, blood3, level3, band3)
+    assert curves[3.0].arrival_time_s >= curves[0.0].arrival_time_s

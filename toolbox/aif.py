@@ -170,7 +170,7 @@ def aif_foot_peak(curve: np.ndarray, *, settings: AifSettings | None = None) -> 
     return foot, peak
 
 
-def sample_foot_time(time_s: np.ndarray, blood: np.ndarray, level: float) -> float:
+def sample_foot_time(time_s: np.ndarray, blood: np.ndarray, level: float, noise_level: float = 0.0) -> float:
     """Bolus arrival (s) on a baseline-subtracted blood curve at its acquisition times.
 
     The fractional time where the samples last cross ``level`` upwards before their maximum, by
@@ -181,27 +181,37 @@ def sample_foot_time(time_s: np.ndarray, blood: np.ndarray, level: float) -> flo
     that foot 0.5 s (median) to 3 s before the arrival (docs/preprocessing.md "AIF foot from the
     acquired samples").
 
+    ``noise_level`` > ``level`` (e.g. a few times the samples' noise SD) makes pre-bolus noise above
+    ``level`` count as baseline: the interval is the one after the last sample before the maximum at
+    or below ``noise_level``, and where that sample lies above ``level`` it is read as zero, so the
+    crossing of ``level`` is interpolated from zero at its time (it then lies after that sample, which
+    the caller zeroes with the rest of the baseline). With ``noise_level <= level`` this is the plain
+    crossing above.
+
     Args:
         time_s: [S] acquisition times (s), increasing.
         blood: [S] blood Gd (mmol/L), baseline subtracted.
         level: arrival level (mmol/L), e.g. 5 % of the first-pass peak.
+        noise_level: level (mmol/L) below which a pre-bolus sample may be noise.
     """
     t = np.asarray(time_s, dtype=np.float64).ravel()
     values = np.asarray(blood, dtype=np.float64).ravel()
     if t.size != values.size or t.size < 2:
         raise AifError(f"need matching sample times and values (2 or more), got {t.size} and {values.size}")
-    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(values)) and math.isfinite(level)):
+    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(values)) and math.isfinite(level)
+            and math.isfinite(noise_level)):
         raise AifError("AIF samples or arrival level not finite")
     if np.any(np.diff(t) <= 0):
         raise AifError("AIF sample times must increase")
     peak = int(np.argmax(values))
-    below = np.flatnonzero(values[:peak] <= level)
+    below = np.flatnonzero(values[:peak] <= max(level, noise_level))
     if not below.size:
         return float(t[0])
     i = int(below[-1])
-    step = values[i + 1] - values[i]
-    fraction = float((level - values[i]) / step) if step > 0 else 0.0
-    return float(t[i] + fraction * (t[i + 1] - t[i]))
+    start = values[i] if values[i] <= level else 0.0
+    step = values[i + 1] - start
+    fraction = float((level - start) / step) if step > 0 else 0.0
+    return float(t[i] + min(max(fraction, 0.0), 1.0) * (t[i + 1] - t[i]))
 
 
 def first_pass_contrast(curve: np.ndarray, *, settings: AifSettings | None = None) -> float:
