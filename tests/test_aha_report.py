@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from perfline.toolbox.aha_report import (
     PerfusionReport, ReportInputError, ReportSettings, SliceAnalysis, StudyInfo, assign_slice_levels,
@@ -173,6 +174,7 @@ def test_no_fit_slice_fails():
                               slice_position_mm=-10.0)
     report = build_report(slices)
     assert report.slices[0].failed and report.missing_levels == ["basal"]
+    assert report.slices[0].fit_limit_fraction is None and report.slices[1].fit_limit_fraction == 0.0
 
 
 def test_slice_mostly_at_the_fit_limit_fails():
@@ -186,6 +188,7 @@ def test_slice_mostly_at_the_fit_limit_fails():
     report = build_report(slices)
     assert report.slices[2].failed and report.missing_levels == ["apical"]
     assert any("fit limit" in flag for flag in report.slices[2].flags)
+    assert report.slices[2].fit_limit_fraction > 0.5 and report.slices[0].fit_limit_fraction == 0.0
     assert report.global_values.mbf_mean_ml_min_g < 2.5
     # below the fraction the slice stays (a few pixels at the limit are fit noise)
     apical = np.asarray(three_slices()[2].mbf_ml_min_g).copy()
@@ -203,6 +206,11 @@ def test_pixels_at_the_fit_limit_are_left_out_of_the_statistics():
     report = build_report(slices)
     assert report.global_values.mbf_mean_ml_min_g == pytest.approx(2.0)
     assert all(s.mbf_mean_ml_min_g == pytest.approx(2.0) for s in report.segments)
+    # the report says how many it left out: the share of each slice's analysed (core) pixels at the limit
+    for item, summary in zip(slices, report.slices):
+        core = ndimage.binary_erosion(np.asarray(item.labels) == 2)
+        assert summary.fit_limit_fraction == pytest.approx(float(np.mean(item.mbf_ml_min_g[core] >= 5.9)))
+        assert 0.15 < summary.fit_limit_fraction < 0.25
     kept = build_report(slices, settings=ReportSettings(exclude_fit_limit=False))
     assert kept.global_values.mbf_mean_ml_min_g == pytest.approx(2.0 + 0.2 * 4.0, abs=0.15)
     assert report.segment(1).n_pixels < kept.segment(1).n_pixels

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 # 1.1: global_values.mbf_ml_min_g, reserve from segment medians
 # 1.2: slices[].rv_insertion_own_deg and rv_insertion_source (cross-slice RV insertion placement)
 # 1.3: slices[].mbf_noise_ratio (flow-map's SIMEX noise-bias correction)
-REPORT_SCHEMA_VERSION = "1.4"
+REPORT_SCHEMA_VERSION = "1.5"
 MYOCARDIUM_LABEL = 2
 SEGMENTS_OF_LEVEL: dict[str, tuple[int, ...]] = {
     "basal": tuple(range(1, 7)), "mid": tuple(range(7, 13)), "apical": tuple(range(13, 17)),
@@ -139,6 +139,9 @@ class SliceSummary(BaseModel):
     mbf_median_ml_min_g: float | None = None
     mbf_noise_ratio: float | None = Field(None, description=(
         "SIMEX noise-bias ratio the slice's MBF map was divided by (flow-map simex_pairs); None: no correction"))
+    fit_limit_fraction: float | None = Field(None, description=(
+        "share (0-1) of the slice's analysed myocardial pixels with a finite MBF whose fit sits at the top of its "
+        "grid (fit_limit_mbf_ml_min_g); with exclude_fit_limit the statistics leave them out; None: no finite MBF"))
     failed: bool = False
     flags: list[str] = Field(default_factory=list)
 
@@ -471,16 +474,16 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
         # correction moved them (a valid fit at 5.8 divided by 0.97 is not at the limit)
         at_top = mbf * (item.mbf_noise_ratio or 1.0) >= settings.fit_limit_mbf_ml_min_g
         mbf_values = mbf[analysed]
-        if not failed and not np.isfinite(mbf_values).any():
+        finite = np.isfinite(mbf_values)
+        at_limit = float(np.mean(at_top[analysed][finite])) if finite.any() else None
+        if not failed and at_limit is None:
             slice_flags.append("no MBF fit in the myocardium")
             failed = True
-        if not failed:
-            at_limit = float(np.mean(at_top[analysed][np.isfinite(mbf_values)]))
-            if at_limit > settings.max_fit_limit_fraction:
-                slice_flags.append(f"MBF at the fit limit (>= {settings.fit_limit_mbf_ml_min_g:g} ml/min/g) on "
-                                   f"{100 * at_limit:.0f} % of the myocardium: segmentation off the myocardium, "
-                                   "or an AIF that reads low (small LV pool)?")
-                failed = True
+        if not failed and at_limit is not None and at_limit > settings.max_fit_limit_fraction:
+            slice_flags.append(f"MBF at the fit limit (>= {settings.fit_limit_mbf_ml_min_g:g} ml/min/g) on "
+                               f"{100 * at_limit:.0f} % of the myocardium: segmentation off the myocardium, "
+                               "or an AIF that reads low (small LV pool)?")
+            failed = True
         if settings.exclude_fit_limit:
             mbf = np.where(at_top, np.nan, mbf)
             mbf_values = mbf[analysed]
@@ -493,7 +496,7 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
             lv_center_rc=(float(item.lv_center_rc[0]), float(item.lv_center_rc[1]))
             if all(math.isfinite(v) for v in item.lv_center_rc) else None,
             n_myocardium_pixels=int(myocardium.sum()), mbf_mean_ml_min_g=mean, mbf_median_ml_min_g=median,
-            mbf_noise_ratio=item.mbf_noise_ratio, failed=failed, flags=slice_flags))
+            mbf_noise_ratio=item.mbf_noise_ratio, fit_limit_fraction=at_limit, failed=failed, flags=slice_flags))
         if failed:
             report_flags.append(f"slice {item.slice_index} ({level}) failed: {'; '.join(slice_flags) or 'unknown'}")
             continue
