@@ -26,8 +26,9 @@ series is, right after the CNN (``gadgets/segmentation.py``). The first (in the 
 pixels that do not enhance like RV blood when they carry the anterior end more than 15 degrees
 along a band of other tissue (fresh study 2**30 + 107: 21-41 degrees). The second grows the RV's
 ends along the epicardium into the thin, blurred RV wedge the CNN leaves out (dev studies
-2**30 + 201, + 228: 9-14 degrees short), after which the tip correction is 1.5 instead of 2
-degrees (docs/integration.md, "Sector placement (session 6)": two decision runs).
+2**30 + 201, + 228: 9-14 degrees short), after which the tip correction was 1.5 instead of 2
+degrees (docs/integration.md, "Sector placement (session 6)": two decision runs), and 0.8 since
+session 23 ("Session 23, second decision").
 """
 
 from __future__ import annotations
@@ -168,9 +169,11 @@ class PlacementSettings:
 
     Attributes:
         tip_correction_deg: the own anterior insertion is the arc's anterior end moved this far
-            clockwise (the segmentation stops short of the thin RV wedge at the insertion; 1.5
-            on labels whose RV went through ``extend_rv_tip``, set on 348 simulated slices, 2
-            before it; docs/integration.md, "Sector placement (session 6)").
+            clockwise (the segmentation stops short of the thin RV wedge at the insertion): 0.8
+            since session 23 (the median placed error over 3600 held-out simulated slices was
+            -0.73 deg with 1.5; decided on 600 new ones, docs/integration.md "Session 23, second
+            decision"); 1.5 from session 6 (labels whose RV went through ``extend_rv_tip``, 348
+            slices), 2 before it (docs/integration.md, "Sector placement (session 6)").
         max_basal_mid_deg: largest disagreement between two basal / mid slices' insertions that
             still counts as agreement (the phantom's truth: SD 2.3, at most 6 degrees).
         apical_tie_deg: when basal / mid slices disagree, an apical slice decides for the one
@@ -181,7 +184,7 @@ class PlacementSettings:
         apical_width_ratio: apical RV arc width / basal or mid arc width (phantom: 0.63 +/- 0.06).
     """
 
-    tip_correction_deg: float = 1.5
+    tip_correction_deg: float = 0.8
     max_basal_mid_deg: float = 10.0
     apical_tie_deg: float = 15.0
     max_apical_deg: float = 30.0
