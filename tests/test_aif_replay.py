@@ -53,8 +53,8 @@ def test_shipped_settings_are_the_perfusion_chains():
     assert settings.foot_from_samples and settings.lv_partial_volume
 
 
-def _chain_curve(series, context):
-    """The AIF curve the shipped chain's aif-t2star .. aif-extract make of a dual-echo AIF series."""
+def _chain_resampled(series, context):
+    """The resampled Gd series the shipped chain's aif-t2star .. temporal-resample make of a dual-echo AIF series."""
     from perfline.gadgets.perfusion_preprocessing import (AifT2StarCorrection, GdConversion, SurfaceCoilCorrection,
                                                           TemporalResample)
 
@@ -65,8 +65,15 @@ def _chain_curve(series, context):
                    GdConversion(settings["gd-conversion"], context)):
         item = gadget.process_item(item)
     (resampled,) = list(TemporalResample(settings["temporal-resample"], context).process(iter([item])))
-    (curve,) = list(AifExtract(settings["aif-extract"].model_copy(update={"lv_hint": False}), context)
-                    .process(iter([resampled])))
+    return resampled
+
+
+def _chain_curve(series, context, **extract):
+    """(resampled series, the AIF curve) of the shipped chain's aif-t2star .. aif-extract on a dual-echo AIF series;
+    ``extract``: aif-extract settings changed from the chain's."""
+    resampled = _chain_resampled(series, context)
+    settings = _module().chain_settings()["aif-extract"].model_copy(update={"lv_hint": False, **extract})
+    (curve,) = list(AifExtract(settings, context).process(iter([resampled])))
     return resampled, curve
 
 
@@ -161,8 +168,6 @@ def test_aif_extract_foot_noise_sds_sets_the_arrival_noise_band_from_the_samples
     it returns is the curve's."""
     from perfline.gadgets import mapping
     from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry
-    from perfline.gadgets.perfusion_preprocessing import (AifT2StarCorrection, GdConversion, SurfaceCoilCorrection,
-                                                          TemporalResample)
     from perfline.toolbox import gd_conversion
     from test_aif_t2star_model import N_PD, TE_MS, _header_context, _two_echo_pool
 
@@ -171,13 +176,6 @@ def test_aif_extract_foot_noise_sds_sets_the_arrival_noise_band_from_the_samples
     echoes, time_s, _, _ = _two_echo_pool(1, 0.006, sequence, 25.0, 26.0)
     series = AifSeries(data=echoes.astype(np.float32), time_s=time_s + 0.13, echo_times_ms=TE_MS, units="signal",
                        n_pd_frames=N_PD, geometry=ImageGeometry(field_of_view_mm=(144.0, 144.0, 8.0)))
-    settings = _module().chain_settings()
-    item = series
-    for gadget in (AifT2StarCorrection(settings["aif-t2star"], context),
-                   SurfaceCoilCorrection(settings["surface-coil-correction"], context),
-                   GdConversion(settings["gd-conversion"], context)):
-        item = gadget.process_item(item)
-    (resampled,) = list(TemporalResample(settings["temporal-resample"], context).process(iter([item])))
     calls = []
     original = mapping.sample_foot_time
 
@@ -186,10 +184,7 @@ def test_aif_extract_foot_noise_sds_sets_the_arrival_noise_band_from_the_samples
         return original(time_s, blood, level, noise_level)
 
     monkeypatch.setattr(mapping, "sample_foot_time", spy)
-    curves = {}
-    for k in (0.0, 3.0):
-        extract = settings["aif-extract"].model_copy(update={"lv_hint": False, "foot_noise_sds": k})
-        (curves[k],) = list(AifExtract(extract, context).process(iter([resampled])))
+    curves = {k: _chain_curve(series, context, foot_noise_sds=k)[1] for k in (0.0, 3.0)}
     (blood0, level0, band0), (blood3, level3, band3) = calls
     assert band0 == 0.0 and level3 == level0
     sd = curves[3.0].sample_noise_sd_mmol_l
