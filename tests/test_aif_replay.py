@@ -53,8 +53,22 @@ def test_shipped_settings_are_the_perfusion_chains():
     assert settings.foot_from_samples and settings.lv_partial_volume
 
 
-def _chain_resampled(series, context):
-    """The resampled Gd series the shipped chain's aif-t2star .. temporal-resample make of a dual-echo AIF series."""
+def _dual_echo_series(seed: int, sigma: float, context):
+    """The dual-echo AIF pool of test_aif_t2star_model (37 blood pixels, complex noise SD ``sigma``) as an
+    AifSeries in signal units, acquired 0.13 s after its model times."""
+    from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry
+    from perfline.toolbox import gd_conversion
+    from test_aif_t2star_model import N_PD, TE_MS, _two_echo_pool
+
+    sequence = gd_conversion.sequence_from_header(context.header, gd_conversion.AIF_ENCODING)
+    echoes, time_s, _, _ = _two_echo_pool(seed, sigma, sequence, 25.0, 26.0)
+    return AifSeries(data=echoes.astype(np.float32), time_s=time_s + 0.13, echo_times_ms=TE_MS, units="signal",
+                     n_pd_frames=N_PD, geometry=ImageGeometry(field_of_view_mm=(144.0, 144.0, 8.0)))
+
+
+def _chain_curve(series, context, **extract):
+    """(resampled series, the AIF curve) of the shipped chain's aif-t2star .. aif-extract on a dual-echo AIF series;
+    ``extract``: aif-extract settings changed from the chain's."""
     from perfline.gadgets.perfusion_preprocessing import (AifT2StarCorrection, GdConversion, SurfaceCoilCorrection,
                                                           TemporalResample)
 
@@ -65,15 +79,8 @@ def _chain_resampled(series, context):
                    GdConversion(settings["gd-conversion"], context)):
         item = gadget.process_item(item)
     (resampled,) = list(TemporalResample(settings["temporal-resample"], context).process(iter([item])))
-    return resampled
-
-
-def _chain_curve(series, context, **extract):
-    """(resampled series, the AIF curve) of the shipped chain's aif-t2star .. aif-extract on a dual-echo AIF series;
-    ``extract``: aif-extract settings changed from the chain's."""
-    resampled = _chain_resampled(series, context)
-    settings = _module().chain_settings()["aif-extract"].model_copy(update={"lv_hint": False, **extract})
-    (curve,) = list(AifExtract(settings, context).process(iter([resampled])))
+    extract_settings = settings["aif-extract"].model_copy(update={"lv_hint": False, **extract})
+    (curve,) = list(AifExtract(extract_settings, context).process(iter([resampled])))
     return resampled, curve
 
 
@@ -83,17 +90,11 @@ def test_replay_from_the_t2star_input_reproduces_the_chain_and_follows_a_variant
     another with a chain directory whose T2* fit is the session-15 one (3 x 3 box, echo 1 only)."""
     import shutil
 
-    from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry
-    from perfline.toolbox import gd_conversion
-    from test_aif_t2star_model import N_PD, TE_MS, _header_context, _two_echo_pool
+    from test_aif_t2star_model import N_PD, TE_MS, _header_context
 
     replay = _module()
-    context = _header_context()
-    context = dataclasses.replace(context, parameters={"hematocrit": 0.43})
-    sequence = gd_conversion.sequence_from_header(context.header, gd_conversion.AIF_ENCODING)
-    echoes, time_s, _, _ = _two_echo_pool(4, 0.002, sequence, 25.0, 26.0)
-    series = AifSeries(data=echoes.astype(np.float32), time_s=time_s + 0.13, echo_times_ms=TE_MS, units="signal",
-                       n_pd_frames=N_PD, geometry=ImageGeometry(field_of_view_mm=(144.0, 144.0, 8.0)))
+    context = dataclasses.replace(_header_context(), parameters={"hematocrit": 0.43})
+    series = _dual_echo_series(4, 0.002, context)
     resampled, curve = _chain_curve(series, context)
     path = replay.save_aif_inputs(tmp_path / "1_stress.npz", context, resampled, None, curve, t2star_input=series)
 
@@ -131,19 +132,12 @@ def test_aif_extract_reports_the_frame_noise_of_its_first_pass_as_a_lower_bound(
     with complex noise of SD 0.002 and 0.006: the AifCurve's per-sample noise scales with it (about 3 x),
     and over 10 noise draws at 0.004 the first pass's area scatters more than the frame noise predicts
     (the T2* and PD normalisations add gains shared by the pool's pixels: a lower bound)."""
-    from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry
-    from perfline.toolbox import gd_conversion
-    from test_aif_t2star_model import N_PD, TE_MS, _header_context, _two_echo_pool
+    from test_aif_t2star_model import _header_context
 
     context = _header_context()
-    sequence = gd_conversion.sequence_from_header(context.header, gd_conversion.AIF_ENCODING)
 
     def curve(seed: int, sigma: float):
-        echoes, time_s, _, _ = _two_echo_pool(seed, sigma, sequence, 25.0, 26.0)
-        series = AifSeries(data=echoes.astype(np.float32), time_s=time_s + 0.13, echo_times_ms=TE_MS,
-                           units="signal", n_pd_frames=N_PD,
-                           geometry=ImageGeometry(field_of_view_mm=(144.0, 144.0, 8.0)))
-        return _chain_curve(series, context)[1]
+        return _chain_curve(_dual_echo_series(seed, sigma, context), context)[1]
 
     low = [curve(seed, 0.002) for seed in range(5)]
     high = [curve(seed, 0.006) for seed in range(5)]
@@ -167,15 +161,10 @@ def test_aif_extract_foot_noise_sds_sets_the_arrival_noise_band_from_the_samples
     SD of the acquired samples before the peak as its noise band (0 with the setting off), and the arrival
     it returns is the curve's."""
     from perfline.gadgets import mapping
-    from perfline.gadgets.perfusion_items import AifSeries, ImageGeometry
-    from perfline.toolbox import gd_conversion
-    from test_aif_t2star_model import N_PD, TE_MS, _header_context, _two_echo_pool
+    from test_aif_t2star_model import _header_context
 
     context = _header_context()
-    sequence = gd_conversion.sequence_from_header(context.header, gd_conversion.AIF_ENCODING)
-    echoes, time_s, _, _ = _two_echo_pool(1, 0.006, sequence, 25.0, 26.0)
-    series = AifSeries(data=echoes.astype(np.float32), time_s=time_s + 0.13, echo_times_ms=TE_MS, units="signal",
-                       n_pd_frames=N_PD, geometry=ImageGeometry(field_of_view_mm=(144.0, 144.0, 8.0)))
+    series = _dual_echo_series(1, 0.006, context)
     calls = []
     original = mapping.sample_foot_time
 
