@@ -50,7 +50,7 @@ def load_ms(model: Path, runtime: str, threads: int, cache_dir: Path | None,
 
 
 def main() -> None:
-    from perfline.models.inference import Segmenter
+    from perfline.models.inference import Segmenter, cpu_has_vnni
     from perfline.models.weights import DEFAULT_MODEL, load_torch_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,13 +69,24 @@ def main() -> None:
           f"load average before {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
     crop = np.random.default_rng(0).random((1, 48, 176, 176), dtype=np.float32)
+    # what runtime="auto" chooses on this machine; its first load in a process probes (and
+    # imports) the runtimes in turn, as a server's warm-up does
+    fastest = Segmenter(args.model, threads=args.threads)
     segmenters = {"onnxruntime": Segmenter(args.model, runtime="onnxruntime", threads=args.threads)}
+    try:  # the int8 graph (explicitly, so also on a CPU without VNNI)
+        segmenters["onnxruntime-int8"] = Segmenter(args.model, runtime="onnxruntime-int8",
+                                                   threads=args.threads)
+    except (OSError, RuntimeError) as error:
+        print(f"int8 graph not available: {error}")
     try:
         segmenters["openvino"] = Segmenter(args.model, runtime="openvino", threads=args.threads)
     except ImportError as error:
         print(f"openvino not available: {error}")
     print(f"onnxruntime model load (SHA-256 + session): "
           f"{load_ms(args.model, 'onnxruntime', args.threads, None):.1f} ms")
+    if "onnxruntime-int8" in segmenters:
+        print(f"onnxruntime int8 model load (sidecars + SHA-256 + session): "
+              f"{load_ms(args.model, 'onnxruntime-int8', args.threads, None):.1f} ms")
     if "openvino" in segmenters:
         with tempfile.TemporaryDirectory() as folder:
             compiling = load_ms(args.model, "openvino", args.threads, None, repeats=3)
@@ -96,14 +107,16 @@ def main() -> None:
     # network only (logits, like the eager call); predict() adds the softmax in numpy
     functions = {name: (lambda s=s: s.logits(crop)) for name, s in segmenters.items()}
     functions["torch"] = eager
-    fastest = segmenters.get("openvino", segmenters["onnxruntime"])
+    print(f"runtime chosen by auto on this CPU: {fastest.runtime} {fastest.precision} "
+          f"(VNNI: {cpu_has_vnni()}); auto load, first in this process {fastest.load_ms:.1f} ms, "
+          f"then {load_ms(args.model, 'auto', args.threads, None, keep_compiled=True):.1f} ms")
     functions["predict"] = lambda: fastest.predict(crop)
     medians = interleaved_medians_ms(functions, args.repeats)
     for name, segmenter in segmenters.items():
         print(f"{name} {segmenter.precision}: {medians[name]:.1f} ms/slice -> "
               f"{medians['torch'] / medians[name]:.1f}x pytorch eager fp32")
     print(f"pytorch eager fp32: {medians['torch']:.1f} ms/slice; predict() (network + softmax, "
-          f"fastest runtime): {medians['predict']:.1f} ms")
+          f"auto's runtime): {medians['predict']:.1f} ms")
 
     from perfline.models import inference
     from perfline.simulator import simulate_image_study

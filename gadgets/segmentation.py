@@ -38,9 +38,10 @@ FLAGS_META_KEY = "PERFLINE_SegmentationFlags"
 
 
 class SegmentationSettings(GadgetSettings):
-    runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = Field(
+    runtime: Literal["auto", "openvino", "onnxruntime-int8", "onnxruntime", "torch"] = Field(
         "auto", description="inference runtime (auto: OpenVINO bf16 if the CPU has native bf16, "
-                            "else ONNX Runtime fp32, else torch)")
+                            "else ONNX Runtime int8 if it has VNNI, else ONNX Runtime fp32, "
+                            "else torch)")
     threads: int = Field(1, ge=1, le=64, description="intra-op threads of the runtime")
     image_contours: bool = Field(True, description="add the endo/epi/RV contours to the slice "
                                                    "images of contour_roles passing through")

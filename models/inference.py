@@ -2,7 +2,9 @@
 
 Runtimes, tried in this order by ``runtime="auto"`` (docs/cnn_runtime.md): OpenVINO with
 bfloat16 inference precision when the CPU has native bf16 (AMX or AVX-512 BF16; measured
-fastest here at unchanged accuracy), else ONNX Runtime fp32, else PyTorch eager fp32 with the
+fastest here at unchanged accuracy), else ONNX Runtime on the int8 graph (``STEM_int8.onnx``,
+``perfline.models.quantize``) when the CPU has VNNI int8 dot products and that graph was
+quantised from this stem's ONNX, else ONNX Runtime fp32, else PyTorch eager fp32 with the
 safetensors weights. The choice is logged and kept in ``Segmenter.runtime`` /
 ``Segmenter.precision``. Every model file is verified by SHA-256 before use
 (``perfline.models.weights``); OpenVINO's compiled-model cache gets its own SHA-256 sidecar.
@@ -36,10 +38,50 @@ from perfline.toolbox.segmentation_post import (RING_DRAWINGS, RING_RAYS, PostPr
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "openvino", "onnxruntime", "torch")
+RUNTIMES = ("auto", "openvino", "onnxruntime-int8", "onnxruntime", "torch")
+# the int8 graph of model STEM is STEM_int8.onnx + STEM_int8.json (perfline.models.quantize)
+INT8_SUFFIX = "_int8"
+# CPU flags (Linux /proc/cpuinfo) of int8 dot-product instructions
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 # compiled OpenVINO models (machine-specific, so never committed): $PERFLINE_CACHE_DIR/openvino
 DEFAULT_CACHE_DIR = Path(os.environ.get("PERFLINE_CACHE_DIR",
                                         Path.home() / ".cache" / "perfline")) / "openvino"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The first CPU's flags in ``cpuinfo`` (Linux), or None when it cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return None
+
+
+def cpu_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when the CPU reports VNNI int8 dot products (AVX-512 VNNI or AVX-VNNI) in
+    ``cpuinfo``'s flags; False when it does not or the file cannot be read (not Linux).
+
+    Without VNNI, ONNX Runtime's uint8 x int8 convolutions use a 16-bit intermediate that can
+    saturate, so the int8 graph is only chosen automatically where VNNI is present."""
+    return bool(VNNI_FLAGS & (cpu_flags(cpuinfo) or frozenset()))
+
+
+def cpu_lacks_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when ``cpuinfo``'s flags are readable and name no native bf16 (AMX-BF16 or
+    AVX-512 BF16): "auto" then skips OpenVINO without importing it (~150 ms). False when the
+    flags cannot be read; OpenVINO's own capability check decides then."""
+    flags = cpu_flags(cpuinfo)
+    return flags is not None and not BF16_FLAGS & flags
+
+
+def int8_stem(stem: Path) -> Path:
+    """Stem of the int8 graph quantised from model ``stem`` (``STEM_int8``)."""
+    stem = Path(stem)
+    return stem.with_name(stem.name + INT8_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -282,9 +324,10 @@ class OpenVinoNetwork:
 class Segmenter:
     """The shipped network behind one ``predict`` call.
 
-    ``runtime``: "auto" (OpenVINO bf16 if the CPU has native bf16, else ONNX Runtime fp32,
-    else torch), or one of "openvino", "onnxruntime", "torch" (an explicit runtime that
-    fails to load raises). ``threads``: intra-op threads (default 1). ``cache_dir``: where
+    ``runtime``: "auto" (OpenVINO bf16 if the CPU has native bf16, else ONNX Runtime on the
+    stem's int8 graph if the CPU has VNNI, else ONNX Runtime fp32, else torch), or one of
+    "openvino", "onnxruntime-int8", "onnxruntime", "torch" (an explicit runtime that fails to
+    load raises; "onnxruntime-int8" then runs without VNNI too). ``threads``: intra-op threads (default 1). ``cache_dir``: where
     OpenVINO keeps compiled models on disk (None: none; the process still keeps them in
     memory, see :class:`OpenVinoNetwork`). ``padding``: the crop beyond the series' edge,
     "zeros" (as trained) or "edge" (see :func:`crop_series`). ``close_ring``: an open
@@ -325,8 +368,10 @@ class Segmenter:
         self.compiled_from = ""  # OpenVINO: "memory", "disk cache" or "compiled"
         loaders = {"openvino": lambda: self._load_openvino(cache_dir,
                                                            require_bf16=runtime == "auto"),
+                   "onnxruntime-int8": lambda: self._load_onnxruntime_int8(
+                       require_vnni=runtime == "auto"),
                    "onnxruntime": self._load_onnxruntime, "torch": self._load_torch}
-        order = ("openvino", "onnxruntime", "torch") if runtime == "auto" else (runtime,)
+        order = RUNTIMES[1:] if runtime == "auto" else (runtime,)
         for candidate in order:
             try:
                 loaders[candidate]()
@@ -341,6 +386,8 @@ class Segmenter:
                     self.stem.name, self.runtime, self.precision, self.threads, self.load_ms)
 
     def _load_openvino(self, cache_dir: Path | None, *, require_bf16: bool) -> None:
+        if require_bf16 and cpu_lacks_bf16():
+            raise RuntimeError("CPU has no native bf16 (no amx_bf16 / avx512_bf16 flag)")
         self._network = OpenVinoNetwork(
             verified_path(self.stem, ".onnx"), self.n_frames,
             onnx_sha256=self.sidecar["sha256"]["onnx"],  # just verified
@@ -349,9 +396,23 @@ class Segmenter:
         self.compiled_from = self._network.source
 
     def _load_onnxruntime(self) -> None:
+        self._start_onnxruntime(verified_path(self.stem, ".onnx"), "fp32")
+
+    def _load_onnxruntime_int8(self, *, require_vnni: bool) -> None:
+        if require_vnni and not cpu_has_vnni():
+            raise RuntimeError("CPU reports no VNNI int8 dot products")
+        stem = int8_stem(self.stem)
+        source = read_sidecar(stem).get("quantization", {}).get("source_onnx_sha256")
+        expected = self.sidecar["sha256"]["onnx"]
+        if source != expected:
+            raise ChecksumError(f"{stem.name}.onnx was quantised from an ONNX graph with SHA-256 "
+                                f"{source}, expected {expected} ({self.stem.name}.onnx): "
+                                f"re-run python -m perfline.models.quantize")
+        self._start_onnxruntime(verified_path(stem, ".onnx"), "int8")
+
+    def _start_onnxruntime(self, path: Path, precision: str) -> None:
         import onnxruntime
 
-        path = verified_path(self.stem, ".onnx")
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         # one thread by default: on the shared 2-core machine two threads measured slower
@@ -361,7 +422,7 @@ class Segmenter:
         self._session = onnxruntime.InferenceSession(str(path), options,
                                                      providers=["CPUExecutionProvider"])
         self._input_name = self._session.get_inputs()[0].name
-        self.runtime, self.precision = "onnxruntime", "fp32"
+        self.runtime, self.precision = "onnxruntime", precision
 
     def _load_torch(self) -> None:
         import torch

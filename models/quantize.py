@@ -1,5 +1,7 @@
-"""Static int8 quantisation of the exported ONNX graph with ONNX Runtime's tooling (measured,
-not shipped: docs/cnn_runtime.md).
+"""Static int8 quantisation of the exported ONNX graph with ONNX Runtime's tooling: the shipped
+``models/STEM_int8.onnx`` graphs, which ``Segmenter(runtime="auto")`` runs with ONNX Runtime on
+CPUs with VNNI and no native bf16 (docs/cnn_runtime.md). Re-make them whenever the weights
+change: ``python -m perfline.models.quantize --model models/STEM --out models``.
 
 QDQ format, per-channel int8 weights, uint8 activations, calibrated on crops of simulated
 *training-split* studies (never held-out seeds, never real data). Calibration: MinMax,

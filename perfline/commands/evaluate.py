@@ -49,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="LV centre from the detector on the series, or the true centre "
                              "(as an AIF-based detection would give)")
     parser.add_argument("--model", type=Path, default=None, help="model stem (default: the shipped model for --units)")
-    parser.add_argument("--runtime", choices=("auto", "onnxruntime", "torch"), default="auto")
+    parser.add_argument("--runtime", choices=("auto", "onnxruntime-int8", "onnxruntime", "torch"),
+                        default="auto")
     parser.add_argument("--json", type=Path, default=None, help="write per-slice metrics here")
     parser.add_argument("--padding", choices=("zeros", "edge"), default="zeros",
                         help="crop beyond the series' edge: zeros or the edge pixels' curves")
@@ -167,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
                             **dataclasses.asdict(metrics)})
     print(f"{len(records)} slices from {args.studies} held-out studies (seeds {first}.."
           f"{first + args.studies - 1}), units {args.units}, format {args.format}, centre "
-          f"{args.center}, runtime {segmenter.runtime}, padding {args.padding}, ring closing "
+          f"{args.center}, runtime {segmenter.runtime} {segmenter.precision}, padding "
+          f"{args.padding}, ring closing "
           f"{'on' if segmenter.close_ring else 'off'}, spacing search {args.spacing_search}")
     print(f"{'metric':28s} {'mean':>8s} {'SD':>8s} {'5%':>8s} {'95%':>8s}   n")
     summary = {}

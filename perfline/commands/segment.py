@@ -36,7 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="LV centre in pixels (default: detected on the series)")
     parser.add_argument("--out", type=Path, required=True, help="labels .npy, uint8 [rows, cols]")
     parser.add_argument("--model", type=Path, default=None, help="model stem (default: the shipped model for --units)")
-    parser.add_argument("--runtime", choices=("auto", "onnxruntime", "torch"), default="auto")
+    parser.add_argument("--runtime", choices=("auto", "onnxruntime-int8", "onnxruntime", "torch"),
+                        default="auto")
     parser.set_defaults(func=run)
     return parser
 
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
                                spacing_factors=SPACING_FACTORS if args.spacing_search else None)
     np.save(args.out, result.labels)
     counts = np.bincount(result.labels.ravel(), minlength=4)
-    print(f"labels written to {args.out} ({args.units} units, runtime {segmenter.runtime}): "
+    print(f"labels written to {args.out} ({args.units} units, runtime {segmenter.runtime} "
+          f"{segmenter.precision}): "
           f"LV {counts[1]} px, myocardium {counts[2]} px, RV {counts[3]} px, "
           f"closed ring: {result.closed_ring}")
     print(f"LV centre (row, col): {result.lv_center_rc[0]:.1f}, {result.lv_center_rc[1]:.1f}")
