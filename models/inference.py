@@ -327,9 +327,9 @@ class Segmenter:
     ``runtime``: "auto" (OpenVINO bf16 if the CPU has native bf16, else ONNX Runtime on the
     stem's int8 graph if the CPU has VNNI, else ONNX Runtime fp32, else torch), or one of
     "openvino", "onnxruntime-int8", "onnxruntime", "torch" (an explicit runtime that fails to
-    load raises; "onnxruntime-int8" then runs without VNNI too). ``threads``: intra-op threads (default 1). ``cache_dir``: where
-    OpenVINO keeps compiled models on disk (None: none; the process still keeps them in
-    memory, see :class:`OpenVinoNetwork`). ``padding``: the crop beyond the series' edge,
+    load raises; "onnxruntime-int8" then runs without VNNI too). ``threads``: intra-op
+    threads (default 1). ``cache_dir``: where OpenVINO keeps compiled models on disk (None:
+    none; the process still keeps them in memory, see :class:`OpenVinoNetwork`). ``padding``: the crop beyond the series' edge,
     "zeros" (as trained) or "edge" (see :func:`crop_series`). ``close_ring``: an open
     myocardial ring is closed along rays from the LV centre when that succeeds
     (``perfline.toolbox.segmentation_post.close_ring_along_rays``); ``complete_ring``: a ring
