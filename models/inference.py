@@ -329,8 +329,9 @@ class Segmenter:
     "openvino", "onnxruntime-int8", "onnxruntime", "torch" (an explicit runtime that fails to
     load raises; "onnxruntime-int8" then runs without VNNI too). ``threads``: intra-op
     threads (default 1). ``cache_dir``: where OpenVINO keeps compiled models on disk (None:
-    none; the process still keeps them in memory, see :class:`OpenVinoNetwork`). ``padding``: the crop beyond the series' edge,
-    "zeros" (as trained) or "edge" (see :func:`crop_series`). ``close_ring``: an open
+    none; the process still keeps them in memory, see :class:`OpenVinoNetwork`).
+    ``padding``: the crop beyond the series' edge, "zeros" (as trained) or "edge" (see
+    :func:`crop_series`). ``close_ring``: an open
     myocardial ring is closed along rays from the LV centre when that succeeds
     (``perfline.toolbox.segmentation_post.close_ring_along_rays``); ``complete_ring``: a ring
     still open is completed from the series' own enhancement curves where the network sees no
