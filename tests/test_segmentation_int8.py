@@ -31,6 +31,8 @@ def test_shipped_int8_graph_is_quantised_from_the_shipped_onnx(stem):
     assert sidecar.get("class_probability_scale") == scale
 
 
+@pytest.mark.skipif(not cpu_has_vnni(), reason="int8 accuracy is measured with VNNI; without it "
+                    "ONNX Runtime's u8 x s8 path can saturate and auto never chooses the graph")
 def test_int8_labels_match_fp32_on_a_held_out_slice():
     from perfline.simulator import simulate_image_study
 
