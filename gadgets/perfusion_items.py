@@ -78,6 +78,10 @@ class SliceSeries:
             ended early); the segmentation passes them on to the report.
         acquired_time_s: float64 [frames] acquisition times (s) of the frames before
             ``temporal-resample`` put them on the uniform grid ``time_s`` (None: not resampled).
+        scan_time_span_s: (start, end) in seconds, the span of SR-frame acquisition times common
+            to every series of the scan (AIF and all slices; PD frames excluded), set by
+            ``perfusion-recon`` once the whole scan is in, so that ``temporal-resample`` can put
+            each series on the scan's grid as it arrives (None: unknown; it then waits for all).
             ``flow-map`` models the linear interpolation between them (docs/mapping.md).
     """
 
@@ -92,6 +96,7 @@ class SliceSeries:
     stages: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
     acquired_time_s: np.ndarray | None = None
+    scan_time_span_s: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class AifSeries:
         acquired_time_s, acquired_data: float64 [frames] acquisition times (s) and float32
             [1, frames, rows, cols] Gd of the series before ``temporal-resample`` (None: not
             resampled); ``aif-extract`` takes the AIF at these times as well.
+        scan_time_span_s: as :class:`SliceSeries`.
     """
 
     data: np.ndarray
@@ -119,6 +125,7 @@ class AifSeries:
     stages: tuple[str, ...] = ()
     acquired_time_s: np.ndarray | None = None
     acquired_data: np.ndarray | None = None
+    scan_time_span_s: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -298,14 +298,20 @@ class ResampleSettings(GadgetSettings):
     """Settings of ``temporal-resample``."""
 
     interval_s: float = Field(0.5, gt=0.05, le=5.0, description="uniform grid spacing, seconds")
+    stream: bool = Field(True, description="resample each series as it arrives when it carries the scan's "
+                                           "common time span (set by perfusion-recon); False: wait for all")
 
 
 @register_gadget
 class TemporalResample(Gadget):
     """All Gd series onto ONE uniform grid (multiples of ``interval_s`` from the first R wave).
 
-    Collects every series until the end of the scan; the grid covers the time span common to
-    all of them (so the AIF and every slice share the same samples); emits the AIF first.
+    The grid covers the time span common to all series (so the AIF and every slice share the
+    same samples). When the series carry that span (``scan_time_span_s``, set by
+    ``perfusion-recon`` from the acquisition times once the scan is in) each is resampled and
+    passed on as it arrives, so segmentation and mapping of the first slices overlap the motion
+    correction of the last (``stream``); otherwise every series is collected until the end of
+    the scan and the AIF is emitted first. Both give the same grid.
     """
 
     name = "temporal-resample"
@@ -315,7 +321,8 @@ class TemporalResample(Gadget):
     settings: ResampleSettings
 
     def process(self, items: Iterator[Series]) -> Iterator[Series]:
-        collected = []
+        collected: list[Series] = []
+        grid = None
         for item in items:
             _require_units(item, "gd_mmol_l", self.name)
             if item.n_pd_frames:
@@ -324,35 +331,47 @@ class TemporalResample(Gadget):
                 resample.check_time_stamps(item.time_s, np.shape(item.data)[-3])
             except resample.TimeStampError as error:
                 raise GadgetError(f"{_label(item)}: {error}") from error
-            collected.append(item)
+            if grid is None and not collected and self.settings.stream and item.scan_time_span_s is not None:
+                grid = self._grid(*item.scan_time_span_s)
+            if grid is None:
+                collected.append(item)
+                continue
+            yield self._resampled(item, grid)
         if not collected:
             return
-        interval = self.settings.interval_s
         start = max(float(np.asarray(item.time_s)[0]) for item in collected)
         end = min(float(np.asarray(item.time_s)[-1]) for item in collected)
+        grid = self._grid(start, end)
+        collected.sort(key=lambda s: (isinstance(s, SliceSeries), getattr(s, "slice_index", -1)))
+        for item in collected:
+            yield self._resampled(item, grid)
+
+    def _grid(self, start: float, end: float) -> np.ndarray:
+        """Multiples of ``interval_s`` (s) inside the common span [start, end]."""
+        interval = self.settings.interval_s
         first = np.ceil(start / interval - 1e-9) * interval
         if end - first < interval:
             raise GadgetError(f"the series share no time span of at least {interval} s "
                               f"(common span {start:.2f}-{end:.2f} s)")
-        grid = first + interval * np.arange(int(np.floor((end - first) / interval + 1e-9)) + 1)
-        collected.sort(key=lambda s: (isinstance(s, SliceSeries), getattr(s, "slice_index", -1)))
-        for item in collected:
-            try:
-                if isinstance(item, AifSeries):
-                    data = resample.resample_series(item.data[0], item.time_s, grid)[None]
-                else:
-                    data = resample.resample_series(item.data, item.time_s, grid)
-            except ValueError as error:
-                raise GadgetError(f"{_label(item)}: {error}") from error
-            # the acquisition times (and the AIF's acquired frames) go on: flow-map models the sampling
-            acquired_time_s = np.asarray(item.time_s, dtype=np.float64).copy()
-            if item.acquired_time_s is not None:
-                acquired_time_s = item.acquired_time_s
-            extra: dict[str, Any] = {"acquired_time_s": acquired_time_s}
-            if isinstance(item, AifSeries) and item.acquired_data is None:
-                extra["acquired_data"] = np.asarray(item.data)
-            yield dataclasses.replace(item, data=data, time_s=grid.copy(), stages=item.stages + ("resample",),
-                                      **extra)
+        return first + interval * np.arange(int(np.floor((end - first) / interval + 1e-9)) + 1)
+
+    def _resampled(self, item: Series, grid: np.ndarray) -> Series:
+        try:
+            if isinstance(item, AifSeries):
+                data = resample.resample_series(item.data[0], item.time_s, grid)[None]
+            else:
+                data = resample.resample_series(item.data, item.time_s, grid)
+        except ValueError as error:
+            raise GadgetError(f"{_label(item)}: {error} (scan grid {grid[0]:.2f}-{grid[-1]:.2f} s)") from error
+        # the acquisition times (and the AIF's acquired frames) go on: flow-map models the sampling
+        acquired_time_s = np.asarray(item.time_s, dtype=np.float64).copy()
+        if item.acquired_time_s is not None:
+            acquired_time_s = item.acquired_time_s
+        extra: dict[str, Any] = {"acquired_time_s": acquired_time_s}
+        if isinstance(item, AifSeries) and item.acquired_data is None:
+            extra["acquired_data"] = np.asarray(item.data)
+        return dataclasses.replace(item, data=data, time_s=grid.copy(), stages=item.stages + ("resample",),
+                                   **extra)
 
 
 class SeriesImagesSettings(GadgetSettings):

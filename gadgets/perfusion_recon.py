@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import ismrmrd
@@ -215,17 +215,19 @@ class PerfusionRecon(Gadget):
         # series are independent: reconstructed by a small thread pool (numpy releases the GIL in
         # its FFTs and array arithmetic) and emitted in order, the AIF first, each as soon as it
         # and those before it are done
+        span = self._scan_time_span(buffers, n_pd)
         with single_threaded_blas(), ThreadPoolExecutor(max_workers=self.settings.workers) as pool:
             futures = [pool.submit(job, *arguments) for job, arguments in jobs]
             try:
                 for future in futures:
-                    yield future.result()
+                    yield replace(future.result(), scan_time_span_s=span)
             finally:
                 for future in futures:
                     future.cancel()
 
-    def _compact(self, buffer: _SeriesBuffer, what: str, whitening: np.ndarray | None):  # noqa: ANN202
-        """(compact [T, C, M, kx], offsets [T], R, time_s [T]) of one series."""
+    def _frames(self, buffer: _SeriesBuffer, what: str, *, warn: bool = True):  # noqa: ANN202
+        """(frame numbers, sorted lines of each) of one series; a last frame the stream ended
+        inside is dropped (logged when ``warn``)."""
         frames = sorted(buffer.lines)
         expected = list(range(frames[-1] + 1)) if frames else []
         missing = sorted(set(expected) - set(buffer.lines))
@@ -237,9 +239,43 @@ class PerfusionRecon(Gadget):
                 len({lines.size for lines in lines_per_frame[:-1]}) == 1:
             # the stream ended inside the last frame (a scan stopped early): that frame cannot be
             # reconstructed; the complete frames before it can
-            self.log.warning("%s: the scan ended inside frame %d (%d of %d lines): that frame is dropped",
-                             what, expected[-1], lines_per_frame[-1].size, lines_per_frame[-2].size)
+            if warn:
+                self.log.warning("%s: the scan ended inside frame %d (%d of %d lines): that frame is "
+                                 "dropped", what, expected[-1], lines_per_frame[-1].size,
+                                 lines_per_frame[-2].size)
             expected, lines_per_frame = expected[:-1], lines_per_frame[:-1]
+        return expected, lines_per_frame
+
+    @staticmethod
+    def _frame_times(buffer: _SeriesBuffer, expected: list[int], lines_per_frame: list[np.ndarray]) -> np.ndarray:
+        """Acquisition time (s) of each frame: when its k-space centre line was (interpolated) acquired."""
+        centre = buffer.n_lines // 2
+        return np.array([float(np.interp(centre, lines, [buffer.times[frame][int(line)] for line in lines]))
+                         for frame, lines in zip(expected, lines_per_frame)])
+
+    def _scan_time_span(self, buffers: dict[tuple[int, int], _SeriesBuffer], n_pd: int
+                        ) -> tuple[float, float] | None:
+        """(start, end) s of the SR-frame times common to every series of the scan (the grid
+        temporal-resample puts them all on), or None when a series is unusable (its own job
+        raises the error)."""
+        starts, ends = [], []
+        for key, buffer in buffers.items():
+            if key[0] == AIF_ENCODING and key[1] != min(k[1] for k in buffers if k[0] == AIF_ENCODING):
+                continue  # the AIF series' times are its first echo's
+            try:
+                expected, lines_per_frame = self._frames(buffer, "", warn=False)
+            except GadgetError:
+                return None
+            times = self._frame_times(buffer, expected, lines_per_frame)[n_pd:]
+            if times.size < 2:
+                return None
+            starts.append(float(times[0]))
+            ends.append(float(times[-1]))
+        return (max(starts), min(ends)) if starts else None
+
+    def _compact(self, buffer: _SeriesBuffer, what: str, whitening: np.ndarray | None):  # noqa: ANN202
+        """(compact [T, C, M, kx], offsets [T], R, time_s [T]) of one series."""
+        expected, lines_per_frame = self._frames(buffer, what)
         counts = {lines.size for lines in lines_per_frame}
         if len(counts) != 1:
             raise GadgetError(f"{what}: inconsistent dimensions: frames hold {sorted(counts)} lines")
@@ -254,8 +290,6 @@ class PerfusionRecon(Gadget):
                                   f"(found lines {lines[:6].tolist()}...)")
         first = buffer.lines[expected[0]][int(lines_per_frame[0][0])]
         compact = np.empty((len(expected), first.shape[0], n_reduced, buffer.n_cols), dtype=np.complex64)
-        centre = buffer.n_lines // 2
-        time_s = np.empty(len(expected))
         for t, (frame, lines) in enumerate(zip(expected, lines_per_frame)):
             for m, line in enumerate(lines):
                 data = buffer.lines[frame][int(line)]
@@ -263,8 +297,7 @@ class PerfusionRecon(Gadget):
                     raise GadgetError(f"{what}: frame {frame} line {line} has {data.shape[0]} coils, "
                                       f"expected {compact.shape[1]}")
                 compact[t, :, m] = data
-            stamps = np.array([buffer.times[frame][int(line)] for line in lines])
-            time_s[t] = float(np.interp(centre, lines, stamps))
+        time_s = self._frame_times(buffer, expected, lines_per_frame)
         if not np.all(np.isfinite(compact.view(np.float32))):
             raise GadgetError(f"{what}: k-space contains NaN or infinite samples")
         if whitening is not None and whitening.shape[0] != compact.shape[1]:

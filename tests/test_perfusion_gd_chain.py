@@ -3,6 +3,8 @@ errors it sends back for bad input (no PD frames, no AIF series, inconsistent di
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 from pathlib import Path
 
@@ -63,6 +65,53 @@ def test_recon_gadget_series_and_time_stamps(scan: tuple[Path, Path], acquisitio
     assert myo.n_pd_frames == 3 and aif.echo_times_ms == (0.76, 1.76)
     np.testing.assert_allclose(myo.time_s, reference.slices[0].time_s, atol=0.004)
     np.testing.assert_allclose(aif.time_s, reference.aif_time_s, atol=0.004)
+
+
+def test_recon_span_is_the_common_span_of_its_series(acquisitions) -> None:
+    """perfusion-recon tells every series the scan's common SR time span (what temporal-resample
+    would compute after collecting them all), so they can be resampled as they arrive."""
+    header_xml, acqs = acquisitions
+    gadget = PerfusionRecon(context=ChainContext(header=xsd.CreateFromDocument(header_xml), header_xml=header_xml))
+    outputs = list(gadget.process(iter(acqs)))
+    spans = {item.scan_time_span_s for item in outputs}
+    assert len(spans) == 1 and None not in spans
+    start = max(float(item.time_s[item.n_pd_frames]) for item in outputs)
+    end = min(float(item.time_s[-1]) for item in outputs)
+    assert spans.pop() == (start, end)
+    # a scan cut inside the last frame: the frame is dropped in the series and in the span
+    cut = list(gadget.process(iter(acqs[:-5])))
+    assert cut[1].scan_time_span_s[1] == min(float(item.time_s[-1]) for item in cut) < end
+
+
+def test_streamed_resampling_equals_collected(acquisitions) -> None:
+    """temporal-resample with the recon's span: each series leaves as it arrives, on the grid (and
+    with the data) the collecting mode gives."""
+    from perfline.gadgets.perfusion_preprocessing import ResampleSettings, TemporalResample
+
+    header_xml, acqs = acquisitions
+    gadget = PerfusionRecon(context=ChainContext(header=xsd.CreateFromDocument(header_xml), header_xml=header_xml))
+    series = [dataclasses.replace(item, data=np.abs(item.data[:1] if isinstance(item, AifSeries) else item.data)
+                                  [..., item.n_pd_frames:, :, :].astype(np.float32),
+                                  time_s=item.time_s[item.n_pd_frames:], n_pd_frames=0, units="gd_mmol_l")
+              for item in gadget.process(iter(acqs))]
+    collected = list(TemporalResample(settings=ResampleSettings(stream=False)).process(iter(series)))
+    consumed = []
+
+    def arriving():
+        for item in series:
+            consumed.append(item)
+            yield item
+
+    streaming = TemporalResample().process(arriving())
+    first = next(streaming)
+    assert len(consumed) == 1 and isinstance(first, AifSeries)    # out before the slice arrived
+    streamed = [first, *streaming]
+    assert len(streamed) == len(collected) == 2
+    for a, b in zip(streamed, collected):
+        assert type(a) is type(b)
+        np.testing.assert_array_equal(a.time_s, b.time_s)
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.acquired_time_s, b.acquired_time_s)
 
 
 def test_recon_filter_needs_the_noise_scan(acquisitions, caplog: pytest.LogCaptureFixture) -> None:
