@@ -259,8 +259,9 @@ class PerfusionRecon(Gadget):
         temporal-resample puts them all on), or None when a series is unusable (its own job
         raises the error)."""
         starts, ends = [], []
+        aif_echoes = [k[1] for k in buffers if k[0] == AIF_ENCODING]
         for key, buffer in buffers.items():
-            if key[0] == AIF_ENCODING and key[1] != min(k[1] for k in buffers if k[0] == AIF_ENCODING):
+            if key[0] == AIF_ENCODING and key[1] != min(aif_echoes):
                 continue  # the AIF series' times are its first echo's
             try:
                 expected, lines_per_frame = self._frames(buffer, "", warn=False)
