@@ -347,18 +347,17 @@ class AhaReportGadget(Gadget):
             views.append(SliceMapView(f"slice {index} ({levels.get(index, '?')})", flow.mbf_ml_min_g, contours))
         figure = render_report(report, slice_maps=views)
         report_json = report.model_dump_json(indent=2)
-        write_problem = None
+        # the scanner gets its outputs first; the server-side files (PNG, JSON, DICOM: ~1 s on a
+        # slow CPU) are written after them, before the session ends
+        yield from map_images
+        yield self._report_image(figure, next(iter(maps.values())).geometry, report.model_dump_json())
+        yield TextItem(report_json)
         if self.context.output_dir is not None:
             try:
                 self._write_files(report, report_json, figure, maps)
             except OSError as error:  # a full or read-only disk must not cost the scanner its report
                 self.log.error("could not write the report files: %s", error)
-                write_problem = f"WARNING aha-report: could not write the report files to the server: {error}"
-        yield from map_images
-        yield self._report_image(figure, next(iter(maps.values())).geometry, report.model_dump_json())
-        yield TextItem(report_json)
-        if write_problem is not None:
-            yield TextItem(write_problem)
+                yield TextItem(f"WARNING aha-report: could not write the report files to the server: {error}")
 
     def _contours(self, segmentation: SliceSegmentation | None, level: str | None,
                   shape: tuple[int, ...], rv_insertion_deg: float | None) -> list[Contour]:

@@ -294,6 +294,23 @@ def test_unwritable_output_dir_still_reports(tmp_path):
     assert texts[1].text.startswith("WARNING aha-report: could not write")
 
 
+def test_client_outputs_leave_before_the_files_are_written(tmp_path):
+    """The scanner's maps, report image and JSON are yielded before the server-side files are
+    written (latency); the files are complete once the gadget finishes."""
+    context = ChainContext(header=header("P1"), parameters={"scan": "stress"}, output_dir=tmp_path)
+    outputs = AhaReportGadget(AhaReportGadget.Settings(), context).process(iter(items(2.0)))
+    received = []
+    for output in outputs:
+        received.append(output)
+        if isinstance(output, TextItem):
+            break
+    assert any(isinstance(o, ismrmrd.Image) for o in received)
+    assert not list(tmp_path.iterdir())            # nothing written yet: the JSON went first
+    assert list(outputs) == []                     # the rest: the files, no more items
+    folders = list(tmp_path.iterdir())
+    assert len(folders) == 1 and (folders[0] / "report.json").exists() and (folders[0] / "report.png").exists()
+
+
 def test_nan_centre_gives_no_contours_but_a_report():
     broken = [SliceSegmentation(slice_index=0, labels=labels(), rv_insertion_deg=120.0,
                                 lv_center_rc=(float("nan"), float("nan")))]
