@@ -215,10 +215,11 @@ class PerfusionRecon(Gadget):
         # series are independent: reconstructed by a small thread pool (numpy releases the GIL in
         # its FFTs and array arithmetic) and emitted in order, the AIF first, each as soon as it
         # and those before it are done
-        span = self._scan_time_span(buffers, n_pd)
         with single_threaded_blas(), ThreadPoolExecutor(max_workers=self.settings.workers) as pool:
             futures = [pool.submit(job, *arguments) for job, arguments in jobs]
             try:
+                # the scan's common time span (frame times only) while the pool reconstructs
+                span = self._scan_time_span(buffers, n_pd)
                 for future in futures:
                     yield replace(future.result(), scan_time_span_s=span)
             finally:

@@ -481,7 +481,7 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
         if not failed and at_limit is None:
             slice_flags.append("no MBF fit in the myocardium")
             failed = True
-        if not failed and at_limit is not None and at_limit > settings.max_fit_limit_fraction:
+        elif not failed and at_limit > settings.max_fit_limit_fraction:
             slice_flags.append(f"MBF at the fit limit (>= {settings.fit_limit_mbf_ml_min_g:g} ml/min/g) on "
                                f"{100 * at_limit:.0f} % of the myocardium: segmentation off the myocardium, "
                                "or an AIF that reads low (small LV pool)?")
