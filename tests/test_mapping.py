@@ -584,3 +584,20 @@ def test_three_refinement_starts_can_miss_the_optimum_of_a_rest_curve_and_sixtee
         assert np.median(fits[16].mbf_ml_min_g) == pytest.approx(mbf, rel=0.03)
         assert np.median(fits[16].delay_s) == pytest.approx(tissue.delay_s, abs=0.1)
         assert np.median(fits[16].fit_rmse) < np.median(fits[3].fit_rmse)
+
+
+@pytest.mark.parametrize("n_samples", [16, 100, 130])
+def test_float32_table_curves_are_the_float64_sum(monkeypatch, n_samples):
+    # the fine table's causal float32 product in column blocks (block edges inside and at the end
+    # of the curves) against the float64 Toeplitz product: within float32 rounding of the curves
+    from perfline.toolbox import btex
+
+    monkeypatch.setenv(btex.CACHE_DIR_ENV, "")
+    grid = BtexSettings(fp_steps=4, ps_steps=3, vp_steps=3, visf_steps=3)
+    time_s = np.arange(n_samples) * 0.125
+    aif = np.where(time_s > 1.0, 5.0 * ((time_s - 1.0) / 2.0) ** 2 * np.exp(-(time_s - 1.0)) + 0.4, 0.0)
+    aif[0] = 0.3  # the half hat before t = 0 is taken off
+    reference = btex._table_curves(aif, 0.125, grid)
+    curves = btex._table_curves_float32(aif, 0.125, grid, block=48)
+    assert curves.dtype == np.float32 and curves.shape == reference.shape
+    np.testing.assert_allclose(curves, reference, rtol=0, atol=5e-6 * np.abs(reference).max())

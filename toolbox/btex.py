@@ -255,6 +255,35 @@ def _table_curves(aif: np.ndarray, dt_s: float, settings: BtexSettings) -> np.nd
     return curves * (fp[:, None, None, None, None] / 60.0)
 
 
+def _table_curves_float32(aif: np.ndarray, dt_s: float, settings: BtexSettings, block: int = 64) -> np.ndarray:
+    """:func:`_table_curves` in float32, float32 ``[nfp, nps, nvp, nvisf, T]``.
+
+    The same sum (:func:`flow_models.convolve_hat_weights`) as float32 products, one Fp plane of
+    the table at a time, and causal: output samples ``[b, b + block)`` need only the table's first
+    ``b + block`` lags, so the lower-triangular Toeplitz product is done in column blocks (about
+    0.6 of the full product's work at T = 480). Against the float64 sum the curves differ by about
+    1e-6 of their maximum, the rounding of the float32 curves the fine table keeps anyway; it took
+    about a tenth of the server's CPU per scan (``benchmarks/bench_latency.py`` under py-spy).
+    """
+    aif = np.asarray(aif, dtype=np.float64)
+    n = aif.size
+    weights = residue_table(n, float(dt_s), settings)  # [nfp, nps, nvp, nvisf, 2, n] float64 view
+    fp = settings.axes()[0]
+    lag = np.arange(n)[None, :] - np.arange(n)[:, None]
+    toeplitz = np.where(lag >= 0, aif[np.clip(lag, 0, n - 1)], 0.0).astype(np.float32)
+    out = np.empty(weights.shape[:-2] + (n,), dtype=np.float32)
+    for index in range(weights.shape[0]):
+        plane = weights[index].reshape(-1, 2, n)
+        main = np.ascontiguousarray(plane[:, 0, :], dtype=np.float32)
+        curves = out[index].reshape(-1, n)
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            np.matmul(main[:, :stop], toeplitz[:stop, start:stop], out=curves[:, start:stop])
+        curves -= np.float32(aif[0]) * plane[:, 1, :].astype(np.float32)
+        curves *= np.float32(fp[index] / 60.0)
+    return out
+
+
 def noise_sd(curves: np.ndarray) -> np.ndarray:
     """Robust white-noise SD of each curve ``[P, T]`` from its second differences."""
     second = np.abs(np.diff(np.asarray(curves, dtype=np.float32), n=2, axis=1))
@@ -428,7 +457,7 @@ def fine_table_curves(aif_fine: np.ndarray, fine_dt_s: float, settings: BtexSett
     linear AIF at ``dt`` 11-33e-4 (docs/mapping.md, "High flow"). Shared by every slice of a scan;
     :func:`sampled_aif_table` takes it to each slice's sampling.
     """
-    return _table_curves(np.asarray(aif_fine, dtype=np.float64), fine_dt_s, settings).astype(np.float32)
+    return _table_curves_float32(np.asarray(aif_fine, dtype=np.float64), fine_dt_s, settings)
 
 
 def sampled_aif_table(curves_fine: np.ndarray, fine_dt_s: float, sampling: np.ndarray,
