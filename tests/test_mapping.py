@@ -601,3 +601,15 @@ def test_float32_table_curves_are_the_float64_sum(monkeypatch, n_samples):
     curves = btex._table_curves_float32(aif, 0.125, grid, block=48)
     assert curves.dtype == np.float32 and curves.shape == reference.shape
     np.testing.assert_allclose(curves, reference, rtol=0, atol=5e-6 * np.abs(reference).max())
+
+
+def test_prior_penalty_is_the_sum_over_the_grid_coordinates():
+    from perfline.toolbox import btex
+
+    settings = BtexSettings(fp_steps=5, ps_steps=4, vp_steps=6, visf_steps=3, prior_vp_sd=0.05)
+    shape = (5, 4, 6, 3, 7)
+    centre, precision = settings.prior_in_cells()
+    assert np.count_nonzero(precision) >= 2  # the test needs priors on more than one axis
+    grids = np.meshgrid(*(np.arange(size, dtype=np.float64) for size in shape), indexing="ij")
+    expected = sum(p * (g - c) ** 2 for g, c, p in zip(grids, centre, precision))
+    np.testing.assert_array_equal(btex._prior_penalty(shape, settings), expected)
