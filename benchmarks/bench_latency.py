@@ -16,7 +16,8 @@ What it does:
 4. reads the server process's peak resident memory (``VmHWM`` in ``/proc/PID/status``) before
    the first scan and after the last one.
 
-Prints medians (and min / max) over the repeats, the machine load average before and after,
+Prints medians (and min / max) over the repeats, a reference workload's time (the machine's
+speed at the time: :func:`reference_workload_ms`), the machine load average before and after,
 and the per-stage median busy times. Timing is not asserted anywhere; the numbers go in the
 README. Run: ``python benchmarks/bench_latency.py --repeats 3``.
 """
@@ -33,6 +34,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _free_port() -> int:
@@ -73,6 +76,36 @@ def _start_server(port: int, out: Path, warm_timeout_s: float) -> tuple[subproce
     return process, lines
 
 
+def reference_workload_ms(repeats: int = 7) -> float:
+    """Median ms of a fixed single-threaded numpy / scipy workload shaped like the chain's (an FFT of
+    one slice's frames, a batch of low-rank-filter eigenproblems, a table product, a box filter).
+
+    The shared machines' speed drifts (session 24: the same code read 7 and 14 s within an hour),
+    so a latency is printed with this number measured just before the scans; compare latencies of
+    different runs only at similar reference times."""
+    from scipy import ndimage
+
+    from perfline.toolbox.interleaved_recon import single_threaded_blas
+
+    rng = np.random.default_rng(0)
+    frames = (rng.standard_normal((63, 144, 192)) + 1j * rng.standard_normal((63, 144, 192))).astype(np.complex64)
+    gram = rng.standard_normal((60, 63, 63)) + 1j * rng.standard_normal((60, 63, 63))
+    gram = gram @ gram.conj().transpose(0, 2, 1)
+    table = rng.standard_normal((6000, 480)).astype(np.float32)
+    projection = rng.standard_normal((480, 300)).astype(np.float32)
+    image = rng.standard_normal((63, 72, 96)).astype(np.float32)
+    times = []
+    with single_threaded_blas():
+        for _ in range(repeats + 1):  # the first call (allocation, plans) is not timed
+            started = time.perf_counter()
+            np.fft.fft2(frames)
+            np.linalg.eigh(gram)
+            table @ projection
+            ndimage.uniform_filter1d(image, 9, axis=-1)
+            times.append(1000.0 * (time.perf_counter() - started))
+    return statistics.median(times[1:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="scans streamed (default 3)")
@@ -94,6 +127,7 @@ def main() -> int:
         mrd.write_kspace(study, str(path), phantoms=[simulated.slice_phantom(study, k)
                                                       for k in range(study.n_slices)])
         port = _free_port()
+        reference_ms = reference_workload_ms()
         load_before = os.getloadavg()
         started = time.perf_counter()
         server, log_lines = _start_server(port, tmp_path / "reports", args.warm_timeout)
@@ -130,6 +164,7 @@ def main() -> int:
 
     print(f"\nchain {args.chain!r}, {args.kind} scan, seed {args.seed}, {study.n_slices} slices, "
           f"{args.field:g} T; server warm-up {warm_s:.1f} s")
+    print(f"machine speed: reference workload {reference_ms:.0f} ms before the scans (lower is faster)")
     print(f"load average (1, 5, 15 min) before {load_before[0]:.2f} {load_before[1]:.2f} "
           f"{load_before[2]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     print(f"latency last acquisition -> report: median {statistics.median(latencies):.2f} s "
