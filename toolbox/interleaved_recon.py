@@ -635,9 +635,14 @@ def local_low_rank_filter(images: np.ndarray, noise_sd: np.ndarray, *, patch_px:
                 gram = casorati @ casorati.conj().transpose(0, 2, 1)  # [n, time, time]
                 eigenvalues, vectors = np.linalg.eigh(gram)
             edge = threshold * (np.sqrt(n_frames) + np.sqrt(pixels[active]))
-            vectors = vectors * (eigenvalues > (edge**2)[:, None])[:, None, :]
-            with single_threaded_blas():
-                out[active] = vectors @ (vectors.conj().transpose(0, 2, 1) @ casorati)
+            kept = eigenvalues > (edge**2)[:, None]
+            # eigh sorts ascending: a tile's kept components are its last ones, so only the last
+            # (most kept in any tile) columns enter the projection (all 63 cost 5-10 times as much)
+            n_kept = int(kept.sum(axis=1).max())
+            if n_kept:
+                vectors = vectors[:, :, n_frames - n_kept:] * kept[:, None, n_frames - n_kept:]
+                with single_threaded_blas():
+                    out[active] = vectors @ (vectors.conj().transpose(0, 2, 1) @ casorati)
         out = out.reshape(n_tile_rows, n_tile_cols, n_frames, patch, patch).transpose(2, 0, 3, 1, 4)
         filtered[window] += out.reshape(n_frames, n_tile_rows * patch, n_tile_cols * patch)
         count[window[1:]] += 1
