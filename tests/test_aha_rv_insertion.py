@@ -262,6 +262,31 @@ def test_blurred_thin_rv_wedge_joins_the_rv():
     assert abs(angle_difference_deg(after, truth)) < 1.0
 
 
+def test_rv_bolus_at_the_start_of_the_series_takes_its_trough_as_baseline():
+    # held-out rest 2**30+2067: the contrast reached the RV before the series' first frame, so the
+    # RV core sat at its peak in the "baseline" frames; the first-pass check then found no
+    # enhancement and the tip growth did nothing (the CNN's RV stopped 12-20 deg short)
+    from perfline.toolbox.rv_insertion import baseline_window
+
+    labels, strip = wedge_heart(106.0)
+    series = enhancement_series(np.where(strip, 9, labels), {1: 4.0, 2: 0.6, 3: 5.0, 9: 1.25})
+    late_rv = np.where(np.isin(labels, (3,)) | strip, series, 0.0)
+    early = series.copy()
+    early[:, (labels == 3) | strip] = np.roll(late_rv, -12, axis=0)[:, (labels == 3) | strip]  # RV peak at frame 0
+    early[-12:, (labels == 3) | strip] = late_rv[-1, (labels == 3) | strip]  # the RV's late level after the roll
+    core_curve = np.median(early[:, labels == 3], axis=1)
+    window = baseline_window(core_curve, 3)
+    assert window.start > 3 and core_curve[window].mean() < 0.1 * core_curve.max()
+    assert rv_first_pass(labels, early) is not None
+    grown, added = extend_rv_tip(labels, early, CENTER)
+    assert added >= int(strip.sum()) - 1
+    assert angle_difference_deg(rv_insertion_deg(labels, CENTER), rv_insertion_deg(grown, CENTER)) > 8.0
+    # a series with its pre-contrast frames keeps them (the test above, unchanged)
+    assert baseline_window(np.median(series[:, labels == 3], axis=1), 3) == slice(0, 3)
+    noisy = np.median(series[:, labels == 3], axis=1) + np.random.default_rng(0).normal(0, 0.02, series.shape[0])
+    assert baseline_window(noisy, 3) == slice(0, 3)
+
+
 def test_non_enhancing_strip_along_the_epicardium_is_not_joined():
     # the same geometry with epicardial fat (5 % of the RV's enhancement, below min_peak_fraction)
     labels, strip = wedge_heart(106.0)
