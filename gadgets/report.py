@@ -94,6 +94,11 @@ class AhaReportSettings(GadgetSettings):
     max_fit_limit_fraction: float = Field(0.5, gt=0, le=1, description=(
         "a slice with more analysed myocardial pixels at the fit limit fails (segmentation off the myocardium, or "
         "an AIF that reads low)"))
+    small_aif_pool_pixels: int = Field(12, ge=1, description=(
+        "when slices fail at the fit limit and the AIF averages fewer LV blood-pool pixels than this, the report "
+        "names the AIF as the likely cause: every held-out scan without a global MBF so far (stress 2**30+1636, "
+        "+1701, +2061, +2306: 3.2-3.5 ml/min/g) had an 8-pixel pool, and on +2306 an AIF about 10 % low on its first "
+        "pass was enough (the true AIF at the same times read -7 %; docs/integration.md, session 25)"))
     rv_placement: bool = Field(True, description=(
         "place the anterior RV insertion from each slice's RV arc, checked across the slices (a slice that "
         "disagrees or has no RV takes the others' value, flagged); false: the segmentation's insertion as is"))
@@ -312,6 +317,13 @@ class AhaReportGadget(Gadget):
                 aif_flag.append(f"AIF peaks only {contrast:.1f} times its late level (arterial blood: at least "
                                 f"{settings.min_aif_first_pass_contrast:g}): the AIF pool may hold myocardium, "
                                 "MBF unreliable (too high)")
+            at_limit = [item for item in report.slices if item.fit_limit_fraction is not None
+                        and item.fit_limit_fraction > settings.max_fit_limit_fraction]
+            if at_limit and n_pixels < settings.small_aif_pool_pixels:
+                aif_flag.append(f"{len(at_limit)} of {len(report.slices)} slice(s) failed with most of the myocardium "
+                                f"at the fit limit and the AIF from {n_pixels} LV pool pixels: the small pool's AIF "
+                                "most likely reads low (at stress flow 10 % less first pass is enough), rather than "
+                                "the segmentation; check the AIF")
             if aif.source == AIF_SOURCE_HINT_REGION:
                 aif_flag.append("AIF from the CNN's LV region of the AIF image: no enhancing blood pool was found "
                                 "there, MBF may be unreliable")

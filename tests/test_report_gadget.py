@@ -160,6 +160,23 @@ def test_noisy_aif_is_reported_and_flagged():
             assert f"{expected:.1f} %" in message[0] and "more than 3 %" in message[0]
 
 
+def test_fit_limit_failures_with_a_small_aif_pool_name_the_aif():
+    # held-out stress 2**30+2306 (session 25): an 8-pixel AIF pool about 10 % low at the first pass, every
+    # slice with two thirds of its myocardium at the top of the flow grid, no global value
+    def report_of(mbf: float, pool: tuple[int, int]):
+        REPORT_STORE.clear()
+        scan = items(mbf)
+        scan[-1] = replace(scan[-1], mask=np.ones(pool, bool))
+        return PerfusionReport.model_validate_json(split(run(scan))[1][0].text)
+
+    small_at_limit = report_of(6.0, (2, 4))
+    message = [f for f in small_at_limit.flags if "fit limit and the AIF from 8 LV pool pixels" in f]
+    assert len(message) == 1 and message[0].startswith("3 of 3 slice(s)") and "check the AIF" in message[0]
+    assert small_at_limit.global_values.mbf_ml_min_g is None
+    assert not any("fit limit and the AIF" in f for f in report_of(6.0, (4, 4)).flags)  # 16 pixels
+    assert not any("fit limit and the AIF" in f for f in report_of(2.0, (2, 4)).flags)  # no slice at the limit
+
+
 def test_aif_away_from_the_lv_is_flagged():
     # the fixture's AIF (4 x 4 pixels on the image centre) lies 1.3 mm from the CNN's LV centre
     near = PerfusionReport.model_validate_json(split(run(items(2.0)))[1][0].text)
