@@ -319,7 +319,7 @@ def image_bytes(image: ismrmrd.Image) -> bytes:
     # as ismrmrd's own serialize_into: the image's header records the length it was sent with
     image._head.attribute_string_len = len(attributes)
     return b"".join((bytes(image._head), struct.pack("<Q", len(attributes)), attributes,
-                     np.ascontiguousarray(image.data).tobytes()))
+                     image.data.tobytes()))
 
 
 class MessageWriter:

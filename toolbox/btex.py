@@ -269,8 +269,7 @@ def _table_curves_float32(aif: np.ndarray, dt_s: float, settings: BtexSettings, 
     n = aif.size
     weights = residue_table(n, float(dt_s), settings)  # [nfp, nps, nvp, nvisf, 2, n] float64 view
     fp = settings.axes()[0]
-    lag = np.arange(n)[None, :] - np.arange(n)[:, None]
-    toeplitz = np.where(lag >= 0, aif[np.clip(lag, 0, n - 1)], 0.0).astype(np.float32)
+    toeplitz = flow_models.causal_toeplitz(aif).astype(np.float32)
     out = np.empty(weights.shape[:-2] + (n,), dtype=np.float32)
     for index in range(weights.shape[0]):
         plane = weights[index].reshape(-1, 2, n)

@@ -182,11 +182,15 @@ def convolve_hat_weights(aif: np.ndarray, weights: np.ndarray) -> np.ndarray:
     The correction removes the half of the first hat lying before ``t = 0``: the input is
     zero before the first sample. One matrix product.
     """
+    return weights[..., 0, :] @ causal_toeplitz(aif) - aif[0] * weights[..., 1, :]
+
+
+def causal_toeplitz(aif: np.ndarray) -> np.ndarray:
+    """``[T, T]`` matrix with ``M[j, n] = aif[n - j]`` for ``n >= j``, else 0: ``w @ M`` is the causal
+    convolution of the weights ``w[..., j]`` (lag ``j``) with ``aif``."""
     n = aif.size
-    # toeplitz[j, n] = aif[n - j] for n >= j: weights[..., j] pairs with aif[n - j]
     lag = np.arange(n)[None, :] - np.arange(n)[:, None]
-    toeplitz = np.where(lag >= 0, aif[np.clip(lag, 0, n - 1)], 0.0)
-    return weights[..., 0, :] @ toeplitz - aif[0] * weights[..., 1, :]
+    return np.where(lag >= 0, aif[np.clip(lag, 0, n - 1)], 0.0)
 
 
 def shift_curves(curves: np.ndarray, delay_s: np.ndarray | float, dt_s: float) -> np.ndarray:
