@@ -225,14 +225,15 @@ def check(directory: Path, from_t2star: bool = False) -> int:
     return int(worst > 1e-9 or not files)
 
 
-def refit_mbf(path: Path, curve: Any, cache: Path) -> dict[str, float]:
+def refit_mbf(path: Path, curve: Any, cache: Path, chain_dir: Path | None = None) -> dict[str, float]:
     """Global MBF error (%) and sector mean abs error (%) of one captured scan refitted with ``curve``
     (an ``AifCurve``) and the chain's cached tissue series (``cache``: the capture's ``chain`` folder),
-    flow-map at the shipped chain's settings, report summary as ``mbf_error_sources``."""
+    flow-map at ``chain_dir``'s ``perfusion`` settings (None: the shipped chain's), report summary as
+    ``mbf_error_sources``."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mbf_error_sources as sources
 
-    flow_map = chain_settings()["flow-map"]
+    flow_map = chain_settings(chain_dir)["flow-map"]
     seed, kind = path.stem.split("_")
     scan = sources.load_scan(int(seed), kind, cache)
     arrival = curve.arrival_time_s
@@ -247,8 +248,9 @@ def refit_mbf(path: Path, curve: Any, cache: Path) -> dict[str, float]:
 
 
 def mbf(directory: Path, chains: list[str], json_path: Path, part: int = 0, parts: int = 1) -> int:
-    """Refit every captured scan's MBF with the AIF of each chain directory ("shipped": the shipped chains),
-    one JSON line per scan appended to ``json_path`` (scans already there are skipped)."""
+    """Refit every captured scan's MBF with the AIF and the flow-map settings of each chain directory
+    ("shipped": the shipped chains), one JSON line per scan appended to ``json_path`` (scans already there
+    are skipped)."""
     done = set()
     if json_path.is_file():
         done = {row["scan"] for row in map(json.loads, json_path.read_text().splitlines())}
@@ -258,8 +260,9 @@ def mbf(directory: Path, chains: list[str], json_path: Path, part: int = 0, part
                 continue
             row: dict[str, Any] = {"scan": path.stem, "aif_pixels": int(load_aif_inputs(path)[4]["curve_mask"].sum())}
             for chain in chains:
-                curve = replay_from_t2star(path, None if chain == "shipped" else Path(chain))
-                for key, value in refit_mbf(path, curve, directory / "chain").items():
+                chain_dir = None if chain == "shipped" else Path(chain)
+                curve = replay_from_t2star(path, chain_dir)
+                for key, value in refit_mbf(path, curve, directory / "chain", chain_dir).items():
                     row[f"{Path(chain).name}_{key}"] = value
             handle.write(json.dumps(row) + "\n")
             handle.flush()

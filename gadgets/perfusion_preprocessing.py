@@ -117,20 +117,25 @@ class T2StarSettings(GadgetSettings):
 
     enabled: bool = Field(True, description="off: keep echo 1 uncorrected (to measure the error)")
     smoothing_px: int = Field(3, ge=0, le=15, description="box average of the echoes before the ratio")
-    r2star_model: Literal["per-frame", "linear-in-gd"] = Field("per-frame", description=(
+    r2star_model: Literal["per-frame", "linear-in-gd", "blood-line"] = Field("per-frame", description=(
         "per-frame: each frame's R2* from its own echo ratio (clipped at 0); linear-in-gd: per pixel, "
         "R2* = R2*_0 + k Gd fitted over all frames (Gd from echo 1 and the blood table), less noise "
-        "in the low-signal tail and no upward bias from the clip (docs/preprocessing.md)"))
+        "in the low-signal tail and no upward bias from the clip (docs/preprocessing.md); blood-line: one "
+        "line R2* = R2*_0 + k Gd for the whole image, fitted on its blood pixels, each pixel at its own Gd "
+        "(no box mixing the myocardium's R2* into a small LV; t2star.blood_line_r2star_per_s; where no "
+        "blood line can be fitted, linear-in-gd with a warning)"))
     combine_echoes: bool = Field(False, description=(
-        "linear-in-gd only: the AIF image is the inverse-variance weighted mean of both echoes extrapolated to "
-        "TE = 0 with the fitted R2* (t2star.t2star_correct_gd_model), not echo 1 alone: less noise in the "
-        "small LV pools whose AIF scatters most (docs/preprocessing.md, 'Both echoes for the AIF')"))
+        "linear-in-gd / blood-line: the AIF image is the inverse-variance weighted mean of both echoes "
+        "extrapolated to TE = 0 with the fitted R2* (t2star.t2star_correct_gd_model), not echo 1 alone: less "
+        "noise in the small LV pools whose AIF scatters most (docs/preprocessing.md, 'Both echoes for the AIF')"))
+    blood_fraction: float = Field(0.5, gt=0.0, lt=1.0, description=(
+        "blood-line: blood pixels peak at this fraction of the image's 99th-percentile peak Gd or more"))
 
     @model_validator(mode="after")
     def _check_combination(self) -> T2StarSettings:
-        if self.combine_echoes and self.r2star_model != "linear-in-gd":
+        if self.combine_echoes and self.r2star_model == "per-frame":
             raise ValueError(f"combine_echoes extrapolates echo 2 with the fitted R2* model: it needs r2star_model "
-                             f"'linear-in-gd', found {self.r2star_model!r}")
+                             f"'linear-in-gd' or 'blood-line', found {self.r2star_model!r}")
         return self
 
 
@@ -156,7 +161,7 @@ class AifT2StarCorrection(PureGadget):
             raise GadgetError(f"AIF T2* correction needs two echoes, found {item.data.shape[0]} echo image "
                               f"series and echo times {item.echo_times_ms}")
         try:
-            if self.settings.r2star_model == "linear-in-gd":
+            if self.settings.r2star_model in ("linear-in-gd", "blood-line"):
                 corrected = self._correct_linear_in_gd(item)
             else:
                 corrected = t2star.t2star_correct(item.data[0], item.data[1], item.echo_times_ms[0],
@@ -167,16 +172,34 @@ class AifT2StarCorrection(PureGadget):
                                    stages=item.stages + ("t2star",))
 
     def _correct_linear_in_gd(self, item: AifSeries) -> np.ndarray:
-        """Echo 1 at TE = 0 with R2* fitted per pixel against its Gd (the header's blood table)."""
+        """The AIF at TE = 0 with R2* linear in Gd (the header's blood table): one line for the image's blood
+        (``blood-line``) or a line per pixel on box-averaged echoes (``linear-in-gd``, also the fallback)."""
         if self.context.header is None:
-            raise GadgetError("aif-t2star r2star_model = 'linear-in-gd' needs the MRD XML header (the AIF "
-                              "sequence's blood table); none was sent")
+            raise GadgetError(f"aif-t2star r2star_model = {self.settings.r2star_model!r} needs the MRD XML header "
+                              f"(the AIF sequence's blood table); none was sent")
         sequence = gd_conversion.sequence_from_header(self.context.header, gd_conversion.AIF_ENCODING)
         table = gd_conversion.lookup_table(sequence, "blood", gd_conversion.AIF_GD_MAX_MMOL_L)
-        return t2star.t2star_correct_gd_model(
-            item.data[0], item.data[1], item.echo_times_ms[0], item.echo_times_ms[1], item.n_pd_frames,
-            lambda ratio: gd_conversion.ratio_to_gd_continued_below_zero(ratio, table),
-            smoothing_px=self.settings.smoothing_px, combine_echoes=self.settings.combine_echoes)
+        echo1, echo2 = item.data[0], item.data[1]
+        te1, te2 = item.echo_times_ms[0], item.echo_times_ms[1]
+
+        def to_gd(ratio: np.ndarray) -> np.ndarray:
+            return gd_conversion.ratio_to_gd_continued_below_zero(ratio, table)
+
+        if self.settings.r2star_model == "blood-line":
+            try:
+                corrected, line = t2star.t2star_correct_blood_line(
+                    echo1, echo2, te1, te2, item.n_pd_frames, to_gd, combine_echoes=self.settings.combine_echoes,
+                    blood_fraction=self.settings.blood_fraction)
+            except t2star.EchoError as error:
+                self.log.warning("AIF T2*: no blood R2* line (%s); R2* fitted per pixel on %d x %d boxes instead",
+                               error, self.settings.smoothing_px, self.settings.smoothing_px)
+            else:
+                self.log.info("AIF T2*: blood R2* = %.1f + %.2f Gd 1/s (%d blood pixels)", line.r2star_0_per_s,
+                            line.slope_per_mmol_l, line.blood_pixels)
+                return corrected
+        return t2star.t2star_correct_gd_model(echo1, echo2, te1, te2, item.n_pd_frames, to_gd,
+                                              smoothing_px=self.settings.smoothing_px,
+                                              combine_echoes=self.settings.combine_echoes)
 
 
 class SurfaceCoilSettings(GadgetSettings):
