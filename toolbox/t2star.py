@@ -9,7 +9,9 @@ section 2). With two echoes TE1 < TE2 the decay rate is
 
 and the echo-1 signal extrapolated to TE = 0 is S1 * exp(TE1 * R2*). Per frame that rate is noisy
 where the signal is low; :func:`t2star_correct_gd_model` instead fits R2*(t) = R2*_0 + k Gd(t) per
-pixel over all frames (docs/preprocessing.md, "AIF T2* correction by a pool model").
+pixel over all frames (docs/preprocessing.md, "AIF T2* correction by a pool model"), and
+:func:`t2star_correct_blood_line` fits one such line for all the blood of the image (docs/preprocessing.md,
+"One R2* line for the image's blood").
 """
 
 from __future__ import annotations
