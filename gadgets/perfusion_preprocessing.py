@@ -129,7 +129,7 @@ class T2StarSettings(GadgetSettings):
         "extrapolated to TE = 0 with the fitted R2* (t2star.t2star_correct_gd_model), not echo 1 alone: less "
         "noise in the small LV pools whose AIF scatters most (docs/preprocessing.md, 'Both echoes for the AIF')"))
     blood_fraction: float = Field(0.5, gt=0.0, lt=1.0, description=(
-        "blood-line: blood pixels peak at this fraction of the image's 99th-percentile peak Gd or more"))
+        "blood-line: blood pixels' Gd rises by at least this fraction of the image's 99th-percentile rise"))
 
     @model_validator(mode="after")
     def _check_combination(self) -> T2StarSettings:
@@ -192,10 +192,10 @@ class AifT2StarCorrection(PureGadget):
                     blood_fraction=self.settings.blood_fraction)
             except t2star.EchoError as error:
                 self.log.warning("AIF T2*: no blood R2* line (%s); R2* fitted per pixel on %d x %d boxes instead",
-                               error, self.settings.smoothing_px, self.settings.smoothing_px)
+                                 error, self.settings.smoothing_px, self.settings.smoothing_px)
             else:
                 self.log.info("AIF T2*: blood R2* = %.1f + %.2f Gd 1/s (%d blood pixels)", line.r2star_0_per_s,
-                            line.slope_per_mmol_l, line.blood_pixels)
+                              line.slope_per_mmol_l, line.blood_pixels)
                 return corrected
         return t2star.t2star_correct_gd_model(echo1, echo2, te1, te2, item.n_pd_frames, to_gd,
                                               smoothing_px=self.settings.smoothing_px,
