@@ -247,7 +247,7 @@ def blood_line_r2star_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
         gd = _gd_regressor(smooth1, fitted, te1_ms, n_pd_frames, ratio_to_gd)
         used = gd >= min_gd_fraction * gd.max(axis=0)
         used[:n_pd_frames] = True
-        w, x, y = (weight * used)[:, blood], gd[:, blood], rate[:, blood]
+        w, x, y = weight[:, blood] * used[:, blood], gd[:, blood], rate[:, blood]
         total = w.sum()
         mean_x, mean_y = float((w * x).sum() / total), float((w * y).sum() / total)
         sxx = float((w * (x - mean_x) ** 2).sum())
@@ -264,12 +264,14 @@ def _blood_pixels(smooth1: np.ndarray, n_pd_frames: int, ratio_to_gd: Callable[[
                   blood_fraction: float, pd_fraction: float, max_gd_mmol_l: float) -> np.ndarray:
     """bool [rows, cols]: the blood of :func:`blood_line_r2star_per_s` step (1) from box-averaged echo 1."""
     pd_image = smooth1[:n_pd_frames].mean(axis=0)
-    if not np.percentile(pd_image, 99) > 0:
+    pd_level = np.percentile(pd_image, 99)
+    if not pd_level > 0:
         raise EchoError("the AIF image's PD frames have no signal: cannot find the image's blood")
-    body = ndimage.binary_erosion(pd_image >= pd_fraction * np.percentile(pd_image, 99), iterations=1)
+    body = ndimage.binary_erosion(pd_image >= pd_fraction * pd_level, iterations=1)
     gd = _gd_regressor(smooth1, np.zeros(smooth1.shape), 0.0, n_pd_frames, ratio_to_gd)[n_pd_frames:]
     running = ndimage.uniform_filter1d(gd, 3, axis=0, mode="nearest")
-    top, rise = running.max(axis=0), running.max(axis=0) - running.min(axis=0)
+    top = running.max(axis=0)
+    rise = top - running.min(axis=0)
     candidates = body & (top < max_gd_mmol_l)
     if not candidates.any():
         raise EchoError("no AIF pixel inside the body with a plausible Gd: cannot find the image's blood")
@@ -285,8 +287,9 @@ def t2star_correct_blood_line(echo1: np.ndarray, echo2: np.ndarray, te1_ms: floa
     fitted, line = blood_line_r2star_per_s(echo1, echo2, te1_ms, te2_ms, n_pd_frames, ratio_to_gd, **line_options)
     logger.debug("T2* blood line: R2*_0 %.1f 1/s, slope %.2f 1/s per mmol/L, %d blood pixels",
                  line.r2star_0_per_s, line.slope_per_mmol_l, line.blood_pixels)
-    echo1, echo2 = _checked_echoes(echo1, echo2, te1_ms, te2_ms)
-    return _extrapolated(echo1, echo2, fitted, te1_ms, te2_ms, combine_echoes), line
+    # the echoes were checked by the fit
+    return _extrapolated(np.asarray(echo1, dtype=np.float64), np.asarray(echo2, dtype=np.float64), fitted,
+                         te1_ms, te2_ms, combine_echoes), line
 
 
 def _class_box(series: np.ndarray, member: np.ndarray, size_px: int) -> np.ndarray:
