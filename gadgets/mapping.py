@@ -412,6 +412,12 @@ class FlowMapSettings(GadgetSettings):
         "'The delay prior pulls stress flow down'; 0.5 s alone lost session 10's decision run; with perfusion-moco "
         "interpolation = 'cubic' it won session 13's, and 0.35 s won session 22's: the perfusion chains set "
         "0.35 s, docs/integration.md 'Session 13', 'Session 22')"))
+    delay_prefit_erosion_px: int = Field(0, ge=0, le=3, description=(
+        "BTEX: the delay pre-fit smooths and fits only the mask's pixels at least this far inside it; the "
+        "others take their nearest core pixel's prior (0: every pixel, as before). The border pixels' blood "
+        "partial volume otherwise puts the smoothed delay early (0.3-0.6 s on the phantom's stress slices) and "
+        "the prior pulls noisy pixels to a lower flow: with TRUE inputs and white noise stress reads -2.9 -> "
+        "+0.2 %; on the chain's own curves it moves the chain's global error little (docs/mapping.md 'Session 27')"))
     vp_range: tuple[float, float] = Field((0.02, 0.32), description=(
         "BTEX Vp grid, ml/ml: wider than the tissue range so that blood partial volume near the endocardium "
         "(blood fraction b adds b (1 - Hct) to Vp) is fitted as Vp, not as flow"))
@@ -686,6 +692,7 @@ class FlowMap(Gadget):
         if self.settings.model == "btex":
             kwargs["delay_smoothing_px"] = self.settings.delay_smoothing_px
             kwargs["delay_prior_sd_s"] = self.settings.delay_prior_sd_s
+            kwargs["delay_prefit_erosion_px"] = self.settings.delay_prefit_erosion_px
             kwargs["settings"] = self._btex_settings()
             if self._uses_samples(aif):
                 kwargs["settings"] = self._sampled_settings(dt_s)

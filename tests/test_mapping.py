@@ -613,3 +613,57 @@ def test_prior_penalty_is_the_sum_over_the_grid_coordinates():
     grids = np.meshgrid(*(np.arange(size, dtype=np.float64) for size in shape), indexing="ij")
     expected = sum(p * (g - c) ** 2 for g, c, p in zip(grids, centre, precision))
     np.testing.assert_array_equal(btex._prior_penalty(shape, settings), expected)
+
+
+def _ring_with_blood_at_its_edge(blood_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A myocardial ring (Fp 3 ml/min/g, delay 1 s) whose edge pixels hold ``blood_fraction`` of the
+    blood curve, which arrives without the tissue's delay: (plasma AIF, series, mask, core)."""
+    from scipy import ndimage
+
+    n = 40
+    r, c = np.indices((n, n))
+    radius = np.hypot(r - n / 2 + 0.5, c - n / 2 + 0.5)
+    mask = (radius >= 9) & (radius < 15)
+    core = ndimage.binary_erosion(mask)
+    edge = mask & ~core
+    aif = _plasma_aif()
+    k = int(mask.sum())
+    tissue = fm.btex_tissue_curves(aif, DT, np.full(k, 3.0), np.full(k, 1.3), np.full(k, 0.07), np.full(k, 0.25),
+                                   np.full(k, 1.0))
+    series = np.zeros((T, n, n))
+    series[:, mask] = tissue.T
+    series[:, edge] = (1 - blood_fraction) * series[:, edge] + blood_fraction * (aif * (1 - 0.42))[:, None]
+    return aif, series, mask, core
+
+
+def test_a_core_only_delay_pre_fit_keeps_the_edge_blood_out_of_the_core_pixels_delay():
+    """The edge pixels' blood arrives before the tissue; smoothed into the pre-fit it puts the core
+    pixels' delay prior early, and under noise the pixels follow it (docs/mapping.md "Session 27").
+    ``delay_prefit_erosion_px = 1`` pre-fits the core only. Chain-like Vp grid (21 steps)."""
+    from perfline.gadgets.mapping import FlowMap, FlowMapSettings
+
+    settings = FlowMap(FlowMapSettings(vp_steps=21))._btex_settings()
+    aif, series, mask, core = _ring_with_blood_at_its_edge(0.3)
+    clean = map_btex(series, aif, DT, mask=mask, settings=settings, delay_prior_sd_s=0.35)
+    reference = float(np.median(clean.delay_s[core]))
+    assert abs(reference - 1.0) < 0.1  # noise-free: the prior hardly acts (measured 1.03)
+    noisy = series + np.random.default_rng(0).normal(0.0, NOISE_SD, series.shape)
+    offset = {}
+    for erosion in (0, 1):
+        maps = map_btex(noisy, aif, DT, mask=mask, settings=settings, delay_prior_sd_s=0.35,
+                        delay_prefit_erosion_px=erosion)
+        offset[erosion] = float(np.median(maps.delay_s[core])) - reference
+    assert offset[0] < -0.15                    # measured -0.26: pulled to the blood's earlier arrival
+    assert abs(offset[1]) < 0.6 * abs(offset[0])  # measured +0.14
+    with pytest.raises(MappingInputError, match="delay_prefit_erosion_px must be a whole number of pixels"):
+        map_btex(noisy, aif, DT, mask=mask, delay_prefit_erosion_px=-1)
+
+
+def test_a_core_only_delay_pre_fit_falls_back_to_every_pixel_where_the_core_is_too_small():
+    """A wall two pixels thick has no core after eroding by 2: the pre-fit then uses every pixel, as with 0."""
+    aif, series, _, _ = _ring_with_blood_at_its_edge(0.0)
+    thin = np.zeros(series.shape[1:], dtype=bool)
+    thin[18:20, 8:32] = True
+    plain = map_btex(series, aif, DT, mask=thin, delay_prefit_erosion_px=0)
+    eroded = map_btex(series, aif, DT, mask=thin, delay_prefit_erosion_px=2)
+    np.testing.assert_array_equal(plain.mbf_ml_min_g, eroded.mbf_ml_min_g)

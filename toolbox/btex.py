@@ -131,6 +131,7 @@ class BtexSettings(BaseModel):
 
 CACHE_DIR_ENV = "PERFLINE_CACHE_DIR"
 SMOOTHED_STEP = 3  # the smoothed series is fitted on every k-th row and column (sigma >= 1 px)
+MIN_PREFIT_CORE = 12  # fewest core pixels for a core-only delay pre-fit (map_btex delay_prefit_erosion_px)
 # SIMEX leaves flow values at the top of the Fp grid out of its medians, as the report does (5.9 of 6)
 SIMEX_TOP_FRACTION = 0.98
 COARSE_BLOCK_COSTS = PIXEL_BLOCK * 2048  # cost entries per block of the global search (32 MB)
@@ -760,14 +761,47 @@ def _smoothed_curves(prepared, sigma_px: float, subset: np.ndarray) -> np.ndarra
     return smoothed.T
 
 
+def _core_of(prepared, erosion_px: int) -> np.ndarray:
+    """bool [P]: which fitted pixels lie at least ``erosion_px`` pixels inside the fitted region."""
+    region = np.zeros(prepared.spatial_shape, dtype=bool)
+    rows, cols = np.unravel_index(prepared.index, prepared.spatial_shape)
+    region[rows, cols] = True
+    core = ndi.binary_erosion(region, iterations=erosion_px)
+    return core[rows, cols]
+
+
+def _nearest_fill(prepared, subset: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[P] values of the fitted pixels: ``values`` on ``subset``, elsewhere the nearest subset pixel's."""
+    image = np.zeros(prepared.spatial_shape)
+    known = np.zeros(prepared.spatial_shape, dtype=bool)
+    sub_rows, sub_cols = np.unravel_index(prepared.index[subset], prepared.spatial_shape)
+    image[sub_rows, sub_cols] = values
+    known[sub_rows, sub_cols] = True
+    _, nearest = ndi.distance_transform_edt(~known, return_indices=True)
+    rows, cols = np.unravel_index(prepared.index, prepared.spatial_shape)
+    return image[nearest[0], nearest[1]][rows, cols]
+
+
 def _smoothed_delay(prepared, settings: BtexSettings, sigma_px: float, aif_table: AifTable,
-                    spillover: SpilloverModel | None = None, spillover_active: np.ndarray | None = None) -> np.ndarray:
+                    spillover: SpilloverModel | None = None, spillover_active: np.ndarray | None = None,
+                    erosion_px: int = 0) -> np.ndarray:
     """Delay (s) of every fitted pixel from a fit of the smoothed series.
 
     The smoothed series varies slowly, so only every ``SMOOTHED_STEP``-th (3rd) row and column
     is fitted; the other pixels get the bilinear interpolation of their fitted neighbours (a
     normalised convolution with a tent kernel, which respects the edge of the fitted region).
+    ``erosion_px > 0``: the same on the pixels at least that far inside the fitted region (its
+    core), every other pixel taking its nearest core pixel's delay (:func:`map_btex`).
     """
+    if erosion_px > 0:
+        core = _core_of(prepared, erosion_px)
+        if np.count_nonzero(core) >= MIN_PREFIT_CORE:
+            inner = dataclasses.replace(prepared, index=prepared.index[core], curves=prepared.curves[core])
+            delay = _smoothed_delay(inner, settings, sigma_px, aif_table, spillover,
+                                    None if spillover_active is None else spillover_active[core])
+            return _nearest_fill(prepared, core, delay)
+        logger.debug("delay pre-fit: %d core pixels (< %d), pre-fit on every pixel", np.count_nonzero(core),
+                     MIN_PREFIT_CORE)
     rows, cols = np.unravel_index(prepared.index, prepared.spatial_shape)
     step = SMOOTHED_STEP if sigma_px >= 1.0 else 1
     on_grid = (rows % step == 0) & (cols % step == 0)
@@ -849,6 +883,7 @@ def map_btex(
     settings: BtexSettings | None = None,
     delay_smoothing_px: float = 1.5,
     delay_prior_sd_s: float = 0.25,
+    delay_prefit_erosion_px: int = 0,
     aif_table: AifTable | None = None,
     spillover_curves: np.ndarray | None = None,
     spillover_masks: np.ndarray | None = None,
@@ -867,7 +902,12 @@ def map_btex(
     fit's delay is not each pixel's own (a blend of neighbours): on the phantom it sits 0.03-0.6 s
     (median about 0.25 s) before the delay of the pixels' noise-free curves, and under noise a
     tight prior pulls the pixels there, to a lower flow, most at stress (docs/mapping.md, "The
-    delay prior pulls stress flow down"). ``delay_smoothing_px = 0`` (or ``[N, time]`` input)
+    delay prior pulls stress flow down"). Most of that offset is the border: the smoothing carries
+    the blood partial volume of the mask's edge pixels (whose curves rise with the blood, before the
+    tissue) into every pixel within a few pixels of it. ``delay_prefit_erosion_px = k > 0`` smooths
+    and fits only the pixels at least ``k`` pixels inside the mask (its core) and gives every other
+    pixel the prior of its nearest core pixel (all pixels where the core has fewer than
+    ``MIN_PREFIT_CORE`` pixels; docs/mapping.md "Session 27"). ``delay_smoothing_px = 0`` (or ``[N, time]`` input)
     fits every pixel's delay freely. ``aif_table`` (from :func:`build_aif_table` of the
     same plasma AIF, ``dt_s`` and settings) skips building it again, e.g. for every slice of a scan.
     ``spillover_curves`` ``[K, time]`` (mmol/L, baseline-subtracted like the series, e.g. the
@@ -883,6 +923,9 @@ def map_btex(
     settings = settings or BtexSettings()
     if not (np.isfinite(delay_prior_sd_s) and delay_prior_sd_s > 0):
         raise MappingInputError(f"delay_prior_sd_s must be a positive number of seconds, got {delay_prior_sd_s}")
+    if int(delay_prefit_erosion_px) != delay_prefit_erosion_px or delay_prefit_erosion_px < 0:
+        raise MappingInputError(f"delay_prefit_erosion_px must be a whole number of pixels >= 0, got "
+                                f"{delay_prefit_erosion_px}")
     prepared, aif = prepare_curves(gd_series, aif_plasma_mmol_l, dt_s, mask)
     if not prepared.index.size:
         return scatter_maps(prepared, "btex")
@@ -899,7 +942,8 @@ def map_btex(
             active = masks[:, prepared.index].T  # [P, K]
     delay_prior = None
     if delay_smoothing_px > 0 and len(prepared.spatial_shape) == 2:
-        delay_prior = _smoothed_delay(prepared, settings, delay_smoothing_px, aif_table, spillover, active)
+        delay_prior = _smoothed_delay(prepared, settings, delay_smoothing_px, aif_table, spillover, active,
+                                      erosion_px=int(delay_prefit_erosion_px))
     values = _fit_values(prepared.curves, aif_table, settings, delay_prior, delay_prior_sd_s, spillover, active)
     if simex is None:
         return scatter_maps(prepared, "btex", **values)
