@@ -44,8 +44,8 @@ from perfline.gadgets.mrd_images import Contour as MrdContour
 from perfline.gadgets.mrd_images import make_image
 from perfline.gadgets.perfusion_items import AifCurve, FlowMaps, ImageGeometry, SliceSegmentation, image_point_mm
 from perfline.toolbox.aha_report import (
-    AifSummary, PerfusionReport, ReportSettings, SliceAnalysis, StudyInfo, assign_slice_levels, build_report,
-    place_rv_insertions, with_reserve,
+    FIT_LIMIT_FAILURE, AifSummary, PerfusionReport, ReportSettings, SliceAnalysis, StudyInfo, assign_slice_levels,
+    build_report, place_rv_insertions, with_reserve,
 )
 from perfline.toolbox.aif import AIF_SOURCE_HINT_REGION, AifError, first_pass_contrast
 from perfline.toolbox.rv_insertion import PlacementSettings, lv_equivalent_radius_mm
@@ -317,8 +317,10 @@ class AhaReportGadget(Gadget):
                 aif_flag.append(f"AIF peaks only {contrast:.1f} times its late level (arterial blood: at least "
                                 f"{settings.min_aif_first_pass_contrast:g}): the AIF pool may hold myocardium, "
                                 "MBF unreliable (too high)")
-            at_limit = [item for item in report.slices if item.fit_limit_fraction is not None
-                        and item.fit_limit_fraction > settings.max_fit_limit_fraction]
+            # the slices that failed BECAUSE of the fit limit (a slice that failed for its segmentation
+            # first is not counted, whatever its share at the limit)
+            at_limit = [item for item in report.slices
+                        if item.failed and any(flag.startswith(FIT_LIMIT_FAILURE) for flag in item.flags)]
             if at_limit and n_pixels < settings.small_aif_pool_pixels:
                 aif_flag.append(f"{len(at_limit)} of {len(report.slices)} slice(s) failed with most of the myocardium "
                                 f"at the fit limit and the AIF from {n_pixels} LV pool pixels: the small pool's AIF "

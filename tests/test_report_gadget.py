@@ -175,6 +175,14 @@ def test_fit_limit_failures_with_a_small_aif_pool_name_the_aif():
     assert small_at_limit.global_values.mbf_ml_min_g is None
     assert not any("fit limit and the AIF" in f for f in report_of(6.0, (4, 4)).flags)  # 16 pixels
     assert not any("fit limit and the AIF" in f for f in report_of(2.0, (2, 4)).flags)  # no slice at the limit
+    # a slice that failed for its segmentation (no LV centre) is not counted as a fit-limit failure
+    REPORT_STORE.clear()
+    scan = items(6.0)
+    scan[-1] = replace(scan[-1], mask=np.ones((2, 4), bool))
+    scan[3] = replace(scan[3], lv_center_rc=(float("nan"), float("nan")))
+    flags = PerfusionReport.model_validate_json(split(run(scan))[1][0].text).flags
+    message = [f for f in flags if "fit limit and the AIF from 8 LV pool pixels" in f]
+    assert len(message) == 1 and message[0].startswith("2 of 3 slice(s)")
 
 
 def test_aif_away_from_the_lv_is_flagged():

@@ -75,6 +75,10 @@ class ReportSettings(BaseModel):
         "blood peak, failed its basal and mid slices)"))
 
 
+# the start of the flag of a slice that fails because most of its myocardium sits at the fit limit
+FIT_LIMIT_FAILURE = "MBF at the fit limit"
+
+
 # ----------------------------------------------------------------------------------- the model
 class StudyInfo(BaseModel):
     """Who and what was scanned (from the MRD header and client parameters)."""
@@ -482,7 +486,7 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
             slice_flags.append("no MBF fit in the myocardium")
             failed = True
         elif not failed and at_limit > settings.max_fit_limit_fraction:
-            slice_flags.append(f"MBF at the fit limit (>= {settings.fit_limit_mbf_ml_min_g:g} ml/min/g) on "
+            slice_flags.append(f"{FIT_LIMIT_FAILURE} (>= {settings.fit_limit_mbf_ml_min_g:g} ml/min/g) on "
                                f"{100 * at_limit:.0f} % of the myocardium: segmentation off the myocardium, "
                                "or an AIF that reads low (small LV pool)?")
             failed = True
