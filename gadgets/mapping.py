@@ -415,9 +415,10 @@ class FlowMapSettings(GadgetSettings):
     delay_prefit_erosion_px: int = Field(0, ge=0, le=3, description=(
         "BTEX: the delay pre-fit smooths and fits only the mask's pixels at least this far inside it; the "
         "others take their nearest core pixel's prior (0: every pixel, as before). The border pixels' blood "
-        "partial volume otherwise puts the smoothed delay early (0.3-0.6 s on the phantom's stress slices) and "
-        "the prior pulls noisy pixels to a lower flow: with TRUE inputs and white noise stress reads -2.9 -> "
-        "+0.2 %; on the chain's own curves it moves the chain's global error little (docs/mapping.md 'Session 27')"))
+        "partial volume otherwise puts the smoothed delay early (0.54 s on a phantom stress slice) and the prior "
+        "pulls noisy pixels to a lower flow, the more the longer the tissue's delay: with TRUE inputs and white "
+        "noise 100 stress scans read -3.7 -> +0.4 %; on the chain's own curves it lifts stress a little and rest "
+        "by 1.4 points, a wash (docs/mapping.md 'Session 27')"))
     vp_range: tuple[float, float] = Field((0.02, 0.32), description=(
         "BTEX Vp grid, ml/ml: wider than the tissue range so that blood partial volume near the endocardium "
         "(blood fraction b adds b (1 - Hct) to Vp) is fitted as Vp, not as flow"))
