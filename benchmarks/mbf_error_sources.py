@@ -499,9 +499,64 @@ def aif_tail(seeds: range, cache: Path, aif_cache: Path | None = None) -> int:
     return 0
 
 
+def rise_time_s(time_s: np.ndarray, curve: np.ndarray, fraction: float, baseline_samples: int = 5) -> float:
+    """First time (s) a curve, less the mean of its first ``baseline_samples``, reaches ``fraction`` of its
+    peak, linearly interpolated between the samples around the crossing."""
+    values = np.asarray(curve, dtype=np.float64)
+    values = values - values[:baseline_samples].mean()
+    peak = int(np.argmax(values))
+    level = fraction * values[peak]
+    k = int(np.nonzero(values[: peak + 1] >= level)[0][0])
+    if k == 0:
+        return float(time_s[0])
+    return float(time_s[k - 1] + (level - values[k - 1]) / (values[k] - values[k - 1]) * (time_s[k] - time_s[k - 1]))
+
+
+RISE_FRACTIONS = (0.1, 0.2, 0.5)
+
+
+def tissue_arrival(seeds: range, cache: Path) -> int:
+    """How early the chain's tissue rises (docs/mapping.md "Session 27"): per scan, the mean Gd curve over the
+    report's core of the CNN myocardium (eroded 1 px, on the chain's own frames) against the phantom's over the
+    TRUE core, the difference of their rise times at 10 / 20 / 50 % of the peak (s, negative = the chain's curve
+    rises first; slice mean), with the simulator's tissue delay. Comparing over the TRUE core instead is biased:
+    the chain registers the frames to the series' own reference and the cache aligns them to the truth by whole
+    pixels, so the TRUE core sits up to half a pixel off and holds blood."""
+    from perfline.simulator import study as simulated
+    from perfline.toolbox.aha_report import _myocardial_core
+
+    rows = []
+    print("scan | tissue delay s | rise chain - truth at " + " / ".join(f"{int(100 * f)} %" for f in RISE_FRACTIONS)
+          + " (s)")
+    for seed in seeds:
+        for kind in KINDS:
+            scan = load_scan(seed, kind, cache)
+            delay = float(simulated.sample_study(seed, kind=kind).tissue.delay_s)
+            shifts = []
+            for chain_gd, true_gd, (labels, _, _), (true_labels, _, _) in zip(scan.chain_gd, scan.true_gd, scan.cnn,
+                                                                             scan.true):
+                chain = chain_gd[:, _myocardial_core(labels == 2, 1)].mean(axis=1)
+                truth = true_gd[:, _myocardial_core(true_labels == 2, 1)].mean(axis=1)
+                shifts.append([rise_time_s(scan.grid_s, chain, f) - rise_time_s(scan.grid_s, truth, f)
+                               for f in RISE_FRACTIONS])
+            shift = np.mean(shifts, axis=0)
+            rows.append((kind, delay, shift))
+            print(f"{seed - 2**30} {kind} | {delay:.2f} | " + " / ".join(f"{v:+.3f}" for v in shift))
+    for kind in KINDS:
+        kept = [(d, s) for k, d, s in rows if k == kind]
+        if not kept:
+            continue
+        delays = np.array([d for d, _ in kept])
+        shifts = np.array([s for _, s in kept])
+        slope = float(np.polyfit(delays, shifts[:, 1], 1)[0]) if len(kept) > 2 and np.ptp(delays) > 0 else float("nan")
+        print(f"{kind} ({len(kept)} scans): mean " + " / ".join(f"{v:+.3f}" for v in shifts.mean(axis=0))
+              + f" s; at 20 %: {slope:+.3f} s per s of tissue delay")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("prepare", "attribute", "aif-tail"))
+    parser.add_argument("command", choices=("prepare", "attribute", "aif-tail", "tissue-arrival"))
     parser.add_argument("--first-seed", type=int, default=2**30)
     parser.add_argument("--studies", type=int, default=8)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -547,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "aif-tail":
         return aif_tail(seeds, args.cache, args.aif_cache)
+    if args.command == "tissue-arrival":
+        return tissue_arrival(seeds, args.cache)
     from perfline.gadgets.mapping import FlowMapSettings
 
     flow_map = FlowMapSettings(**json.loads(args.flow_map))

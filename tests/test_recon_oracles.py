@@ -111,3 +111,24 @@ def test_bad_oracle_requests_are_refused(tmp_path):
     with pytest.raises(ValueError, match="noise-free"):
         sources.prepare_scan(SEED, "stress", tmp_path, oracle="image")
     assert not list(tmp_path.iterdir())  # refused before anything was simulated
+
+
+def test_rise_time_of_a_shifted_curve_and_of_one_with_a_little_early_blood():
+    """``mbf_error_sources.rise_time_s`` (the tissue-arrival lab, docs/mapping.md "Session 27"): a curve
+    moved 0.3 s earlier rises 0.3 s earlier at every fraction of its peak (within the linear
+    interpolation between 0.5 s samples); 2 % of an earlier, taller blood curve moves the 10 % crossing
+    most and the 50 % crossing least."""
+    sources = _module("mbf_error_sources")
+    t = np.arange(0.0, 40.0, 0.5)
+
+    def gamma(start: float, scale: float) -> np.ndarray:
+        x = np.clip(t - start, 0.0, None)
+        return scale * x**2 * np.exp(-x / 2.0)
+
+    tissue = gamma(10.0, 0.05)
+    for fraction in (0.1, 0.2, 0.5):
+        shift = sources.rise_time_s(t, gamma(9.7, 0.05), fraction) - sources.rise_time_s(t, tissue, fraction)
+        assert abs(shift + 0.3) < 0.05
+    blood = gamma(9.0, 1.0)
+    early = [sources.rise_time_s(t, tissue + 0.02 * blood, f) - sources.rise_time_s(t, tissue, f) for f in (0.1, 0.5)]
+    assert early[0] < early[1] < 0.0
