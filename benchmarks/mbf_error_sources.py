@@ -280,7 +280,8 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
             spillover = None
     simex = simex_options(flow_map, labels, slice_index) if flow_map.simex_pairs and labels is not None else None
     maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=flow_map.delay_smoothing_px,
-                    delay_prior_sd_s=flow_map.delay_prior_sd_s, delay_prefit_erosion_px=flow_map.delay_prefit_erosion_px,
+                    delay_prior_sd_s=flow_map.delay_prior_sd_s,
+                    delay_prefit_erosion_px=flow_map.delay_prefit_erosion_px,
                     aif_table=table_cache[key], spillover_curves=spillover, spillover_masks=reach, simex=simex)
     return maps.mbf_ml_min_g.astype(np.float64)
 

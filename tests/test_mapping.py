@@ -653,7 +653,7 @@ def test_a_core_only_delay_pre_fit_keeps_the_edge_blood_out_of_the_core_pixels_d
         maps = map_btex(noisy, aif, DT, mask=mask, settings=settings, delay_prior_sd_s=0.35,
                         delay_prefit_erosion_px=erosion)
         offset[erosion] = float(np.median(maps.delay_s[core])) - reference
-    assert offset[0] < -0.15                    # measured -0.26 (seeds 0-2: -0.25 to -0.30): the blood's earlier arrival
+    assert offset[0] < -0.15                    # measured -0.26 (seeds 0-2: -0.25 to -0.30): the blood's arrival
     assert offset[1] - offset[0] > 0.25         # measured +0.41 (0.38-0.40)
     assert abs(offset[1]) < abs(offset[0])      # measured +0.15 (0.08-0.15)
     with pytest.raises(MappingInputError, match="delay_prefit_erosion_px must be a whole number of pixels"):

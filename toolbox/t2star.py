@@ -268,7 +268,7 @@ def _blood_pixels(smooth1: np.ndarray, n_pd_frames: int, ratio_to_gd: Callable[[
     if not pd_level > 0:
         raise EchoError("the AIF image's PD frames have no signal: cannot find the image's blood")
     body = ndimage.binary_erosion(pd_image >= pd_fraction * pd_level, iterations=1)
-    gd = _gd_regressor(smooth1, np.zeros(smooth1.shape), 0.0, n_pd_frames, ratio_to_gd)[n_pd_frames:]
+    gd = _gd_regressor(smooth1, 0.0, 0.0, n_pd_frames, ratio_to_gd)[n_pd_frames:]  # uncorrected echo 1
     running = ndimage.uniform_filter1d(gd, 3, axis=0, mode="nearest")
     top = running.max(axis=0)
     rise = top - running.min(axis=0)
@@ -306,10 +306,10 @@ def _class_box(series: np.ndarray, member: np.ndarray, size_px: int) -> np.ndarr
     return out
 
 
-def _gd_regressor(smooth1: np.ndarray, fitted: np.ndarray, te1_ms: float, n_pd_frames: int,
+def _gd_regressor(smooth1: np.ndarray, fitted: np.ndarray | float, te1_ms: float, n_pd_frames: int,
                   ratio_to_gd: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Each pixel's Gd per frame: echo 1 corrected with the current R2*, over its mean PD frame, through
-    ``ratio_to_gd``; PD frames are Gd 0."""
+    """Each pixel's Gd per frame: echo 1 corrected with the current R2* ``fitted`` (1/s, per pixel and frame,
+    or one number), over its mean PD frame, through ``ratio_to_gd``; PD frames are Gd 0."""
     corrected = smooth1 * np.exp(fitted * (te1_ms * 1e-3))
     pd_image = corrected[:n_pd_frames].mean(axis=0)
     ratio = corrected / np.where(pd_image > 0, pd_image, np.inf)
