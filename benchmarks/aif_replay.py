@@ -228,12 +228,16 @@ def check(directory: Path, from_t2star: bool = False) -> int:
 def refit_mbf(path: Path, curve: Any, cache: Path, chain_dir: Path | None = None) -> dict[str, float]:
     """Global MBF error (%) and sector mean abs error (%) of one captured scan refitted with ``curve``
     (an ``AifCurve``) and the chain's cached tissue series (``cache``: the capture's ``chain`` folder),
-    flow-map at ``chain_dir``'s ``perfusion`` settings (None: the shipped chain's), report summary as
-    ``mbf_error_sources``."""
+    flow-map and aha-report at ``chain_dir``'s ``perfusion`` settings (None: the shipped chain's), report
+    summary as ``mbf_error_sources``."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mbf_error_sources as sources
 
-    flow_map = chain_settings(chain_dir)["flow-map"]
+    from perfline.toolbox.aha_report import ReportSettings
+
+    settings = chain_settings(chain_dir)
+    flow_map = settings["flow-map"]
+    report = ReportSettings(**settings["aha-report"].model_dump(include=set(ReportSettings.model_fields)))
     seed, kind = path.stem.split("_")
     scan = sources.load_scan(int(seed), kind, cache)
     arrival = curve.arrival_time_s
@@ -243,7 +247,7 @@ def refit_mbf(path: Path, curve: Any, cache: Path, chain_dir: Path | None = None
     fine = sources.fine_chain_aif(curve.sample_time_s, curve.sample_blood_gd_mmol_l, scan.grid_s, upsample,
                                   flow_map.aif_smoothing, arrival)
     global_pct, sectors_pct = sources.errors_pct(scan, *sources.fit_and_summarise(
-        scan, scan.chain_gd, grid_aif, (fine, upsample), scan.cnn, flow_map, place_rv=True))
+        scan, scan.chain_gd, grid_aif, (fine, upsample), scan.cnn, flow_map, place_rv=True, report_settings=report))
     return {"global_pct": global_pct, "sectors_abs_pct": sectors_pct}
 
 

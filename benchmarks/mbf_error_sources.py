@@ -282,19 +282,21 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
     maps = map_btex(tissue, plasma, dt_s, mask=mask, settings=settings, delay_smoothing_px=flow_map.delay_smoothing_px,
                     delay_prior_sd_s=flow_map.delay_prior_sd_s,
                     delay_prefit_erosion_px=flow_map.delay_prefit_erosion_px,
+                    delay_prefit_erosion_shape=flow_map.delay_prefit_erosion_shape,
                     aif_table=table_cache[key], spillover_curves=spillover, spillover_masks=reach, simex=simex)
     return maps.mbf_ml_min_g.astype(np.float64)
 
 
 def summarise(mbf: list[np.ndarray], segmentation: list[tuple[np.ndarray, tuple[float, float], float]],
               levels: tuple[str, ...], global_statistic: str = "sectors", *,
-              place_rv: bool = False) -> tuple[float, np.ndarray]:
+              place_rv: bool = False, report_settings: object | None = None) -> tuple[float, np.ndarray]:
     """(global, [16] sector) MBF as ``perfline evaluate --mbf`` takes them from the report
     (``build_report`` defaults: sector medians without the border ring and the fit-limit pixels,
     failing slices dropped; ``study_mbf_from_report``: global from the sector medians), or with
     ``global_statistic="report-median"`` the report's global median (the evaluation before 2026-11-26 21:00).
     ``place_rv``: the RV insertions placed across the slices as ``aha-report`` does since 2026-11-26
-    (``place_rv_insertions``, default settings; for the CNN's labels; the true labels keep the truth's)."""
+    (``place_rv_insertions``, default settings; for the CNN's labels; the true labels keep the truth's).
+    ``report_settings``: ``aha_report.ReportSettings`` of the report (default: its defaults)."""
     from perfline.toolbox.aha_report import SliceAnalysis, build_report, place_rv_insertions
     from perfline.toolbox.mbf_evaluation import study_mbf_from_report
 
@@ -302,7 +304,7 @@ def summarise(mbf: list[np.ndarray], segmentation: list[tuple[np.ndarray, tuple[
               for i, (m, (labels, centre, rvi)) in enumerate(zip(mbf, segmentation))]
     if place_rv:
         slices = place_rv_insertions(slices, list(levels))
-    report = build_report(slices, levels=list(levels))
+    report = build_report(slices, levels=list(levels), settings=report_settings)
     study = study_mbf_from_report(report.model_dump())
     value = study.global_mbf
     if global_statistic == "report-median":
@@ -326,11 +328,11 @@ def fit_and_summarise(scan: ScanInputs, series: Sequence[np.ndarray], blood_aif:
                       fine_blood_aif: tuple[np.ndarray, int] | None,
                       segmentation: list[tuple[np.ndarray, tuple[float, float], float]], flow_map: FlowMapSettings,
                       *, place_rv: bool, global_statistic: str = "sectors", tissue_sampling: bool = True,
-                      tables: dict | None = None) -> tuple[float, np.ndarray]:
+                      tables: dict | None = None, report_settings: object | None = None) -> tuple[float, np.ndarray]:
     """(global, [16] sector) MBF of one scan: every slice's ``series`` fitted by :func:`fit_slice` with the
     labels of ``segmentation`` (its table sampled at the slice's acquisition times when ``tissue_sampling``
-    and a fine AIF are given), summarised by :func:`summarise`. ``tables``: :func:`fit_slice`'s table cache,
-    to share between calls with the same AIF."""
+    and a fine AIF are given), summarised by :func:`summarise` (with ``report_settings``). ``tables``:
+    :func:`fit_slice`'s table cache, to share between calls with the same AIF."""
     dt_s = float(np.mean(np.diff(scan.grid_s)))
     tables = {} if tables is None else tables
     maps = []
@@ -338,7 +340,8 @@ def fit_and_summarise(scan: ScanInputs, series: Sequence[np.ndarray], blood_aif:
         sampled = (scan.grid_s, scan.slice_times[index]) if (tissue_sampling and fine_blood_aif is not None) else None
         maps.append(fit_slice(series[index], blood_aif, scan.hematocrit, dt_s, labels == 2, tables, flow_map,
                               fine_blood_aif=fine_blood_aif, sampling=sampled, labels=labels, slice_index=index))
-    return summarise(maps, segmentation, scan.levels, global_statistic, place_rv=place_rv)
+    return summarise(maps, segmentation, scan.levels, global_statistic, place_rv=place_rv,
+                     report_settings=report_settings)
 
 
 def errors_pct(scan: ScanInputs, global_mbf: float, sectors: np.ndarray) -> tuple[float, float]:

@@ -419,6 +419,11 @@ class FlowMapSettings(GadgetSettings):
         "pulls noisy pixels to a lower flow, the more the longer the tissue's delay: with TRUE inputs and white "
         "noise 100 stress scans read -3.7 -> +0.4 %; on the chain's own curves it lifts stress a little and rest "
         "by 1.4 points, a wash (docs/mapping.md 'Session 27')"))
+    delay_prefit_erosion_shape: Literal["cross", "square"] = Field("cross", description=(
+        "BTEX: how delay_prefit_erosion_px erodes the mask: through edge neighbours ('cross': a pixel touching "
+        "the edge at a corner stays in the core) or all 8 neighbours ('square': the corner pixels next to the "
+        "LV blood carry about 2.5 % blood and kept the pre-fit's delay 0.4-0.5 s early; docs/mapping.md "
+        "'Session 28')"))
     vp_range: tuple[float, float] = Field((0.02, 0.32), description=(
         "BTEX Vp grid, ml/ml: wider than the tissue range so that blood partial volume near the endocardium "
         "(blood fraction b adds b (1 - Hct) to Vp) is fitted as Vp, not as flow"))
@@ -694,6 +699,7 @@ class FlowMap(Gadget):
             kwargs["delay_smoothing_px"] = self.settings.delay_smoothing_px
             kwargs["delay_prior_sd_s"] = self.settings.delay_prior_sd_s
             kwargs["delay_prefit_erosion_px"] = self.settings.delay_prefit_erosion_px
+            kwargs["delay_prefit_erosion_shape"] = self.settings.delay_prefit_erosion_shape
             kwargs["settings"] = self._btex_settings()
             if self._uses_samples(aif):
                 kwargs["settings"] = self._sampled_settings(dt_s)

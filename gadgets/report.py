@@ -61,6 +61,9 @@ class AhaReportSettings(GadgetSettings):
     basal_at: Literal["lowest", "highest"] = Field("lowest", description="end of the slice-normal order that is basal")
     border_exclusion_px: int = Field(1, ge=0, le=5, description=(
         "MBF statistics leave out myocardial pixels this close to the endo/epicardial border (partial volume)"))
+    lv_corner_exclusion: bool = Field(False, description=(
+        "also leave out the myocardial pixels that touch the LV blood pool only at a corner (their curves carry "
+        "about 2.5 % LV blood; docs/mapping.md 'Session 28')"))
     mbf_series_index: int = Field(20, ge=0, description="image_series_index of the MBF maps (PS +1, Vp +2)")
     report_series_index: int = Field(30, ge=0, description="image_series_index of the report image")
     send_ps_vp: bool = Field(True, description="also send PS and Vp maps when the model fitted them")

@@ -280,3 +280,27 @@ def test_schema_file_is_current():
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "docs" / "report_schema.json"
     assert json.loads(path.read_text()) == report_json_schema()
+
+
+def test_lv_corner_exclusion_leaves_out_the_pixels_that_touch_the_lv_pool_diagonally():
+    """The border ring (edge neighbours) keeps the pixels that touch the LV blood pool only at a corner; their
+    curves carry LV blood (docs/mapping.md "Session 28"). With ``lv_corner_exclusion`` the statistics leave
+    them out; the epicardial side is unchanged."""
+    labels = ring_labels()
+    myocardium = labels == 2
+    lv = labels == 1
+    ring = myocardium & ~ndimage.binary_erosion(myocardium)
+    edge_touching = ndimage.binary_dilation(lv) & myocardium          # the LV border ring (edge neighbours)
+    corners = ndimage.binary_dilation(lv, np.ones((3, 3), bool)) & myocardium & ~edge_touching
+    assert corners.sum() > 8 and not (corners & ring).any()           # the border ring keeps them
+    slices = three_slices(values={seg: 2.0 for seg in range(1, 17)})
+    for item in slices:
+        item.mbf_ml_min_g[corners] = 0.5                              # what blood-contaminated corner pixels read
+    plain = build_report(slices)
+    excluded = build_report(slices, settings=ReportSettings(lv_corner_exclusion=True))
+    analysed = int((myocardium & ~ring).sum())
+    assert plain.slices[1].n_myocardium_pixels == excluded.slices[1].n_myocardium_pixels == int(myocardium.sum())
+    assert plain.global_values.n_pixels == 3 * analysed
+    assert excluded.global_values.n_pixels == 3 * (analysed - int(corners.sum()))
+    assert plain.global_values.mbf_mean_ml_min_g < 2.0
+    assert excluded.global_values.mbf_mean_ml_min_g == pytest.approx(2.0)

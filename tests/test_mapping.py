@@ -615,16 +615,18 @@ def test_prior_penalty_is_the_sum_over_the_grid_coordinates():
     np.testing.assert_array_equal(btex._prior_penalty(shape, settings), expected)
 
 
-def _ring_with_blood_at_its_edge(blood_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _ring_with_blood_at_its_edge(blood_fraction: float, corners: bool = False
+                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A myocardial ring (Fp 3 ml/min/g, delay 1 s) whose edge pixels hold ``blood_fraction`` of the
-    blood curve, which arrives without the tissue's delay: (plasma AIF, series, mask, core)."""
+    blood curve, which arrives without the tissue's delay: (plasma AIF, series, mask, core). ``corners``:
+    also the pixels that touch the outside only at a corner (the core is then the square erosion)."""
     from scipy import ndimage
 
     n = 40
     r, c = np.indices((n, n))
     radius = np.hypot(r - n / 2 + 0.5, c - n / 2 + 0.5)
     mask = (radius >= 9) & (radius < 15)
-    core = ndimage.binary_erosion(mask)
+    core = ndimage.binary_erosion(mask, np.ones((3, 3), bool) if corners else None)
     edge = mask & ~core
     aif = _plasma_aif()
     k = int(mask.sum())
@@ -658,6 +660,29 @@ def test_a_core_only_delay_pre_fit_keeps_the_edge_blood_out_of_the_core_pixels_d
     assert abs(offset[1]) < abs(offset[0])      # measured +0.15 (0.08-0.15)
     with pytest.raises(MappingInputError, match="delay_prefit_erosion_px must be a whole number of pixels"):
         map_btex(noisy, aif, DT, mask=mask, delay_prefit_erosion_px=-1)
+
+
+def test_a_square_pre_fit_core_also_keeps_the_corner_pixels_blood_out():
+    """Blood in the pixels that touch the edge only at a corner (as next to the CNN's LV pool, docs/mapping.md
+    "Session 28") stays in a core eroded through edge neighbours ("cross") and moves its pre-fit early; the
+    "square" erosion leaves it out. The chain's delay grid (0.125 s, that of its sampled table): on the 0.25 s
+    grid the unconstrained pre-fit itself lands 0.1 s late on this curve, between two delay nodes."""
+    from perfline.gadgets.mapping import FlowMap, FlowMapSettings
+
+    settings = FlowMap(FlowMapSettings(vp_steps=21))._btex_settings().model_copy(update={"delay_step_s": 0.125})
+    aif, series, mask, core = _ring_with_blood_at_its_edge(0.3, corners=True)
+    noisy = series + np.random.default_rng(0).normal(0.0, NOISE_SD, series.shape)
+    offset, mbf = {}, {}
+    for shape in ("cross", "square"):
+        maps = map_btex(noisy, aif, DT, mask=mask, settings=settings, delay_prior_sd_s=0.35,
+                        delay_prefit_erosion_px=1, delay_prefit_erosion_shape=shape)
+        offset[shape] = float(np.median(maps.delay_s[core])) - 1.0
+        mbf[shape] = float(np.median(maps.mbf_ml_min_g[core]))
+    assert offset["cross"] < -0.15                # measured -0.17 (seeds 0-2: the noise-free fit's 1.04 s - 0.21..0.25)
+    assert abs(offset["square"]) < 0.1            # measured +0.06 (seeds 0-2: 1.04 s - 0.04..+0.02)
+    assert mbf["cross"] < 0.85 * 3.0 < 2.7 < mbf["square"] < 3.5  # measured 2.41 / 3.29 (true 3.0, noise-free 3.18)
+    with pytest.raises(MappingInputError, match="delay_prefit_erosion_shape must be one of"):
+        map_btex(noisy, aif, DT, mask=mask, delay_prefit_erosion_px=1, delay_prefit_erosion_shape="disk")
 
 
 def test_a_core_only_delay_pre_fit_falls_back_to_every_pixel_where_the_core_is_too_small():

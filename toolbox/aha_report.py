@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 # 1.5: slices[].fit_limit_fraction (the share of analysed pixels at the flow grid's top, left out)
 REPORT_SCHEMA_VERSION = "1.5"
 MYOCARDIUM_LABEL = 2
+LV_BLOOD_LABEL = 1
 SEGMENTS_OF_LEVEL: dict[str, tuple[int, ...]] = {
     "basal": tuple(range(1, 7)), "mid": tuple(range(7, 13)), "apical": tuple(range(13, 17)),
 }
@@ -63,6 +64,11 @@ class ReportSettings(BaseModel):
         "MBF statistics leave out myocardial pixels within this many pixels of the endo/epicardial border "
         "(blood partial volume makes their pixel-wise fit unreliable); a sector keeps all its pixels when "
         "fewer than 3 would remain"))
+    lv_corner_exclusion: bool = Field(False, description=(
+        "with border_exclusion_px = k > 0, also leave out myocardial pixels within k pixels of the LV blood pool "
+        "through a corner (all 8 neighbours): the border ring keeps the pixels that touch the pool diagonally, "
+        "and their curves carry about 2.5 % LV blood, 10 times the tissue's Gd during the first pass "
+        "(docs/mapping.md 'Session 28')"))
     fit_limit_mbf_ml_min_g: float = Field(5.9, gt=0, description=(
         "pixels with MBF at or above this value sit at the top of the flow fit's grid (BTEX: 6.0 ml/min/g)"))
     exclude_fit_limit: bool = Field(True, description=(
@@ -380,11 +386,15 @@ def _stats(values: np.ndarray) -> tuple[float | None, float | None, float | None
     return float(np.mean(finite)), float(np.median(finite)), float(np.std(finite))
 
 
-def _myocardial_core(myocardium: np.ndarray, border_px: int) -> np.ndarray:
-    """The myocardium without its outer ``border_px`` pixel rings (all of it if nothing remains)."""
+def _myocardial_core(myocardium: np.ndarray, border_px: int, lv_blood: np.ndarray | None = None) -> np.ndarray:
+    """The myocardium without its outer ``border_px`` pixel rings (eroded through edge neighbours) and, with
+    ``lv_blood``, without the pixels within ``border_px`` pixels of it through any of the 8 neighbours; all of
+    it if nothing remains."""
     if border_px <= 0:
         return myocardium
     core = ndi.binary_erosion(myocardium, iterations=border_px)
+    if lv_blood is not None and lv_blood.any():
+        core &= ~ndi.binary_dilation(lv_blood, np.ones((3, 3), dtype=bool), iterations=border_px)
     return core if core.any() else myocardium
 
 
@@ -474,7 +484,8 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
             slice_flags.append("no RV insertion found")
         elif not all(math.isfinite(v) for v in item.lv_center_rc):
             slice_flags.append("no LV centre found")
-        analysed = _myocardial_core(myocardium, settings.border_exclusion_px)
+        lv_blood = np.asarray(item.labels) == LV_BLOOD_LABEL if settings.lv_corner_exclusion else None
+        analysed = _myocardial_core(myocardium, settings.border_exclusion_px, lv_blood)
         mbf = np.asarray(item.mbf_ml_min_g, dtype=np.float64)
         # the fit limit is the top of the fit's grid: tested on the fit's own values, before a noise-bias
         # correction moved them (a valid fit at 5.8 divided by 0.97 is not at the limit)

@@ -132,6 +132,8 @@ class BtexSettings(BaseModel):
 CACHE_DIR_ENV = "PERFLINE_CACHE_DIR"
 SMOOTHED_STEP = 3  # the smoothed series is fitted on every k-th row and column (sigma >= 1 px)
 MIN_PREFIT_CORE = 12  # fewest core pixels for a core-only delay pre-fit (map_btex delay_prefit_erosion_px)
+# structuring elements of the pre-fit core's erosion (map_btex delay_prefit_erosion_shape)
+EROSION_SHAPES = {"cross": ndi.generate_binary_structure(2, 1), "square": np.ones((3, 3), dtype=bool)}
 # SIMEX leaves flow values at the top of the Fp grid out of its medians, as the report does (5.9 of 6)
 SIMEX_TOP_FRACTION = 0.98
 COARSE_BLOCK_COSTS = PIXEL_BLOCK * 2048  # cost entries per block of the global search (32 MB)
@@ -761,12 +763,13 @@ def _smoothed_curves(prepared, sigma_px: float, subset: np.ndarray) -> np.ndarra
     return smoothed.T
 
 
-def _core_of(prepared, erosion_px: int) -> np.ndarray:
-    """bool [P]: which fitted pixels lie at least ``erosion_px`` pixels inside the fitted region."""
+def _core_of(prepared, erosion_px: int, shape: str = "cross") -> np.ndarray:
+    """bool [P]: which fitted pixels lie at least ``erosion_px`` pixels inside the fitted region
+    (``shape``: through edge neighbours, "cross", or all 8 neighbours, "square")."""
     region = np.zeros(prepared.spatial_shape, dtype=bool)
     rows, cols = np.unravel_index(prepared.index, prepared.spatial_shape)
     region[rows, cols] = True
-    core = ndi.binary_erosion(region, iterations=erosion_px)
+    core = ndi.binary_erosion(region, EROSION_SHAPES[shape], iterations=erosion_px)
     return core[rows, cols]
 
 
@@ -784,17 +787,18 @@ def _nearest_fill(prepared, subset: np.ndarray, values: np.ndarray) -> np.ndarra
 
 def _smoothed_delay(prepared, settings: BtexSettings, sigma_px: float, aif_table: AifTable,
                     spillover: SpilloverModel | None = None, spillover_active: np.ndarray | None = None,
-                    erosion_px: int = 0) -> np.ndarray:
+                    erosion_px: int = 0, erosion_shape: str = "cross") -> np.ndarray:
     """Delay (s) of every fitted pixel from a fit of the smoothed series.
 
     The smoothed series varies slowly, so only every ``SMOOTHED_STEP``-th (3rd) row and column
     is fitted; the other pixels get the bilinear interpolation of their fitted neighbours (a
     normalised convolution with a tent kernel, which respects the edge of the fitted region).
     ``erosion_px > 0``: the same on the pixels at least that far inside the fitted region (its
-    core), every other pixel taking its nearest core pixel's delay (:func:`map_btex`).
+    core, eroded with ``erosion_shape``), every other pixel taking its nearest core pixel's delay
+    (:func:`map_btex`).
     """
     if erosion_px > 0:
-        core = _core_of(prepared, erosion_px)
+        core = _core_of(prepared, erosion_px, erosion_shape)
         if np.count_nonzero(core) >= MIN_PREFIT_CORE:
             inner = dataclasses.replace(prepared, index=prepared.index[core], curves=prepared.curves[core])
             delay = _smoothed_delay(inner, settings, sigma_px, aif_table, spillover,
@@ -884,6 +888,7 @@ def map_btex(
     delay_smoothing_px: float = 1.5,
     delay_prior_sd_s: float = 0.25,
     delay_prefit_erosion_px: int = 0,
+    delay_prefit_erosion_shape: str = "cross",
     aif_table: AifTable | None = None,
     spillover_curves: np.ndarray | None = None,
     spillover_masks: np.ndarray | None = None,
@@ -907,7 +912,11 @@ def map_btex(
     tissue) into every pixel within a few pixels of it. ``delay_prefit_erosion_px = k > 0`` smooths
     and fits only the pixels at least ``k`` pixels inside the mask (its core) and gives every other
     pixel the prior of its nearest core pixel (all pixels where the core has fewer than
-    ``MIN_PREFIT_CORE`` pixels; docs/mapping.md "Session 27"). ``delay_smoothing_px = 0`` (or ``[N, time]`` input)
+    ``MIN_PREFIT_CORE`` pixels; docs/mapping.md "Session 27"). ``delay_prefit_erosion_shape``: "cross"
+    erodes through edge neighbours only (a pixel that touches the edge at a corner stays in the core),
+    "square" through the 8 neighbours (the core's pixels are then at least ``k`` pixels from the edge in
+    every direction; the corner pixels next to the LV blood carry about 2.5 % blood, docs/mapping.md
+    "Session 28"). ``delay_smoothing_px = 0`` (or ``[N, time]`` input)
     fits every pixel's delay freely. ``aif_table`` (from :func:`build_aif_table` of the
     same plasma AIF, ``dt_s`` and settings) skips building it again, e.g. for every slice of a scan.
     ``spillover_curves`` ``[K, time]`` (mmol/L, baseline-subtracted like the series, e.g. the
@@ -926,6 +935,9 @@ def map_btex(
     if int(delay_prefit_erosion_px) != delay_prefit_erosion_px or delay_prefit_erosion_px < 0:
         raise MappingInputError(f"delay_prefit_erosion_px must be a whole number of pixels >= 0, got "
                                 f"{delay_prefit_erosion_px}")
+    if delay_prefit_erosion_shape not in EROSION_SHAPES:
+        raise MappingInputError(f"delay_prefit_erosion_shape must be one of {tuple(EROSION_SHAPES)}, got "
+                                f"{delay_prefit_erosion_shape!r}")
     prepared, aif = prepare_curves(gd_series, aif_plasma_mmol_l, dt_s, mask)
     if not prepared.index.size:
         return scatter_maps(prepared, "btex")
@@ -943,7 +955,8 @@ def map_btex(
     delay_prior = None
     if delay_smoothing_px > 0 and len(prepared.spatial_shape) == 2:
         delay_prior = _smoothed_delay(prepared, settings, delay_smoothing_px, aif_table, spillover, active,
-                                      erosion_px=int(delay_prefit_erosion_px))
+                                      erosion_px=int(delay_prefit_erosion_px),
+                                      erosion_shape=delay_prefit_erosion_shape)
     values = _fit_values(prepared.curves, aif_table, settings, delay_prior, delay_prior_sd_s, spillover, active)
     if simex is None:
         return scatter_maps(prepared, "btex", **values)
