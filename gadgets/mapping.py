@@ -431,6 +431,13 @@ class FlowMapSettings(GadgetSettings):
         "BTEX Vp grid points (the perfusion chains: 21, 0.015 apart; the refinement interpolates the table "
         "between them and 11 made the fit read high on perfect inputs, docs/mapping.md 'Session 17'; "
         "session-21 decision run, docs/integration.md)"))
+    visf_steps: int = Field(6, ge=3, le=40, description=(
+        "BTEX Visf grid points over 0.1-0.475 ml/ml (QPerf's 6, 0.075 apart): the refinement interpolates the "
+        "table between them; on 60 noise-free BTEX curves with the delay prior at the true delay 6 points read MBF "
+        "+3.4 % (mean; up to +55 % where the refinement stops in another valley), 9 points +2.0 %, but on 24 others "
+        "at Fp 2-4.5 the mean abs error was 3.2 % with 9 against 2.5 % with 6, and on 124 dev scans through the "
+        "chain 9 changed nothing: not a cure (docs/mapping.md 'Session 28'). The residue tables are built for each "
+        "grid on first use (minutes) and cached on disk"))
     prior_vp_sd: float = Field(0.1, gt=0.0, description="BTEX Vp prior SD (centre 0.07), ml/ml")
     coarse_stride: tuple[int, int, int, int, int] = Field((2, 2, 2, 1, 2), description=(
         "BTEX global search on every k-th grid point of (Fp, PS, Vp, Visf, delay): every Visf point (the "
@@ -762,7 +769,8 @@ class FlowMap(Gadget):
 def _table_settings(settings: FlowMapSettings) -> BtexSettings:
     """Grid and priors of flow-map's BTEX fit: what its tables depend on (the residue tables on the
     grid only, ``btex.residue_table``), so the warm-up prepares them with these."""
-    return BtexSettings(vp_range=settings.vp_range, vp_steps=settings.vp_steps, prior_vp_sd=settings.prior_vp_sd)
+    return BtexSettings(vp_range=settings.vp_range, vp_steps=settings.vp_steps, visf_steps=settings.visf_steps,
+                        prior_vp_sd=settings.prior_vp_sd)
 
 
 def _btex_settings(settings: FlowMapSettings) -> BtexSettings:

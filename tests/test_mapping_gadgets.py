@@ -577,3 +577,15 @@ def test_aif_foot_from_samples_skips_pre_bolus_bumps_and_zeroes_the_aif_before_t
     np.testing.assert_allclose(sampled.blood_gd_mmol_l[after], plain.blood_gd_mmol_l[after])  # same baseline
     plasma = _plasma_on(sampled.time_s, sampled)
     assert np.all(plasma[sampled.time_s < sampled.foot_time_s] == 0.0) and plasma[after][0] >= 0.0
+
+
+def test_flow_map_visf_steps_sets_the_tables_visf_grid():
+    """``flow-map visf_steps`` reaches the BTEX table's grid (default QPerf's 6 points over 0.1-0.475 ml/ml)."""
+    from perfline.gadgets.mapping import FlowMapSettings, _btex_settings
+
+    shipped = _btex_settings(FlowMapSettings()).axes()[3]
+    finer = _btex_settings(FlowMapSettings(visf_steps=9)).axes()[3]
+    np.testing.assert_allclose(shipped, np.linspace(0.1, 0.475, 6))
+    np.testing.assert_allclose(finer, np.linspace(0.1, 0.475, 9))
+    with pytest.raises(ValueError):
+        FlowMapSettings(visf_steps=2)
