@@ -233,11 +233,9 @@ def refit_mbf(path: Path, curve: Any, cache: Path, chain_dir: Path | None = None
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mbf_error_sources as sources
 
-    from perfline.toolbox.aha_report import ReportSettings
-
     settings = chain_settings(chain_dir)
     flow_map = settings["flow-map"]
-    report = ReportSettings(**settings["aha-report"].model_dump(include=set(ReportSettings.model_fields)))
+    report = settings["aha-report"].report_settings()
     seed, kind = path.stem.split("_")
     scan = sources.load_scan(int(seed), kind, cache)
     arrival = curve.arrival_time_s

@@ -49,6 +49,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from perfline.gadgets.mapping import FlowMapSettings
+    from perfline.toolbox.aha_report import ReportSettings
 
 logger = logging.getLogger("mbf_error_sources")
 
@@ -289,7 +290,7 @@ def fit_slice(gd: np.ndarray, blood_aif: np.ndarray, hematocrit: float, dt_s: fl
 
 def summarise(mbf: list[np.ndarray], segmentation: list[tuple[np.ndarray, tuple[float, float], float]],
               levels: tuple[str, ...], global_statistic: str = "sectors", *,
-              place_rv: bool = False, report_settings: object | None = None) -> tuple[float, np.ndarray]:
+              place_rv: bool = False, report_settings: ReportSettings | None = None) -> tuple[float, np.ndarray]:
     """(global, [16] sector) MBF as ``perfline evaluate --mbf`` takes them from the report
     (``build_report`` defaults: sector medians without the border ring and the fit-limit pixels,
     failing slices dropped; ``study_mbf_from_report``: global from the sector medians), or with
@@ -328,7 +329,7 @@ def fit_and_summarise(scan: ScanInputs, series: Sequence[np.ndarray], blood_aif:
                       fine_blood_aif: tuple[np.ndarray, int] | None,
                       segmentation: list[tuple[np.ndarray, tuple[float, float], float]], flow_map: FlowMapSettings,
                       *, place_rv: bool, global_statistic: str = "sectors", tissue_sampling: bool = True,
-                      tables: dict | None = None, report_settings: object | None = None) -> tuple[float, np.ndarray]:
+                      tables: dict | None = None, report_settings: ReportSettings | None = None) -> tuple[float, np.ndarray]:
     """(global, [16] sector) MBF of one scan: every slice's ``series`` fitted by :func:`fit_slice` with the
     labels of ``segmentation`` (its table sampled at the slice's acquisition times when ``tissue_sampling``
     and a fine AIF are given), summarised by :func:`summarise` (with ``report_settings``). ``tables``:

@@ -114,6 +114,10 @@ class AhaReportSettings(GadgetSettings):
     rv_max_apical_deg: float = Field(PlacementSettings.max_apical_deg, gt=0, description=(
         "an apical RV insertion this far from the basal / mid slices' prediction takes the prediction"))
 
+    def report_settings(self) -> ReportSettings:
+        """The toolbox report's settings (``build_report``) among these."""
+        return ReportSettings(**self.model_dump(include=set(ReportSettings.model_fields)))
+
 
 class ReportStore:
     """Thread-safe last report per (patient, scan kind), bounded, oldest patients dropped first."""
@@ -279,7 +283,7 @@ class AhaReportGadget(Gadget):
                 apical_tie_deg=settings.rv_apical_tie_deg, max_apical_deg=settings.rv_max_apical_deg))
         report = build_report(
             slices, study=study_info_from_context(self.context.header, self.context.parameters),
-            settings=ReportSettings(**settings.model_dump(include=set(ReportSettings.model_fields))),
+            settings=settings.report_settings(),
             flow_model=next(iter(maps.values())).model, levels=levels)
         aif_summary, aif_flag = None, []
         if aif is None:

@@ -29,7 +29,7 @@ import scipy.ndimage as ndi
 from pydantic import BaseModel, ConfigDict, Field
 
 from perfline.toolbox.aha import LEVELS, SEGMENT_NAMES, TERRITORIES, SliceLevel, aha_segment_map, pixel_angles_deg, territory_of
-from perfline.toolbox.rv_insertion import InsertionNotFoundError, PlacementSettings, SliceRv, place_insertions, rv_arc
+from perfline.toolbox.rv_insertion import LV_BLOOD, InsertionNotFoundError, PlacementSettings, SliceRv, place_insertions, rv_arc
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 # 1.5: slices[].fit_limit_fraction (the share of analysed pixels at the flow grid's top, left out)
 REPORT_SCHEMA_VERSION = "1.5"
 MYOCARDIUM_LABEL = 2
-LV_BLOOD_LABEL = 1
 SEGMENTS_OF_LEVEL: dict[str, tuple[int, ...]] = {
     "basal": tuple(range(1, 7)), "mid": tuple(range(7, 13)), "apical": tuple(range(13, 17)),
 }
@@ -484,7 +483,7 @@ def build_report(slices: Sequence[SliceAnalysis], *, study: StudyInfo | None = N
             slice_flags.append("no RV insertion found")
         elif not all(math.isfinite(v) for v in item.lv_center_rc):
             slice_flags.append("no LV centre found")
-        lv_blood = np.asarray(item.labels) == LV_BLOOD_LABEL if settings.lv_corner_exclusion else None
+        lv_blood = np.asarray(item.labels) == LV_BLOOD if settings.lv_corner_exclusion else None
         analysed = _myocardial_core(myocardium, settings.border_exclusion_px, lv_blood)
         mbf = np.asarray(item.mbf_ml_min_g, dtype=np.float64)
         # the fit limit is the top of the fit's grid: tested on the fit's own values, before a noise-bias
