@@ -130,6 +130,14 @@ class T2StarSettings(GadgetSettings):
         "noise in the small LV pools whose AIF scatters most (docs/preprocessing.md, 'Both echoes for the AIF')"))
     blood_fraction: float = Field(0.5, gt=0.0, lt=1.0, description=(
         "blood-line: blood pixels' Gd rises by at least this fraction of the image's 99th-percentile rise"))
+    blood_line_box_px: int = Field(3, ge=1, le=15, description=(
+        "blood-line: box (pixels) of the class averages the line is fitted on (1: each pixel's own echoes); "
+        "the average of blood pixels of different Gd lies above the line (the signal saturates), so a box "
+        "steepens the fitted slope (docs/preprocessing.md)"))
+    blood_line_regressor: Literal["class-box", "own"] = Field("class-box", description=(
+        "blood-line: evaluate the fitted line at each pixel's class-averaged Gd (class-box) or at its own Gd, "
+        "averaged over 3 frames in time and not in space (own: no pool interior carried onto its rim pixels; "
+        "t2star.blood_line_r2star_per_s, docs/preprocessing.md)"))
 
     @model_validator(mode="after")
     def _check_combination(self) -> T2StarSettings:
@@ -189,7 +197,8 @@ class AifT2StarCorrection(PureGadget):
             try:
                 corrected, line = t2star.t2star_correct_blood_line(
                     echo1, echo2, te1, te2, item.n_pd_frames, to_gd, combine_echoes=self.settings.combine_echoes,
-                    blood_fraction=self.settings.blood_fraction)
+                    blood_fraction=self.settings.blood_fraction, regressor=self.settings.blood_line_regressor,
+                    box_px=self.settings.blood_line_box_px)
             except t2star.EchoError as error:
                 self.log.warning("AIF T2*: no blood R2* line (%s); R2* fitted per pixel on %d x %d boxes instead",
                                  error, self.settings.smoothing_px, self.settings.smoothing_px)

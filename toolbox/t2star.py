@@ -187,7 +187,8 @@ def blood_line_r2star_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
                             n_pd_frames: int, ratio_to_gd: Callable[[np.ndarray], np.ndarray], *,
                             box_px: int = 3, blood_fraction: float = 0.5, pd_fraction: float = 0.25,
                             max_gd_mmol_l: float = 30.0, min_blood_pixels: int = 4, min_gd_fraction: float = 0.25,
-                            iterations: int = 4, max_r2star_per_s: float = 2000.0) -> tuple[np.ndarray, BloodLine]:
+                            iterations: int = 4, max_r2star_per_s: float = 2000.0,
+                            regressor: str = "class-box") -> tuple[np.ndarray, BloodLine]:
     """R2* (1/s) of every pixel and frame from ONE line ``R2* = R2*_0 + k Gd`` shared by the image's blood.
 
     :func:`r2star_linear_in_gd_per_s` fits the line per pixel and needs box-averaged echoes against its
@@ -222,9 +223,15 @@ def blood_line_r2star_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
         min_blood_pixels: fewer blood pixels raise :class:`EchoError`.
         iterations: fits (>= 1).
         max_r2star_per_s: the rate is clipped to [0, max_r2star_per_s].
+        regressor: where the fitted line is evaluated. ``"class-box"``: at each pixel's class-averaged Gd (the
+            regressor of the fit). ``"own"``: at each pixel's own Gd, echo 1 not averaged in space but over 3
+            frames in time (running mean), corrected with the line (two passes): the class average carries a
+            pool's interior Gd onto its rim pixels (blood by the rise, partly myocardium), whose R2* the line
+            then over-reads, and noise-free the pool's first pass reads 1-2 % high (docs/preprocessing.md,
+            "The blood line at each pixel's own Gd"). The line itself is fitted as above either way.
 
     Returns:
-        (float64 [time, rows, cols] R2* in 1/s: the line at each pixel's class-averaged Gd, :class:`BloodLine`).
+        (float64 [time, rows, cols] R2* in 1/s: the line at each pixel's Gd (``regressor``), :class:`BloodLine`).
 
     Raises:
         EchoError: echoes that cannot be used, fewer than ``min_blood_pixels`` blood pixels, or a line
@@ -235,6 +242,8 @@ def blood_line_r2star_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
         raise EchoError(f"need 1 <= n_pd_frames < frames, found {n_pd_frames} PD frames of {echo1.shape[0]}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, found {iterations}")
+    if regressor not in ("class-box", "own"):
+        raise ValueError(f"regressor must be 'class-box' or 'own', found {regressor!r}")
     blood = _blood_pixels(_box(echo1, box_px), n_pd_frames, ratio_to_gd, blood_fraction=blood_fraction,
                           pd_fraction=pd_fraction, max_gd_mmol_l=max_gd_mmol_l)
     if int(blood.sum()) < min_blood_pixels:
@@ -257,6 +266,14 @@ def blood_line_r2star_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
                             f"blood in the AIF image")
         line = BloodLine(mean_y - slope * mean_x, slope, int(blood.sum()))
         fitted = np.clip(line.r2star_0_per_s + slope * gd, 0.0, max_r2star_per_s)
+    if regressor == "own":
+        # SR frames averaged over 3 frames in time only; the PD frames keep their own mean (Gd 0 anyway)
+        own1 = echo1.copy()
+        own1[n_pd_frames:] = ndimage.uniform_filter1d(echo1[n_pd_frames:], 3, axis=0, mode="nearest")
+        fitted = np.zeros(echo1.shape)
+        for _ in range(2):
+            gd = _gd_regressor(own1, fitted, te1_ms, n_pd_frames, ratio_to_gd)
+            fitted = np.clip(line.r2star_0_per_s + line.slope_per_mmol_l * gd, 0.0, max_r2star_per_s)
     return fitted, line
 
 
@@ -280,7 +297,7 @@ def _blood_pixels(smooth1: np.ndarray, n_pd_frames: int, ratio_to_gd: Callable[[
 
 def t2star_correct_blood_line(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te2_ms: float,
                               n_pd_frames: int, ratio_to_gd: Callable[[np.ndarray], np.ndarray], *,
-                              combine_echoes: bool = False, **line_options: float) -> tuple[np.ndarray, BloodLine]:
+                              combine_echoes: bool = False, **line_options: float | str) -> tuple[np.ndarray, BloodLine]:
     """The AIF series at TE = 0 with :func:`blood_line_r2star_per_s`'s R2*: echo 1 extrapolated, or with
     ``combine_echoes`` both echoes combined as in :func:`t2star_correct_gd_model`. ``line_options`` go to
     :func:`blood_line_r2star_per_s`. Returns (float32 [time, rows, cols], :class:`BloodLine`)."""
