@@ -25,8 +25,6 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from perfline.core.concurrent import BusyClock, ordered_concurrent_map
-
 logger = logging.getLogger(__name__)
 
 
@@ -74,9 +72,6 @@ class Gadget:
     Settings: ClassVar[type[GadgetSettings]] = GadgetSettings
     accepts: ClassVar[tuple[type, ...]] = ()
     produces: ClassVar[tuple[type, ...]] = ()
-    # set by a gadget that processes its items concurrently (core.concurrent): the runtime then takes
-    # the gadget's busy time from it instead of "wall time minus time waiting for input"
-    busy_clock: BusyClock | None = None
 
     def __init__(self, settings: GadgetSettings | None = None,
                  context: ChainContext | None = None) -> None:
@@ -110,22 +105,9 @@ class PureGadget(Gadget):
         """Return one output, None to drop the item, or a list/tuple of outputs."""
         raise NotImplementedError(f"gadget {self.name!r} does not implement process_item()")
 
-    def item_workers(self) -> int:
-        """Items processed at a time (default 1: one after another). With more, ``process_item`` runs on
-        up to this many items at once in worker threads and the outputs keep the input order
-        (:func:`perfline.core.concurrent.ordered_concurrent_map`); ``process_item`` must then be
-        thread-safe."""
-        return 1
-
     def process(self, items: Iterator[Any]) -> Iterator[Any]:
-        workers = self.item_workers()
-        if workers <= 1:
-            for item in items:
-                yield from as_outputs(self.process_item(item))
-            return
-        self.busy_clock = BusyClock()
-        for result in ordered_concurrent_map(self.process_item, items, workers, self.busy_clock, self.name):
-            yield from as_outputs(result)
+        for item in items:
+            yield from as_outputs(self.process_item(item))
 
 
 GADGET_REGISTRY: dict[str, type[Gadget]] = {}

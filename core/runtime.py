@@ -66,9 +66,7 @@ class StageTiming:
     """Where one gadget's thread spent its time (seconds of wall clock).
 
     ``busy_s`` is the time inside the gadget's own code: the thread's wall time from the first
-    item to the end of stream, minus the time it waited for input or for room downstream; for a
-    gadget that processes several items at once (``PureGadget.item_workers``), the wall time during
-    which at least one of its items was in process (``core.concurrent.BusyClock``).
+    item to the end of stream, minus the time it waited for input or for room downstream.
     """
 
     gadget: str
@@ -264,9 +262,7 @@ class RunningChain:
                         f"produces={[t.__name__ for t in produces]}")
                 timing.items_out += 1
                 waited(self._put, outbox, output)
-            if gadget.busy_clock is not None:  # items processed concurrently (core.concurrent)
-                timing.busy_s = gadget.busy_clock.seconds
-            elif started is not None:
+            if started is not None:
                 timing.busy_s = max(0.0, time.perf_counter() - started - timing.waiting_s)
             # a gadget may stop reading early: drop its unread items, pass the others through
             for item in accepted_items():

@@ -68,9 +68,6 @@ class MotionCorrectionSettings(GadgetSettings):
         "'cubic' alone lost session 11's decision run; with flow-map delay_prior_sd_s = 0.5 it won session 13's and the "
         "perfusion chains set it, docs/integration.md 'Session 13'); the estimation passes "
         "always resample bilinearly"))
-    workers: int = Field(1, ge=1, le=4, description=(
-        "series corrected at a time (the next slice starts while the previous one is still registered; outputs "
-        "keep the input order and each series is corrected exactly as with 1; core.concurrent)"))
 
 
 @register_gadget
@@ -82,9 +79,6 @@ class PerfusionMotionCorrection(PureGadget):
     accepts = (SliceSeries, AifSeries)
     produces = (SliceSeries, AifSeries)
     settings: MotionCorrectionSettings
-
-    def item_workers(self) -> int:
-        return self.settings.workers
 
     def process_item(self, item: Series) -> Series:
         _require_units(item, "signal", self.name)
