@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -229,6 +230,31 @@ class AhaReportGadget(Gadget):
     Settings = AhaReportSettings
     accepts = (FlowMaps, SliceSegmentation, AifCurve)
     produces = (ismrmrd.Image, TextItem)
+
+    @classmethod
+    def warm_up(cls, settings: AhaReportSettings, chain: Any, stop: threading.Event | None = None) -> str | None:
+        """Build and render one synthetic three-slice report at server start (no patient: nothing stored or
+        written): the first scan's report then does not pay for importing matplotlib, loading its fonts and
+        the report's first calls, 0.5-0.8 s on the serial tail after the last flow map (docs/integration.md
+        "Session 29")."""
+        started = time.perf_counter()
+        rows, cols = np.indices((72, 80))
+        radius = np.hypot(rows - 36.0, cols - 40.0)
+        labels = np.where(radius < 9, 1, np.where(radius < 14, 2, 0)).astype(np.uint8)
+        labels[(radius >= 14) & (radius < 20) & (cols > 50)] = 3
+        items: list[Any] = []
+        for index in range(3):
+            geometry = ImageGeometry(field_of_view_mm=(150.0, 135.0, 8.0), position=(0.0, 0.0, 10.0 * index),
+                                     pixel_spacing_mm=(1.875, 1.875))
+            mbf = np.where(labels == 2, 2.0 + 0.05 * np.cos(np.arctan2(rows - 36.0, cols - 40.0)), np.nan)
+            items.append(FlowMaps(slice_index=index, model="btex", mbf_ml_min_g=mbf.astype(np.float32),
+                                  geometry=geometry))
+            items.append(SliceSegmentation(slice_index=index, labels=labels, rv_insertion_deg=120.0,
+                                           lv_center_rc=(36.0, 40.0)))
+        for _ in cls(settings.model_copy(update={"keep_reports": False})).process(iter(items)):
+            if stop is not None and stop.is_set():
+                return None
+        return f"synthetic report built and rendered in {time.perf_counter() - started:.1f} s"
 
     def process(self, items: Iterator[Any]) -> Iterator[Any]:
         maps: dict[int, FlowMaps] = {}

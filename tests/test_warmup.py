@@ -146,3 +146,20 @@ def test_warm_up_is_on_for_serve_and_off_for_test_servers(tmp_path):
         assert server.warm_up_thread is None
     finally:
         server.stop(timeout=5.0)
+
+
+def test_report_warm_up_renders_once_and_keeps_nothing():
+    """aha-report's warm-up builds and renders a synthetic report (matplotlib loaded before the first scan)
+    without storing it for a perfusion reserve or writing files."""
+    import sys
+
+    from perfline.gadgets.report import REPORT_STORE, AhaReportGadget
+
+    REPORT_STORE.clear()
+    line = AhaReportGadget.warm_up(AhaReportGadget.Settings(), object())
+    assert line is not None and "rendered" in line
+    assert "matplotlib.backends.backend_agg" in sys.modules
+    assert not REPORT_STORE._reports
+    stop = threading.Event()
+    stop.set()
+    assert AhaReportGadget.warm_up(AhaReportGadget.Settings(), object(), stop) is None
