@@ -98,3 +98,25 @@ def test_map_panels_drawn_with_contours():
     # territory colours appear only where contours are drawn: pure red (LCx) pixels
     red = lambda image: np.sum((image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60))  # noqa: E731
     assert red(top_contours) > red(top_plain) + 20
+
+
+def test_table_cells_carry_territory_colours_and_red_flags():
+    """The segment table (right of the bull's-eye): every segment's territory cell in its colour, and a
+    segment's flags in red only where it has flags."""
+    from matplotlib.colors import to_rgb
+
+    table = lambda image: image[:, 620:]  # noqa: E731  (the bull's-eye and its colour bar end left of this)
+
+    def count(image: np.ndarray, colour: str, tolerance: int = 6) -> int:
+        rgb = np.array([round(255 * v) for v in to_rgb(colour)])
+        return int(np.sum(np.all(np.abs(table(image).astype(int) - rgb) <= tolerance, axis=2)))
+
+    plain = render_report(make_report({s: 2.5 for s in range(1, 17)}))
+    flagged = render_report(make_report({s: (2.5 if s != 7 else None) for s in range(1, 17)}))
+    cell = count(plain, "#e6c700") / 6  # six LAD segments
+    assert cell > 300  # a filled cell, not a glyph's worth
+    assert count(plain, "#2ca02c") == pytest.approx(5 * cell, rel=0.1)  # five RCA segments
+    assert count(plain, "#d62728") == pytest.approx(5 * cell, rel=0.1)  # five LCx segments
+    red = lambda image: int(np.sum((table(image)[..., 0] > 150) & (table(image)[..., 1] < 20)  # noqa: E731
+                                   & (table(image)[..., 2] < 20)))  # the flags colour #b00000, not LCx
+    assert red(flagged) > red(plain) + 50

@@ -159,6 +159,53 @@ def _draw_map(ax: Axes, view: SliceMapView, vmax: float, margin_px: int = 12) ->
     ax.axis("off")
 
 
+_TABLE_FONT_PT = 9.0
+_ROW_HEIGHT_PT = 19.5
+
+
+def _draw_table(ax: Axes, header: list[str], rows: list[list[str]], colours: list[str], *, width_px: float,
+                dpi: float = 100.0) -> None:
+    """The segment table on ``ax`` (axes off) in a monospace font: one text per row and column group, cell
+    lines as two line collections, the territory cell filled with its colour and flags in red. A
+    matplotlib ``Table`` of the same cells spent half of the report's render time laying out and drawing
+    its 126 cell texts (docs/integration.md "Session 29")."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.patches import Rectangle
+
+    from matplotlib.font_manager import FontProperties
+
+    columns = len(header)
+    widths = [max(len(header[c]), *(len(row[c]) for row in rows)) + 2 for c in range(columns)]
+    font = {"family": "monospace", "size": _TABLE_FONT_PT, "va": "center", "transform": ax.transAxes}
+    # one character of the monospace font, measured once (axes fraction)
+    renderer = ax.figure.canvas.get_renderer()
+    sample_px = renderer.get_text_width_height_descent("0" * 40, FontProperties(family="monospace",
+                                                                                size=_TABLE_FONT_PT), False)[0]
+    char = sample_px / 40.0 / width_px
+    row_height = _ROW_HEIGHT_PT * dpi / 72.0 / (ax.get_position().height * ax.figure.get_figheight() * dpi)
+    edges = np.concatenate([[0.0], np.cumsum(widths)]) * char
+    edges = edges + max(0.0, 0.5 - edges[-1] / 2)
+    top = 1.0
+    lines_y = top - row_height * np.arange(len(rows) + 2)  # row r (0: the header) spans lines_y[r + 1] .. [r]
+
+    def line(cells: list[str], upto: int) -> str:
+        return "".join(" " + cells[c].ljust(widths[c] - 1) for c in range(upto))
+
+    ax.text(edges[0], top - row_height / 2, line(header, columns), weight="bold", **font)
+    for index, (cells, colour) in enumerate(zip(rows, colours), start=1):
+        centre = lines_y[index] - row_height / 2
+        if colour != "white":
+            ax.add_patch(Rectangle((edges[2], lines_y[index + 1]), edges[3] - edges[2], row_height,
+                                   facecolor=colour, edgecolor="none", transform=ax.transAxes))
+        flagged = bool(cells[-1])
+        ax.text(edges[0], centre, line(cells, columns - 1 if flagged else columns), **font)
+        if flagged:
+            ax.text(edges[columns - 1], centre, " " + cells[-1], color="#b00000", **font)
+    horizontal = [[(edges[0], y), (edges[-1], y)] for y in lines_y]
+    vertical = [[(x, top), (x, lines_y[-1])] for x in edges]
+    ax.add_collection(LineCollection(horizontal + vertical, colors="black", linewidths=0.8, transform=ax.transAxes))
+
+
 def render_report(report: PerfusionReport, *, slice_maps: Sequence[SliceMapView] = (), dpi: int = 100,
                   vmax_mbf: float | None = None) -> np.ndarray:
     """Render the report to an RGB image.
@@ -198,15 +245,7 @@ def render_report(report: PerfusionReport, *, slice_maps: Sequence[SliceMapView]
     table_ax = figure.add_subplot(grid[:, 1])
     table_ax.axis("off")
     header, rows, colours = _table_rows(report)
-    table = table_ax.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="left")
-    table.auto_set_font_size(False)
-    table.set_fontsize(9)
-    table.scale(1.0, 1.55)
-    for row_index, colour in enumerate(colours, start=1):
-        table[row_index, 2].set_facecolor(colour)
-        if rows[row_index - 1][-1]:
-            table[row_index, len(header) - 1].set_text_props(color="#b00000")
-    table.auto_set_column_width(list(range(len(header))))
+    _draw_table(table_ax, header, rows, colours, width_px=table_ax.get_position().width * 12 * dpi, dpi=dpi)
     g = report.global_values
     summary = (f"global MBF {_fmt(g.mbf_ml_min_g)} ml/min/g (pixel-weighted mean of the segment medians; "
                f"all {g.n_pixels} pixels: mean {_fmt(g.mbf_mean_ml_min_g)}, median {_fmt(g.mbf_median_ml_min_g)})")
