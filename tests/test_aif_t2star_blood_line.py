@@ -204,7 +204,8 @@ def test_gadget_blood_line_setting_and_its_fallback(caplog: pytest.LogCaptureFix
     expected, _ = t2star_correct_blood_line(echoes[0], echoes[1], *TE_MS, N_PD, to_gd, combine_echoes=True)
     np.testing.assert_allclose(item.data[0], expected, rtol=1e-6)
     assert item.stages[-1] == "t2star" and item.echo_times_ms == (0.0,)
-    own = T2StarSettings(r2star_model="blood-line", combine_echoes=True, blood_line_box_px=1, blood_line_regressor="own")
+    own = T2StarSettings(r2star_model="blood-line", combine_echoes=True, blood_line_box_px=1,
+                         blood_line_regressor="own")
     item = AifT2StarCorrection(own, context=context).process_item(_series(echoes, image["time_s"]))
     expected_own, _ = t2star_correct_blood_line(echoes[0], echoes[1], *TE_MS, N_PD, to_gd, combine_echoes=True,
                                                 box_px=1, regressor="own")

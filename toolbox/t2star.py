@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -188,7 +189,7 @@ def blood_line_r2star_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
                             box_px: int = 3, blood_fraction: float = 0.5, pd_fraction: float = 0.25,
                             max_gd_mmol_l: float = 30.0, min_blood_pixels: int = 4, min_gd_fraction: float = 0.25,
                             iterations: int = 4, max_r2star_per_s: float = 2000.0,
-                            regressor: str = "class-box") -> tuple[np.ndarray, BloodLine]:
+                            regressor: Literal["class-box", "own"] = "class-box") -> tuple[np.ndarray, BloodLine]:
     """R2* (1/s) of every pixel and frame from ONE line ``R2* = R2*_0 + k Gd`` shared by the image's blood.
 
     :func:`r2star_linear_in_gd_per_s` fits the line per pixel and needs box-averaged echoes against its
@@ -227,8 +228,9 @@ def blood_line_r2star_per_s(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float,
             regressor of the fit). ``"own"``: at each pixel's own Gd, echo 1 not averaged in space but over 3
             frames in time (running mean), corrected with the line (two passes): the class average carries a
             pool's interior Gd onto its rim pixels (blood by the rise, partly myocardium), whose R2* the line
-            then over-reads, and noise-free the pool's first pass reads 1-2 % high (docs/preprocessing.md,
-            "The blood line at each pixel's own Gd"). The line itself is fitted as above either way.
+            then over-reads (session 26: large pools' first pass 1-2 % high without noise; docs/preprocessing.md
+            "One R2* line for the image's blood", "The AIF's low peak is the T2* step's 7 x 7 box"). The line
+            itself is fitted as above either way.
 
     Returns:
         (float64 [time, rows, cols] R2* in 1/s: the line at each pixel's Gd (``regressor``), :class:`BloodLine`).
@@ -297,7 +299,8 @@ def _blood_pixels(smooth1: np.ndarray, n_pd_frames: int, ratio_to_gd: Callable[[
 
 def t2star_correct_blood_line(echo1: np.ndarray, echo2: np.ndarray, te1_ms: float, te2_ms: float,
                               n_pd_frames: int, ratio_to_gd: Callable[[np.ndarray], np.ndarray], *,
-                              combine_echoes: bool = False, **line_options: float | str) -> tuple[np.ndarray, BloodLine]:
+                              combine_echoes: bool = False, **line_options: float | str
+                              ) -> tuple[np.ndarray, BloodLine]:
     """The AIF series at TE = 0 with :func:`blood_line_r2star_per_s`'s R2*: echo 1 extrapolated, or with
     ``combine_echoes`` both echoes combined as in :func:`t2star_correct_gd_model`. ``line_options`` go to
     :func:`blood_line_r2star_per_s`. Returns (float32 [time, rows, cols], :class:`BloodLine`)."""
