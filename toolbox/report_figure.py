@@ -23,9 +23,11 @@ matplotlib.use("Agg")  # noqa: E402  (no screen on the server)
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.patches import Wedge
+from matplotlib.font_manager import FontProperties
+from matplotlib.patches import Rectangle, Wedge
 
 from perfline.toolbox.aha_report import PerfusionReport
 from perfline.toolbox.sector_contours import Contour
@@ -163,26 +165,22 @@ _TABLE_FONT_PT = 9.0
 _ROW_HEIGHT_PT = 19.5
 
 
-def _draw_table(ax: Axes, header: list[str], rows: list[list[str]], colours: list[str], *, width_px: float,
-                dpi: float = 100.0) -> None:
-    """The segment table on ``ax`` (axes off) in a monospace font: one text per row and column group, cell
-    lines as two line collections, the territory cell filled with its colour and flags in red. A
-    matplotlib ``Table`` of the same cells spent half of the report's render time laying out and drawing
-    its 126 cell texts (docs/integration.md "Session 29")."""
-    from matplotlib.collections import LineCollection
-    from matplotlib.patches import Rectangle
-
-    from matplotlib.font_manager import FontProperties
-
+def _draw_table(ax: Axes, header: list[str], rows: list[list[str]], colours: list[str]) -> None:
+    """The segment table on ``ax`` (axes off, its top edge) in a monospace font: one text per row (the
+    flags as their own red text), the territory cells filled with their colours, the cell lines as one
+    line collection. A matplotlib ``Table`` of the same cells spent half of the report's render time
+    laying out and drawing its 126 cell texts (docs/integration.md "Session 29")."""
+    figure = ax.figure
+    width_px = ax.get_position().width * figure.get_figwidth() * figure.dpi
+    height_px = ax.get_position().height * figure.get_figheight() * figure.dpi
     columns = len(header)
     widths = [max(len(header[c]), *(len(row[c]) for row in rows)) + 2 for c in range(columns)]
     font = {"family": "monospace", "size": _TABLE_FONT_PT, "va": "center", "transform": ax.transAxes}
     # one character of the monospace font, measured once (axes fraction)
-    renderer = ax.figure.canvas.get_renderer()
-    sample_px = renderer.get_text_width_height_descent("0" * 40, FontProperties(family="monospace",
-                                                                                size=_TABLE_FONT_PT), False)[0]
+    sample_px = figure.canvas.get_renderer().get_text_width_height_descent(
+        "0" * 40, FontProperties(family="monospace", size=_TABLE_FONT_PT), False)[0]
     char = sample_px / 40.0 / width_px
-    row_height = _ROW_HEIGHT_PT * dpi / 72.0 / (ax.get_position().height * ax.figure.get_figheight() * dpi)
+    row_height = _ROW_HEIGHT_PT * figure.dpi / 72.0 / height_px
     edges = np.concatenate([[0.0], np.cumsum(widths)]) * char
     edges = edges + max(0.0, 0.5 - edges[-1] / 2)
     top = 1.0
@@ -245,7 +243,7 @@ def render_report(report: PerfusionReport, *, slice_maps: Sequence[SliceMapView]
     table_ax = figure.add_subplot(grid[:, 1])
     table_ax.axis("off")
     header, rows, colours = _table_rows(report)
-    _draw_table(table_ax, header, rows, colours, width_px=table_ax.get_position().width * 12 * dpi, dpi=dpi)
+    _draw_table(table_ax, header, rows, colours)
     g = report.global_values
     summary = (f"global MBF {_fmt(g.mbf_ml_min_g)} ml/min/g (pixel-weighted mean of the segment medians; "
                f"all {g.n_pixels} pixels: mean {_fmt(g.mbf_mean_ml_min_g)}, median {_fmt(g.mbf_median_ml_min_g)})")
