@@ -329,7 +329,8 @@ def fit_and_summarise(scan: ScanInputs, series: Sequence[np.ndarray], blood_aif:
                       fine_blood_aif: tuple[np.ndarray, int] | None,
                       segmentation: list[tuple[np.ndarray, tuple[float, float], float]], flow_map: FlowMapSettings,
                       *, place_rv: bool, global_statistic: str = "sectors", tissue_sampling: bool = True,
-                      tables: dict | None = None, report_settings: ReportSettings | None = None) -> tuple[float, np.ndarray]:
+                      tables: dict | None = None, report_settings: ReportSettings | None = None
+                      ) -> tuple[float, np.ndarray]:
     """(global, [16] sector) MBF of one scan: every slice's ``series`` fitted by :func:`fit_slice` with the
     labels of ``segmentation`` (its table sampled at the slice's acquisition times when ``tissue_sampling``
     and a fine AIF are given), summarised by :func:`summarise` (with ``report_settings``). ``tables``:

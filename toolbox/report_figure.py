@@ -163,6 +163,7 @@ def _draw_map(ax: Axes, view: SliceMapView, vmax: float, margin_px: int = 12) ->
 
 _TABLE_FONT_PT = 9.0
 _ROW_HEIGHT_PT = 19.5
+_TERRITORY_COLUMN = 2  # "terr." in both layouts of _table_rows
 
 
 def _draw_table(ax: Axes, header: list[str], rows: list[list[str]], colours: list[str]) -> None:
@@ -193,7 +194,8 @@ def _draw_table(ax: Axes, header: list[str], rows: list[list[str]], colours: lis
     for index, (cells, colour) in enumerate(zip(rows, colours), start=1):
         centre = lines_y[index] - row_height / 2
         if colour != "white":
-            ax.add_patch(Rectangle((edges[2], lines_y[index + 1]), edges[3] - edges[2], row_height,
+            left, right = edges[_TERRITORY_COLUMN], edges[_TERRITORY_COLUMN + 1]
+            ax.add_patch(Rectangle((left, lines_y[index + 1]), right - left, row_height,
                                    facecolor=colour, edgecolor="none", transform=ax.transAxes))
         flagged = bool(cells[-1])
         ax.text(edges[0], centre, line(cells, columns - 1 if flagged else columns), **font)
