@@ -13,6 +13,7 @@ errors (sent to the client as ERROR by the server) and records its name in ``sta
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from pydantic import Field, model_validator
 from perfline.core.gadget import Gadget, GadgetError, GadgetSettings, PureGadget, register_gadget
 from perfline.gadgets.mrd_images import make_image
 from perfline.gadgets.perfusion_items import AifSeries, SliceSeries
-from perfline.toolbox import gd_conversion, motion_correction, resample, surface_coil, t2star
+from perfline.toolbox import gd_conversion, image_warp, motion_correction, resample, surface_coil, t2star
 from perfline.toolbox.interleaved_recon import single_threaded_blas
 
 Series = SliceSeries | AifSeries
@@ -79,6 +80,14 @@ class PerfusionMotionCorrection(PureGadget):
     accepts = (SliceSeries, AifSeries)
     produces = (SliceSeries, AifSeries)
     settings: MotionCorrectionSettings
+
+    @classmethod
+    def warm_up(cls, settings: MotionCorrectionSettings, chain: Any,
+                stop: threading.Event | None = None) -> str | None:
+        """Compile the warp loops at server start (or load them from numba's disk cache), not on the first scan."""
+        if not settings.enabled:
+            return None
+        return f"motion-correction warp loops: {image_warp.warm_compiled_warp():.2f} s"
 
     def process_item(self, item: Series) -> Series:
         _require_units(item, "signal", self.name)

@@ -60,6 +60,19 @@ def test_flow_map_warms_the_chain_grid_with_its_own_btex_settings(monkeypatch):
     assert calls == []
 
 
+def test_motion_correction_warms_its_warp_loops_unless_off(monkeypatch):
+    from perfline.gadgets.perfusion_preprocessing import MotionCorrectionSettings, PerfusionMotionCorrection
+    from perfline.toolbox import image_warp
+
+    calls = []
+    monkeypatch.setattr(image_warp, "warm_compiled_warp", lambda: calls.append(1) or 0.25)
+    chain = load_chain_file(chain_directory() / "perfusion.toml")
+    (moco_spec,) = [spec for spec in chain.gadgets if spec.gadget is PerfusionMotionCorrection]
+    assert PerfusionMotionCorrection.warm_up(moco_spec.settings, chain) == "motion-correction warp loops: 0.25 s"
+    assert PerfusionMotionCorrection.warm_up(MotionCorrectionSettings(enabled=False), chain) is None
+    assert calls == [1]
+
+
 WARM_CALLS: list[tuple[str, str]] = []
 RELEASE = threading.Event()
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft, ndimage
 
+from perfline.toolbox.image_warp import WARP_ORDERS, warp_frames
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,11 +59,8 @@ class MotionCorrectionResult:
     still_series: bool
 
 
-WARP_ORDERS = (1, 3)
-
-
 def warp_series(series: np.ndarray, displacement_px: np.ndarray, order: int = 1) -> np.ndarray:
-    """Resample every frame at ``y + u(y)`` (edge values continued).
+    """Resample every frame at ``y + u(y)`` (edge values continued; ``toolbox.image_warp``).
 
     ``order`` 1: bilinear. ``order`` 3: cubic B-spline (each frame prefiltered, Unser, IEEE Signal
     Process. Mag. 1999;16(6):22): bilinear resampling at a fractional shift averages neighbouring
@@ -80,21 +79,7 @@ def warp_series(series: np.ndarray, displacement_px: np.ndarray, order: int = 1)
     """
     if order not in WARP_ORDERS:
         raise MotionCorrectionError(f"warp interpolation order must be one of {WARP_ORDERS}, got {order}")
-    n_frames, n_rows, n_cols = series.shape
-    rows, cols = np.mgrid[0:n_rows, 0:n_cols].astype(np.float32)
-    row_coords = np.clip(rows[None] + displacement_px[0], 0, n_rows - 1)
-    col_coords = np.clip(cols[None] + displacement_px[1], 0, n_cols - 1)
-    if order == 3:  # frame by frame: the spline prefilter must not couple neighbouring frames
-        frames = np.asarray(series, dtype=np.float32)
-        return np.stack([ndimage.map_coordinates(frames[f], [row_coords[f], col_coords[f]], order=3, mode="nearest",
-                                                 prefilter=True) for f in range(n_frames)])
-    # one 2-D interpolation over the frames stacked along rows: the row clip keeps every
-    # sample inside its own frame, so no 3-D (trilinear) interpolation is needed
-    row_coords += (np.arange(n_frames, dtype=np.float32) * n_rows)[:, None, None]
-    stacked = np.ascontiguousarray(series, dtype=np.float32).reshape(n_frames * n_rows, n_cols)
-    warped = ndimage.map_coordinates(stacked, [row_coords.ravel(), col_coords.ravel()], order=1,
-                                     mode="nearest", prefilter=False)
-    return warped.reshape(series.shape)
+    return warp_frames(series, displacement_px[0], displacement_px[1], order)
 
 
 BOX_PASSES = 1
