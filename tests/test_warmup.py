@@ -73,6 +73,16 @@ def test_motion_correction_warms_its_warp_loops_unless_off(monkeypatch):
     assert calls == [1]
 
 
+def test_recon_warms_its_unfolding_loops(monkeypatch):
+    from perfline.gadgets.perfusion_recon import PerfusionRecon, PerfusionReconSettings
+    from perfline.toolbox import sense_kernels
+
+    calls = []
+    monkeypatch.setattr(sense_kernels, "warm_compiled_unfolding", lambda: calls.append(1))
+    line = PerfusionRecon.warm_up(PerfusionReconSettings(), object())
+    assert line.startswith("SENSE unfolding loops: ") and calls == [1]
+
+
 WARM_CALLS: list[tuple[str, str]] = []
 RELEASE = threading.Event()
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from perfline.toolbox.fft import centered_fft, centered_ifft
+from perfline.toolbox import sense_kernels
+from perfline.toolbox.fft import centered_fft, centered_ifft, centered_ifft2
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ def fitted_sensitivities(calibrations: np.ndarray | list[np.ndarray], order: tup
         raise ReconError(f"coil map fit order {order} too high for a {n_rows} x {n_cols} matrix")
     coil_images, combined = [], []
     for calibration, maps in zip(calibrations, initial):
-        images = centered_ifft(centered_ifft(np.asarray(calibration, dtype=np.complex128), axis=-2), axis=-1)
+        images = centered_ifft2(np.asarray(calibration, dtype=np.complex128))
         image = np.sum(np.conj(maps) * images, axis=0)
         norm = np.sqrt(np.mean(np.abs(image) ** 2))
         if not norm > 0:
@@ -340,17 +341,22 @@ def _fold_pattern(n_lines: int, accel: int, offset: int) -> tuple[np.ndarray, np
     return lines, weights
 
 
-def sense_unfolding(sensitivities: np.ndarray, accel: int, *, regularization: float = 1e-3) -> SenseUnfolding:
+def sense_unfolding(sensitivities: np.ndarray, accel: int, *, regularization: float = 1e-3,
+                    compiled: bool | None = None) -> SenseUnfolding:
     """Regularised SENSE unfolding matrices ``(E^H E + lambda I)^-1 E^H`` for every offset.
 
     Args:
         sensitivities: complex [coils, ky, kx] (unit root-sum-of-squares inside the object).
         accel: acceleration R (ky must be a multiple of R).
         regularization: Tikhonov lambda relative to the mean diagonal of ``E^H E``.
+        compiled: True the per-pixel loop of ``toolbox.sense_kernels`` (complex128 Cholesky), False
+            numpy's batched solve (complex64); None picks the compiled loop when numba is there.
     """
     n_coils, n_lines, n_cols = sensitivities.shape
     if n_lines % accel:
         raise ReconError(f"{n_lines} phase-encode lines are not a multiple of R = {accel}")
+    compiled = sense_kernels.AVAILABLE if compiled is None else compiled
+    power = np.sum(np.abs(sensitivities) ** 2, axis=0)  # [ky, kx]
     matrices = []
     reference_lines = None
     for offset in range(accel):
@@ -359,6 +365,12 @@ def sense_unfolding(sensitivities: np.ndarray, accel: int, *, regularization: fl
             reference_lines = lines
         elif not np.array_equal(lines, reference_lines):
             raise ReconError("fold pattern differs between offsets")  # never for centred FFTs
+        if compiled:
+            # trace of E^H E at every aliased pixel: sum over the folded lines of |weight|^2 sum_c |s_c|^2
+            trace = np.einsum("yj,yjx->yx", np.abs(weights) ** 2, power[lines, :])
+            load = regularization * float(trace.mean()) / accel
+            matrices.append(sense_kernels.unfolding_matrices(sensitivities, lines, weights, load))
+            continue
         folded = sensitivities[:, lines, :].transpose(1, 3, 0, 2)  # [M, kx, C, R]
         encoding = folded * weights[:, None, None, :]
         normal = np.matmul(encoding.conj().swapaxes(-1, -2), encoding)  # [M, kx, R, R]
@@ -423,7 +435,7 @@ def _low_resolution_images(calibration: np.ndarray, fraction: float) -> np.ndarr
     ky = (np.arange(n_ky) - n_ky // 2) / (fraction * n_ky)
     kx = (np.arange(n_kx) - n_kx // 2) / (fraction * n_kx)
     window = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None, :] ** 2))
-    return centered_ifft(centered_ifft(calibration * window, axis=-2), axis=-1)
+    return centered_ifft2(calibration * window)
 
 
 def coil_compression_matrix(calibration: np.ndarray, n_virtual: int) -> np.ndarray:
@@ -738,9 +750,11 @@ def reconstruct_compact(compact: np.ndarray, offsets: np.ndarray, accel: int, *,
 
 
 def _unfold(compact: np.ndarray, offsets: np.ndarray, accel: int, sensitivities: np.ndarray,
-            regularization: float) -> tuple[np.ndarray, np.ndarray]:
+            regularization: float, compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Complex images [time, ky, kx] and the noise gain [time, ky, kx] of every pixel (the norm
-    of its row of the unfolding matrix: image noise SD per unit k-space noise SD)."""
+    of its row of the unfolding matrix: image noise SD per unit k-space noise SD). ``compiled``:
+    the unfolding's loops of ``toolbox.sense_kernels`` (None: when numba is there) or numpy's."""
+    compiled = sense_kernels.AVAILABLE if compiled is None else compiled
     n_frames, n_coils, n_reduced, n_cols = compact.shape
     n_lines = n_reduced * accel
     images = np.empty((n_frames, n_lines, n_cols), dtype=np.complex64)
@@ -749,24 +763,27 @@ def _unfold(compact: np.ndarray, offsets: np.ndarray, accel: int, sensitivities:
         weights = sensitivities.conj()
         row_norm = np.sqrt(np.sum(np.abs(weights) ** 2, axis=0))
         for start in range(0, n_frames, 8):  # chunks keep the complex coil images small
-            coil_images = centered_ifft(centered_ifft(compact[start:start + 8], axis=-2), axis=-1)
+            coil_images = centered_ifft2(compact[start:start + 8])
             images[start:start + 8] = np.einsum("tcyx,cyx->tyx", coil_images, weights)
         gain[:] = row_norm
         return images, gain
-    unfolding = sense_unfolding(sensitivities, accel, regularization=regularization)
+    unfolding = sense_unfolding(sensitivities, accel, regularization=regularization, compiled=compiled)
     for offset in range(accel):
         frames = np.flatnonzero(offsets == offset)
         if frames.size == 0:
             continue
-        aliased = centered_ifft(centered_ifft(compact[frames], axis=-1), axis=-2).astype(np.complex64)
+        aliased = centered_ifft2(compact[frames]).astype(np.complex64, copy=False)
         matrix = unfolding.matrices[offset]
-        unfolded = np.zeros((frames.size, accel, n_reduced, n_cols), dtype=np.complex64)
-        for coil in range(n_coils):  # coil loop of broadcast products: faster than einsum here
-            unfolded += matrix[None, :, coil] * aliased[:, None, coil]
+        if compiled:
+            sense_kernels.apply_unfolding(matrix, aliased, unfolding.lines, frames, images)
+        else:
+            unfolded = np.zeros((frames.size, accel, n_reduced, n_cols), dtype=np.complex64)
+            for coil in range(n_coils):  # coil loop of broadcast products: faster than einsum here
+                unfolded += matrix[None, :, coil] * aliased[:, None, coil]
+            image = np.empty((frames.size, n_lines, n_cols), dtype=np.complex64)
+            image[:, unfolding.lines.T, :] = unfolded
+            images[frames] = image
         row_norm = np.sqrt(np.sum(np.abs(matrix) ** 2, axis=1))  # [R, M, kx]
-        image = np.empty((frames.size, n_lines, n_cols), dtype=np.complex64)
-        image[:, unfolding.lines.T, :] = unfolded
-        images[frames] = image
         frame_gain = np.empty((n_lines, n_cols), dtype=np.float32)
         frame_gain[unfolding.lines.T, :] = row_norm
         gain[frames] = frame_gain
