@@ -24,6 +24,8 @@ import time
 import numpy as np
 from scipy import ndimage
 
+from perfline.toolbox.box_filter import warm_compiled_box_filter
+
 logger = logging.getLogger(__name__)
 
 WARP_ORDERS = (1, 3)
@@ -158,10 +160,12 @@ def _warp_scipy(frames: np.ndarray, row_px: np.ndarray, col_px: np.ndarray, orde
 
 
 def warm_compiled_warp() -> float:
-    """Compile (or load from numba's cache) the warp loops on a tiny series; seconds spent (0 without numba)."""
+    """Compile (or load from numba's cache) the warp loops and the registration's box filter
+    (``toolbox.box_filter``) on tiny inputs; seconds spent (0 without numba)."""
     if numba is None:
         return 0.0
     started = time.perf_counter()
+    warm_compiled_box_filter()
     frames = np.zeros((1, 4, 4), dtype=np.float32)
     shift = np.full(frames.shape, 0.25, dtype=np.float32)
     for order in WARP_ORDERS:
