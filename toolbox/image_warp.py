@@ -6,7 +6,7 @@ continued), bilinear (``order`` 1) or cubic B-spline (``order`` 3, the frame pre
 Unser, IEEE Signal Process. Mag. 1999;16(6):22). It gives what ``scipy.ndimage.map_coordinates``
 gives with ``mode="nearest"`` frame by frame, in compiled loops (numba, an optional dependency):
 
-- bilinear: the positions are formed and interpolated in float64 per pixel, 4-6x faster than
+- bilinear: the positions are formed and interpolated in float64 per pixel, 5-8x faster than
   one ``map_coordinates`` call on the frames stacked along rows, whose float32 row coordinates
   (frame index x rows + row) lose up to 5e-4 pixel in the last frames of a 63-frame series;
 - cubic: the prefilter is scipy's (``spline_filter`` on the frame padded by 12 edge pixels, as
