@@ -14,13 +14,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-try:
-    import numba
+from perfline.toolbox.jit import numba_or_none
 
-    if numba.config.DISABLE_JIT:  # the loops would run as plain Python
-        numba = None
-except ImportError:  # pragma: no cover - scipy's filter is used instead
-    numba = None
+numba = numba_or_none()
 
 
 def _box_plane(data, half, out):  # pragma: no cover - compiled

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perfline.toolbox.jit import numba_or_none
+
 logger = logging.getLogger(__name__)
 
 
@@ -258,13 +260,7 @@ def _penalised_cost(value: np.ndarray, coefficients: np.ndarray, position: np.nd
 # [P, 2^D, R] temporaries, the Jacobian is computed only where a step is accepted, and a
 # pixel that has converged costs nothing more. Sums in float32 like the array version, in a
 # different order: the two agree to rounding, not bit for bit (tests/test_mapping.py).
-try:
-    import numba
-
-    if numba.config.DISABLE_JIT:  # the per-pixel loops would run as plain Python
-        numba = None
-except ImportError:  # pragma: no cover - the array version is used instead
-    numba = None
+numba = numba_or_none()
 
 
 def _grid_eval(flat_table, grid, strides, pos, value, jacobian, with_jacobian, scratch):  # pragma: no cover

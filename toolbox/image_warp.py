@@ -25,19 +25,14 @@ import numpy as np
 from scipy import ndimage
 
 from perfline.toolbox.box_filter import warm_compiled_box_filter
+from perfline.toolbox.jit import numba_or_none
 
 logger = logging.getLogger(__name__)
 
 WARP_ORDERS = (1, 3)
 _SPLINE_PAD = 12  # edge pixels added before the cubic prefilter, as map_coordinates pads for mode "nearest"
 
-try:
-    import numba
-
-    if numba.config.DISABLE_JIT:  # the per-pixel loops would run as plain Python
-        numba = None
-except ImportError:  # pragma: no cover - the scipy version is used instead
-    numba = None
+numba = numba_or_none()
 
 
 class WarpError(ValueError):

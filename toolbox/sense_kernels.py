@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    import numba
+from perfline.toolbox.jit import numba_or_none
 
-    if numba.config.DISABLE_JIT:  # the per-pixel loops would run as plain Python
-        numba = None
-except ImportError:  # pragma: no cover - the numpy versions are used instead
-    numba = None
+numba = numba_or_none()
 
 AVAILABLE = numba is not None
 
