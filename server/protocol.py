@@ -306,10 +306,23 @@ def meta_xml(meta: dict[str, Any]) -> str:
     parts = ["<?xml version='1.0' encoding='UTF-8'?>\n<ismrmrdMeta>"]
     for key, value in meta.items():
         values = value if type(value) is list else (value,)
-        parts.append("<meta><name>" + escape(str(key)) + "</name>"
-                     + "".join("<value>" + escape(str(item)) + "</value>" for item in values) + "</meta>")
+        parts.append("<meta><name>" + escape(str(key)) + "</name>" + _values_xml(values) + "</meta>")
     parts.append("</ismrmrdMeta>")
     return "".join(parts)
+
+
+_SEPARATOR = "\x1f"  # ASCII unit separator: never in our values, and checked
+
+
+def _values_xml(values: list[Any] | tuple[Any, ...]) -> str:
+    """``<value>text</value>`` per item; a contour's hundreds of coordinates are joined once and
+    escaped only when some text needs it, instead of one escape call per item."""
+    if not values:
+        return ""
+    joined = _SEPARATOR.join(map(str, values))
+    if joined.count(_SEPARATOR) != len(values) - 1 or "&" in joined or "<" in joined or ">" in joined:
+        return "".join("<value>" + escape(str(item)) + "</value>" for item in values)
+    return "<value>" + joined.replace(_SEPARATOR, "</value><value>") + "</value>"
 
 
 def image_bytes(image: ismrmrd.Image) -> bytes:

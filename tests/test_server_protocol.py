@@ -131,6 +131,16 @@ def test_config_file_name_length_is_checked() -> None:
         encode_message(3)
 
 
+def test_meta_xml_joins_plain_values_and_escapes_the_others_as_ismrmrd() -> None:
+    """The joined fast path (plain texts) and the per-item path (a value needing escapes, or one holding the
+    join's separator character) both write ismrmrd's own text."""
+    from perfline.server.protocol import meta_xml
+
+    for meta in ({"ROI_endo": [f"{x:.3f}" for x in range(50)]}, {"mixed": ["1.5", "a<b", "c"]},
+                 {"sep": ["a\x1fb", "c"]}, {"one": "x&y"}, {"empty": []}):
+        assert meta_xml(meta) == ismrmrd.Meta(meta).serialize()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.complex64, np.uint16, np.int16, np.float64])
 def test_image_bytes_are_ismrmrds_own(dtype: type) -> None:
     """The fast meta serialiser writes exactly what ismrmrd's ElementTree one writes, for
