@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 _blas_lock = threading.Lock()
 _blas_users = 0
 _blas_limiter = None
+_blas_controller = None  # threadpoolctl's view of the loaded BLAS libraries
 
 
 @contextmanager
@@ -50,15 +51,17 @@ def single_threaded_blas() -> Iterator[None]:
     Gadgets run in their own threads, so the limit is shared and restored only when the last
     user leaves. Without ``threadpoolctl`` installed this is a no-op.
     """
-    global _blas_users, _blas_limiter
+    global _blas_users, _blas_limiter, _blas_controller
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # optional: only speed depends on it
         yield
         return
     with _blas_lock:
         if _blas_users == 0:
-            _blas_limiter = threadpool_limits(limits=1, user_api="blas")
+            if _blas_controller is None:  # finding the loaded libraries costs 5-15 ms: once per process
+                _blas_controller = ThreadpoolController()
+            _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
         _blas_users += 1
     try:
         yield
