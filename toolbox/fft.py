@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import scipy.fft
 
 
 def _alternating_signs(n: int, axis: int, ndim: int, dtype: np.dtype) -> np.ndarray:
@@ -48,8 +49,6 @@ def centered_ifft2(data: np.ndarray) -> np.ndarray:
     (the product of the two axes' alternations), about 30 % faster than two 1-D passes on a
     stack of coil images; odd sizes take the two 1-D passes.
     """
-    import scipy.fft
-
     n_rows, n_cols = data.shape[-2:]
     if n_rows % 2 or n_cols % 2:
         return centered_ifft(centered_ifft(data, axis=-2), axis=-1)

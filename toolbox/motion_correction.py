@@ -96,20 +96,17 @@ def _smooth_plane(data: np.ndarray, sigma_px: float) -> np.ndarray:
     """Approximate Gaussian smoothing over the last two axes: ``BOX_PASSES`` box filters along each.
 
     Box filters cost O(1) per pixel whatever their width (running sums), which is what keeps
-    the per-pixel least-squares windows cheap; one float32 pass runs in compiled loops
-    (``toolbox.box_filter``, equal to scipy's).
+    the per-pixel least-squares windows cheap (``toolbox.box_filter``: compiled loops equal to
+    scipy's ``uniform_filter1d``; float32 out, as every caller here passes).
     """
     if sigma_px <= 0:
         return data
     width = _box_width(sigma_px, BOX_PASSES)
     if width <= 1:
         return data
-    if BOX_PASSES == 1 and data.dtype == np.float32:
-        return box_filter_plane(data, width)
     out = data
-    for axis in (-2, -1):
-        for _ in range(BOX_PASSES):
-            out = ndimage.uniform_filter1d(out, width, axis=axis, mode="nearest")
+    for _ in range(BOX_PASSES):
+        out = box_filter_plane(out, width)
     return out
 
 
