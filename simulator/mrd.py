@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 TICK_S = 0.0025                 # acquisition_time_stamp unit
 SCAN_START_S = 36000.0          # 10:00:00, seconds since midnight
 SLICE_GAP_MM = 10.0
-MYO_SAMPLE_TIME_US = 5.0
-AIF_SAMPLE_TIME_US = 10.0
+MYO_SAMPLE_TIME_US = st.MYO_SAMPLE_TIME_US
+AIF_SAMPLE_TIME_US = st.AIF_SAMPLE_TIME_US
 
 
 def _flag(bit: int) -> np.uint64:
@@ -83,9 +83,9 @@ def build_header(study: st.StudyParameters) -> str:
     myo, aif = study.myocardial_sequence, study.aif_sequence
     frames = study.n_total_frames
     encodings = [
-        _encoding(st.MYO_SHAPE, (st.MYO_FOV_MM[0], st.MYO_FOV_MM[1], 8.0),
+        _encoding(st.MYO_SHAPE, (st.MYO_FOV_MM[0], st.MYO_FOV_MM[1], st.MYO_SLICE_THICKNESS_MM),
                   {"slice": study.n_slices - 1, "contrast": 0, "repetition": frames - 1}, myo.acceleration),
-        _encoding(st.AIF_SHAPE, (st.MYO_FOV_MM[0], st.MYO_FOV_MM[1], 10.0),
+        _encoding(st.AIF_SHAPE, (st.MYO_FOV_MM[0], st.MYO_FOV_MM[1], st.AIF_SLICE_THICKNESS_MM),
                   {"slice": 0, "contrast": 1, "repetition": frames - 1}, aif.acceleration),
     ]
     params = header_parameters(study)
@@ -172,11 +172,11 @@ def write_kspace(study: st.StudyParameters, path: str, *, phantoms: list[st.Slic
     rendered if not given."""
     blocks = _plan(study)
     coils = study.n_coils
-    sigma_image = st.noise_sigma(study)
     rng = np.random.default_rng([study.noise_seed, 99])
-    # per-coil k-space noise so that an R-fold interleaved recon reaches sigma_image (g = 1)
-    sigma = {"myocardium": sigma_image / math.sqrt(study.myocardial_sequence.acceleration),
-             "aif": sigma_image / math.sqrt(study.aif_sequence.acceleration)}
+    # per-coil k-space noise so that an R-fold interleaved recon reaches each series' image noise (g = 1);
+    # the AIF's larger voxels give it less noise per unit of magnetization (study.aif_snr_gain)
+    sigma = {"myocardium": st.noise_sigma(study) / math.sqrt(study.myocardial_sequence.acceleration),
+             "aif": st.aif_noise_sigma(study) / math.sqrt(study.aif_sequence.acceleration)}
     n_acq = 1 + sum(b.lines.size * (2 if b.series == "aif" else 1) for b in blocks)
     heads = np.zeros(n_acq, dtype=acquisition_header_dtype)
     payload: list[np.ndarray | None] = [None] * n_acq
@@ -299,7 +299,6 @@ def write_images(study: st.StudyParameters, path: str, *, phantoms: list[st.Slic
                  progress: Callable[[str], None] | None = None) -> int:
     """Write reconstructed magnitude images (root sum of squares of noisy, fully sampled coil
     images) to the MRD groups ``images_myocardium`` and ``images_aif``; returns the count."""
-    sigma_image = st.noise_sigma(study)
     rng = np.random.default_rng([study.noise_seed, 98])
     count = 0
     with ismrmrd.Dataset(path, "dataset", create_if_needed=True, mode="w") as dataset:
@@ -311,6 +310,7 @@ def write_images(study: st.StudyParameters, path: str, *, phantoms: list[st.Slic
             times = st.frame_times_s(study, series, index)
             shape = st.AIF_SHAPE if series == "aif" else st.MYO_SHAPE
             pixel = st.AIF_PIXEL_MM if series == "aif" else st.MYO_PIXEL_MM
+            sigma_image = st.aif_noise_sigma(study) if series == "aif" else st.noise_sigma(study)
             for echo in range(moving.shape[0]):
                 for frame in range(moving.shape[1]):
                     coil = sens * moving[echo, frame][None]
@@ -332,7 +332,8 @@ def _fill_image_head(image: ismrmrd.Image, study: st.StudyParameters, series: st
     image.slice = 0 if aif else index
     image.repetition = frame
     image.contrast = echo
-    image.field_of_view = (shape[1] * pixel_mm, shape[0] * pixel_mm, 10.0 if aif else 8.0)
+    image.field_of_view = (shape[1] * pixel_mm, shape[0] * pixel_mm,
+                          st.AIF_SLICE_THICKNESS_MM if aif else st.MYO_SLICE_THICKNESS_MM)
     image.acquisition_time_stamp = int(round((SCAN_START_S + time_s) / TICK_S))
     trigger = float(study.timing.trigger_s[frame])
     image.physiology_time_stamp = (int(round((time_s - trigger) / TICK_S)), 0, 0)

@@ -25,6 +25,10 @@ MYO_FOV_MM = (360.0, 270.0)     # x (readout), y (phase)
 MYO_PIXEL_MM = 1.875
 AIF_SHAPE = (48, 64)
 AIF_PIXEL_MM = 5.625
+MYO_SLICE_THICKNESS_MM = 8.0
+AIF_SLICE_THICKNESS_MM = 10.0
+MYO_SAMPLE_TIME_US = 5.0        # readout dwell time: 1042 Hz per pixel over 192 samples
+AIF_SAMPLE_TIME_US = 10.0       # 1563 Hz per pixel over 64 samples (two echoes in a 2.4 ms TR)
 N_PD_FRAMES = 3
 AIF_ECHO_TIMES_MS = (0.76, 1.76)
 BLOCK_GAP_MS = 5.0              # dead time between the images of one heartbeat
@@ -242,6 +246,33 @@ def noise_sigma(study: StudyParameters) -> float:
     sr_table, _ = signal.signal_table(study.myocardial_sequence, "blood")
     peak = signal.table_lookup(sr_table, np.array([study.bolus.lv_peak_mmol_l]))[0]
     return float(0.6 * signal.PROTON_DENSITY["lv_blood"] * peak / study.snr_blood_peak)
+
+
+def aif_snr_gain(study: StudyParameters) -> float:
+    """SNR of an AIF image voxel over a myocardial one for the same magnetization and coil shading.
+
+    Per voxel, SNR is proportional to the voxel volume times the square root of the time spent
+    sampling the image, (samples per readout x acquired phase encodes) x dwell time (Edelstein et al.,
+    MRM 1986; Haacke et al., *Magnetic Resonance Imaging*, 1999, ch. 15), with the same receiver noise
+    per unit bandwidth for both series. With the protocol's 5.625 x 5.625 x 10 mm AIF voxels (64 x 48,
+    R = 2, 10 us dwell) against 1.875 x 1.875 x 8 mm myocardial voxels (192 x 144, R = 3, 5 us): 6.50
+    (5.30 without acceleration). docs/simulator.md "Noise".
+    """
+    def sampling(shape: tuple[int, int], acceleration: int, dwell_us: float) -> float:
+        return shape[1] * (shape[0] / acceleration) * dwell_us
+
+    myo = MYO_PIXEL_MM**2 * MYO_SLICE_THICKNESS_MM * math.sqrt(
+        sampling(MYO_SHAPE, study.acceleration, MYO_SAMPLE_TIME_US))
+    aif = AIF_PIXEL_MM**2 * AIF_SLICE_THICKNESS_MM * math.sqrt(
+        sampling(AIF_SHAPE, aif_acceleration(study.acceleration), AIF_SAMPLE_TIME_US))
+    return aif / myo
+
+
+def aif_noise_sigma(study: StudyParameters) -> float:
+    """Noise SD of the coil-combined AIF image (R-fold recon, g = 1), in the units of :func:`noise_sigma`:
+    the myocardial image's noise over :func:`aif_snr_gain`. Before 2026-11-29 (session 31) the AIF
+    image had the myocardial image's noise SD, 6.5x too much for its voxels."""
+    return noise_sigma(study) / aif_snr_gain(study)
 
 
 def motion_fields(study: StudyParameters, series: str, index: int, shape: tuple[int, int], pixel_mm: float,

@@ -5,6 +5,7 @@ Layout (stable; all arrays on the reconstructed myocardial grid, 1.875 mm square
 - file attributes: ``seed`` (int), ``kind`` ("stress"/"rest"), ``field_strength_t``,
   ``hematocrit``, ``pixel_spacing_mm``, ``flow_model``, ``n_pd_frames``, ``n_frames`` (SR), ``n_slices``,
   ``acceleration``, ``n_coils``, ``snr_blood_peak``, ``noise_sigma`` (SD of the combined image),
+  ``aif_noise_sigma`` (the same for the AIF image, since session 31),
   ``format_version`` (1) and ``parameters_json`` (every random parameter of the study).
 - ``/aif/time_s`` float64 [T], ``/aif/gd`` float32 [T]: LV blood Gd (mmol/L, whole blood)
   at the AIF k-space-centre times, PD frames included (T = PD + SR frames).
@@ -82,6 +83,7 @@ def write_truth(study: st.StudyParameters, path: str, phantoms: list[st.SlicePha
                  "n_slices": study.n_slices,
                  "acceleration": study.acceleration, "n_coils": study.n_coils,
                  "snr_blood_peak": study.snr_blood_peak, "noise_sigma": st.noise_sigma(study),
+                 "aif_noise_sigma": st.aif_noise_sigma(study),
                  "format_version": FORMAT_VERSION, "parameters_json": parameters_json(study)}
         f.attrs.update(attrs)
         f.create_dataset("aif/time_s", data=aif_time.astype(np.float64))

@@ -140,3 +140,49 @@ def test_images_mode_writes_both_series(tmp_path):
         meta = ismrmrd.Meta.deserialize(image.attribute_string)
         assert meta["PD"] == "0"
     assert count == 39
+
+
+def _kspace_by_space(path) -> dict[int, np.ndarray]:
+    """{encoding space: complex64 [acquisitions, coils, samples]} of the imaging readouts of a k-space file."""
+    heads = _heads(path)
+    with h5py.File(path, "r") as f:
+        data = f["dataset/data"]["data"]
+    imaging = (heads["flags"] & np.uint64(1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1))) == 0
+    out = {}
+    for space in (0, 1):
+        rows = np.nonzero(imaging & (heads["encoding_space_ref"] == space))[0]
+        coils, samples = int(heads["active_channels"][rows[0]]), int(heads["number_of_samples"][rows[0]])
+        out[space] = np.stack([data[i].view(np.complex64).reshape(coils, samples) for i in rows])
+    return out
+
+
+def test_aif_noise_follows_its_voxels_and_sampling(tmp_path):
+    """The AIF image's noise, relative to the myocardial image's, is what its voxel volume, sampled lines,
+    readout length and dwell time (all read back from the file) give: SNR ~ volume x sqrt(sampling time).
+    Two files of one study that differ only in the noise draw: their k-space difference is pure noise."""
+    import dataclasses
+
+    study = st.sample_study(21, kind="rest", n_slices=1, n_frames=10, n_coils=4, acceleration=3)
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    mrd.write_kspace(study, str(paths[0]))
+    mrd.write_kspace(dataclasses.replace(study, noise_seed=study.noise_seed + 1), str(paths[1]))
+    a, b = _kspace_by_space(paths[0]), _kspace_by_space(paths[1])
+    noise_sd = {space: float(np.std(a[space] - b[space]) / np.sqrt(2)) for space in (0, 1)}
+
+    heads = _heads(paths[0])
+    with ismrmrd.Dataset(str(paths[0]), "dataset", create_if_needed=False) as dataset:
+        header = ismrmrd.xsd.CreateFromDocument(dataset.read_xml_header())
+    snr_per_voxel = {}
+    for space, encoding in enumerate(header.encoding):
+        fov, matrix = encoding.reconSpace.fieldOfView_mm, encoding.reconSpace.matrixSize
+        volume = fov.x / matrix.x * fov.y / matrix.y * fov.z
+        accel = encoding.parallelImaging.accelerationFactor.kspace_encoding_step_1
+        first = np.nonzero(heads["encoding_space_ref"] == space)[0][-1]
+        sampling_us = heads["number_of_samples"][first] * (matrix.y / accel) * heads["sample_time_us"][first]
+        snr_per_voxel[space] = volume * np.sqrt(sampling_us)
+        # image noise of the R-fold recon = k-space noise per sample x sqrt(R) (the file's unitary FFT)
+        noise_sd[space] *= np.sqrt(accel)
+    expected = snr_per_voxel[1] / snr_per_voxel[0]
+    assert expected == pytest.approx(6.50, abs=0.01)
+    assert noise_sd[0] / noise_sd[1] == pytest.approx(expected, rel=0.03)
+    assert st.aif_noise_sigma(study) == pytest.approx(st.noise_sigma(study) / expected, rel=1e-9)
