@@ -473,10 +473,10 @@ class FlowMapSettings(GadgetSettings):
         "BTEX: correct each slice's MBF map for the pixel fit's noise bias by SIMEX (toolbox.noise_bias): the "
         "myocardial core (labels 2 eroded by 1 px, as the report summarises it) refitted with this many "
         "antithetic pairs of white noise of the slice's noise SD, the map divided by the ratio of the medians "
-        "(clipped to 0.8-1.25; docs/mapping.md 'Session 15'); 0 = off. Needs use_segmentation. Not in the chains: "
-        "on 100 new studies it removed the stress under-read (bias P < .001 -> .28) but raised the mean abs error "
-        "8.5 -> 9.0 %, as it also lifts scans whose small-pool AIF already over-reads (docs/integration.md "
-        "'Session 15')"))
+        "(clipped to 0.8-1.25; docs/mapping.md 'Session 15'); 0 = off. Needs use_segmentation. 1 in the perfusion "
+        "chain since the session-31 decision run on the corrected simulator, with the AIF's blood R2* line "
+        "(docs/integration.md 'Session 31'); on the old simulator's noisy AIF it had raised the mean abs error "
+        "(docs/integration.md 'Session 15')"))
     simex_max_pixels: int | None = Field(None, ge=20, description=(
         "SIMEX: refit at most this many core pixels per slice, drawn at random (None: all)"))
     simex_min_aif_pixels: int = Field(0, ge=0, description=(
