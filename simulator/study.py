@@ -256,7 +256,7 @@ def aif_snr_gain(study: StudyParameters) -> float:
     MRM 1986; Haacke et al., *Magnetic Resonance Imaging*, 1999, ch. 15), with the same receiver noise
     per unit bandwidth for both series. With the protocol's 5.625 x 5.625 x 10 mm AIF voxels (64 x 48,
     R = 2, 10 us dwell) against 1.875 x 1.875 x 8 mm myocardial voxels (192 x 144, R = 3, 5 us): 6.50
-    (5.30 without acceleration). docs/simulator.md "Noise".
+    (5.30 without acceleration). docs/simulator.md "AIF image noise from its voxels".
     """
     def sampling(shape: tuple[int, int], acceleration: int, dwell_us: float) -> float:
         return shape[1] * (shape[0] / acceleration) * dwell_us
