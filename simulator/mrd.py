@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 TICK_S = 0.0025                 # acquisition_time_stamp unit
 SCAN_START_S = 36000.0          # 10:00:00, seconds since midnight
 SLICE_GAP_MM = 10.0
-MYO_SAMPLE_TIME_US = st.MYO_SAMPLE_TIME_US
-AIF_SAMPLE_TIME_US = st.AIF_SAMPLE_TIME_US
 
 
 def _flag(bit: int) -> np.uint64:
@@ -235,7 +233,7 @@ def _fill_noise_head(head: np.ndarray, study: st.StudyParameters) -> None:
     head["number_of_samples"] = st.MYO_SHAPE[1]
     head["available_channels"] = head["active_channels"] = study.n_coils
     head["channel_mask"] = _channel_mask(study.n_coils)
-    head["sample_time_us"] = MYO_SAMPLE_TIME_US
+    head["sample_time_us"] = st.MYO_SAMPLE_TIME_US
     head["encoding_space_ref"] = 0
     head["read_dir"], head["phase_dir"], head["slice_dir"] = (1, 0, 0), (0, 1, 0), (0, 0, 1)
 
@@ -270,7 +268,7 @@ def _fill_block_heads(heads: np.ndarray, study: st.StudyParameters, block: _Bloc
     heads["channel_mask"] = _channel_mask(study.n_coils)[None, :]
     heads["center_sample"] = samples // 2
     heads["encoding_space_ref"] = 1 if aif else 0
-    heads["sample_time_us"] = AIF_SAMPLE_TIME_US if aif else MYO_SAMPLE_TIME_US
+    heads["sample_time_us"] = st.AIF_SAMPLE_TIME_US if aif else st.MYO_SAMPLE_TIME_US
     z = -15.0 if aif else (block.slice_index - (study.n_slices - 1) / 2) * SLICE_GAP_MM
     heads["position"] = (0.0, 0.0, z)
     heads["read_dir"], heads["phase_dir"], heads["slice_dir"] = (1, 0, 0), (0, 1, 0), (0, 0, 1)

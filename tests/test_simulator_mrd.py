@@ -177,8 +177,8 @@ def test_aif_noise_follows_its_voxels_and_sampling(tmp_path):
         fov, matrix = encoding.reconSpace.fieldOfView_mm, encoding.reconSpace.matrixSize
         volume = fov.x / matrix.x * fov.y / matrix.y * fov.z
         accel = encoding.parallelImaging.accelerationFactor.kspace_encoding_step_1
-        first = np.nonzero(heads["encoding_space_ref"] == space)[0][-1]
-        sampling_us = heads["number_of_samples"][first] * (matrix.y / accel) * heads["sample_time_us"][first]
+        readout = np.nonzero(heads["encoding_space_ref"] == space)[0][-1]  # an imaging readout of this space
+        sampling_us = heads["number_of_samples"][readout] * (matrix.y / accel) * heads["sample_time_us"][readout]
         snr_per_voxel[space] = volume * np.sqrt(sampling_us)
         # image noise of the R-fold recon = k-space noise per sample x sqrt(R) (the file's unitary FFT)
         noise_sd[space] *= np.sqrt(accel)
