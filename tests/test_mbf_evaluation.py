@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -169,6 +170,39 @@ def test_truth_from_simulator():
     assert 0.2 < truth.global_mbf < 2.5  # rest MBF
     assert len(truth.rv_insertion_deg) == 3
 
+
+
+def test_truth_carries_the_report_statistic_of_the_true_map():
+    """The report's statistic on the TRUE map equals the mean where the MBF is uniform within sectors, and not
+    where a defect covers part of a sector: that gap is the statistic's, not the chain's."""
+    study_module = pytest.importorskip("perfline.simulator.study")
+    from perfline.toolbox.mbf_evaluation import truth_from_simulator
+
+    plain = study_module.sample_study(101, kind="stress", n_frames=10, n_coils=2)
+    with_defect = study_module.sample_study(105, kind="stress", n_frames=10, n_coils=2)
+    assert not plain.perfusion.defects and [d.transmural_extent for d in with_defect.perfusion.defects] == [1.0]
+    for study, small in ((plain, True), (with_defect, False)):
+        truth = truth_from_simulator(study)
+        global_gap = abs(truth.statistic_global_mbf / truth.global_mbf - 1.0) * 100.0
+        sector_gap = np.nanmax(np.abs(truth.statistic_segment_mbf / truth.segment_mbf - 1.0)) * 100.0
+        if small:
+            assert global_gap < 0.3 and sector_gap < 1.0
+        else:
+            assert global_gap > 2.0 and sector_gap > 10.0
+
+
+def test_compare_mbf_reports_the_statistic_floor_only_when_the_truth_has_it():
+    rng = np.random.default_rng(11)
+    pairs = [make_study(rng) for _ in range(4)]
+    autos, truths = [a for a, _ in pairs], [t for _, t in pairs]
+    assert compare_mbf(autos, truths).statistic_floor_global_mean_abs_pct is None
+    scaled = [replace(t, statistic_global_mbf=t.global_mbf * (1.1 if i % 2 else 0.98),
+                      statistic_segment_mbf=np.asarray(t.segment_mbf) * 1.05) for i, t in enumerate(truths)]
+    result = compare_mbf(autos, scaled)
+    assert result.statistic_floor_global_mean_abs_pct == pytest.approx(6.0)
+    assert result.statistic_floor_sector_mean_abs_pct == pytest.approx(5.0)
+    rows = per_scan_rows(autos, scaled)
+    assert [r["statistic_floor_global_error_pct"] for r in rows] == [-2.0, 10.0, -2.0, 10.0]
 
 # ------------------------------------------------- the end-to-end loop with a stand-in chain
 import ismrmrd  # noqa: E402

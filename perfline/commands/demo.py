@@ -106,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         auto, truth, latency, stages, defects, report = rows[kind]
         error = 100.0 * (auto.global_mbf - truth.global_mbf) / truth.global_mbf
         hematocrit = (report.get("aif") or {}).get("hematocrit")
-        print(f"\n{kind}: true defect: {', '.join(defects) or 'none'}; global MBF error {error:+.1f} %; "
+        floor = 100.0 * (truth.statistic_global_mbf / truth.global_mbf - 1.0)
+        print(f"\n{kind}: true defect: {', '.join(defects) or 'none'}; global MBF error {error:+.1f} % "
+              f"(the report's statistic on the TRUE map alone: {floor:+.1f} %); "
               f"hematocrit used {hematocrit if hematocrit is None else format(hematocrit, '.3f')} "
               f"(phantom {true_hematocrit[kind]:.3f}); "
               f"report {latency:.1f} s after the last acquisition; flags: {report.get('flags') or 'none'}")
