@@ -171,7 +171,6 @@ def test_truth_from_simulator():
     assert len(truth.rv_insertion_deg) == 3
 
 
-
 def test_truth_carries_the_report_statistic_of_the_true_map():
     """The report's statistic on the TRUE map equals the mean where the MBF is uniform within sectors, and not
     where a defect covers part of a sector: that gap is the statistic's, not the chain's."""
@@ -203,6 +202,7 @@ def test_compare_mbf_reports_the_statistic_floor_only_when_the_truth_has_it():
     assert result.statistic_floor_sector_mean_abs_pct == pytest.approx(5.0)
     rows = per_scan_rows(autos, scaled)
     assert [r["statistic_floor_global_error_pct"] for r in rows] == [-2.0, 10.0, -2.0, 10.0]
+
 
 # ------------------------------------------------- the end-to-end loop with a stand-in chain
 import ismrmrd  # noqa: E402

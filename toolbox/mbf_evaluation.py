@@ -9,7 +9,9 @@ Relative errors |auto - truth| / truth are reported too (acceptance: global <= 3
 The end-to-end loop (:func:`evaluate_studies`) simulates N studies, streams each through the
 ``perfusion`` chain of a server started in this process (``perfline.server.testing``) with the
 MRD client (``perfline.server.client``), reads the JSON report the chain sends back, and compares
-it with the simulator's truth.
+it with the simulator's truth. Beside it, the report's own statistic applied to the TRUE maps and labels
+(:func:`report_statistic_of_truth`) says how much of the error is the statistic's (sector medians against the
+segment means) and not the chain's (``MbfComparison.statistic_floor_*``; docs/mapping.md "Session 32").
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class MbfComparison(BaseModel):
     n_missing_sectors: int
     statistic_floor_global_mean_abs_pct: float | None = Field(None, description=(
         "mean |error| (%) of the report's statistic applied to the TRUE MBF map and labels against the true "
-        "global MBF (the segment means' weighting): what the statistic alone costs, with no chain error; "
+        "global MBF (the mean over the myocardium): what the statistic alone costs, with no chain error; "
         "None when the truth carries no such value"))
     statistic_floor_sector_mean_abs_pct: float | None = Field(None, description=(
         "the same per sector (the TRUE map's sector medians against the sector means), over the measured sectors"))
