@@ -103,8 +103,9 @@ def ladder_scan(noisy: sources.ScanInputs, clean: sources.ScanInputs, flow_map: 
                            noisy.true_gd, noisy.true, False),
     }
     row = _fit_rungs(noisy, rungs, flow_map)
+    # the report on the TRUE map and labels, as truth_from_simulator computed it (StudyMbf.statistic_*)
     row["summary"], row["summary sectors"] = sources.errors_pct(
-        noisy, *sources.summarise(noisy.true_mbf, noisy.true, noisy.levels, place_rv=False))
+        noisy, noisy.truth.statistic_global_mbf, noisy.truth.statistic_segment_mbf)
     return row
 
 
